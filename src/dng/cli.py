@@ -1,0 +1,41 @@
+"""The `dng` command."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from dng.errors import ConfigError
+
+# Each module defines register(groups) where groups maps "top", "bench" and "train" to subparser sets.
+COMMAND_MODULES = [
+    "dng.commands.bench_gmm",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dng", description="Dynamic Negative Guidance for diffusion models.")
+    top = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    bench = top.add_parser("bench", help="run a benchmark").add_subparsers(dest="bench", required=True)
+    train = top.add_parser("train", help="train a shipped model").add_subparsers(dest="model", required=True)
+    groups = {"top": top, "bench": bench, "train": train}
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(groups)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as err:
+        print(f"dng: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dng: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

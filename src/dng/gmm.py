@@ -1,0 +1,135 @@
+"""The exact Gaussian-mixture test bed.
+
+A mixture sum_k w_k N(m_k, s_k^2 I) under the forward process x_t = sqrt(abar) x_0 + sqrt(1 - abar) z has
+components N(sqrt(abar) m_k, (abar s_k^2 + 1 - abar) I): scores, class posteriors, reverse kernels and the
+target "mixture without the removed classes" are all closed form. Each component is one class.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from dng.errors import ConfigError
+
+
+class GaussianMixture:
+    """Isotropic Gaussian mixture with exact quantities at every timestep of a schedule `alphas_cumprod`."""
+
+    def __init__(self, means, stds, weights, alphas_cumprod, dtype=torch.float64):
+        self.means = torch.as_tensor(means, dtype=dtype)
+        self.stds = torch.as_tensor(stds, dtype=dtype)
+        self.weights = torch.as_tensor(weights, dtype=dtype)
+        if self.means.dim() != 2:
+            raise ConfigError(f"means must be a list of K vectors of one dimension d, got shape {tuple(self.means.shape)}")
+        k = self.means.shape[0]
+        if self.stds.shape != (k,) or self.weights.shape != (k,):
+            raise ConfigError(f"need one std and one weight per mean: {k} means, {self.stds.numel()} stds, "
+                              f"{self.weights.numel()} weights")
+        if not (self.stds > 0).all() or not torch.isfinite(self.means).all():
+            raise ConfigError("stds must be > 0 and means finite")
+        if not (self.weights > 0).all():
+            raise ConfigError("weights must be > 0 (drop a component instead of giving it weight 0)")
+        self.weights = self.weights / self.weights.sum()
+        self.abar = torch.as_tensor(alphas_cumprod, dtype=dtype)
+        self.dtype = dtype
+        self._mean_sq = (self.means**2).sum(-1)
+
+    @property
+    def num_classes(self) -> int:
+        return self.means.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.means.shape[1]
+
+    def _at(self, t):
+        """(sqrt(abar), component variances) at timestep t; t < 0 means the clean data."""
+        abar = self.abar[t] if int(t) >= 0 else torch.ones((), dtype=self.dtype)
+        return abar.sqrt(), abar * self.stds**2 + 1 - abar
+
+    def _log_components(self, x, scale, var):
+        """log N(x; scale m_k, var_k I) for every k, [batch, K], via a matmul (no [batch, K, d] tensor)."""
+        sq = (x**2).sum(-1, keepdim=True) - 2 * scale * x @ self.means.T + scale**2 * self._mean_sq
+        return -0.5 * (sq / var + self.dim * torch.log(2 * math.pi * var))
+
+    def log_joint(self, x, t=-1):
+        """log w_k + log N_t(x | k), [batch, K]."""
+        return self._log_components(x.to(self.dtype), *self._at(t)) + self.weights.log()
+
+    def posterior(self, x, t=-1):
+        """Exact class posterior p_t(k | x_t), [batch, K]."""
+        return self.log_joint(x, t).softmax(-1)
+
+    def log_density(self, x, t=-1, classes=None):
+        """log p_t(x), or of the mixture restricted to `classes` (renormalised weights)."""
+        joint = self.log_joint(x, t)
+        if classes is None:
+            return joint.logsumexp(-1)
+        idx = torch.as_tensor(classes)
+        return joint[:, idx].logsumexp(-1) - self.weights[idx].log().logsumexp(0)
+
+    def eps(self, x, t, classes=None):
+        """Exact epsilon: unconditional [batch, d], or one per class in `classes` [len(classes), batch, d]."""
+        x = x.to(self.dtype)
+        scale, var = self._at(t)
+        sigma = (1 - scale**2).sqrt()
+        if classes is None:
+            resp = self._log_components(x, scale, var).add(self.weights.log()).softmax(-1) / var
+            return sigma * (x * resp.sum(-1, keepdim=True) - scale * resp @ self.means)
+        idx = torch.as_tensor(classes)
+        return sigma * (x - scale * self.means[idx][:, None]) / var[idx][:, None, None]
+
+    def branch_model(self, negatives, positive=None):
+        """A sampler model: branches [unconditional, positive?, negatives...] of one batch, in one call."""
+        classes = ([] if positive is None else [positive]) + list(negatives)
+        n_branches = 1 + len(classes)
+
+        def model(x_all, t):
+            x = x_all[: x_all.shape[0] // n_branches]
+            out = [self.eps(x, t)[None]]
+            if classes:
+                out.append(self.eps(x, t, classes))
+            return torch.cat(out).flatten(0, 1).to(x_all.dtype)
+
+        return model
+
+    def sample(self, n, classes=None, generator=None):
+        """Exact samples of the clean mixture, or of the mixture restricted to `classes`; also their labels."""
+        idx = torch.arange(self.num_classes) if classes is None else torch.as_tensor(classes)
+        labels = idx[torch.multinomial(self.weights[idx], n, replacement=True, generator=generator)]
+        z = torch.randn(n, self.dim, generator=generator, dtype=self.dtype)
+        return self.means[labels] + self.stds[labels, None] * z, labels
+
+    def kernel_llr(self, x_prev, x, t, t_prev, classes):
+        """Exact log q(x_prev | x_t, c) - log q(x_prev | x_t) for each class c in `classes`, [batch, len].
+
+        Within component k the pair (x_prev, x_t) is jointly Gaussian, so q(x_prev | x_t, k) is Gaussian;
+        the unconditional kernel is the mixture of these weighted by p_t(k | x_t).
+        """
+        x, x_prev = x.to(self.dtype), x_prev.to(self.dtype)
+        scale_prev, var_prev = self._at(t_prev)
+        scale_t, _ = self._at(t)
+        alpha = (scale_t / scale_prev) ** 2
+        beta = 1 - alpha
+        var_k = 1 / (1 / var_prev + alpha / beta)
+        mean_k = var_k[:, None, None] * (scale_prev * self.means[:, None] / var_prev[:, None, None]
+                                         + alpha.sqrt() * x[None] / beta)
+        log_q = -0.5 * (((x_prev[None] - mean_k) ** 2).sum(-1) / var_k[:, None]
+                        + self.dim * torch.log(2 * math.pi * var_k)[:, None]).T
+        log_resp = self.log_joint(x, t).log_softmax(-1)
+        return log_q[:, torch.as_tensor(classes)] - (log_resp + log_q).logsumexp(-1, keepdim=True)
+
+
+def default_mixture_config(seed: int = 0) -> dict:
+    """d = 64, K = 10, equal weights, unequal stds; class 0 is removed and classes 1 and 2 sit close to it."""
+    g = torch.Generator().manual_seed(seed)
+    d, k = 64, 10
+    means = 0.6 * torch.randn(k, d, generator=g, dtype=torch.float64)
+    for near, dist in ((1, 1.2), (2, 1.6)):
+        direction = torch.randn(d, generator=g, dtype=torch.float64)
+        means[near] = means[0] + dist * direction / direction.norm()
+    stds = torch.linspace(0.15, 0.5, k, dtype=torch.float64)[torch.randperm(k, generator=g)]
+    stds[0] = 0.3
+    return {"means": means.tolist(), "stds": stds.tolist(), "weights": [1.0 / k] * k, "remove": [0]}

@@ -1,0 +1,178 @@
+"""Guidance rules: how the branch predictions of one step combine into the epsilon the sampler uses.
+
+Shapes: `eps_u` and `eps_p` are [batch, ...]; `eps_n` is [negatives, batch, ...]. `combine` returns
+the combined epsilon, the scale it applied, [batch, negatives] (for SLD the mean element-wise scale),
+and the posterior p_t(c-|x_t) it used ([batch, negatives], None for rules without one).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from dng.errors import ConfigError
+from dng.posterior import PosteriorTracker, gaussian_llr
+
+
+@dataclass
+class Step:
+    """Where the sampler is: step index, timestep and the current sample x_t (unscaled)."""
+
+    index: int
+    t: torch.Tensor
+    x: torch.Tensor
+
+
+def check_scale(name: str, value: float) -> float:
+    value = float(value)
+    if not math.isfinite(value) or value < 0:
+        raise ConfigError(f"{name} must be a finite number >= 0, got {value}")
+    return value
+
+
+def base_prediction(eps_u, eps_p=None, cfg_scale: float = 1.0):
+    """Unconditional epsilon, or classifier-free guidance eps_u + w (eps_p - eps_u) with a positive branch."""
+    return eps_u if eps_p is None else eps_u + cfg_scale * (eps_p - eps_u)
+
+
+def _push(base, eps_u, eps_n, scale):
+    """base - sum_i scale_i * (eps_n_i - eps_u) with per-sample scales [batch, negatives]."""
+    per_negative = scale.t().reshape(scale.shape[::-1] + (1,) * (eps_u.dim() - 1))
+    return base - (per_negative.to(eps_u.dtype) * (eps_n - eps_u)).sum(0)
+
+
+class Guidance:
+    """A rule over the branches; stateful rules reset in `start`."""
+
+    tracks_posterior = False
+
+    def start(self, batch_size: int, num_negatives: int, device=None) -> None:
+        if num_negatives < 1:
+            raise ConfigError(f"{type(self).__name__} needs at least one negative branch")
+
+    def combine(self, eps_u, eps_n, step: Step, eps_p=None, cfg_scale: float = 1.0):
+        """(epsilon, scale [batch, negatives], posterior [batch, negatives] or None)."""
+        raise NotImplementedError
+
+
+class NegativePrompt(Guidance):
+    """Negative prompting: eps = base - lam * (eps_n - eps_u) with one constant scale."""
+
+    def __init__(self, scale: float = 1.0):
+        self.scale = check_scale("scale", scale)
+
+    def combine(self, eps_u, eps_n, step, eps_p=None, cfg_scale=1.0):
+        scale = torch.full((eps_u.shape[0], eps_n.shape[0]), self.scale, device=eps_u.device)
+        return _push(base_prediction(eps_u, eps_p, cfg_scale), eps_u, eps_n, scale), scale, None
+
+
+SLD_PRESETS = {
+    "weak": dict(warmup_steps=15, scale=20.0, threshold=0.0, momentum_scale=0.0, momentum_beta=0.0),
+    "medium": dict(warmup_steps=10, scale=1000.0, threshold=0.01, momentum_scale=0.3, momentum_beta=0.4),
+    "strong": dict(warmup_steps=7, scale=2000.0, threshold=0.025, momentum_scale=0.5, momentum_beta=0.7),
+    "max": dict(warmup_steps=0, scale=5000.0, threshold=1.0, momentum_scale=0.5, momentum_beta=0.7),
+}
+
+
+class SafeLatentDiffusion(Guidance):
+    """Safe Latent Diffusion as in diffusers' StableDiffusionPipelineSafe, one momentum per negative.
+
+    Without a positive branch the unconditional prediction stands in for the text branch and w = 1.
+    """
+
+    def __init__(self, warmup_steps: int = 10, scale: float = 1000.0, threshold: float = 0.01,
+                 momentum_scale: float = 0.3, momentum_beta: float = 0.4):
+        if int(warmup_steps) != warmup_steps or warmup_steps < 0:
+            raise ConfigError(f"warmup_steps must be a whole number >= 0, got {warmup_steps}")
+        self.warmup_steps = int(warmup_steps)
+        self.scale = check_scale("scale", scale)
+        self.threshold = float(threshold)
+        self.momentum_scale = check_scale("momentum_scale", momentum_scale)
+        self.momentum_beta = check_scale("momentum_beta", momentum_beta)
+        if self.momentum_beta > 1:
+            raise ConfigError(f"momentum_beta must lie in [0, 1], got {momentum_beta}")
+        self.momentum = None
+
+    @classmethod
+    def preset(cls, name: str) -> SafeLatentDiffusion:
+        key = name.lower()
+        if key not in SLD_PRESETS:
+            raise ConfigError(f"unknown SLD preset {name!r}; choose one of {', '.join(SLD_PRESETS)}")
+        return cls(**SLD_PRESETS[key])
+
+    def start(self, batch_size, num_negatives, device=None):
+        super().start(batch_size, num_negatives, device)
+        self.momentum = None
+
+    def combine(self, eps_u, eps_n, step, eps_p=None, cfg_scale=1.0):
+        eps_text = eps_u if eps_p is None else eps_p
+        w = 1.0 if eps_p is None else cfg_scale
+        gap = eps_text - eps_n
+        elem_scale = torch.clamp(gap.abs() * self.scale, max=1.0)
+        elem_scale = torch.where(gap >= self.threshold, torch.zeros_like(elem_scale), elem_scale)
+        safety = (eps_n - eps_u) * elem_scale
+        if self.momentum is None:
+            self.momentum = torch.zeros_like(safety)
+        safety = safety + self.momentum_scale * self.momentum
+        self.momentum = self.momentum_beta * self.momentum + (1 - self.momentum_beta) * safety
+        base = base_prediction(eps_u, eps_p, cfg_scale)
+        scale = elem_scale.flatten(2).mean(-1).transpose(0, 1).float()
+        if step.index < self.warmup_steps:
+            return base, torch.zeros_like(scale), None
+        return base - w * safety.sum(0), w * scale, None
+
+
+MODES = ("independent", "exclusive")
+
+
+class DynamicNegativeGuidance(Guidance):
+    """DNG: eps = base - lam0 * p/(1-p) * (eps_n - eps_u) with p = p_t(c-|x_t) tracked per sample.
+
+    Several negatives: "independent" concepts use lam_i = lam0 p_i/(1-p_i), mutually "exclusive" ones
+    (classes) lam_i = lam0 p_i/(1-sum_j p_j). `posterior=fn(x_t, t) -> p [batch, negatives]` replaces
+    tracking by a known posterior (the exact one on the Gaussian mixture).
+    """
+
+    tracks_posterior = True
+
+    def __init__(self, scale: float = 1.0, prior=0.1, temperature: float = 1.0, offset: float = 0.0,
+                 p_min: float = 1e-6, p_max: float = 0.8, mode: str = "independent",
+                 posterior: Callable | None = None):
+        if mode not in MODES:
+            raise ConfigError(f"mode must be one of {MODES}, got {mode!r}")
+        self.scale = check_scale("scale", scale)
+        self.temperature = check_scale("temperature", temperature)
+        self.offset = float(offset)
+        if not math.isfinite(self.offset):
+            raise ConfigError(f"offset must be finite, got {offset}")
+        self.mode = mode
+        self.tracker = PosteriorTracker(prior, p_min, p_max, exclusive=mode == "exclusive")
+        self.posterior_fn = posterior
+        self.tracks_posterior = posterior is None
+
+    def start(self, batch_size, num_negatives, device=None):
+        super().start(batch_size, num_negatives, device)
+        self.tracker.start(batch_size, num_negatives, device)
+
+    def posterior(self, step: Step) -> torch.Tensor:
+        if self.posterior_fn is None:
+            return self.tracker.p
+        return self.posterior_fn(step.x, step.t).to(torch.float32).clamp(self.tracker.p_min, self.tracker.p_max)
+
+    def scales(self, p: torch.Tensor) -> torch.Tensor:
+        rest = 1 - (p.sum(-1, keepdim=True) if self.mode == "exclusive" else p)
+        return self.scale * p / rest
+
+    def combine(self, eps_u, eps_n, step, eps_p=None, cfg_scale=1.0):
+        p = self.posterior(step)
+        scale = self.scales(p)
+        return _push(base_prediction(eps_u, eps_p, cfg_scale), eps_u, eps_n, scale), scale, p
+
+    def observe(self, x_prev, mean_u, mean_n, std: float) -> torch.Tensor:
+        """Bayes update from the drawn x_{t-1} and the branches' kernel means; returns the step's llr."""
+        llr = gaussian_llr(x_prev, mean_u, mean_n, std, self.temperature, self.offset)
+        self.tracker.update(llr)
+        return llr

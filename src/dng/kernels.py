@@ -1,0 +1,145 @@
+"""Reverse-kernel mean and standard deviation of one scheduler step.
+
+For a supported stochastic scheduler, `scheduler.step(out, t, x)` draws
+`mean(x, out) + std * z` with `z ~ N(0, I)`. The posterior tracker needs `mean`
+for several model outputs at the same `x` and the `std` of the noise the step adds.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, EulerAncestralDiscreteScheduler
+
+from dng.errors import ConfigError
+
+SUPPORTED = (
+    "DDPMScheduler (variance_type fixed_small, fixed_small_log, fixed_large), "
+    "DDIMScheduler with eta > 0, EulerAncestralDiscreteScheduler"
+)
+DDPM_VARIANCES = ("fixed_small", "fixed_small_log", "fixed_large")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def _unsupported(scheduler, why: str) -> ConfigError:
+    name = type(scheduler).__name__
+    return ConfigError(
+        f"{name} cannot be used with posterior tracking: {why}. DNG needs a stochastic sampler; supported: "
+        f"{SUPPORTED}. Switch with e.g. EulerAncestralDiscreteScheduler.from_config(scheduler.config)."
+    )
+
+
+def _check_prediction(scheduler, allowed=PREDICTION_TYPES) -> str:
+    kind = scheduler.config.prediction_type
+    if kind not in allowed:
+        raise _unsupported(scheduler, f"prediction_type {kind!r} is not one of {allowed}")
+    return kind
+
+
+def _upcast(v: torch.Tensor) -> torch.Tensor:
+    # Kernel means feed a difference of nearly equal vectors: half precision would drown the signal.
+    return v.float() if v.dtype in (torch.float16, torch.bfloat16) else v
+
+
+class _Kernel:
+    def __call__(self, t, x, out):
+        """(mean, std) of the step from x at timestep t; `out` may carry a leading axis of branches."""
+        return self.moments(t, _upcast(x), _upcast(out))
+
+
+class _VPKernel(_Kernel):
+    """Shared x0 prediction of DDPM and DDIM, with the scheduler's own clipping or thresholding."""
+
+    def __init__(self, scheduler):
+        self.scheduler = scheduler
+        self.prediction = _check_prediction(scheduler)
+
+    def _x0_and_eps(self, x, out, abar_t):
+        cfg = self.scheduler.config
+        if self.prediction == "epsilon":
+            x0 = (x - (1 - abar_t) ** 0.5 * out) / abar_t**0.5
+            eps = out
+        elif self.prediction == "v_prediction":
+            x0 = abar_t**0.5 * x - (1 - abar_t) ** 0.5 * out
+            eps = abar_t**0.5 * out + (1 - abar_t) ** 0.5 * x
+        else:
+            x0 = out
+            eps = (x - abar_t**0.5 * x0) / (1 - abar_t) ** 0.5
+        if cfg.thresholding:
+            # The scheduler thresholds [batch, channels, ...]: fold a leading axis of branches into the batch.
+            x0 = self.scheduler._threshold_sample(x0.flatten(0, x0.dim() - x.dim())).view_as(x0)
+        elif cfg.clip_sample:
+            x0 = x0.clamp(-cfg.clip_sample_range, cfg.clip_sample_range)
+        return x0, eps
+
+
+class DDPMKernel(_VPKernel):
+    def __init__(self, scheduler: DDPMScheduler):
+        super().__init__(scheduler)
+        if scheduler.config.variance_type not in DDPM_VARIANCES:
+            raise _unsupported(scheduler, f"variance_type {scheduler.config.variance_type!r} is not supported")
+
+    def moments(self, t, x, out):
+        s = self.scheduler
+        prev_t = s.previous_timestep(t)
+        abar_t = s.alphas_cumprod[t]
+        abar_prev = s.alphas_cumprod[prev_t] if prev_t >= 0 else s.one
+        alpha_t = abar_t / abar_prev
+        x0, _ = self._x0_and_eps(x, out, abar_t)
+        x0_coef = abar_prev**0.5 * (1 - alpha_t) / (1 - abar_t)
+        mean = x0_coef * x0 + (alpha_t**0.5 * (1 - abar_prev) / (1 - abar_t)) * x
+        if t <= 0:
+            return mean, 0.0
+        variance = s._get_variance(t)
+        std = variance if s.config.variance_type == "fixed_small_log" else variance**0.5
+        return mean, float(std)
+
+
+class DDIMKernel(_VPKernel):
+    def __init__(self, scheduler: DDIMScheduler, eta: float):
+        super().__init__(scheduler)
+        if not eta > 0:
+            raise _unsupported(scheduler, f"eta = {eta} makes DDIM deterministic; pass eta > 0 (eta = 1 is DDPM-like)")
+        self.eta = float(eta)
+
+    def moments(self, t, x, out):
+        s = self.scheduler
+        prev_t = t - s.config.num_train_timesteps // s.num_inference_steps
+        abar_t = s.alphas_cumprod[t]
+        abar_prev = s.alphas_cumprod[prev_t] if prev_t >= 0 else s.final_alpha_cumprod
+        x0, eps = self._x0_and_eps(x, out, abar_t)
+        std = self.eta * s._get_variance(t, prev_t) ** 0.5
+        mean = abar_prev**0.5 * x0 + (1 - abar_prev - std**2) ** 0.5 * eps
+        return mean, float(std)
+
+
+class EulerAncestralKernel(_Kernel):
+    def __init__(self, scheduler: EulerAncestralDiscreteScheduler):
+        self.scheduler = scheduler
+        self.prediction = _check_prediction(scheduler, ("epsilon", "v_prediction"))
+
+    def moments(self, t, x, out):
+        s = self.scheduler
+        if s.step_index is None:
+            s._init_step_index(t)
+        sigma, sigma_to = s.sigmas[s.step_index], s.sigmas[s.step_index + 1]
+        sigma_up = (sigma_to**2 * (sigma**2 - sigma_to**2) / sigma**2) ** 0.5
+        sigma_down = (sigma_to**2 - sigma_up**2) ** 0.5
+        x = x.to(torch.float32)
+        if self.prediction == "epsilon":
+            x0 = x - sigma * out
+        else:
+            x0 = out * (-sigma / (sigma**2 + 1) ** 0.5) + x / (sigma**2 + 1)
+        mean = x + (x - x0) / sigma * (sigma_down - sigma)
+        return mean, float(sigma_up)
+
+
+def reverse_kernel(scheduler, eta: float = 0.0):
+    """The kernel of a supported stochastic scheduler; a clear error for any other."""
+    # Exact type checks: a subclass may change the step, and a wrong kernel would silently bias the posterior.
+    if type(scheduler) is DDPMScheduler:
+        return DDPMKernel(scheduler)
+    if type(scheduler) is DDIMScheduler:
+        return DDIMKernel(scheduler, eta)
+    if type(scheduler) is EulerAncestralDiscreteScheduler:
+        return EulerAncestralKernel(scheduler)
+    raise _unsupported(scheduler, "it is deterministic or its step is not a Gaussian kernel DNG knows")

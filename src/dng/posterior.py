@@ -1,0 +1,75 @@
+"""Tracking p_t(c-|x_t) along the sampled chain by exact Bayes over the reverse kernels."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from dng.errors import ConfigError
+
+
+def check_probability(name: str, value: float) -> float:
+    value = float(value)
+    if not 0.0 < value < 1.0:
+        raise ConfigError(f"{name} must lie strictly between 0 and 1, got {value}")
+    return value
+
+
+def gaussian_llr(x_prev, mean_u, mean_n, std: float, temperature: float = 1.0, offset: float = 0.0):
+    """Tempered log q(x_prev|x, c-)/q(x_prev|x) for equal-variance Gaussian kernels, one value per sample.
+
+    `mean_n` may carry a leading axis of negatives: the result then has shape [batch, negatives].
+    Uses |x-mu_n|^2 - |x-mu_u|^2 = |mu_u-mu_n|^2 + 2<x-mu_u, mu_u-mu_n>, which keeps float32
+    accurate for large latents where the two norms nearly cancel.
+    """
+    x_prev, mean_u, mean_n = (v.to(torch.float32) for v in (x_prev, mean_u, mean_n))
+    diff = mean_u - mean_n
+    gap = (diff * (diff + 2 * (x_prev - mean_u))).flatten(start_dim=diff.dim() - x_prev.dim() + 1).sum(-1)
+    var2 = 2 * std**2
+    llr = (offset - temperature * gap) / var2
+    return llr.transpose(0, 1) if mean_n.dim() > x_prev.dim() else llr
+
+
+class PosteriorTracker:
+    """Per-sample log-posterior of each negative concept, updated after every stochastic step."""
+
+    def __init__(self, prior=0.1, p_min: float = 1e-6, p_max: float = 0.99, exclusive: bool = False,
+                 dtype=torch.float32):
+        priors = [prior] if isinstance(prior, (int, float)) else list(prior)
+        self.priors = [check_probability("prior", p) for p in priors]
+        self.p_min = check_probability("p_min", p_min)
+        self.p_max = check_probability("p_max", p_max)
+        if self.p_min >= self.p_max:
+            raise ConfigError(f"p_min ({p_min}) must be smaller than p_max ({p_max})")
+        if exclusive and sum(self.priors) >= 1.0:
+            raise ConfigError(f"exclusive concepts need priors summing below 1, got {sum(self.priors)}")
+        self.exclusive = exclusive
+        self.dtype = dtype
+        self.log_p = None
+
+    def start(self, batch_size: int, num_concepts: int, device=None) -> None:
+        priors = self.priors * num_concepts if len(self.priors) == 1 else self.priors
+        if len(priors) != num_concepts:
+            raise ConfigError(f"{len(self.priors)} priors given for {num_concepts} negative concepts; give one or "
+                              f"one per concept")
+        log_prior = torch.tensor([math.log(p) for p in priors], dtype=self.dtype, device=device)
+        self.log_p = self._clamp(log_prior.expand(batch_size, num_concepts).clone())
+
+    @property
+    def p(self) -> torch.Tensor:
+        """Posterior probabilities, shape [batch, concepts]."""
+        return self.log_p.exp()
+
+    def update(self, llr: torch.Tensor) -> None:
+        """Bayes step log p += llr, then the clamp; a NaN ratio (no information) leaves p unchanged."""
+        llr = torch.nan_to_num(llr.to(self.dtype), nan=0.0, posinf=1e30, neginf=-1e30)
+        self.log_p = self._clamp(self.log_p + llr)
+
+    def _clamp(self, log_p: torch.Tensor) -> torch.Tensor:
+        log_p = log_p.clamp(math.log(self.p_min), math.log(self.p_max))
+        if self.exclusive and log_p.shape[-1] > 1:
+            # Mutually exclusive concepts: their total must stay below p_max too, so 1 - sum(p) > 0.
+            total = torch.logsumexp(log_p, dim=-1, keepdim=True)
+            log_p = log_p - (total - math.log(self.p_max)).clamp(min=0)
+        return log_p

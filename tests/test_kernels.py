@@ -1,0 +1,88 @@
+"""Each kernel reproduces its scheduler's own step: mean + std * z with the step's noise z."""
+
+import pytest
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+)
+from diffusers.utils.torch_utils import randn_tensor
+
+from dng.errors import ConfigError
+from dng.kernels import reverse_kernel
+
+SHAPE = (3, 2, 4, 4)
+
+
+def _schedulers():
+    yield "ddpm-small", DDPMScheduler(variance_type="fixed_small", clip_sample=False), {}
+    yield "ddpm-large", DDPMScheduler(variance_type="fixed_large", clip_sample=False), {}
+    yield "ddpm-small-log", DDPMScheduler(variance_type="fixed_small_log"), {}
+    yield "ddpm-clip", DDPMScheduler(clip_sample=True, clip_sample_range=0.5), {}
+    yield "ddpm-threshold", DDPMScheduler(thresholding=True, sample_max_value=0.8), {}
+    yield "ddpm-v", DDPMScheduler(prediction_type="v_prediction", clip_sample=False), {}
+    yield "ddim-eta1", DDIMScheduler(clip_sample=False), {"eta": 1.0}
+    yield "ddim-eta03-clip", DDIMScheduler(clip_sample=True), {"eta": 0.3}
+    yield "ddim-v-trailing", DDIMScheduler(prediction_type="v_prediction", timestep_spacing="trailing"), {"eta": 0.7}
+    yield "euler-a", EulerAncestralDiscreteScheduler(), {}
+    yield "euler-a-v", EulerAncestralDiscreteScheduler(prediction_type="v_prediction"), {}
+
+
+@pytest.mark.parametrize("name,scheduler,kwargs", list(_schedulers()), ids=lambda v: v if isinstance(v, str) else "")
+def test_kernel_reproduces_scheduler_step(name, scheduler, kwargs):
+    scheduler.set_timesteps(20)
+    kernel = reverse_kernel(scheduler, kwargs.get("eta", 0.0))
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(SHAPE, generator=gen) * scheduler.init_noise_sigma
+    checked_noise = 0
+    for t in scheduler.timesteps:
+        x_in = scheduler.scale_model_input(x, t)
+        out = torch.randn(SHAPE, generator=gen)
+        mean, std = kernel(t, x, out)
+        seed = int(torch.randint(0, 2**31, (1,), generator=gen))
+        prev = scheduler.step(out, t, x, generator=torch.Generator().manual_seed(seed), **kwargs).prev_sample
+        z = randn_tensor(SHAPE, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
+        torch.testing.assert_close(mean + std * z, prev, rtol=1e-5, atol=1e-5)
+        checked_noise += std > 0
+        x = prev
+    assert checked_noise >= len(scheduler.timesteps) - 1
+
+
+def test_kernel_accepts_stacked_branches():
+    scheduler = DDPMScheduler(thresholding=True)
+    scheduler.set_timesteps(10)
+    kernel = reverse_kernel(scheduler)
+    x = torch.randn(SHAPE)
+    outs = torch.randn((3,) + SHAPE)
+    t = scheduler.timesteps[2]
+    stacked, _ = kernel(t, x, outs)
+    for i in range(3):
+        torch.testing.assert_close(stacked[i], kernel(t, x, outs[i])[0])
+
+
+def test_kernel_upcasts_half_precision():
+    scheduler = DDPMScheduler(clip_sample=False)
+    scheduler.set_timesteps(10)
+    mean, _ = reverse_kernel(scheduler)(scheduler.timesteps[0], torch.randn(SHAPE).half(), torch.randn(SHAPE).half())
+    assert mean.dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    "scheduler,eta",
+    [
+        (DDIMScheduler(), 0.0),
+        (EulerDiscreteScheduler(), 0.0),
+        (DPMSolverMultistepScheduler(), 0.0),
+        (DDPMScheduler(variance_type="learned_range"), 0.0),
+    ],
+    ids=["ddim-eta0", "euler", "dpm-multistep", "ddpm-learned"],
+)
+def test_deterministic_or_unknown_schedulers_are_refused(scheduler, eta):
+    with pytest.raises(ConfigError) as err:
+        reverse_kernel(scheduler, eta)
+    message = str(err.value)
+    assert type(scheduler).__name__ in message
+    assert "EulerAncestralDiscreteScheduler" in message
