@@ -41,7 +41,7 @@ def test_kernel_reproduces_scheduler_step(name, scheduler, kwargs):
     for t in scheduler.timesteps:
         x_in = scheduler.scale_model_input(x, t)
         out = torch.randn(SHAPE, generator=gen)
-        mean, std = kernel(t, x, out)
+        mean, std, _ = kernel(t, x, out)
         seed = int(torch.randint(0, 2**31, (1,), generator=gen))
         prev = scheduler.step(out, t, x, generator=torch.Generator().manual_seed(seed), **kwargs).prev_sample
         z = randn_tensor(SHAPE, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)

@@ -126,6 +126,7 @@ class SafeLatentDiffusion(Guidance):
 
 
 MODES = ("independent", "exclusive")
+KERNEL_VARIANCES = ("step", "forward")
 
 
 class DynamicNegativeGuidance(Guidance):
@@ -140,9 +141,12 @@ class DynamicNegativeGuidance(Guidance):
 
     def __init__(self, scale: float = 1.0, prior=0.1, temperature: float = 1.0, offset: float = 0.0,
                  p_min: float = 1e-6, p_max: float = 0.8, mode: str = "independent",
-                 posterior: Callable | None = None):
+                 kernel_variance: str = "step", posterior: Callable | None = None):
         if mode not in MODES:
             raise ConfigError(f"mode must be one of {MODES}, got {mode!r}")
+        if kernel_variance not in KERNEL_VARIANCES:
+            raise ConfigError(f"kernel_variance must be one of {KERNEL_VARIANCES}, got {kernel_variance!r}")
+        self.kernel_variance = kernel_variance
         self.scale = check_scale("scale", scale)
         self.temperature = check_scale("temperature", temperature)
         self.offset = float(offset)
@@ -171,8 +175,9 @@ class DynamicNegativeGuidance(Guidance):
         scale = self.scales(p)
         return _push(base_prediction(eps_u, eps_p, cfg_scale), eps_u, eps_n, scale), scale, p
 
-    def observe(self, x_prev, mean_u, mean_n, std: float) -> torch.Tensor:
+    def observe(self, x_prev, mean_u, mean_n, std: float, forward_std: float) -> torch.Tensor:
         """Bayes update from the drawn x_{t-1} and the branches' kernel means; returns the step's llr."""
-        llr = gaussian_llr(x_prev, mean_u, mean_n, std, self.temperature, self.offset)
+        kernel_std = std if self.kernel_variance == "step" else forward_std
+        llr = gaussian_llr(x_prev, mean_u, mean_n, kernel_std, self.temperature, self.offset)
         self.tracker.update(llr)
         return llr

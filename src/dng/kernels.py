@@ -3,6 +3,9 @@
 For a supported stochastic scheduler, `scheduler.step(out, t, x)` draws
 `mean(x, out) + std * z` with `z ~ N(0, I)`. The posterior tracker needs `mean`
 for several model outputs at the same `x` and the `std` of the noise the step adds.
+Kernels also give `forward_std`, the std of the forward transition between the
+step's two noise levels (sqrt(beta_t) in DDPM terms) in the same sample space: the
+true reverse kernel's spread lies between the two, nearer the forward one at low noise.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ def _upcast(v: torch.Tensor) -> torch.Tensor:
 
 class _Kernel:
     def __call__(self, t, x, out):
-        """(mean, std) of the step from x at timestep t; `out` may carry a leading axis of branches."""
+        """(mean, std, forward_std) of the step from x at timestep t; `out` may carry a leading axis of branches."""
         return self.moments(t, _upcast(x), _upcast(out))
 
 
@@ -87,11 +90,12 @@ class DDPMKernel(_VPKernel):
         x0, _ = self._x0_and_eps(x, out, abar_t)
         x0_coef = abar_prev**0.5 * (1 - alpha_t) / (1 - abar_t)
         mean = x0_coef * x0 + (alpha_t**0.5 * (1 - abar_prev) / (1 - abar_t)) * x
+        forward_std = float((1 - alpha_t) ** 0.5)
         if t <= 0:
-            return mean, 0.0
+            return mean, 0.0, forward_std
         variance = s._get_variance(t)
         std = variance if s.config.variance_type == "fixed_small_log" else variance**0.5
-        return mean, float(std)
+        return mean, float(std), forward_std
 
 
 class DDIMKernel(_VPKernel):
@@ -109,7 +113,7 @@ class DDIMKernel(_VPKernel):
         x0, eps = self._x0_and_eps(x, out, abar_t)
         std = self.eta * s._get_variance(t, prev_t) ** 0.5
         mean = abar_prev**0.5 * x0 + (1 - abar_prev - std**2) ** 0.5 * eps
-        return mean, float(std)
+        return mean, float(std), float((1 - abar_t / abar_prev) ** 0.5)
 
 
 class EulerAncestralKernel(_Kernel):
@@ -130,7 +134,7 @@ class EulerAncestralKernel(_Kernel):
         else:
             x0 = out * (-sigma / (sigma**2 + 1) ** 0.5) + x / (sigma**2 + 1)
         mean = x + (x - x0) / sigma * (sigma_down - sigma)
-        return mean, float(sigma_up)
+        return mean, float(sigma_up), float((sigma**2 - sigma_to**2) ** 0.5)
 
 
 def reverse_kernel(scheduler, eta: float = 0.0):

@@ -107,11 +107,11 @@ def sample(
             if tracking:
                 # Without a positive branch, u and the negatives are already contiguous: no copy.
                 tracked = branches if not n_pos else torch.cat([eps_u[None], eps_n])
-                means, std = kernel(t, x, tracked)
+                means, std, forward_std = kernel(t, x, tracked)
         x_prev = scheduler.step(eps, t, x, **step_kwargs).prev_sample
         llr = None
         if tracking and std > MIN_TRACKING_STD:
-            llr = guidance.observe(x_prev, means[0], means[1:], std)
+            llr = guidance.observe(x_prev, means[0], means[1:], std, forward_std)
         if return_trace and guidance is not None:
             records.append((info["p"], info["scale"], llr))
         if callback is not None:
