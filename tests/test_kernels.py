@@ -58,7 +58,7 @@ def test_kernel_accepts_stacked_branches():
     x = torch.randn(SHAPE)
     outs = torch.randn((3,) + SHAPE)
     t = scheduler.timesteps[2]
-    stacked, _ = kernel(t, x, outs)
+    stacked, _, _ = kernel(t, x, outs)
     for i in range(3):
         torch.testing.assert_close(stacked[i], kernel(t, x, outs[i])[0])
 
@@ -66,7 +66,7 @@ def test_kernel_accepts_stacked_branches():
 def test_kernel_upcasts_half_precision():
     scheduler = DDPMScheduler(clip_sample=False)
     scheduler.set_timesteps(10)
-    mean, _ = reverse_kernel(scheduler)(scheduler.timesteps[0], torch.randn(SHAPE).half(), torch.randn(SHAPE).half())
+    mean, _, _ = reverse_kernel(scheduler)(scheduler.timesteps[0], torch.randn(SHAPE).half(), torch.randn(SHAPE).half())
     assert mean.dtype == torch.float32
 
 
@@ -86,3 +86,15 @@ def test_deterministic_or_unknown_schedulers_are_refused(scheduler, eta):
     message = str(err.value)
     assert type(scheduler).__name__ in message
     assert "EulerAncestralDiscreteScheduler" in message
+
+
+def test_forward_std_is_the_fixed_large_variance_of_ddpm():
+    small, large = DDPMScheduler(clip_sample=False), DDPMScheduler(clip_sample=False, variance_type="fixed_large")
+    for s in (small, large):
+        s.set_timesteps(25)
+    x, out = torch.randn(SHAPE), torch.randn(SHAPE)
+    for t in small.timesteps[:-1]:
+        _, std_small, forward_small = reverse_kernel(small)(t, x, out)
+        _, std_large, forward_large = reverse_kernel(large)(t, x, out)
+        assert forward_small == pytest.approx(std_large, rel=1e-6) == forward_large
+        assert std_small < std_large
