@@ -39,7 +39,7 @@ def test_kernel_reproduces_scheduler_step(name, scheduler, kwargs):
     x = torch.randn(SHAPE, generator=gen) * scheduler.init_noise_sigma
     checked_noise = 0
     for t in scheduler.timesteps:
-        x_in = scheduler.scale_model_input(x, t)
+        scheduler.scale_model_input(x, t)  # Euler's step index starts here, as in a real loop
         out = torch.randn(SHAPE, generator=gen)
         mean, std, _ = kernel(t, x, out)
         seed = int(torch.randint(0, 2**31, (1,), generator=gen))

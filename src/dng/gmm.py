@@ -22,7 +22,7 @@ class GaussianMixture:
         self.stds = torch.as_tensor(stds, dtype=dtype)
         self.weights = torch.as_tensor(weights, dtype=dtype)
         if self.means.dim() != 2:
-            raise ConfigError(f"means must be a list of K vectors of one dimension d, got shape {tuple(self.means.shape)}")
+            raise ConfigError(f"means must be a list of K vectors of one dimension d, got {tuple(self.means.shape)}")
         k = self.means.shape[0]
         if self.stds.shape != (k,) or self.weights.shape != (k,):
             raise ConfigError(f"need one std and one weight per mean: {k} means, {self.stds.numel()} stds, "

@@ -67,9 +67,9 @@ class PosteriorTracker:
         self.log_p = self._clamp(self.log_p + llr)
 
     def _clamp(self, log_p: torch.Tensor) -> torch.Tensor:
-        log_p = log_p.clamp(math.log(self.p_min), math.log(self.p_max))
-        if self.exclusive and log_p.shape[-1] > 1:
-            # Mutually exclusive concepts: their total must stay below p_max too, so 1 - sum(p) > 0.
-            total = torch.logsumexp(log_p, dim=-1, keepdim=True)
-            log_p = log_p - (total - math.log(self.p_max)).clamp(min=0)
-        return log_p
+        if not self.exclusive:
+            return log_p.clamp(math.log(self.p_min), math.log(self.p_max))
+        # Mutually exclusive concepts: cap their total at p_max (so 1 - sum(p) > 0), keeping their ratios.
+        log_p = log_p.clamp(min=math.log(self.p_min))
+        total = torch.logsumexp(log_p, dim=-1, keepdim=True)
+        return log_p - (total - math.log(self.p_max)).clamp(min=0)

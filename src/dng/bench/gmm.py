@@ -1,0 +1,172 @@
+"""`dng bench gmm`: every guidance rule against the exact target on a Gaussian mixture."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from diffusers import DDPMScheduler
+
+from dng.errors import ConfigError
+from dng.gmm import GaussianMixture, default_mixture_config
+from dng.guidance import SLD_PRESETS, DynamicNegativeGuidance, NegativePrompt, SafeLatentDiffusion
+from dng.sampler import sample
+
+METHODS = ("none", "np", "sld", "dng", "dng-oracle", "target")
+NP_SCALES = (1.0, 2.0, 5.0)
+
+
+def load_config(path: str | None) -> dict:
+    """The mixture config from a JSON file, or the built-in default; validated with errors that say what to fix."""
+    if path is None:
+        return default_mixture_config()
+    try:
+        config = json.loads(Path(path).read_text())
+    except FileNotFoundError as err:
+        raise ConfigError(f"config file {path} does not exist") from err
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"config file {path} is not valid JSON: {err}") from err
+    if not isinstance(config, dict):
+        raise ConfigError(f"config file {path} must hold a JSON object with means, stds, weights and remove")
+    missing = [key for key in ("means", "stds", "weights", "remove") if key not in config]
+    if missing:
+        raise ConfigError(f"config file {path} lacks {', '.join(missing)}; expected "
+                          '{"means": [[...], ...], "stds": [...], "weights": [...], "remove": [k, ...]}')
+    remove = config["remove"]
+    k = len(config["means"]) if isinstance(config["means"], list) else 0
+    if (not isinstance(remove, list) or not remove or len(set(remove)) != len(remove)
+            or not all(isinstance(c, int) and 0 <= c < k for c in remove) or len(remove) >= k):
+        raise ConfigError(f"remove must be a non-empty list of distinct component indices in [0, {k}) that "
+                          f"keeps at least one component, got {remove!r}")
+    return config
+
+
+def class_kl(labels: torch.Tensor, target_probs: torch.Tensor, kept: list[int]) -> float:
+    """KL(target || generated) over the kept classes; one pseudo-count per class keeps it finite."""
+    counts = torch.bincount(labels, minlength=int(target_probs.numel()))[kept].double() + 1.0
+    generated = counts / counts.sum()
+    target = target_probs[kept].double() / target_probs[kept].sum()
+    return float((target * (target / generated).log()).sum())
+
+
+def sliced_w2(a: torch.Tensor, b: torch.Tensor, projections: int = 256, seed: int = 0) -> float:
+    """Sliced 2-Wasserstein distance: root mean over random directions of the 1-D W2^2 between projections."""
+    g = torch.Generator().manual_seed(seed)
+    dirs = torch.randn(a.shape[1], projections, generator=g, dtype=torch.float64)
+    dirs /= dirs.norm(dim=0, keepdim=True)
+    qs = torch.linspace(0, 1, min(len(a), len(b)), dtype=torch.float64)
+    pa = torch.quantile(a.double() @ dirs, qs, dim=0)
+    pb = torch.quantile(b.double() @ dirs, qs, dim=0)
+    return float(((pa - pb) ** 2).mean().sqrt())
+
+
+def _logit(p: torch.Tensor) -> torch.Tensor:
+    return p.log() - (-p).log1p()
+
+
+class GMMBench:
+    """One mixture, one scheduler, exact reference samples; `run(method)` returns a result row."""
+
+    def __init__(self, config: dict, steps: int, num_samples: int, seed: int, threads: int | None = None):
+        if steps < 1 or num_samples < 2:
+            raise ConfigError(f"need --steps >= 1 and --num-samples >= 2, got {steps} and {num_samples}")
+        self.scheduler = DDPMScheduler(num_train_timesteps=1000, clip_sample=False, variance_type="fixed_small")
+        self.gmm = GaussianMixture(config["means"], config["stds"], config["weights"],
+                                   self.scheduler.alphas_cumprod, dtype=torch.float32)
+        self.remove = list(config["remove"])
+        self.kept = [k for k in range(self.gmm.num_classes) if k not in self.remove]
+        self.steps, self.n, self.seed = steps, num_samples, seed
+        self.reference = self.gmm.sample(num_samples, self.kept, torch.Generator().manual_seed(seed + 1))[0]
+        self.prior = float(self.gmm.weights[self.remove].sum())
+
+    def exact_posterior(self, x, t):
+        return self.gmm.posterior(x, t)[:, self.remove]
+
+    def configs(self, methods):
+        """(method, params, guidance factory) for every row the methods ask for."""
+        for method in methods:
+            if method == "none":
+                yield method, {}, None
+            elif method == "np":
+                for lam in NP_SCALES:
+                    yield method, {"scale": lam}, lambda lam=lam: NegativePrompt(lam)
+            elif method == "sld":
+                for name, preset in SLD_PRESETS.items():
+                    yield method, {"preset": name, **preset}, lambda name=name: SafeLatentDiffusion.preset(name)
+            elif method == "dng":
+                params = {"prior": self.prior / len(self.remove), "mode": "exclusive"}
+                yield method, params, lambda params=params: DynamicNegativeGuidance(**params)
+            elif method == "dng-oracle":
+                params = {"scale": 1.0, "p_min": 1e-6, "p_max": 1 - 1e-6, "mode": "exclusive", "posterior": "exact"}
+                yield method, params, lambda: DynamicNegativeGuidance(
+                    scale=1.0, p_min=1e-6, p_max=1 - 1e-6, mode="exclusive", posterior=self.exact_posterior)
+            elif method == "target":
+                yield method, {}, "target"
+            else:
+                raise ConfigError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+
+    def run(self, method: str, params: dict, factory, progress: bool = False):
+        """Sample with one rule and score it; returns (row, trace or None)."""
+        g = torch.Generator().manual_seed(self.seed)
+        start = time.perf_counter()
+        trace, mae = None, None
+        if factory == "target":
+            x = self.gmm.sample(self.n, self.kept, g)[0]
+        else:
+            guidance = factory() if factory else None
+            negatives = self.remove if guidance else []
+            noise = torch.randn(self.n, self.gmm.dim, generator=g)
+            errors = []
+            tracked = isinstance(guidance, DynamicNegativeGuidance) and guidance.posterior_fn is None
+
+            current = [noise]
+
+            def measure(i, t, x_prev, info):
+                # The p used at step i belongs to x_t, the sample before this step.
+                if tracked:
+                    lo, hi = guidance.tracker.p_min, guidance.tracker.p_max
+                    exact = self.exact_posterior(current[0], t).clamp(lo, hi)
+                    errors.append((_logit(info["p"]) - _logit(exact)).abs().mean())
+                current[0] = x_prev
+
+            out = sample(self.gmm.branch_model(negatives), self.scheduler, guidance, noise=noise,
+                         num_inference_steps=self.steps, num_negatives=len(negatives), generator=g,
+                         callback=measure, progress=progress, return_trace=guidance is not None)
+            x, trace = out.samples, out.trace
+            mae = float(torch.stack(errors).mean()) if errors else None
+        seconds = time.perf_counter() - start
+        return self.score(method, params, x, seconds, mae), trace
+
+    def score(self, method, params, x, seconds, mae) -> dict:
+        finite = torch.isfinite(x).all(-1)
+        x = torch.where(finite[:, None], x, torch.zeros_like(x))
+        labels = self.gmm.log_joint(x).argmax(-1)
+        labels[~finite] = self.remove[0]
+        log_density = self.gmm.log_density(x, classes=self.kept)
+        return {
+            "method": method,
+            "params": {k: v for k, v in params.items() if not callable(v)},
+            "forbidden_rate": float(torch.isin(labels, torch.tensor(self.remove)).double().mean()),
+            "class_kl": class_kl(labels, self.gmm.weights, self.kept),
+            "target_log_density": float(log_density[finite].mean()) if finite.any() else -math.inf,
+            "sliced_w2": sliced_w2(x, self.reference, seed=self.seed) if finite.all() else math.inf,
+            "posterior_logit_mae": mae,
+            "seconds": seconds,
+            "diverged": int((~finite).sum()),
+        }
+
+
+def format_table(rows: list[dict]) -> str:
+    header = (f"{'method':<11} {'params':<28} {'forbidden':>9} {'class_kl':>9} {'log p':>9} {'sW2':>8} "
+              f"{'mae':>6} {'s':>6}")
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                           for k, v in r["params"].items() if k in ("scale", "preset", "prior"))
+        mae = "" if r["posterior_logit_mae"] is None else f"{r['posterior_logit_mae']:.3f}"
+        lines.append(f"{r['method']:<11} {params:<28} {r['forbidden_rate']:>9.4f} {r['class_kl']:>9.4f} "
+                     f"{r['target_log_density']:>9.2f} {r['sliced_w2']:>8.4f} {mae:>6} {r['seconds']:>6.1f}")
+    return "\n".join(lines)

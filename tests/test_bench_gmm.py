@@ -1,0 +1,73 @@
+"""`dng bench gmm` end to end: the JSON schema, the table, the figures and config errors."""
+
+import json
+
+import pytest
+
+from dng.bench.gmm import class_kl, sliced_w2
+from dng.cli import main
+
+
+def test_bench_gmm_cli_writes_results_and_plots(tmp_path, capsys):
+    config = {"means": [[0.0, 0.0], [2.0, 0.0], [0.0, 2.0]], "stds": [0.3, 0.5, 0.4], "weights": [1, 2, 1],
+              "remove": [0]}
+    (tmp_path / "mix.json").write_text(json.dumps(config))
+    code = main(["bench", "gmm", "--config", str(tmp_path / "mix.json"), "--steps", "20", "--num-samples", "300",
+                 "--methods", "none,np,sld,dng,dng-oracle,target", "--out", str(tmp_path / "r.json"),
+                 "--plot", str(tmp_path / "plots")])
+    assert code == 0
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["config"]["remove"] == [0]
+    methods = [r["method"] for r in result["rows"]]
+    assert methods == ["none"] + ["np"] * 3 + ["sld"] * 4 + ["dng", "dng-oracle", "target"]
+    keys = {"method", "params", "forbidden_rate", "class_kl", "target_log_density", "sliced_w2",
+            "posterior_logit_mae", "seconds"}
+    for row in result["rows"]:
+        assert keys <= row.keys()
+        assert (row["posterior_logit_mae"] is not None) == (row["method"] == "dng")
+    rows = {r["method"]: r for r in result["rows"]}
+    assert rows["dng"]["params"]["prior"] == pytest.approx(0.25)
+    assert rows["none"]["forbidden_rate"] > 0.15 > rows["dng-oracle"]["forbidden_rate"]
+    assert (tmp_path / "plots" / "tradeoff.png").stat().st_size > 1000
+    assert (tmp_path / "plots" / "dng_trajectories.png").stat().st_size > 1000
+    assert "forbidden" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("{not json", "not valid JSON"),
+        ("[1, 2]", "JSON object"),
+        ('{"means": [[0, 0]], "stds": [1], "weights": [1]}', "lacks remove"),
+        ('{"means": [[0], [1]], "stds": [1, 1], "weights": [1, 1], "remove": [2]}', "remove must be"),
+        ('{"means": [[0], [1]], "stds": [1, 1], "weights": [1, 1], "remove": [0, 1]}', "keeps at least one"),
+        ('{"means": [[0], [1]], "stds": [1], "weights": [1, 1], "remove": [0]}', "one std and one weight"),
+        ('{"means": [[0], [1]], "stds": [1, -1], "weights": [1, 1], "remove": [0]}', "stds must be > 0"),
+    ],
+)
+def test_malformed_configs_get_clear_errors(tmp_path, capsys, text, message):
+    path = tmp_path / "bad.json"
+    path.write_text(text)
+    assert main(["bench", "gmm", "--config", str(path), "--steps", "2", "--num-samples", "10"]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_config_and_unknown_method(tmp_path, capsys):
+    assert main(["bench", "gmm", "--config", str(tmp_path / "nope.json")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["bench", "gmm", "--methods", "none,cfg", "--steps", "2", "--num-samples", "10"]) == 2
+    assert "unknown method 'cfg'" in capsys.readouterr().err
+
+
+def test_metrics_by_hand():
+    import torch
+
+    labels = torch.tensor([1, 1, 1, 2])
+    # Kept classes 1, 2 with target 1/2 each; smoothed counts 4 and 2 -> generated (2/3, 1/3).
+    expected = 0.5 * torch.log(torch.tensor(0.5 / (2 / 3))) + 0.5 * torch.log(torch.tensor(0.5 / (1 / 3)))
+    assert class_kl(labels, torch.tensor([0.2, 0.4, 0.4]), [1, 2]) == pytest.approx(float(expected))
+    a = torch.randn(500, 3, generator=torch.Generator().manual_seed(0))
+    assert sliced_w2(a, a) == pytest.approx(0.0, abs=1e-9)
+    # A pure shift by v: every projection moves by <v, dir>, so sW2 = |v| / sqrt(d) on average over directions.
+    shifted = sliced_w2(a, a + torch.tensor([3.0, 0.0, 0.0]), projections=4000)
+    assert shifted == pytest.approx(3.0 / 3**0.5, rel=0.05)

@@ -1,0 +1,114 @@
+"""Guidance rules against hand computations and diffusers' own SLD."""
+
+import pytest
+import torch
+from diffusers.pipelines.deprecated.stable_diffusion_safe.pipeline_stable_diffusion_safe import (
+    StableDiffusionPipelineSafe,
+)
+
+from dng.errors import ConfigError
+from dng.guidance import (
+    SLD_PRESETS,
+    DynamicNegativeGuidance,
+    NegativePrompt,
+    SafeLatentDiffusion,
+    Step,
+)
+
+STEP = Step(0, torch.tensor(500), torch.zeros(2, 3))
+
+
+def _branches(k=1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(2, 3, generator=g), torch.randn(k, 2, 3, generator=g), torch.randn(2, 3, generator=g)
+
+
+def test_negative_prompt_by_hand():
+    eps_u = torch.tensor([[1.0, 2.0]])
+    eps_n = torch.tensor([[[2.0, 0.0]]])
+    eps, scale, p = NegativePrompt(3.0).combine(eps_u, eps_n, STEP)
+    torch.testing.assert_close(eps, torch.tensor([[-2.0, 8.0]]))
+    assert scale.tolist() == [[3.0]] and p is None
+
+
+def test_positive_branch_is_cfg_and_negative_term_stays_against_uncond():
+    eps_u, eps_n, eps_p = _branches()
+    eps, _, _ = NegativePrompt(2.0).combine(eps_u, eps_n, STEP, eps_p, cfg_scale=7.5)
+    torch.testing.assert_close(eps, eps_u + 7.5 * (eps_p - eps_u) - 2.0 * (eps_n[0] - eps_u))
+
+
+def test_dng_scale_is_lam0_p_over_one_minus_p():
+    dng = DynamicNegativeGuidance(scale=2.0, prior=0.2)
+    dng.start(2, 1)
+    eps_u, eps_n, _ = _branches()
+    eps, scale, p = dng.combine(eps_u, eps_n, STEP)
+    torch.testing.assert_close(scale, torch.full((2, 1), 2.0 * 0.2 / 0.8))
+    torch.testing.assert_close(eps, eps_u - 0.5 * (eps_n[0] - eps_u))
+    torch.testing.assert_close(p, torch.full((2, 1), 0.2))
+
+
+def test_several_negatives_exclusive_and_independent_by_hand():
+    p = torch.tensor([[0.2, 0.3]])
+    exclusive = DynamicNegativeGuidance(scale=1.5, prior=[0.2, 0.3], mode="exclusive")
+    independent = DynamicNegativeGuidance(scale=1.5, prior=[0.2, 0.3], mode="independent")
+    torch.testing.assert_close(exclusive.scales(p), torch.tensor([[1.5 * 0.2 / 0.5, 1.5 * 0.3 / 0.5]]))
+    torch.testing.assert_close(independent.scales(p), torch.tensor([[1.5 * 0.2 / 0.8, 1.5 * 0.3 / 0.7]]))
+    independent.start(2, 2)
+    eps_u, eps_n, _ = _branches(k=2)
+    eps, scale, _ = independent.combine(eps_u, eps_n, STEP)
+    expected = eps_u - 1.5 * 0.2 / 0.8 * (eps_n[0] - eps_u) - 1.5 * 0.3 / 0.7 * (eps_n[1] - eps_u)
+    torch.testing.assert_close(eps, expected)
+
+
+def test_oracle_posterior_replaces_tracking():
+    dng = DynamicNegativeGuidance(scale=1.0, posterior=lambda x, t: torch.full((x.shape[0], 1), 0.5))
+    assert not dng.tracks_posterior
+    dng.start(2, 1)
+    _, scale, p = dng.combine(*_branches()[:2], STEP)
+    torch.testing.assert_close(scale, torch.ones(2, 1))
+
+
+def _diffusers_sld(eps_u, eps_p, eps_n, w, steps, preset):
+    """The reference: diffusers' own safety-guidance step, run over several steps."""
+    momentum, outs = None, []
+    for i, (u, pos, neg) in enumerate(zip(eps_u, eps_p, eps_n, strict=True)):
+        guidance, momentum = StableDiffusionPipelineSafe.perform_safety_guidance(
+            None, True, momentum, pos - u, [pos, u, neg], i, preset["scale"], preset["warmup_steps"],
+            preset["threshold"], preset["momentum_scale"], preset["momentum_beta"])
+        outs.append(u + w * guidance)
+    return outs
+
+
+@pytest.mark.parametrize("name", list(SLD_PRESETS))
+def test_sld_matches_diffusers_safe_pipeline(name):
+    g = torch.Generator().manual_seed(1)
+    steps = 20
+    eps_u, eps_p, eps_n = (0.05 * torch.randn(steps, 2, 4, 8, 8, generator=g) for _ in range(3))
+    expected = _diffusers_sld(eps_u, eps_p, eps_n, 7.5, steps, SLD_PRESETS[name])
+    sld = SafeLatentDiffusion.preset(name)
+    sld.start(2, 1)
+    for i in range(steps):
+        eps, _, _ = sld.combine(eps_u[i], eps_n[i][None], Step(i, torch.tensor(0), eps_u[i]), eps_p[i], 7.5)
+        torch.testing.assert_close(eps, expected[i])
+
+
+@pytest.mark.parametrize(
+    "make,message",
+    [
+        (lambda: NegativePrompt(-1.0), "scale"),
+        (lambda: NegativePrompt(float("nan")), "scale"),
+        (lambda: DynamicNegativeGuidance(scale=float("inf")), "scale"),
+        (lambda: DynamicNegativeGuidance(prior=1.0), "prior"),
+        (lambda: DynamicNegativeGuidance(p_min=0.9, p_max=0.5), "p_min"),
+        (lambda: DynamicNegativeGuidance(temperature=-0.1), "temperature"),
+        (lambda: DynamicNegativeGuidance(offset=float("nan")), "offset"),
+        (lambda: DynamicNegativeGuidance(mode="both"), "mode"),
+        (lambda: DynamicNegativeGuidance(kernel_variance="learned"), "kernel_variance"),
+        (lambda: SafeLatentDiffusion.preset("extreme"), "preset"),
+        (lambda: SafeLatentDiffusion(warmup_steps=-1), "warmup_steps"),
+        (lambda: SafeLatentDiffusion(momentum_beta=2.0), "momentum_beta"),
+    ],
+)
+def test_bad_guidance_settings_are_refused(make, message):
+    with pytest.raises(ConfigError, match=message):
+        make()
