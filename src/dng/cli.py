@@ -11,6 +11,7 @@ from dng.errors import ConfigError
 # Each module defines register(groups) where groups maps "top", "bench" and "train" to subparser sets.
 COMMAND_MODULES = [
     "dng.commands.bench_gmm",
+    "dng.commands.train",
 ]
 
 

@@ -1,0 +1,1 @@
+"""Fashion-MNIST data, the shipped generator and classifier, and their training."""

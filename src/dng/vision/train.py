@@ -1,0 +1,463 @@
+"""Seeded, resumable CPU training of the generator and the classifier, and export to shipped weights."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from dng.errors import ConfigError
+from dng.vision import data, models
+
+CHECKPOINT = "checkpoint.safetensors"
+LOG = "log.csv"
+
+
+# ---- checkpoints: one safetensors file whose metadata carries the scalars, so a single os.replace is atomic
+
+
+def _flatten_optimizer(state: dict) -> dict[str, torch.Tensor]:
+    return {f"optim.{i}.{k}": v for i, s in state["state"].items() for k, v in s.items()}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], groups: list) -> dict:
+    state: dict = {}
+    for name, value in tensors.items():
+        _, i, key = name.split(".", 2)
+        state.setdefault(int(i), {})[key] = value
+    return {"state": state, "param_groups": groups}
+
+
+def save_checkpoint(run: Path, modules: dict, optimizer, rng: torch.Generator, scalars: dict) -> None:
+    """Write modules, optimizer, RNG state and scalars to run/checkpoint.safetensors atomically."""
+    from safetensors.torch import save_file
+
+    tensors = {f"{name}.{k}": v.detach().contiguous() for name, m in modules.items() for k, v in m.state_dict().items()}
+    opt = optimizer.state_dict()
+    tensors.update(_flatten_optimizer(opt))
+    tensors["rng"] = rng.get_state()
+    meta = {"scalars": json.dumps(scalars), "param_groups": json.dumps(opt["param_groups"])}
+    tmp = run / (CHECKPOINT + ".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, run / CHECKPOINT)
+
+
+def load_checkpoint(run: Path, modules: dict, optimizer, rng: torch.Generator) -> dict:
+    """Restore modules, optimizer and RNG from run/checkpoint.safetensors; return its scalars."""
+    from safetensors import safe_open
+
+    with safe_open(str(run / CHECKPOINT), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    for name, m in modules.items():
+        prefix = name + "."
+        m.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
+    optim = {k: v for k, v in tensors.items() if k.startswith("optim.")}
+    optimizer.load_state_dict(_unflatten_optimizer(optim, json.loads(meta["param_groups"])))
+    rng.set_state(tensors["rng"])
+    return json.loads(meta["scalars"])
+
+
+def read_checkpoint(run: Path, module: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """State dict of one module (e.g. 'ema') and the scalars of a run's checkpoint."""
+    from safetensors import safe_open
+
+    path = Path(run) / CHECKPOINT
+    if not path.is_file():
+        raise ConfigError(f"no checkpoint at {path}: train first with `dng train ... --out {run}`")
+    with safe_open(str(path), framework="pt") as f:
+        prefix = module + "."
+        state = {k[len(prefix) :]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+        scalars = json.loads(f.metadata()["scalars"])
+    return state, scalars
+
+
+# ---- shared loop pieces
+
+
+class _Log:
+    """Appends rows to run/log.csv, dropping rows newer than the checkpoint a run resumes from."""
+
+    def __init__(self, run: Path, fields: list[str], resume_step: int):
+        self.path = run / LOG
+        rows = []
+        if resume_step and self.path.is_file():
+            with open(self.path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+        with open(self.path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fields)
+            writer.writeheader()
+            writer.writerows(rows)
+        self.fields = fields
+
+    def write(self, **row) -> None:
+        with open(self.path, "a", newline="") as f:
+            csv.DictWriter(f, self.fields).writerow(row)
+
+
+def _batch_indices(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor:
+    """Indices of batch `step`: a fresh permutation per epoch, a function of (seed, epoch) so resumes agree."""
+    per_epoch = n // batch_size
+    epoch, pos = divmod(step, per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    return perm[pos * batch_size : (pos + 1) * batch_size]
+
+
+def _augment(x: torch.Tensor, gen: torch.Generator, shift: int = 2) -> torch.Tensor:
+    """Random horizontal flips and shifts up to `shift` pixels (background padded)."""
+    n, _, h, w = x.shape
+    flip = torch.rand(n, generator=gen) < 0.5
+    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    padded = F.pad(x, (shift,) * 4, value=-1.0)
+    dy, dx = (torch.randint(0, 2 * shift + 1, (2, n), generator=gen)).unbind(0)
+    rows = (dy[:, None] + torch.arange(h))[:, :, None]
+    cols = (dx[:, None] + torch.arange(w))[:, None, :]
+    return padded[torch.arange(n)[:, None, None], 0, rows, cols].unsqueeze(1)
+
+
+def _command() -> str:
+    return shlex.join(["dng", *sys.argv[1:]]) if Path(sys.argv[0]).name in ("dng", "cli.py") else shlex.join(sys.argv)
+
+
+def _start(run, threads: int | None, resume: bool) -> Path:
+    run = Path(run)
+    run.mkdir(parents=True, exist_ok=True)
+    if threads:
+        torch.set_num_threads(threads)
+    if not resume and (run / CHECKPOINT).exists():
+        raise ConfigError(f"{run} already holds a checkpoint: resume (the default) or choose another --out")
+    return run
+
+
+def _lr(step: int, base: float, warmup: int, total: int | None) -> float:
+    """Linear warmup, then cosine decay to 10 % when the total is known, else constant."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    if not total:
+        return base
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
+
+
+# ---- classifier
+
+
+@torch.no_grad()
+def evaluate_classifier(model, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000) -> float:
+    """Accuracy of `model` on images [N, 1, 28, 28] in [-1, 1]."""
+    model.eval()
+    correct = sum(
+        (model(images[i : i + batch_size]).argmax(1) == labels[i : i + batch_size]).sum().item()
+        for i in range(0, len(images), batch_size)
+    )
+    return correct / len(images)
+
+
+def train_classifier(
+    out,
+    epochs: int = 8,
+    batch_size: int = 128,
+    lr: float = 2e-3,
+    seed: int = 0,
+    resume: bool = True,
+    threads: int | None = None,
+    checkpoint_minutes: float = 2.0,
+    data_root=None,
+    limit: int | None = None,
+    progress: bool = True,
+) -> dict:
+    """Train the classifier with flips and shifts; returns the run's scalars (test accuracy included)."""
+    run = _start(out, threads, resume)
+    x, y = data.load_tensors("train", data_root)
+    xt, yt = data.load_tensors("test", data_root)
+    if limit:
+        x, y, xt, yt = x[:limit], y[:limit], xt[:limit], yt[:limit]
+    torch.manual_seed(seed)
+    model = models.make_classifier()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=5e-4)
+    rng = torch.Generator().manual_seed(seed)
+    per_epoch = len(x) // batch_size
+    if per_epoch == 0:
+        raise ConfigError(f"batch size {batch_size} is larger than the {len(x)} training images")
+    total = epochs * per_epoch
+    scalars = {"step": 0, "seconds": 0.0, "seed": seed, "batch_size": batch_size, "lr": lr, "commands": []}
+    if (run / CHECKPOINT).exists():
+        scalars = load_checkpoint(run, {"model": model}, optimizer, rng)
+    scalars["commands"].append(_command())
+    scalars.update(epochs=epochs, data=str(data.data_dir() if data_root is None else data_root))
+    log = _Log(run, ["step", "epoch", "loss", "lr", "test_accuracy", "seconds"], scalars["step"])
+    step, started, last_save = scalars["step"], time.monotonic() - scalars["seconds"], time.monotonic()
+    bar = tqdm(total=total, initial=step, desc="classifier", disable=not progress, dynamic_ncols=True)
+    running = []
+    try:
+        while step < total:
+            model.train()
+            idx = _batch_indices(len(x), batch_size, seed, step)
+            rate = _lr(step, lr, per_epoch // 4, total)
+            for group in optimizer.param_groups:
+                group["lr"] = rate
+            loss = F.cross_entropy(model(_augment(x[idx], rng)), y[idx], label_smoothing=0.05)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            running.append(loss.item())
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+            if step % per_epoch == 0:
+                scalars["test_accuracy"] = evaluate_classifier(model, xt, yt)
+                scalars["seconds"] = time.monotonic() - started
+                log.write(
+                    step=step,
+                    epoch=step // per_epoch,
+                    loss=sum(running) / len(running),
+                    lr=rate,
+                    test_accuracy=scalars["test_accuracy"],
+                    seconds=round(scalars["seconds"], 1),
+                )
+                bar.write(f"epoch {step // per_epoch}: test accuracy {scalars['test_accuracy']:.4f}")
+                running = []
+            if step % per_epoch == 0 or time.monotonic() - last_save > 60 * checkpoint_minutes or step == total:
+                scalars.update(step=step, seconds=time.monotonic() - started)
+                save_checkpoint(run, {"model": model}, optimizer, rng, scalars)
+                last_save = time.monotonic()
+    except KeyboardInterrupt:
+        scalars.update(step=step, seconds=time.monotonic() - started)
+        save_checkpoint(run, {"model": model}, optimizer, rng, scalars)
+        raise
+    finally:
+        bar.close()
+    if "test_accuracy" not in scalars:
+        scalars["test_accuracy"] = evaluate_classifier(model, xt, yt)
+    return scalars
+
+
+# ---- generator
+
+
+def make_scheduler():
+    """The DDPM training schedule: 1000 steps, linear betas (diffusers defaults)."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=1000)
+
+
+def denoising_loss(model, scheduler, x0, labels, gen: torch.Generator) -> torch.Tensor:
+    """Epsilon-MSE at uniformly drawn timesteps."""
+    noise = torch.randn(x0.shape, generator=gen)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (len(x0),), generator=gen)
+    pred = model(scheduler.add_noise(x0, noise, t), t, class_labels=labels).sample
+    return F.mse_loss(pred, noise)
+
+
+@torch.no_grad()
+def evaluate_generator(model, images, labels, seed: int = 0, batch_size: int = 500) -> float:
+    """Mean denoising loss on fixed noise and timesteps: comparable across checkpoints and precisions."""
+    model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    scheduler = make_scheduler()
+    losses = [
+        denoising_loss(model, scheduler, images[i : i + batch_size], labels[i : i + batch_size], gen).item()
+        for i in range(0, len(images), batch_size)
+    ]
+    return sum(losses) / len(losses)
+
+
+def train_generator(
+    out,
+    minutes: float | None = None,
+    steps: int | None = None,
+    batch_size: int = 128,
+    lr: float = 5e-4,
+    seed: int = 0,
+    ema_decay: float = 0.999,
+    label_dropout: float = 0.15,
+    resume: bool = True,
+    threads: int | None = None,
+    checkpoint_minutes: float = 5.0,
+    log_every: int = 50,
+    data_root=None,
+    limit: int | None = None,
+    config: dict | None = None,
+    progress: bool = True,
+) -> dict:
+    """DDPM epsilon training with label dropout and EMA until `minutes` of wall time or `steps` (totals)."""
+    if not minutes and not steps:
+        raise ConfigError("give --minutes or --steps (totals over all resumes of the run)")
+    run = _start(out, threads, resume)
+    x, y = data.load_tensors("train", data_root)
+    if limit:
+        x, y = x[:limit], y[:limit]
+    if len(x) < batch_size:
+        raise ConfigError(f"batch size {batch_size} is larger than the {len(x)} training images")
+    torch.manual_seed(seed)
+    config = config or models.GENERATOR_CONFIG
+    model = models.make_generator(config)
+    ema = models.make_generator(config)
+    ema.load_state_dict(model.state_dict())
+    ema.requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    scheduler = make_scheduler()
+    rng = torch.Generator().manual_seed(seed)
+    scalars = {
+        "step": 0,
+        "seconds": 0.0,
+        "seed": seed,
+        "batch_size": batch_size,
+        "lr": lr,
+        "ema_decay": ema_decay,
+        "label_dropout": label_dropout,
+        "config": config,
+        "commands": [],
+    }
+    if (run / CHECKPOINT).exists():
+        scalars = load_checkpoint(run, {"model": model, "ema": ema}, optimizer, rng)
+    scalars["commands"].append(_command())
+    scalars["data"] = str(data.data_dir() if data_root is None else data_root)
+    log = _Log(run, ["step", "epoch", "loss", "lr", "seconds"], scalars["step"])
+    step, started, last_save = scalars["step"], time.monotonic() - scalars["seconds"], time.monotonic()
+    budget = 60 * minutes if minutes else math.inf
+    bar = tqdm(total=steps, initial=step, desc="generator", disable=not progress, dynamic_ncols=True)
+    running = []
+
+    def checkpoint():
+        scalars.update(step=step, seconds=time.monotonic() - started, epochs=step * batch_size / len(x))
+        save_checkpoint(run, {"model": model, "ema": ema}, optimizer, rng, scalars)
+
+    model.train()
+    try:
+        while (steps is None or step < steps) and time.monotonic() - started < budget:
+            idx = _batch_indices(len(x), batch_size, seed, step)
+            labels = torch.where(torch.rand(batch_size, generator=rng) < label_dropout, models.NULL_LABEL, y[idx])
+            rate = _lr(step, lr, 500, None)
+            for group in optimizer.param_groups:
+                group["lr"] = rate
+            loss = denoising_loss(model, scheduler, x[idx], labels, rng)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            step += 1
+            # Warm-up of the EMA so early checkpoints are not dominated by the random init.
+            decay = min(ema_decay, (1 + step) / (10 + step))
+            with torch.no_grad():
+                for p_ema, p in zip(ema.parameters(), model.parameters(), strict=True):
+                    p_ema.lerp_(p, 1 - decay)
+            running.append(loss.item())
+            bar.update(1)
+            if step % log_every == 0:
+                mean = sum(running) / len(running)
+                bar.set_postfix(loss=f"{mean:.4f}")
+                log.write(
+                    step=step,
+                    epoch=round(step * batch_size / len(x), 3),
+                    loss=round(mean, 5),
+                    lr=rate,
+                    seconds=round(time.monotonic() - started, 1),
+                )
+                running = []
+            if time.monotonic() - last_save > 60 * checkpoint_minutes:
+                checkpoint()
+                last_save = time.monotonic()
+        checkpoint()
+    except KeyboardInterrupt:
+        checkpoint()
+        raise
+    finally:
+        bar.close()
+    return scalars
+
+
+# ---- export
+
+
+def export(run, kind: str, weights_dir=None, data_root=None, half: bool | None = None) -> Path:
+    """Write a run's final weights (the EMA for the generator) and model card to the shipped weights."""
+    if kind not in models.KINDS:
+        raise ConfigError(f"unknown model kind {kind!r}: use one of {', '.join(models.KINDS)}")
+    run = Path(run)
+    weights_dir = Path(weights_dir) if weights_dir else models.WEIGHTS_DIR
+    state, scalars = read_checkpoint(run, "ema" if kind == "generator" else "model")
+    xt, yt = data.load_tensors("test", data_root)
+    if kind == "generator":
+        config = scalars["config"]
+        model = models.make_generator(config)
+
+        def score(m):
+            return evaluate_generator(m, xt[:2000], yt[:2000])
+
+        metric = "test_denoising_loss"
+    else:
+        config = models.CLASSIFIER_CONFIG
+        model = models.make_classifier(config)
+
+        def score(m):
+            return evaluate_classifier(m, xt, yt)
+
+        metric = "test_accuracy"
+    model.load_state_dict(state)
+    full = score(model)
+    model.load_state_dict({k: v.half().float() if v.is_floating_point() else v for k, v in state.items()})
+    halved = score(model)
+    if half is None:
+        # fp16 is kept when it moves the metric by under 0.2 % (relative).
+        half = abs(halved - full) <= 0.002 * abs(full)
+    model.load_state_dict(state)
+    card = {
+        "kind": kind,
+        "commands": scalars["commands"],
+        "seed": scalars["seed"],
+        "data": f"Fashion-MNIST train split ({scalars.get('data', data.DEFAULT_DATA_DIR)})",
+        "wall_time_minutes": round(scalars["seconds"] / 60, 1),
+        "steps": scalars["step"],
+        "batch_size": scalars["batch_size"],
+        "dtype": "float16" if half else "float32",
+        "metrics": {metric: round(halved if half else full, 5), f"{metric}_float32": round(full, 5)},
+        "hyperparameters": {k: scalars[k] for k in ("lr", "ema_decay", "label_dropout", "epochs") if k in scalars},
+    }
+    path = weights_dir / f"{kind}.safetensors"
+    models.save_model(model, path, kind, config, card, half=half)
+    _write_card(weights_dir / f"{kind}.md", card)
+    return path
+
+
+def _write_card(path: Path, card: dict) -> None:
+    metrics = "\n".join(f"- {k}: {v}" for k, v in card["metrics"].items())
+    hyper = "\n".join(f"- {k}: {v}" for k, v in card["hyperparameters"].items())
+    commands = "\n".join(card["commands"])
+    text = f"""# Fashion-MNIST {card["kind"]}
+
+Trained on CPU by `dng train {card["kind"]}`; weights exported with `dng train export`.
+
+- data: {card["data"]}
+- seed: {card["seed"]}
+- steps: {card["steps"]} (batch {card["batch_size"]})
+- wall time: {card["wall_time_minutes"]} minutes
+- stored as: {card["dtype"]}
+
+## Metrics (Fashion-MNIST test split)
+
+{metrics}
+
+## Hyperparameters
+
+{hyper}
+
+## Commands (the first started the run, the others resumed it)
+
+```
+{commands}
+```
+"""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

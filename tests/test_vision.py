@@ -1,0 +1,167 @@
+"""Fashion-MNIST reader, model files, and a few resumable training steps of each model on tiny data."""
+
+import argparse
+import gzip
+
+import numpy as np
+import pytest
+import torch
+
+from dng.errors import ConfigError
+from dng.vision import data, models, train
+
+TINY_UNET = dict(models.GENERATOR_CONFIG, block_out_channels=[8, 8, 16], norm_num_groups=8, attention_head_dim=8)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: on a busy 2-core machine OpenMP with 2 threads runs these tiny models ~20x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def write_idx(path, array: np.ndarray, magic: int | None = None) -> None:
+    magic = magic if magic is not None else 0x0800 + array.ndim
+    header = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.fixture
+def fmnist(tmp_path):
+    """A tiny Fashion-MNIST directory: 64 train and 40 test images with cycling labels."""
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 64), ("t10k", 40)):
+        write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+    return tmp_path
+
+
+def test_reads_idx_files_from_env_dir(fmnist, monkeypatch):
+    monkeypatch.setenv("DNG_DATA_DIR", str(fmnist))
+    images, labels = data.load_split("train")
+    assert images.shape == (64, 28, 28) and images.dtype == np.uint8
+    assert labels.tolist() == [i % 10 for i in range(64)]
+    x, y = data.load_tensors("test")
+    assert x.shape == (40, 1, 28, 28) and x.dtype == torch.float32
+    raw, _ = data.load_split("test")
+    assert torch.allclose(x[3, 0], torch.from_numpy(raw[3] / 127.5 - 1).float(), atol=1e-6)
+    assert x.min() >= -1 and x.max() <= 1
+
+
+def test_missing_files_say_how_to_install(tmp_path, monkeypatch):
+    monkeypatch.setenv("DNG_DATA_DIR", str(tmp_path))
+    with pytest.raises(ConfigError, match="apt-get install dataset-fashion-mnist"):
+        data.load_split("train")
+
+
+@pytest.mark.parametrize("damage", ["magic", "truncated", "not_gzip", "shape"])
+def test_corrupt_files_raise_config_error(fmnist, damage):
+    path = fmnist / "train-images-idx3-ubyte.gz"
+    if damage == "magic":
+        write_idx(path, np.zeros((64, 28, 28)), magic=0x0801)
+    elif damage == "truncated":
+        raw = gzip.decompress(path.read_bytes())
+        path.write_bytes(gzip.compress(raw[:-10]))
+    elif damage == "not_gzip":
+        path.write_bytes(b"not a gzip file at all")
+    else:
+        write_idx(path, np.zeros((64, 14, 56)))
+    with pytest.raises(ConfigError, match="DNG_DATA_DIR"):
+        data.load_split("train", fmnist)
+
+
+def test_class_names():
+    assert len(data.CLASS_NAMES) == 10 and data.CLASS_NAMES[0] == "T-shirt/top" and data.CLASS_NAMES[9] == "Ankle boot"
+
+
+def test_model_files_round_trip(tmp_path):
+    torch.manual_seed(0)
+    clf = models.make_classifier().eval()
+    x = torch.rand(5, 1, 28, 28) * 2 - 1
+    models.save_model(clf, tmp_path / "c.safetensors", "classifier", models.CLASSIFIER_CONFIG, {"note": "t"})
+    assert torch.equal(models.load_classifier(tmp_path / "c.safetensors")(x), clf(x))
+    assert clf.features(x).shape == (5, models.CLASSIFIER_CONFIG["features"])
+
+    gen = models.make_generator(TINY_UNET).eval()
+    models.save_model(gen, tmp_path / "g.safetensors", "generator", TINY_UNET, {}, half=True)
+    loaded = models.load_generator(tmp_path / "g.safetensors")
+    assert next(loaded.parameters()).dtype == torch.float32
+    t, labels = torch.tensor([10, 500, 900, 999, 0]), torch.tensor([0, 3, 9, models.NULL_LABEL, 5])
+    with torch.no_grad():
+        expected, got = gen(x, t, class_labels=labels).sample, loaded(x, t, class_labels=labels).sample
+    assert torch.allclose(expected, got, atol=1e-2) and not torch.equal(expected, got)  # fp16 rounding only
+
+    with pytest.raises(ConfigError, match="holds a 'generator' model"):
+        models.load_classifier(tmp_path / "g.safetensors")
+    (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 20)
+    with pytest.raises(ConfigError, match="not a readable safetensors"):
+        models.load_generator(tmp_path / "bad.safetensors")
+
+
+def test_default_weights_missing_says_how_to_make_them(tmp_path, monkeypatch):
+    monkeypatch.setattr(models, "WEIGHTS_DIR", tmp_path)
+    with pytest.raises(ConfigError, match="dng train export"):
+        models.default_weights("generator")
+    (tmp_path / "classifier.safetensors").write_bytes(b"")
+    assert models.default_weights("classifier") == tmp_path / "classifier.safetensors"
+
+
+def test_generator_training_resumes_exactly(fmnist, tmp_path):
+    common = dict(batch_size=16, seed=3, config=TINY_UNET, data_root=fmnist, progress=False, log_every=1)
+    first = train.train_generator(tmp_path / "a", steps=2, **common)
+    assert first["step"] == 2
+    resumed = train.train_generator(tmp_path / "a", steps=4, **common)
+    straight = train.train_generator(tmp_path / "b", steps=4, **common)
+    assert resumed["step"] == straight["step"] == 4 and len(resumed["commands"]) == 2
+    for module in ("model", "ema"):
+        a, _ = train.read_checkpoint(tmp_path / "a", module)
+        b, _ = train.read_checkpoint(tmp_path / "b", module)
+        assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    init = models.make_generator(TINY_UNET).state_dict()
+    assert not all(torch.equal(a[k], init[k]) for k in a)  # it did train
+    steps = [line.split(",")[0] for line in (tmp_path / "a" / train.LOG).read_text().splitlines()[1:]]
+    assert steps == ["1", "2", "3", "4"]
+    with pytest.raises(ConfigError, match="already holds a checkpoint"):
+        train.train_generator(tmp_path / "a", steps=5, resume=False, **common)
+
+    weights = tmp_path / "weights"
+    path = train.export(tmp_path / "a", "generator", weights_dir=weights, data_root=fmnist)
+    card = (weights / "generator.md").read_text()
+    assert "steps: 4" in card and "seed: 3" in card and "test_denoising_loss" in card
+    assert list(models.load_generator(path).config.block_out_channels) == [8, 8, 16]
+
+
+def test_classifier_training_resumes_and_exports(fmnist, tmp_path):
+    common = dict(batch_size=16, seed=1, data_root=fmnist, progress=False)
+    first = train.train_classifier(tmp_path / "c", epochs=1, **common)
+    assert first["step"] == 4 and 0 <= first["test_accuracy"] <= 1
+    second = train.train_classifier(tmp_path / "c", epochs=2, **common)
+    assert second["step"] == 8
+    epochs = [line.split(",")[1] for line in (tmp_path / "c" / train.LOG).read_text().splitlines()[1:]]
+    assert epochs == ["1", "2"]
+    path = train.export(tmp_path / "c", "classifier", weights_dir=tmp_path / "w", data_root=fmnist)
+    assert isinstance(models.load_classifier(path), models.Classifier)
+    assert "test_accuracy" in (tmp_path / "w" / "classifier.md").read_text()
+
+
+def test_augment_keeps_shape_and_moves_pixels():
+    x = torch.zeros(8, 1, 28, 28) - 1
+    x[:, :, 10:18, 4:9] = 1
+    out = train._augment(x, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape
+    assert torch.equal(out.sum(dim=(1, 2, 3)), x.sum(dim=(1, 2, 3)))  # shifts of 2 px keep the blob in frame
+    assert not torch.equal(out, x)
+
+
+def test_cli_parses_train_commands(tmp_path):
+    from dng.commands import train as command
+
+    top = argparse.ArgumentParser().add_subparsers(dest="model")
+    command.register({"train": top})
+    args = top._name_parser_map["generator"].parse_args(["--out", str(tmp_path), "--minutes", "2", "--threads", "1"])
+    assert args.func is command.run_generator and args.minutes == 2 and args.steps is None and args.resume
+    args = top._name_parser_map["export"].parse_args(["--run", str(tmp_path), "--kind", "classifier"])
+    assert args.func is command.run_export
