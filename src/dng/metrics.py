@@ -1,0 +1,127 @@
+"""Class-removal metrics: safety, class balance, FID and precision/recall on any feature extractor."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Protocol
+
+import numpy as np
+
+
+class FeatureExtractor(Protocol):
+    """Maps a batch of images (torch tensor) to a [N, D] feature matrix (tensor or array)."""
+
+    def __call__(self, images): ...
+
+
+def extract_features(extractor: FeatureExtractor, images, batch_size: int = 500) -> np.ndarray:
+    """Features [N, D] in float64 of `images`, computed in batches without gradients."""
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(images), batch_size):
+            feats = extractor(images[i : i + batch_size])
+            feats = feats.detach().cpu().numpy() if isinstance(feats, torch.Tensor) else np.asarray(feats)
+            out.append(feats.reshape(len(feats), -1).astype(np.float64))
+    return np.concatenate(out)
+
+
+def _as_set(classes: int | Iterable[int]) -> list[int]:
+    return [int(classes)] if np.isscalar(classes) else [int(c) for c in classes]
+
+
+def safety(pred_labels, removed: int | Iterable[int]) -> float:
+    """Share of samples classified as a removed class (lower is safer)."""
+    pred = np.asarray(pred_labels).ravel()
+    if pred.size == 0:
+        raise ValueError("safety of an empty set of predictions")
+    return float(np.isin(pred, _as_set(removed)).mean())
+
+
+def class_kl(pred_labels, kept: Iterable[int], target_probs, smoothing: float = 0.5) -> float:
+    """KL(target || generated) over the kept classes, counts smoothed additively so it stays finite.
+
+    Samples classified as a class outside `kept` are left out; `target_probs` follows the order of `kept`
+    and is renormalised.
+    """
+    kept = _as_set(kept)
+    target = np.asarray(target_probs, dtype=np.float64)
+    if target.shape != (len(kept),) or (target < 0).any() or target.sum() <= 0:
+        raise ValueError(f"target_probs needs {len(kept)} non-negative entries, one per kept class")
+    target = target / target.sum()
+    pred = np.asarray(pred_labels).ravel()
+    counts = np.array([(pred == c).sum() for c in kept], dtype=np.float64) + smoothing
+    if counts.sum() <= 0:
+        raise ValueError("no sample falls in a kept class and smoothing is 0: the KL is undefined")
+    generated = counts / counts.sum()
+    nz = target > 0
+    if (generated[nz] == 0).any():
+        return math.inf
+    return float(np.sum(target[nz] * np.log(target[nz] / generated[nz])))
+
+
+def class_distribution(labels, classes: Iterable[int]) -> np.ndarray:
+    """Empirical distribution of `labels` over `classes` (e.g. the data's, as the class_kl target)."""
+    labels = np.asarray(labels).ravel()
+    counts = np.array([(labels == c).sum() for c in _as_set(classes)], dtype=np.float64)
+    return counts / counts.sum()
+
+
+def _sqrt_psd(matrix: np.ndarray) -> np.ndarray:
+    # Eigen-decomposition of the symmetrised matrix: stable where sqrtm of a near-singular product is not.
+    vals, vecs = np.linalg.eigh((matrix + matrix.T) / 2)
+    return (vecs * np.sqrt(np.clip(vals, 0, None))) @ vecs.T
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2), in float64."""
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    root1 = _sqrt_psd(s1)
+    # tr sqrt(S1 S2) = tr sqrt(S1^1/2 S2 S1^1/2), whose argument is symmetric PSD.
+    cross = np.linalg.eigvalsh(root1 @ s2 @ root1)
+    trace_sqrt = np.sqrt(np.clip(cross, 0, None)).sum()
+    return float(max(0.0, np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * trace_sqrt))
+
+
+def gaussian_stats(features) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and covariance (unbiased) of a feature matrix [N, D]."""
+    feats = np.asarray(features, np.float64)
+    if feats.ndim != 2 or len(feats) < 2:
+        raise ValueError("FID needs a feature matrix [N, D] with N >= 2")
+    return feats.mean(0), np.cov(feats, rowvar=False).reshape(feats.shape[1], feats.shape[1])
+
+
+def fid(features_a, features_b) -> float:
+    """Frechet distance between Gaussians fitted to two feature matrices [N, D] and [M, D]."""
+    return frechet_distance(*gaussian_stats(features_a), *gaussian_stats(features_b))
+
+
+def _pairwise(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    sq = (a**2).sum(1)[:, None] + (b**2).sum(1)[None, :] - 2 * a @ b.T
+    return np.sqrt(np.clip(sq, 0, None))
+
+
+def _knn_radii(feats: np.ndarray, k: int) -> np.ndarray:
+    # Column 0 of each sorted row is the point itself, so the k-th neighbour is column k.
+    return np.sort(_pairwise(feats, feats), axis=1)[:, k]
+
+
+def _coverage(points: np.ndarray, centres: np.ndarray, radii: np.ndarray, chunk: int = 1024) -> float:
+    """Share of `points` inside at least one ball (centre, radius)."""
+    inside = [
+        (_pairwise(points[i : i + chunk], centres) <= radii[None, :]).any(1) for i in range(0, len(points), chunk)
+    ]
+    return float(np.concatenate(inside).mean())
+
+
+def precision_recall(real_features, fake_features, k: int = 3) -> tuple[float, float]:
+    """Improved precision and recall with k-NN manifolds (Kynkaanniemi et al. 2019)."""
+    real, fake = np.asarray(real_features, np.float64), np.asarray(fake_features, np.float64)
+    if min(len(real), len(fake)) <= k:
+        raise ValueError(f"precision/recall with k={k} needs more than {k} points in each set")
+    precision = _coverage(fake, real, _knn_radii(real, k))
+    recall = _coverage(real, fake, _knn_radii(fake, k))
+    return precision, recall

@@ -1,0 +1,100 @@
+"""Metrics against values computed by hand or in closed form."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from dng import metrics
+
+
+def test_safety_counts_removed_classes():
+    pred = [0, 1, 3, 3, 5]
+    assert metrics.safety(pred, 3) == pytest.approx(0.4)
+    assert metrics.safety(np.array(pred), {3, 5}) == pytest.approx(0.6)
+    assert metrics.safety(pred, 7) == 0.0
+
+
+def test_class_kl_by_hand():
+    # Generated over kept {0, 1}: 3 and 1 (the class-4 sample is left out) -> (3/4, 1/4) against (1/2, 1/2).
+    pred = [0, 0, 0, 1, 4]
+    assert metrics.class_kl(pred, [0, 1], [0.5, 0.5], smoothing=0) == pytest.approx(0.5 * math.log(4 / 3))
+    # Smoothing 1 -> (4/6, 2/6).
+    assert metrics.class_kl(pred, [0, 1], [1, 1], smoothing=1) == pytest.approx(0.5 * math.log(9 / 8))
+    # A kept class never generated stays finite under smoothing: counts (2, 0, 1) + 0.5.
+    got = metrics.class_kl([0, 0, 2], [0, 1, 2], [1, 1, 1], smoothing=0.5)
+    gen = np.array([2.5, 0.5, 1.5]) / 4.5
+    assert got == pytest.approx(np.sum(np.log((1 / 3) / gen)) / 3)
+    assert metrics.class_kl([0, 1, 2] * 5, [0, 1, 2], [1, 1, 1]) == pytest.approx(0.0, abs=1e-12)
+    assert math.isinf(metrics.class_kl([0, 0], [0, 1], [0.5, 0.5], smoothing=0))
+    with pytest.raises(ValueError):
+        metrics.class_kl([0], [0, 1], [1.0])
+
+
+def test_class_distribution():
+    assert metrics.class_distribution([0, 0, 1, 2, 9], [0, 1, 2]).tolist() == [0.5, 0.25, 0.25]
+
+
+def test_frechet_distance_closed_forms():
+    # Diagonal covariances: |dmu|^2 + sum (sqrt(a) - sqrt(b))^2 = 5 + 1 + 1.
+    assert metrics.frechet_distance([0, 0], np.diag([1, 4]), [1, 2], np.diag([4, 1])) == pytest.approx(7.0)
+    # S1 = [[2,1],[1,2]] (eigenvalues 3, 1) against I: tr S1 + 2 - 2 tr sqrt(S1) = 6 - 2 (sqrt 3 + 1).
+    s1 = np.array([[2.0, 1.0], [1.0, 2.0]])
+    assert metrics.frechet_distance([0, 0], s1, [0, 0], np.eye(2)) == pytest.approx(4 - 2 * math.sqrt(3))
+    # One dimension: (m1 - m2)^2 + (s1 - s2)^2 with standard deviations 1 and 3.
+    assert metrics.frechet_distance([1.0], [[1.0]], [4.0], [[9.0]]) == pytest.approx(9 + 4)
+    # Singular covariances stay finite and symmetric.
+    flat = np.diag([1.0, 0.0])
+    assert metrics.frechet_distance([0, 0], flat, [0, 0], np.eye(2)) == pytest.approx(1.0)
+
+
+def test_frechet_distance_matches_scipy_on_non_commuting_covariances():
+    linalg = pytest.importorskip("scipy.linalg")
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(5, 5)), rng.normal(size=(5, 5))
+    s1, s2 = a @ a.T, b @ b.T
+    mu1, mu2 = rng.normal(size=5), rng.normal(size=5)
+    expected = np.sum((mu1 - mu2) ** 2) + np.trace(s1 + s2 - 2 * linalg.sqrtm(s1 @ s2).real)
+    assert metrics.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-8)
+
+
+def test_fid_of_samples_approaches_the_gaussians_distance():
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(20000, 2)) * [1, 2]
+    b = rng.normal(size=(20000, 2)) * [2, 1] + [1, 2]
+    assert metrics.fid(a, b) == pytest.approx(7.0, rel=0.05)
+    assert metrics.fid(a, a) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_precision_recall_by_hand():
+    real = np.array([[0.0], [1.0], [2.0], [3.0], [10.0]])
+    fake = np.array([[0.5], [5.0], [20.0]])
+    # k=1 radii: real 1,1,1,1,7 -> 0.5 and 5 (within 7 of 10) are covered, 20 is not.
+    # fake 4.5, 4.5, 15 -> every real point is covered (10 via the ball of 20).
+    assert metrics.precision_recall(real, fake, k=1) == pytest.approx((2 / 3, 1.0))
+    # k=3 on the unit square's corners plus a far point: real radii are sqrt 2 for the corners, 10 for the far one.
+    square = np.array([[0, 0], [0, 1], [1, 0], [1, 1], [10, 0]], dtype=float)
+    shifted = square[:4] + [0.5, 0.5]
+    fake = np.vstack([shifted, [[30, 0]]])
+    p, r = metrics.precision_recall(square, fake, k=3)
+    assert p == pytest.approx(4 / 5)  # (30, 0) is 20 from (10, 0), beyond its radius 10
+    assert r == pytest.approx(1.0)  # fake radii: sqrt 2 for the shifted corners, about 29.5 for the far one
+    assert metrics.precision_recall(square, square, k=3) == (1.0, 1.0)
+    with pytest.raises(ValueError):
+        metrics.precision_recall(square[:3], square, k=3)
+
+
+def test_extract_features_accepts_any_callable_in_batches():
+    images = torch.arange(10, dtype=torch.float32).reshape(10, 1, 1, 1)
+    calls = []
+
+    def extractor(batch):
+        calls.append(len(batch))
+        return torch.cat([batch.flatten(1), 2 * batch.flatten(1)], dim=1)
+
+    feats = metrics.extract_features(extractor, images, batch_size=4)
+    assert calls == [4, 4, 2] and feats.dtype == np.float64
+    assert feats[:, 1].tolist() == [2.0 * i for i in range(10)]
+    numpy_feats = metrics.extract_features(lambda b: b.numpy().reshape(len(b), -1), images, batch_size=3)
+    assert numpy_feats[:, 0].tolist() == list(range(10))
