@@ -25,6 +25,7 @@ def register(groups: dict) -> None:
     gen.add_argument("--lr", type=float, default=5e-4)
     gen.add_argument("--ema-decay", type=float, default=0.999)
     gen.add_argument("--label-dropout", type=float, default=0.15)
+    gen.add_argument("--warmup-steps", type=int, default=100, help="linear learning-rate warmup")
     gen.add_argument("--checkpoint-minutes", type=float, default=5.0)
     gen.set_defaults(func=run_generator)
 
@@ -53,6 +54,7 @@ def run_generator(args) -> int:
         seed=args.seed,
         ema_decay=args.ema_decay,
         label_dropout=args.label_dropout,
+        warmup_steps=args.warmup_steps,
         resume=args.resume,
         threads=args.threads,
         checkpoint_minutes=args.checkpoint_minutes,

@@ -281,6 +281,7 @@ def train_generator(
     seed: int = 0,
     ema_decay: float = 0.999,
     label_dropout: float = 0.15,
+    warmup_steps: int = 100,
     resume: bool = True,
     threads: int | None = None,
     checkpoint_minutes: float = 5.0,
@@ -316,6 +317,7 @@ def train_generator(
         "lr": lr,
         "ema_decay": ema_decay,
         "label_dropout": label_dropout,
+        "warmup_steps": warmup_steps,
         "config": config,
         "commands": [],
     }
@@ -338,7 +340,7 @@ def train_generator(
         while (steps is None or step < steps) and time.monotonic() - started < budget:
             idx = _batch_indices(len(x), batch_size, seed, step)
             labels = torch.where(torch.rand(batch_size, generator=rng) < label_dropout, models.NULL_LABEL, y[idx])
-            rate = _lr(step, lr, 500, None)
+            rate = _lr(step, lr, warmup_steps, None)
             for group in optimizer.param_groups:
                 group["lr"] = rate
             loss = denoising_loss(model, scheduler, x[idx], labels, rng)
@@ -422,7 +424,9 @@ def export(run, kind: str, weights_dir=None, data_root=None, half: bool | None =
         "batch_size": scalars["batch_size"],
         "dtype": "float16" if half else "float32",
         "metrics": {metric: round(halved if half else full, 5), f"{metric}_float32": round(full, 5)},
-        "hyperparameters": {k: scalars[k] for k in ("lr", "ema_decay", "label_dropout", "epochs") if k in scalars},
+        "hyperparameters": {
+            k: scalars[k] for k in ("lr", "ema_decay", "label_dropout", "warmup_steps", "epochs") if k in scalars
+        },
     }
     path = weights_dir / f"{kind}.safetensors"
     models.save_model(model, path, kind, config, card, half=half)
