@@ -1,0 +1,102 @@
+"""What the SD and SDXL pipelines share: negative concepts, the guidance rule, the sampler call."""
+
+from __future__ import annotations
+
+from diffusers.utils.torch_utils import randn_tensor
+
+from dng.errors import ConfigError
+from dng.guidance import DynamicNegativeGuidance, Guidance, NegativePrompt, SafeLatentDiffusion
+from dng.kernels import reverse_kernel
+from dng.sampler import sample
+
+# Inside the published SD ranges (lam0 12-27, prior 0.01, temperature 0.2-0.3, offset 0.002-0.004), lam0 on the
+# mild side; the core's own defaults are tuned for class removal instead.
+DNG_SCALE, DNG_PRIOR, DNG_TEMPERATURE, DNG_OFFSET, DNG_P_MIN, DNG_P_MAX = 15.0, 0.01, 0.25, 0.003, 1e-6, 0.8
+METHODS = ("dng", "np", "sld")
+SWITCH = "pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)"
+
+
+def concept_prompts(negative_prompt, negative_concepts, batch_size: int) -> list[list[str]]:
+    """One list of batch_size strings per negative concept; [] when there is none."""
+    if negative_concepts is not None:
+        if negative_prompt is not None:
+            raise ConfigError("give negative_prompt (one concept) or negative_concepts (several), not both")
+        concepts = [negative_concepts] if isinstance(negative_concepts, str) else list(negative_concepts)
+        if not concepts:
+            raise ConfigError("negative_concepts is empty: give at least one concept, or None for plain CFG")
+    else:
+        concepts = [] if negative_prompt is None else [negative_prompt]
+    prompts = []
+    for i, concept in enumerate(concepts):
+        texts = [concept] * batch_size if isinstance(concept, str) else list(concept)
+        if len(texts) != batch_size or not all(isinstance(s, str) for s in texts):
+            raise ConfigError(f"negative concept {i} is {concept!r}: give one string for every image, or a list of "
+                              f"{batch_size} strings (one per prompt)")
+        prompts.append(texts)
+    return prompts
+
+
+def make_guidance(method, guidance_scale: float, dng_scale, dng_prior, dng_temperature, dng_offset, dng_p_min,
+                  dng_p_max, dng_mode) -> Guidance:
+    """The rule named by `negative_guidance`, or the Guidance object itself."""
+    if isinstance(method, Guidance):
+        return method
+    if method == "dng":
+        return DynamicNegativeGuidance(scale=dng_scale, prior=dng_prior, temperature=dng_temperature,
+                                       offset=dng_offset, p_min=dng_p_min, p_max=dng_p_max, mode=dng_mode)
+    if method == "np":
+        # With the empty prompt as the unconditional branch, diffusers' negative prompt is NP at scale w - 1.
+        return NegativePrompt(max(guidance_scale - 1.0, 0.0))
+    if method == "sld":
+        return SafeLatentDiffusion.preset("medium")
+    raise ConfigError(f"negative_guidance must be one of {METHODS} or a dng.guidance.Guidance, got {method!r}")
+
+
+def check_pipeline(pipe, guidance: Guidance, eta: float, **unsupported) -> None:
+    """Refuse what the DNG loop cannot honour before any model runs."""
+    for name, value in unsupported.items():
+        if value is not None and not (isinstance(value, (int, float)) and value == 0):
+            raise ConfigError(f"{name} is not supported together with negative concepts; leave it unset")
+    if pipe.unet.config.time_cond_proj_dim is not None:
+        raise ConfigError("this UNet embeds the guidance scale (LCM-style) and has no unconditional branch to guide")
+    if guidance.tracks_posterior:
+        try:
+            reverse_kernel(pipe.scheduler, eta)
+        except ConfigError as err:
+            raise ConfigError(f"{err} On a pipeline: {SWITCH}") from None
+
+
+def initial_noise(pipe, batch: int, height: int, width: int, dtype, device, generator, latents):
+    """x_T before init_noise_sigma, drawn exactly as the parent's prepare_latents draws it."""
+    shape = (batch, pipe.unet.config.in_channels, int(height) // pipe.vae_scale_factor,
+             int(width) // pipe.vae_scale_factor)
+    if isinstance(generator, list) and len(generator) != batch:
+        raise ConfigError(f"{len(generator)} generators given for {batch} images; give one per image")
+    if latents is not None:
+        if tuple(latents.shape) != shape:
+            raise ConfigError(f"latents have shape {tuple(latents.shape)}; expected {shape}")
+        return latents.to(device=device, dtype=dtype)
+    return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+
+
+def run(pipe, unet_fn, cond: dict, guidance: Guidance, noise, *, num_inference_steps: int, num_negatives: int,
+        guidance_scale: float, eta: float, generator, callback_on_step_end, tensor_inputs, return_trace: bool):
+    """Sample through dng.sampler.sample; `cond` holds the batched UNet conditioning a callback may replace."""
+    pipe._num_timesteps = num_inference_steps
+
+    def on_step(i, t, x_prev, info):
+        available = {"latents": x_prev, "dng_p": info.get("p"), "dng_scale": info.get("scale"), **cond}
+        outputs = callback_on_step_end(pipe, i, t, {k: available[k] for k in tensor_inputs}) or {}
+        for key in cond:
+            cond[key] = outputs.pop(key, cond[key])
+        if "latents" in outputs:
+            # The sampler continues from this very tensor, so replacing it in place is replacing the latents.
+            x_prev.copy_(outputs.pop("latents"))
+
+    return sample(
+        unet_fn, pipe.scheduler, guidance, noise=noise, num_inference_steps=num_inference_steps,
+        num_negatives=num_negatives, cfg_scale=guidance_scale, eta=eta, generator=generator,
+        callback=on_step if callback_on_step_end is not None else None,
+        progress=not getattr(pipe, "_progress_bar_config", {}).get("disable", False),
+        return_trace=return_trace,
+    )

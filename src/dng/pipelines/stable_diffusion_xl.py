@@ -1,0 +1,193 @@
+"""Stable Diffusion XL with Dynamic Negative Guidance."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers import StableDiffusionXLPipeline
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.pipelines.stable_diffusion_xl import StableDiffusionXLPipelineOutput
+from diffusers.utils.torch_utils import get_module_execution_device
+
+from dng.errors import ConfigError
+from dng.pipelines import common
+from dng.sampler import Trace
+
+
+@dataclass
+class StableDiffusionXLDNGPipelineOutput(StableDiffusionXLPipelineOutput):
+    """The parent's output plus `trace` (per step and image: p and the applied scale of each negative)."""
+
+    trace: Trace | None = None
+
+
+class StableDiffusionXLDNGPipeline(StableDiffusionXLPipeline):
+    """StableDiffusionXLPipeline whose negative prompts are applied by DNG (or NP / SLD), several at once.
+
+    As in the parent, the unconditional branch is the empty prompt (zeros with force_zeros_for_empty_prompt);
+    each negative concept is a branch of its own, with the unconditional branch's micro-conditioning.
+    """
+
+    # The batched conditioning of every branch [unconditional, positive, negatives...].
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "add_text_embeds", "add_time_ids", "dng_p", "dng_scale"]
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] = None,
+        prompt_2: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        timesteps: list[int] = None,
+        sigmas: list[float] = None,
+        denoising_end: float | None = None,
+        guidance_scale: float = 5.0,
+        negative_prompt: str | list[str] | None = None,
+        negative_prompt_2: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
+        ip_adapter_image=None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        cross_attention_kwargs: dict | None = None,
+        guidance_rescale: float = 0.0,
+        original_size: tuple[int, int] | None = None,
+        crops_coords_top_left: tuple[int, int] = (0, 0),
+        target_size: tuple[int, int] | None = None,
+        negative_original_size: tuple[int, int] | None = None,
+        negative_crops_coords_top_left: tuple[int, int] = (0, 0),
+        negative_target_size: tuple[int, int] | None = None,
+        clip_skip: int | None = None,
+        callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 - the parent's default
+        *,
+        negative_concepts: list[str | list[str]] | None = None,
+        negative_guidance="dng",
+        dng_scale: float = common.DNG_SCALE,
+        dng_prior: float | list[float] = common.DNG_PRIOR,
+        dng_temperature: float = common.DNG_TEMPERATURE,
+        dng_offset: float = common.DNG_OFFSET,
+        dng_p_min: float = common.DNG_P_MIN,
+        dng_p_max: float = common.DNG_P_MAX,
+        dng_mode: str = "independent",
+        return_trace: bool = False,
+        **kwargs,
+    ):
+        """The parent's call with DNG; the extra arguments are those of `StableDiffusionDNGPipeline.__call__`.
+
+        `negative_prompt` (with `negative_prompt_2` for the second text encoder) or `negative_prompt_embeds` with
+        `negative_pooled_prompt_embeds` is one concept; `negative_concepts` gives several.
+        """
+        if negative_concepts is None and negative_prompt is None and negative_prompt_embeds is None:
+            if return_trace:
+                raise ConfigError("return_trace needs a negative concept (negative_prompt or negative_concepts)")
+            return super().__call__(
+                prompt, prompt_2, height, width, num_inference_steps, timesteps, sigmas, denoising_end,
+                guidance_scale, None, negative_prompt_2, num_images_per_prompt, eta, generator, latents,
+                prompt_embeds, None, pooled_prompt_embeds, negative_pooled_prompt_embeds, ip_adapter_image,
+                ip_adapter_image_embeds, output_type, return_dict, cross_attention_kwargs, guidance_rescale,
+                original_size, crops_coords_top_left, target_size, negative_original_size,
+                negative_crops_coords_top_left, negative_target_size, clip_skip, callback_on_step_end,
+                callback_on_step_end_tensor_inputs, **kwargs,
+            )
+        height = height or self.default_sample_size * self.vae_scale_factor
+        width = width or self.default_sample_size * self.vae_scale_factor
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        self.check_inputs(prompt, prompt_2, height, width, None, negative_prompt, negative_prompt_2, prompt_embeds,
+                          negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds,
+                          ip_adapter_image, ip_adapter_image_embeds, callback_on_step_end_tensor_inputs)
+        if negative_prompt_embeds is not None and negative_concepts is not None:
+            raise ConfigError("give negative_prompt_embeds (one concept) or negative_concepts, not both")
+        if negative_prompt_2 is not None and negative_prompt is None:
+            raise ConfigError("negative_prompt_2 is the second encoder's text of negative_prompt; give both")
+        guidance = common.make_guidance(negative_guidance, guidance_scale, dng_scale, dng_prior, dng_temperature,
+                                        dng_offset, dng_p_min, dng_p_max, dng_mode)
+        common.check_pipeline(self, guidance, eta, timesteps=timesteps, sigmas=sigmas, denoising_end=denoising_end,
+                              ip_adapter_image=ip_adapter_image, ip_adapter_image_embeds=ip_adapter_image_embeds,
+                              guidance_rescale=guidance_rescale, **kwargs)
+        self._guidance_scale, self._guidance_rescale, self._clip_skip = guidance_scale, 0.0, clip_skip
+        self._cross_attention_kwargs, self._denoising_end, self._interrupt = cross_attention_kwargs, None, False
+
+        batch_size = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else len(prompt_embeds)
+        images = batch_size * num_images_per_prompt
+        concepts = common.concept_prompts(negative_prompt, negative_concepts, batch_size)
+        second = common.concept_prompts(negative_prompt_2, None, batch_size) or concepts
+        device = self._execution_device
+        encode = dict(device=device, num_images_per_prompt=num_images_per_prompt,
+                      lora_scale=(cross_attention_kwargs or {}).get("scale"), clip_skip=clip_skip)
+        # do_classifier_free_guidance=True with no negative prompt gives the parent's unconditional branch.
+        positive, uncond, pooled, uncond_pooled = self.encode_prompt(
+            prompt, prompt_2, do_classifier_free_guidance=True, prompt_embeds=prompt_embeds,
+            pooled_prompt_embeds=pooled_prompt_embeds, **encode)
+        encoded = [self.encode_prompt(texts, texts_2, do_classifier_free_guidance=False, **encode)
+                   for texts, texts_2 in zip(concepts, second, strict=True)]
+        if negative_prompt_embeds is not None:
+            if len(negative_prompt_embeds) != batch_size:
+                raise ConfigError(f"negative_prompt_embeds has {len(negative_prompt_embeds)} rows for {batch_size} "
+                                  f"prompts; give one per prompt")
+            encoded.append(self.encode_prompt(None, do_classifier_free_guidance=False,
+                                              prompt_embeds=negative_prompt_embeds,
+                                              pooled_prompt_embeds=negative_pooled_prompt_embeds, **encode))
+
+        projection_dim = (int(pooled.shape[-1]) if self.text_encoder_2 is None
+                          else self.text_encoder_2.config.projection_dim)
+        original_size, target_size = original_size or (height, width), target_size or (height, width)
+        time_ids = self._get_add_time_ids(original_size, crops_coords_top_left, target_size, positive.dtype,
+                                          projection_dim).to(device).repeat(images, 1)
+        uncond_time_ids = time_ids
+        if negative_original_size is not None and negative_target_size is not None:
+            uncond_time_ids = self._get_add_time_ids(negative_original_size, negative_crops_coords_top_left,
+                                                     negative_target_size, positive.dtype,
+                                                     projection_dim).to(device).repeat(images, 1)
+        cond = {
+            "prompt_embeds": torch.cat([uncond, positive, *(e[0] for e in encoded)]).to(device),
+            "add_text_embeds": torch.cat([uncond_pooled, pooled, *(e[2] for e in encoded)]).to(device),
+            "add_time_ids": torch.cat([uncond_time_ids, time_ids] + [uncond_time_ids] * len(encoded)),
+        }
+        noise = common.initial_noise(self, images, height, width, positive.dtype, device, generator, latents)
+
+        def unet(x, t):
+            added = {"text_embeds": cond["add_text_embeds"], "time_ids": cond["add_time_ids"]}
+            return self.unet(x, t, encoder_hidden_states=cond["prompt_embeds"], added_cond_kwargs=added,
+                             cross_attention_kwargs=cross_attention_kwargs, return_dict=False)[0]
+
+        result = common.run(self, unet, cond, guidance, noise, num_inference_steps=num_inference_steps,
+                            num_negatives=len(encoded), guidance_scale=guidance_scale, eta=eta, generator=generator,
+                            callback_on_step_end=callback_on_step_end,
+                            tensor_inputs=callback_on_step_end_tensor_inputs, return_trace=return_trace)
+        image = self._decode(result.samples, output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (image, result.trace) if return_trace else (image,)
+        return StableDiffusionXLDNGPipelineOutput(images=image, trace=result.trace)
+
+    def _decode(self, latents, output_type: str):
+        """Latents to images as the parent does: fp16 VAEs upcast, latent mean/std, watermark."""
+        if output_type == "latent":
+            return latents
+        upcast = self.vae.dtype == torch.float16 and self.vae.config.force_upcast
+        if upcast:
+            self.vae.to(dtype=torch.float32)
+            latents = latents.to(torch.float32)
+        mean, std = getattr(self.vae.config, "latents_mean", None), getattr(self.vae.config, "latents_std", None)
+        if mean is not None and std is not None:
+            mean, std = (torch.tensor(v).view(1, -1, 1, 1).to(latents) for v in (mean, std))
+            latents = latents * std / self.vae.config.scaling_factor + mean
+        else:
+            latents = latents / self.vae.config.scaling_factor
+        image = self.vae.decode(latents.to(get_module_execution_device(self.vae)), return_dict=False)[0]
+        if upcast:
+            self.vae.to(dtype=torch.float16)
+        if self.watermark is not None:
+            image = self.watermark.apply_watermark(image)
+        return self.image_processor.postprocess(image, output_type=output_type)

@@ -1,0 +1,92 @@
+"""Tiny offline Stable Diffusion and SDXL pipelines built from small configs; nothing is downloaded."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, EulerAncestralDiscreteScheduler, PNDMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+MERGES = ["c a", "ca t</w>", "d o", "do g</w>", "r e", "re d</w>"]
+MAX_LENGTH = 16
+# Denoising steps of Stable Diffusion's own scheduler config.
+SD_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map, which CLIP's BPE vocabulary is written in."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
+
+
+def write_tokenizer(directory: Path) -> CLIPTokenizer:
+    """A CLIP BPE tokenizer over single bytes plus a few merges, loaded back with from_pretrained."""
+    # CLIPTokenizer(vocab_file=..., merges_file=...) ignores the files in transformers 5; from_pretrained reads them.
+    directory.mkdir(parents=True, exist_ok=True)
+    chars = list(_bytes_to_unicode().values())
+    tokens = chars + [c + "</w>" for c in chars] + ["".join(m.split()) for m in MERGES]
+    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(tokens + ["<|startoftext|>", "<|endoftext|>"]))}
+    (directory / "vocab.json").write_text(json.dumps(vocab))
+    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(MERGES) + "\n")
+    (directory / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "CLIPTokenizer", "model_max_length": MAX_LENGTH, "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+    }))
+    return CLIPTokenizer.from_pretrained(directory)
+
+
+def _text_encoder(tokenizer, hidden: int, projection: bool = False):
+    # The eos id must be the tokenizer's: id 2 would switch CLIP to its legacy argmax pooling.
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=MAX_LENGTH, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, projection_dim=hidden,
+    )
+    model = CLIPTextModelWithProjection(config) if projection else CLIPTextModel(config)
+    return model.eval()
+
+
+def _vae(width: int):
+    return AutoencoderKL(
+        block_out_channels=(width, width), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=width // 4,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1,
+    ).eval()
+
+
+def sd_components(directory: Path, width: int = 8, seed: int = 0) -> dict:
+    """Components of a tiny SD 1.x-style pipeline (text width 32, UNet channels (width, 2*width), 8x8 latents)."""
+    torch.manual_seed(seed)
+    tokenizer = write_tokenizer(directory / "tokenizer")
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(width, 2 * width),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=2, norm_num_groups=width // 4,
+    ).eval()
+    return dict(unet=unet, vae=_vae(8), text_encoder=_text_encoder(tokenizer, 32), tokenizer=tokenizer,
+                scheduler=PNDMScheduler(skip_prk_steps=True, **SD_SCHEDULER), safety_checker=None,
+                feature_extractor=None, image_encoder=None, requires_safety_checker=False)
+
+
+def sdxl_components(directory: Path, width: int = 8, seed: int = 0) -> dict:
+    """Components of a tiny SDXL-style pipeline: two text encoders (16 + 16 wide), text_time micro-conditioning."""
+    torch.manual_seed(seed)
+    tokenizer = write_tokenizer(directory / "tokenizer")
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(width, 2 * width),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=2, norm_num_groups=width // 4, use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=4, projection_class_embeddings_input_dim=6 * 4 + 16,
+    ).eval()
+    return dict(unet=unet, vae=_vae(8), text_encoder=_text_encoder(tokenizer, 16), tokenizer=tokenizer,
+                text_encoder_2=_text_encoder(tokenizer, 16, projection=True), tokenizer_2=tokenizer,
+                scheduler=EulerAncestralDiscreteScheduler(**SD_SCHEDULER), image_encoder=None, feature_extractor=None,
+                force_zeros_for_empty_prompt=True, add_watermarker=False)

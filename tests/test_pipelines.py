@@ -1,0 +1,231 @@
+"""SD and SDXL pipelines with DNG on tiny offline models: identities with the parent, trace, refusals."""
+
+import argparse
+import csv
+
+import numpy as np
+import pytest
+import torch
+from diffusers import (
+    DDIMScheduler,
+    EulerAncestralDiscreteScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+)
+from pipeline_fixtures import sd_components, sdxl_components
+
+from dng.commands import sd as sd_command
+from dng.errors import ConfigError
+from dng.guidance import NegativePrompt
+from dng.pipelines import StableDiffusionDNGPipeline, StableDiffusionXLDNGPipeline
+
+CALL = dict(prompt=["a cat", "a dog"], num_inference_steps=3, height=16, width=16, output_type="np")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny models: a second thread only adds contention on a shared machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _quiet(pipe):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def sd_parent(tmp_path_factory):
+    """The parent pipeline with SD's own (deterministic) PNDM scheduler."""
+    return _quiet(StableDiffusionPipeline(**sd_components(tmp_path_factory.mktemp("sd"))))
+
+
+@pytest.fixture()
+def sd_pair(sd_parent):
+    """(parent, DNG pipeline) sharing components, both on Euler Ancestral."""
+    parent = _quiet(StableDiffusionPipeline.from_pipe(sd_parent))
+    parent.scheduler = EulerAncestralDiscreteScheduler.from_config(sd_parent.scheduler.config)
+    return parent, _quiet(StableDiffusionDNGPipeline.from_pipe(parent))
+
+
+@pytest.fixture(scope="module")
+def sdxl_pair(tmp_path_factory):
+    parent = _quiet(StableDiffusionXLPipeline(**sdxl_components(tmp_path_factory.mktemp("sdxl"))))
+    return parent, _quiet(StableDiffusionXLDNGPipeline.from_pipe(parent))
+
+
+def _seed(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("pair", ["sd_pair", "sdxl_pair"])
+def test_zero_scale_equals_parent_plain_cfg(pair, request):
+    parent, pipe = request.getfixturevalue(pair)
+    expected = parent(**CALL, generator=_seed()).images
+    out = pipe(**CALL, negative_prompt="red", dng_scale=0.0, generator=_seed(), return_trace=True)
+    np.testing.assert_allclose(out.images, expected, atol=1e-5)
+    assert torch.all(out.trace.scale == 0)
+
+
+@pytest.mark.parametrize("pair", ["sd_pair", "sdxl_pair"])
+def test_frozen_posterior_equals_three_branch_np(pair, request):
+    _, pipe = request.getfixturevalue(pair)
+    lam0, prior = 12.0, 0.05
+    frozen = pipe(**CALL, negative_prompt="red", dng_scale=lam0, dng_prior=prior, dng_temperature=0.0,
+                  dng_offset=0.0, generator=_seed(), return_trace=True)
+    np_out = pipe(**CALL, negative_prompt="red", negative_guidance=NegativePrompt(lam0 * prior / (1 - prior)),
+                  generator=_seed(), return_trace=True)
+    np.testing.assert_allclose(frozen.images, np_out.images, atol=1e-6)
+    torch.testing.assert_close(frozen.trace.p, torch.full_like(frozen.trace.p, prior))
+    assert torch.isnan(np_out.trace.p).all()
+
+
+def test_np_is_diffusers_negative_prompt_on_any_scheduler(sd_parent):
+    # PNDM is deterministic: NP needs no posterior, so it runs; DNG is refused on it (below).
+    pipe = _quiet(StableDiffusionDNGPipeline.from_pipe(sd_parent))
+    expected = sd_parent(**CALL, negative_prompt=["red", "red"], generator=_seed()).images
+    out = pipe(**CALL, negative_prompt="red", negative_guidance="np", generator=_seed())
+    np.testing.assert_allclose(out.images, expected, atol=1e-5)
+    assert np.isfinite(pipe(**CALL, negative_prompt="red", negative_guidance="sld").images).all()
+
+
+def test_several_negatives_trace(sd_pair):
+    _, pipe = sd_pair
+    out = pipe(**CALL, negative_concepts=["red", ["cat", "dog"], "dog"], num_images_per_prompt=2,
+               dng_temperature=1.0, dng_p_max=0.5, generator=_seed(), return_trace=True)
+    trace = out.trace
+    assert out.images.shape == (4, 16, 16, 3) and np.isfinite(out.images).all()
+    assert trace.p.shape == trace.scale.shape == trace.llr.shape == (3, 4, 3)
+    assert trace.p.dtype == torch.float32 and len(trace.timesteps) == 3
+    torch.testing.assert_close(trace.p[0], torch.full((4, 3), 0.01))
+    assert torch.all((trace.p >= 1e-6 * (1 - 1e-5)) & (trace.p <= 0.5 * (1 + 1e-5)))
+    torch.testing.assert_close(trace.scale, 15.0 * trace.p / (1 - trace.p))
+    # The last Euler step adds no noise, so it carries no likelihood ratio.
+    assert torch.isfinite(trace.llr[:-1]).all() and torch.isnan(trace.llr[-1]).all()
+    assert not torch.all(trace.p[1:] == 0.01)
+
+
+def test_exclusive_mode_and_tuple_output(sd_pair):
+    _, pipe = sd_pair
+    images, nsfw, trace = pipe(**CALL, negative_concepts=["cat", "dog"], dng_mode="exclusive", return_dict=False,
+                               return_trace=True)
+    p = trace.p
+    torch.testing.assert_close(trace.scale, 15.0 * p / (1 - p.sum(-1, keepdim=True)))
+    assert images.shape[0] == 2 and nsfw is None
+
+
+@pytest.mark.parametrize("method", ["dng", "np", "sld"])
+def test_sdxl_runs_every_method(sdxl_pair, method):
+    _, pipe = sdxl_pair
+    out = pipe(**CALL, negative_concepts=["red", "cat"], negative_guidance=method, generator=_seed(),
+               return_trace=True)
+    assert np.isfinite(out.images).all() and out.trace.scale.shape == (3, 2, 2)
+
+
+def test_deterministic_schedulers_are_refused(sd_parent):
+    pipe = _quiet(StableDiffusionDNGPipeline.from_pipe(sd_parent))
+    with pytest.raises(ConfigError, match=r"EulerAncestralDiscreteScheduler\.from_config\(pipe\.scheduler\.config\)"):
+        pipe(**CALL, negative_prompt="red")
+    pipe.scheduler = DDIMScheduler.from_config(sd_parent.scheduler.config)
+    with pytest.raises(ConfigError, match="eta"):
+        pipe(**CALL, negative_prompt="red")
+    assert np.isfinite(pipe(**CALL, negative_prompt="red", eta=1.0).images).all()
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(negative_concepts=[]), "empty"),
+    (dict(negative_prompt=["red", "cat", "dog"]), "list of 2 strings"),
+    (dict(negative_concepts=["red", ["cat"]]), "list of 2 strings"),
+    (dict(negative_prompt="red", negative_concepts=["cat"]), "not both"),
+    (dict(negative_prompt="red", dng_prior=1.5), "prior"),
+    (dict(negative_prompt="red", dng_p_min=0.5, dng_p_max=0.4), "p_min"),
+    (dict(negative_prompt="red", dng_scale=-1.0), "scale"),
+    (dict(negative_prompt="red", dng_temperature=float("nan")), "temperature"),
+    (dict(negative_prompt="red", dng_mode="both"), "mode"),
+    (dict(negative_prompt="red", negative_guidance="cfg"), "negative_guidance"),
+    (dict(negative_prompt="red", guidance_rescale=0.7), "guidance_rescale"),
+    (dict(negative_prompt="red", timesteps=[999, 500]), "timesteps"),
+    (dict(return_trace=True), "return_trace"),
+])
+def test_bad_inputs(sd_pair, kwargs, match):
+    _, pipe = sd_pair
+    with pytest.raises(ConfigError, match=match):
+        pipe(**CALL, **kwargs)
+
+
+def test_mismatched_negative_embeds(sd_pair):
+    _, pipe = sd_pair
+    embeds = pipe.encode_prompt(["red"] * 3, "cpu", 1, False)[0]
+    with pytest.raises(ConfigError, match="negative_prompt_embeds"):
+        pipe(**CALL, negative_prompt_embeds=embeds)
+
+
+def test_negative_embeds_equal_negative_prompt(sd_pair):
+    _, pipe = sd_pair
+    embeds = pipe.encode_prompt(["red"] * 2, "cpu", 1, False)[0]
+    by_text = pipe(**CALL, negative_prompt="red", generator=_seed()).images
+    by_embeds = pipe(**CALL, negative_prompt_embeds=embeds, generator=_seed()).images
+    np.testing.assert_allclose(by_text, by_embeds, atol=1e-6)
+
+
+def test_from_pipe_shares_components_both_ways(sd_parent):
+    pipe = StableDiffusionDNGPipeline.from_pipe(sd_parent)
+    assert isinstance(pipe, StableDiffusionDNGPipeline) and pipe.unet is sd_parent.unet
+    back = StableDiffusionPipeline.from_pipe(pipe)
+    assert type(back) is StableDiffusionPipeline and back.text_encoder is sd_parent.text_encoder
+
+
+def test_callback_sees_posterior_and_may_replace_latents(sd_pair):
+    _, pipe = sd_pair
+    seen = []
+
+    def callback(p, i, t, tensors):
+        seen.append((tensors["dng_p"].shape, tensors["prompt_embeds"].shape[0]))
+        return {"latents": torch.zeros_like(tensors["latents"])} if i == 2 else {}
+
+    out = pipe(**{**CALL, "output_type": "latent"}, negative_prompt="red", callback_on_step_end=callback,
+               callback_on_step_end_tensor_inputs=["latents", "prompt_embeds", "dng_p"])
+    assert seen == [(torch.Size([2, 1]), 6)] * 3
+    assert torch.all(out.images == 0)
+
+
+def test_posterior_stays_float32_under_bfloat16(tmp_path):
+    pipe = _quiet(StableDiffusionDNGPipeline(**sd_components(tmp_path))).to(torch.bfloat16)
+    pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
+    out = pipe(**{**CALL, "output_type": "latent"}, negative_prompt="red", dng_temperature=1.0,
+               generator=_seed(), return_trace=True)
+    assert out.images.dtype == torch.bfloat16
+    assert out.trace.p.dtype == torch.float32 and torch.isfinite(out.trace.llr[:-1]).all()
+    assert torch.all((out.trace.p > 0) & (out.trace.p <= 0.8 + 1e-6))
+
+
+def _sd_command(argv):
+    parser = argparse.ArgumentParser()
+    sd_command.register({"top": parser.add_subparsers()})
+    args = parser.parse_args(["sd", *argv])
+    return args.func(args)
+
+
+def test_sd_command_writes_images_trace_and_plot(sd_parent, tmp_path):
+    sd_parent.save_pretrained(tmp_path / "model")
+    out = tmp_path / "out"
+    assert _sd_command(["--model", str(tmp_path / "model"), "--prompt", "a cat", "--negative", "red", "--negative",
+                        "dog", "--steps", "3", "--images", "2", "--height", "16", "--width", "16",
+                        "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["image_0.png", "image_1.png", "trace.csv", "trace.png"]
+    with open(out / "trace.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 3 * 2 * 2 and {r["concept"] for r in rows} == {"red", "dog"}
+    assert all(0 < float(r["p"]) < 1 for r in rows)
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda d: d / "missing", "not a folder"),
+    (lambda d: d, "no model_index.json"),
+    (lambda d: (d / "model_index.json").write_text('{"_class_name": "FluxPipeline"}') and d, "FluxPipeline"),
+])
+def test_sd_command_explains_bad_model_folders(tmp_path, make, match):
+    with pytest.raises(ConfigError, match=match):
+        _sd_command(["--model", str(make(tmp_path)), "--prompt", "a", "--negative", "b", "--out", str(tmp_path)])
