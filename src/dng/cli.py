@@ -12,6 +12,7 @@ from dng.errors import ConfigError
 COMMAND_MODULES = [
     "dng.commands.bench_gmm",
     "dng.commands.train",
+    "dng.commands.sd",
 ]
 
 
