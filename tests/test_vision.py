@@ -142,9 +142,12 @@ def test_classifier_training_resumes_and_exports(fmnist, tmp_path):
     assert second["step"] == 8
     epochs = [line.split(",")[1] for line in (tmp_path / "c" / train.LOG).read_text().splitlines()[1:]]
     assert epochs == ["1", "2"]
-    path = train.export(tmp_path / "c", "classifier", weights_dir=tmp_path / "w", data_root=fmnist)
+    path = train.export(
+        tmp_path / "c", "classifier", weights_dir=tmp_path / "w", data_root=fmnist, metrics={"note": "extra"}
+    )
     assert isinstance(models.load_classifier(path), models.Classifier)
-    assert "test_accuracy" in (tmp_path / "w" / "classifier.md").read_text()
+    card = (tmp_path / "w" / "classifier.md").read_text()
+    assert "test_accuracy" in card and "- note: extra" in card
 
 
 def test_augment_keeps_shape_and_moves_pixels():

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from dng.errors import ConfigError
+
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="run directory (checkpoint, log.csv); an existing one resumes")
@@ -39,6 +41,9 @@ def register(groups: dict) -> None:
     exp.add_argument("--run", required=True, help="run directory given as --out to training")
     exp.add_argument("--kind", required=True, choices=["generator", "classifier"])
     exp.add_argument("--weights-dir", default=None, help="destination (default: the package's weights/)")
+    exp.add_argument(
+        "--metric", action="append", default=[], metavar="NAME=VALUE", help="extra figure for the model card"
+    )
     exp.set_defaults(func=run_export)
 
 
@@ -84,6 +89,12 @@ def run_classifier(args) -> int:
 def run_export(args) -> int:
     from dng.vision.train import export
 
-    path = export(args.run, args.kind, weights_dir=args.weights_dir)
+    metrics = {}
+    for item in args.metric:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise ConfigError(f"--metric {item!r}: write NAME=VALUE")
+        metrics[name] = value
+    path = export(args.run, args.kind, weights_dir=args.weights_dir, metrics=metrics)
     print(f"wrote {path} and {path.with_suffix('.md')}")
     return 0

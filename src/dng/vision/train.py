@@ -189,7 +189,15 @@ def train_classifier(
     if per_epoch == 0:
         raise ConfigError(f"batch size {batch_size} is larger than the {len(x)} training images")
     total = epochs * per_epoch
-    scalars = {"step": 0, "seconds": 0.0, "seed": seed, "batch_size": batch_size, "lr": lr, "commands": []}
+    scalars = {
+        "step": 0,
+        "seconds": 0.0,
+        "seed": seed,
+        "batch_size": batch_size,
+        "lr": lr,
+        "config": models.CLASSIFIER_CONFIG,
+        "commands": [],
+    }
     if (run / CHECKPOINT).exists():
         scalars = load_checkpoint(run, {"model": model}, optimizer, rng)
     scalars["commands"].append(_command())
@@ -382,8 +390,13 @@ def train_generator(
 # ---- export
 
 
-def export(run, kind: str, weights_dir=None, data_root=None, half: bool | None = None) -> Path:
-    """Write a run's final weights (the EMA for the generator) and model card to the shipped weights."""
+def export(
+    run, kind: str, weights_dir=None, data_root=None, half: bool | None = None, metrics: dict | None = None
+) -> Path:
+    """Write a run's final weights (the EMA for the generator) and model card to the shipped weights.
+
+    `metrics` adds figures measured elsewhere (e.g. class-conditional sample accuracy) to the card.
+    """
     if kind not in models.KINDS:
         raise ConfigError(f"unknown model kind {kind!r}: use one of {', '.join(models.KINDS)}")
     run = Path(run)
@@ -399,7 +412,7 @@ def export(run, kind: str, weights_dir=None, data_root=None, half: bool | None =
 
         metric = "test_denoising_loss"
     else:
-        config = models.CLASSIFIER_CONFIG
+        config = scalars.get("config", models.CLASSIFIER_CONFIG)
         model = models.make_classifier(config)
 
         def score(m):
@@ -423,7 +436,7 @@ def export(run, kind: str, weights_dir=None, data_root=None, half: bool | None =
         "steps": scalars["step"],
         "batch_size": scalars["batch_size"],
         "dtype": "float16" if half else "float32",
-        "metrics": {metric: round(halved if half else full, 5), f"{metric}_float32": round(full, 5)},
+        "metrics": {metric: round(halved if half else full, 5), f"{metric}_float32": round(full, 5), **(metrics or {})},
         "hyperparameters": {
             k: scalars[k] for k in ("lr", "ema_decay", "label_dropout", "warmup_steps", "epochs") if k in scalars
         },
