@@ -474,6 +474,9 @@ Trained on CPU by `dng train {card["kind"]}`; weights exported with `dng train e
 ```
 {commands}
 ```
+
+A `--minutes` budget stops at a machine-dependent step: the same weights come back from the first command with
+`--steps {card["steps"]}` in its place (same seed and batch size; thread counts may change float rounding).
 """
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
