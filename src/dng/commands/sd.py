@@ -73,14 +73,14 @@ def _guidance(args):
 
 
 def run(args) -> int:
+    if args.steps < 1 or args.images < 1:
+        raise ConfigError("--steps and --images must be at least 1")
+    cls = _pipeline_class(args.model)  # checks the folder before the slow imports below
     import torch
     from diffusers import EulerAncestralDiscreteScheduler
 
     from dng.pipelines.report import plot_trace, write_trace_csv
 
-    if args.steps < 1 or args.images < 1:
-        raise ConfigError("--steps and --images must be at least 1")
-    cls = _pipeline_class(args.model)
     guidance = _guidance(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype or ("float16" if device.startswith("cuda") else "float32"))
