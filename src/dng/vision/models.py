@@ -30,7 +30,9 @@ GENERATOR_CONFIG = {
     "num_class_embeds": NULL_LABEL + 1,
 }
 
-CLASSIFIER_CONFIG = {"channels": [32, 64, 128], "features": 128, "num_classes": 10, "dropout": 0.3}
+# One conv at 28x28 (the costly resolution), two at 14x14, one at 7x7: 0.3 M parameters, 30 MFLOP per image.
+# With one conv per stage it reached only 91.7 % after 8 epochs.
+CLASSIFIER_CONFIG = {"channels": [32, 64, 128], "convs": [1, 2, 1], "features": 128, "num_classes": 10, "dropout": 0.2}
 
 
 def make_generator(config: dict | None = None):
@@ -47,19 +49,21 @@ def _conv(c_in: int, c_out: int) -> nn.Sequential:
 class Classifier(nn.Module):
     """A small CNN on [-1, 1] images: `features` gives the penultimate embedding, `forward` the logits."""
 
-    def __init__(self, channels=(32, 64, 128), features: int = 128, num_classes: int = 10, dropout: float = 0.3):
+    def __init__(
+        self, channels=(32, 64, 128), convs=(1, 2, 1), features: int = 128, num_classes: int = 10, dropout: float = 0.2
+    ):
         super().__init__()
-        c1, c2, c3 = channels
+        layers, c_in = [], 1
+        for c_out, n in zip(channels, convs, strict=True):
+            for _ in range(n):
+                layers.append(_conv(c_in, c_out))
+                c_in = c_out
+            layers.append(nn.MaxPool2d(2))  # 28 -> 14 -> 7 -> 3
         self.body = nn.Sequential(
-            _conv(1, c1),
-            nn.MaxPool2d(2),  # 14x14
-            _conv(c1, c2),
-            nn.MaxPool2d(2),  # 7x7
-            _conv(c2, c3),
-            nn.MaxPool2d(2),  # 3x3
+            *layers,
             nn.Flatten(),
             nn.Dropout(dropout),
-            nn.Linear(c3 * 9, features),
+            nn.Linear(c_in * 9, features),
             nn.BatchNorm1d(features),
             nn.ReLU(),
         )
