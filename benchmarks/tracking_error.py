@@ -1,0 +1,37 @@
+"""Log-odds error of the tracked posterior along unguided trajectories of the default mixture.
+
+DNG at scale 0 samples the unguided model while tracking p_t(c-|x_t) by Bayes (temperature 1, offset 0);
+the error is |logit(tracked) - logit(exact)| with both clamped to [1e-6, 0.999], averaged over steps and
+samples. Run: .venv/bin/python benchmarks/tracking_error.py [--steps 50,100,1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from dng.bench.gmm import GMMBench
+from dng.gmm import default_mixture_config
+from dng.guidance import DynamicNegativeGuidance
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", default="50,100,1000")
+    parser.add_argument("--num-samples", type=int, default=2000)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    for steps in [int(s) for s in args.steps.split(",")]:
+        bench = GMMBench(default_mixture_config(), steps, args.num_samples, seed=0)
+        for variance in ("step", "forward"):
+            params = {"scale": 0.0, "prior": bench.prior, "temperature": 1.0, "p_max": 0.999,
+                      "kernel_variance": variance}
+            row, _ = bench.run("dng", params, lambda params=params: DynamicNegativeGuidance(**params))
+            mae = row['posterior_logit_mae']
+            print(f"{steps:5d} steps, kernel_variance={variance:<8} posterior_logit_mae {mae:.3f}",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
