@@ -13,6 +13,9 @@ COMMAND_MODULES = [
     "dng.commands.bench_gmm",
     "dng.commands.train",
     "dng.commands.sd",
+    "dng.commands.class_removal",
+    "dng.commands.sample",
+    "dng.commands.demo",
 ]
 
 

@@ -1,0 +1,306 @@
+"""`dng bench class-removal`: remove one Fashion-MNIST class at a time from the unconditional generator.
+
+Every finished cell (class, method, params) is a JSON file under DIR/cells (plus an .npz of its sample grid and
+DNG trace), written atomically and skipped on rerun; results.json, the CSV and the figures are rebuilt from them.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dng import metrics
+from dng.errors import ConfigError
+from dng.guidance import SLD_PRESETS, DynamicNegativeGuidance, NegativePrompt, SafeLatentDiffusion
+from dng.io import write_atomic, write_json
+from dng.sampler import Trace
+from dng.vision import generate
+from dng.vision.data import CLASS_NAMES, NUM_CLASSES, load_split
+from dng.vision.models import default_weights, load_classifier, load_generator
+
+METHODS = ("none", "np", "sld", "dng")
+NP_SCALES = (0.5, 1.0, 2.0)
+# The core's defaults, with the prior of one class among ten equally likely ones.
+DNG_PARAMS = {"prior": 0.1}
+METRICS = ("forbidden_rate", "class_kl", "fid", "precision", "recall", "seconds")
+GRID_IMAGES = 64
+TRACE_SAMPLES = 40
+
+
+def parse_methods(text: str) -> list[str]:
+    methods = list(dict.fromkeys(m.strip().lower() for m in text.split(",") if m.strip()))
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise ConfigError(f"unknown method(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(METHODS)}")
+    return methods
+
+
+def configs(methods: list[str]) -> list[tuple[str, dict, object]]:
+    """(method, params, guidance factory or None) of every cell the methods ask for, per removed class."""
+    cells = []
+    for method in methods:
+        if method == "none":
+            cells.append((method, {}, None))
+        elif method == "np":
+            cells += [(method, {"scale": s}, lambda s=s: NegativePrompt(s)) for s in NP_SCALES]
+        elif method == "sld":
+            cells += [
+                (method, {"preset": name, **preset}, lambda name=name: SafeLatentDiffusion.preset(name))
+                for name, preset in SLD_PRESETS.items()
+            ]
+        else:
+            cells.append((method, dict(DNG_PARAMS), lambda: DynamicNegativeGuidance(**DNG_PARAMS)))
+    return cells
+
+
+def setting_label(method: str, params: dict) -> str:
+    """Short name of a setting: 'np 2.0', 'sld medium', 'dng'."""
+    if method == "np":
+        return f"np {params['scale']}"
+    if method == "sld":
+        return f"sld {params['preset']}"
+    return method
+
+
+def cell_key(klass: int, method: str, params: dict) -> str:
+    return f"class{klass}-{setting_label(method, params).replace(' ', '-')}"
+
+
+class Reference:
+    """The classifier and the test split (its first `limit` images): scores samples against the kept classes."""
+
+    def __init__(self, classifier, limit: int | None = None):
+        self.classifier = classifier
+        images, labels = load_split("test")
+        images, labels = images[:limit], labels[:limit]
+        self.labels = labels
+        _, self.features = generate.classify(classifier, images)
+        self._stats: dict[tuple, tuple] = {}
+
+    def metrics(self, removed: list[int], pred: np.ndarray, feats: np.ndarray, seed: int = 0) -> dict:
+        """forbidden_rate, class_kl, fid, precision and recall of samples (predicted labels, features)."""
+        kept = [c for c in range(NUM_CLASSES) if c not in removed]
+        mask = np.isin(self.labels, kept)
+        key = tuple(removed)
+        if key not in self._stats:
+            self._stats[key] = metrics.gaussian_stats(self.features[mask])
+        # k-NN precision/recall depend on the set sizes: compare against as many real images as samples.
+        real = self.features[mask]
+        pick = np.random.default_rng(seed).permutation(len(real))[: len(feats)]
+        precision, recall = metrics.precision_recall(real[pick], feats)
+        return {
+            "forbidden_rate": metrics.safety(pred, removed),
+            "class_kl": metrics.class_kl(pred, kept, metrics.class_distribution(self.labels, kept)),
+            "fid": metrics.frechet_distance(*metrics.gaussian_stats(feats), *self._stats[key]),
+            "precision": precision,
+            "recall": recall,
+        }
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+class ClassRemovalBench:
+    """One generator, classifier, scheduler and seed; `run(classes, methods)` fills DIR/cells."""
+
+    def __init__(self, out, steps: int = 50, num_samples: int = 500, scheduler: str = "ddpm", seed: int = 0,
+                 generator=None, classifier=None, batch_size: int = 128, progress: bool = True):
+        if steps < 1 or num_samples < 4:
+            raise ConfigError(f"need --steps >= 1 and --num-samples >= 4, got {steps} and {num_samples}")
+        generate.make_scheduler(scheduler)  # fails early on an unknown name
+        gen_path = Path(generator) if generator else default_weights("generator")
+        clf_path = Path(classifier) if classifier else default_weights("classifier")
+        self.unet = load_generator(gen_path)
+        self.reference = Reference(load_classifier(clf_path))
+        self.out = Path(out)
+        self.settings = {
+            "steps": steps, "num_samples": num_samples, "scheduler": scheduler, "seed": seed,
+            "generator_sha256": _sha256(gen_path), "classifier_sha256": _sha256(clf_path),
+        }
+        self._check_settings()
+        self.batch_size, self.progress = batch_size, progress
+
+    def _check_settings(self) -> None:
+        # Cells from other settings or weights would mix silently into the table: refuse instead.
+        path = self.out / "settings.json"
+        if path.is_file():
+            old = json.loads(path.read_text())
+            if old != self.settings:
+                diff = ", ".join(f"{k}: {old.get(k)} -> {v}" for k, v in self.settings.items() if old.get(k) != v)
+                raise ConfigError(f"{self.out} holds a sweep with other settings ({diff}); choose another --out")
+        else:
+            write_json(path, self.settings)
+
+    def noise(self) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.settings["seed"])
+        return torch.randn(self.settings["num_samples"], 1, 28, 28, generator=g)
+
+    def _sample(self, factory, negatives):
+        s = self.settings
+        start = time.perf_counter()
+        x, trace = generate.generate(self.unet, s["scheduler"], factory, negatives, self.noise(), s["steps"],
+                                     s["seed"], chunk=self.batch_size, progress=self.progress)
+        return generate.to_uint8(x), trace, time.perf_counter() - start
+
+    def unguided(self) -> tuple[np.ndarray, float]:
+        """The unguided samples, which no removed class changes: drawn once and kept in DIR/samples."""
+        path = self.out / "samples" / "none.npz"
+        if path.is_file():
+            with np.load(path) as f:
+                return f["images"], float(f["seconds"])
+        images, _, seconds = self._sample(None, [])
+        write_atomic(path, generate.npz_bytes(images=images, seconds=np.float64(seconds)))
+        return images, seconds
+
+    def run_cell(self, index: int, klass: int, method: str, params: dict, factory) -> bool:
+        """Sample and score one cell unless it is stored; True if it ran."""
+        key = cell_key(klass, method, params)
+        path = self.out / "cells" / f"{key}.json"
+        if path.is_file():
+            return False
+        if factory is None:
+            images, seconds = self.unguided()
+            trace = None
+        else:
+            images, trace, seconds = self._sample(factory, [klass])
+        pred, feats = generate.classify(self.reference.classifier, images)
+        row = {"class": klass, "method": method, "params": params,
+               **self.reference.metrics([klass], pred, feats, self.settings["seed"]), "seconds": seconds}
+        arrays = {"grid": images[:GRID_IMAGES]}
+        if trace is not None:
+            arrays.update(timesteps=trace.timesteps.numpy(), p=trace.p[:, :TRACE_SAMPLES, 0].numpy(),
+                          scale=trace.scale[:, :TRACE_SAMPLES, 0].numpy())
+        write_atomic(path.with_suffix(".npz"), generate.npz_bytes(**arrays))
+        counts = np.bincount(pred, minlength=NUM_CLASSES).tolist()
+        write_json(path, {"index": index, "row": row, "counts": counts})
+        return True
+
+    def run(self, classes: list[int], methods: list[str]) -> int:
+        """Run every missing cell; returns how many ran."""
+        from tqdm.auto import tqdm
+
+        cells = [(k, i, *c) for k in classes for i, c in enumerate(configs(methods))]
+        todo = [c for c in cells if not (self.out / "cells" / f"{cell_key(c[0], c[2], c[3])}.json").is_file()]
+        bar = tqdm(todo, desc="class-removal", disable=not self.progress or None)
+        for klass, index, method, params, factory in bar:
+            bar.set_postfix_str(f"class {klass} {setting_label(method, params)}")
+            self.run_cell(index, klass, method, params, factory)
+        return len(todo)
+
+
+def load_cells(out) -> list[dict]:
+    """Every stored cell of DIR, ordered by class, method and setting."""
+    cells = [json.loads(p.read_text()) for p in sorted((Path(out) / "cells").glob("*.json"))]
+    return sorted(cells, key=lambda c: (c["row"]["class"], METHODS.index(c["row"]["method"]), c["index"]))
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Mean and standard deviation over removed classes of every metric, one row per setting."""
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(json.dumps([row["method"], row["params"]]), []).append(row)
+    out = []
+    for members in groups.values():
+        summary = {"method": members[0]["method"], "params": members[0]["params"], "classes": len(members)}
+        for m in METRICS:
+            values = np.array([r[m] for r in members], dtype=np.float64)
+            summary[m], summary[f"{m}_std"] = float(values.mean()), float(values.std())
+        out.append(summary)
+    return out
+
+
+def write_results(out) -> dict[str, Path]:
+    """results.json, results.csv, summary.md and the figures, rebuilt from the stored cells."""
+    from dng import plots
+
+    out = Path(out)
+    cells = load_cells(out)
+    if not cells:
+        raise ConfigError(f"{out} holds no finished cells")
+    rows = [c["row"] for c in cells]
+    summary = summarize(rows)
+    files = {"results": write_json(out / "results.json", {"rows": rows, "summary": summary})}
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["class", "class_name", "method", "setting", "params", *METRICS])
+    for r in rows:
+        writer.writerow([r["class"], CLASS_NAMES[r["class"]], r["method"], setting_label(r["method"], r["params"]),
+                         json.dumps(r["params"]), *(r[m] for m in METRICS)])
+    files["csv"] = write_atomic(out / "results.csv", buf.getvalue())
+    files["summary"] = write_atomic(out / "summary.md", format_summary(summary))
+    figures = out / "figures"
+    for x in ("class_kl", "fid"):
+        files[f"tradeoff_{x}"] = tradeoff(summary, figures / f"tradeoff_{x}.png", x)
+    for klass in sorted({r["class"] for r in rows}):
+        mine = [c for c in cells if c["row"]["class"] == klass]
+        files[f"histogram_{klass}"] = class_histogram(mine, figures / "histograms" / f"class{klass}.png")
+        for c in mine:
+            key = cell_key(klass, c["row"]["method"], c["row"]["params"])
+            with np.load(out / "cells" / f"{key}.npz") as f:
+                generate.save_png(generate.grid(f["grid"]), figures / "grids" / f"{key}.png")
+                if "p" in f:
+                    trace = Trace(torch.from_numpy(f["timesteps"]), torch.from_numpy(f["p"])[..., None],
+                                  torch.from_numpy(f["scale"])[..., None], torch.empty(0))
+                    files[f"trajectories_{klass}"] = plots.trajectories(
+                        trace, figures / "trajectories" / f"{key}.png",
+                        title=f"DNG removing {CLASS_NAMES[klass]}: posterior and scale per sample")
+    return files
+
+
+def tradeoff(summary: list[dict], path, x: str) -> Path:
+    """Forbidden rate against `x`, one point per setting: mean with the spread over removed classes as bars."""
+    from dng.plots import _save, plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    markers = {"none": "o", "np": "s", "sld": "^", "dng": "*"}
+    for s in summary:
+        ax.errorbar(s[x], s["forbidden_rate"], xerr=s[f"{x}_std"], yerr=s["forbidden_rate_std"], capsize=2,
+                    marker=markers[s["method"]], ms=8, ls="none", label=setting_label(s["method"], s["params"]))
+    # The forbidden rate spans 0 to tens of percent: linear near 0, logarithmic above 0.1 %.
+    ax.set_yscale("symlog", linthresh=1e-3)
+    if x == "class_kl":
+        ax.set_xscale("symlog", linthresh=1e-3)
+    ax.set_xlabel(x.replace("_", " ").replace("fid", "FID (classifier features)"))
+    ax.set_ylabel("forbidden rate")
+    ax.set_title(f"forbidden rate vs {x.replace('_', ' ')}, mean over removed classes (lower-left is better)")
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def class_histogram(cells: list[dict], path) -> Path:
+    """Grouped bars: share of samples classified as each class, one bar per setting (one removed class)."""
+    from dng.plots import _save, plt
+
+    klass = cells[0]["row"]["class"]
+    fig, ax = plt.subplots(figsize=(10, 4))
+    width = 0.8 / len(cells)
+    for j, c in enumerate(cells):
+        share = np.array(c["counts"], dtype=np.float64) / max(1, sum(c["counts"]))
+        ax.bar(np.arange(NUM_CLASSES) + (j - (len(cells) - 1) / 2) * width, share, width,
+               label=setting_label(c["row"]["method"], c["row"]["params"]))
+    ax.axhline(1 / (NUM_CLASSES - 1), color="k", lw=0.8, ls="--", label="uniform over kept")
+    ax.set_xticks(range(NUM_CLASSES), [n.split("/")[0] for n in CLASS_NAMES], rotation=30)
+    ax.set_ylabel("share of samples (classifier)")
+    ax.set_title(f"predicted classes with {CLASS_NAMES[klass]} removed")
+    ax.legend(fontsize=7, ncol=3)
+    return _save(fig, path)
+
+
+def format_summary(summary: list[dict]) -> str:
+    """Markdown table: mean ± std over removed classes per setting."""
+    lines = ["| setting | classes | forbidden rate | class KL | FID | precision | recall | seconds |",
+             "|---|---|---|---|---|---|---|---|"]
+    for s in summary:
+        cols = " | ".join(f"{s[m]:.4f} ± {s[m + '_std']:.4f}" if m != "seconds" else f"{s[m]:.0f}"
+                          for m in METRICS)
+        lines.append(f"| {setting_label(s['method'], s['params'])} | {s['classes']} | {cols} |")
+    return "\n".join(lines) + "\n"

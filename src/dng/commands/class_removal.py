@@ -1,0 +1,38 @@
+"""`dng bench class-removal`."""
+
+from __future__ import annotations
+
+
+def register(groups) -> None:
+    p = groups["bench"].add_parser("class-removal", help="remove one Fashion-MNIST class at a time: NP, SLD, DNG")
+    p.add_argument("--classes", default="all", help="'all' or comma-separated indices or names, e.g. 3,7")
+    p.add_argument("--methods", default="none,np,sld,dng", help="comma-separated: none, np, sld, dng")
+    p.add_argument("--num-samples", type=int, default=500, help="samples per cell")
+    p.add_argument("--steps", type=int, default=50, help="sampling steps")
+    p.add_argument("--scheduler", default="ddpm", help="ddpm, euler-a or ddim (eta 1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="sweep folder: cells, results.json, results.csv, figures")
+    p.add_argument("--generator", default=None, help="generator safetensors (default: the shipped one)")
+    p.add_argument("--classifier", default=None, help="classifier safetensors (default: the shipped one)")
+    p.add_argument("--batch-size", type=int, default=128, help="images per sampler run (bounds memory)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import torch
+
+    from dng.bench.class_removal import ClassRemovalBench, parse_methods, write_results
+    from dng.vision.generate import parse_classes
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    classes, methods = parse_classes(args.classes), parse_methods(args.methods)
+    bench = ClassRemovalBench(args.out, args.steps, args.num_samples, args.scheduler, args.seed, args.generator,
+                              args.classifier, args.batch_size, args.progress)
+    ran = bench.run(classes, methods)
+    files = write_results(args.out)
+    print((bench.out / "summary.md").read_text())
+    print(f"ran {ran} cell(s); wrote {files['results']}, {files['csv']} and figures in {bench.out / 'figures'}")
+    return 0

@@ -1,0 +1,118 @@
+"""`dng demo`: remove one class from the shipped generator with no guidance, NP and DNG from the same noise."""
+
+from __future__ import annotations
+
+DEFAULT_REMOVE = "Trouser"  # two legs and a gap: the most distinctive silhouette, easy to spot in a grid
+NP_SCALE = 1.0  # the same base scale as DNG's default, so the two differ only in when they push
+# 64 samples cannot resolve FID finer than 2000 reference images do; the whole test split costs ~10 s more.
+REFERENCE_IMAGES = 2000
+
+
+def register(groups) -> None:
+    p = groups["top"].add_parser("demo", help="remove one class with no guidance, NP and DNG; grids and a report")
+    p.add_argument("--remove", default=DEFAULT_REMOVE, help=f"class name or index (default {DEFAULT_REMOVE})")
+    p.add_argument("--num-images", type=int, default=64)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/demo", help="folder for the grids, figures and report")
+    p.add_argument("--generator", default=None, help="generator safetensors (default: the shipped one)")
+    p.add_argument("--classifier", default=None, help="classifier safetensors (default: the shipped one)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bars")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import time
+    from pathlib import Path
+
+    import torch
+
+    from dng import plots
+    from dng.bench.class_removal import Reference
+    from dng.errors import ConfigError
+    from dng.io import write_atomic, write_json
+    from dng.vision import generate
+    from dng.vision.data import CLASS_NAMES
+    from dng.vision.models import load_classifier, load_generator
+
+    started = time.perf_counter()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    klass = generate.parse_class(args.remove)
+    if args.num_images < 4 or args.steps < 1:
+        raise ConfigError(f"need --num-images >= 4 and --steps >= 1, got {args.num_images} and {args.steps}")
+    out = Path(args.out)
+    unet, classifier = load_generator(args.generator), load_classifier(args.classifier)
+    reference = Reference(classifier, REFERENCE_IMAGES)
+    noise = torch.randn(args.num_images, 1, 28, 28, generator=torch.Generator().manual_seed(args.seed))
+    methods = {"none": {}, "np": {"scale": NP_SCALE}, "dng": {"scale": 1.0, "prior": 0.1}}
+    results, grids, trace = {}, {}, None
+    for name, params in methods.items():
+        t0 = time.perf_counter()
+        factory = generate.guidance_factory(name, **params)
+        x, tr = generate.generate(unet, "ddpm", factory, [klass], noise, args.steps, args.seed, progress=args.progress)
+        images = generate.to_uint8(x)
+        pred, feats = generate.classify(classifier, images)
+        results[name] = {"params": params, **reference.metrics([klass], pred, feats, args.seed),
+                         "seconds": time.perf_counter() - t0}
+        grids[name] = generate.grid(images)
+        generate.save_png(grids[name], out / f"grid_{name}.png")
+        trace = tr if name == "dng" else trace
+    files = {
+        "comparison": side_by_side(grids, results, CLASS_NAMES[klass], out / "comparison.png"),
+        "trajectories": plots.trajectories(trace, out / "dng_trajectories.png",
+                                           title=f"DNG removing {CLASS_NAMES[klass]}: posterior and scale per sample"),
+        **{f"grid_{name}": out / f"grid_{name}.png" for name in methods},
+    }
+    report = {"removed": klass, "removed_name": CLASS_NAMES[klass], "num_images": args.num_images,
+              "steps": args.steps, "seed": args.seed, "scheduler": "ddpm", "methods": results,
+              "seconds": time.perf_counter() - started}
+    files["report_json"] = out / "report.json"
+    files["report_md"] = out / "report.md"
+    report["files"] = {k: str(v) for k, v in files.items()}
+    write_json(files["report_json"], report)
+    text = format_report(report)
+    write_atomic(files["report_md"], text)
+    print(text)
+    print(f"wrote {out}/: comparison.png (grids side by side), dng_trajectories.png, report.md, report.json")
+    return 0
+
+
+def side_by_side(grids: dict, results: dict, class_name: str, path):
+    """The methods' grids next to each other, titled with their forbidden rate."""
+    from dng.plots import _save, plt
+
+    fig, axes = plt.subplots(1, len(grids), figsize=(4 * len(grids), 4.4))
+    for ax, (name, grid) in zip(axes, grids.items(), strict=True):
+        ax.imshow(grid, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+        ax.set_title(f"{name}: {results[name]['forbidden_rate']:.0%} {class_name}")
+        ax.axis("off")
+    fig.suptitle(f"Removing {class_name}: same noise, same step noise")
+    return _save(fig, path)
+
+
+def format_report(report: dict) -> str:
+    rows = "\n".join(
+        f"| {name} | {m['forbidden_rate']:.3f} | {m['class_kl']:.4f} | {m['fid']:.2f} | {m['precision']:.2f} | "
+        f"{m['recall']:.2f} | {m['seconds']:.1f} |"
+        for name, m in report["methods"].items()
+    )
+    return f"""# dng demo: removing {report["removed_name"]} (class {report["removed"]})
+
+{report["num_images"]} images per method, {report["steps"]} DDPM steps, seed {report["seed"]}; every method starts
+from the same noise. Metrics from the shipped classifier against the kept classes' images among the first
+{REFERENCE_IMAGES} test images.
+
+| method | forbidden rate | class KL | FID | precision | recall | seconds |
+|---|---|---|---|---|---|---|
+{rows}
+
+- forbidden rate: share of images classified as {report["removed_name"]} (0 is the goal).
+- class KL: KL(test distribution over the kept classes || generated); low means the other classes stay balanced.
+- FID, precision, recall: in the classifier's feature space; with {report["num_images"]} images FID is biased
+  upwards, so compare the methods with each other only (`dng bench class-removal` uses 500 per cell).
+
+Figures: `comparison.png` (the grids side by side), `dng_trajectories.png` (DNG's posterior p_t and the
+scale it applied, per sample, over the steps). Total time {report["seconds"]:.0f} s.
+"""

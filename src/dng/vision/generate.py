@@ -1,0 +1,196 @@
+"""Sampling the class-conditional generator with a guidance rule: branch wrapper, schedulers, image helpers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+from dng.errors import ConfigError
+from dng.guidance import DynamicNegativeGuidance, NegativePrompt, SafeLatentDiffusion
+from dng.sampler import Trace, sample
+from dng.vision.data import CLASS_NAMES, NUM_CLASSES
+from dng.vision.models import NULL_LABEL
+
+SCHEDULERS = ("ddpm", "euler-a", "ddim")
+# DDIM with eta = 1 adds DDPM-like noise: the posterior tracker needs a stochastic step.
+DDIM_ETA = 1.0
+
+
+class ClassBranches:
+    """The sampler's model callable: one UNet, one branch per label (NULL_LABEL for eps_u), one batched call."""
+
+    def __init__(self, unet, labels: Sequence[int]):
+        self.unet = unet
+        self.labels = torch.tensor([int(c) for c in labels])
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        labels = self.labels.repeat_interleave(x.shape[0] // len(self.labels))
+        return self.unet(x, t, class_labels=labels).sample
+
+
+def make_scheduler(name: str = "ddpm"):
+    """The sampling scheduler `name`, built from the generator's training schedule; with the eta it needs."""
+    from diffusers import DDIMScheduler, EulerAncestralDiscreteScheduler
+
+    from dng.vision.train import make_scheduler as training_scheduler
+
+    base = training_scheduler()
+    if name == "ddpm":
+        return base, 0.0
+    if name == "euler-a":
+        return EulerAncestralDiscreteScheduler.from_config(base.config), 0.0
+    if name == "ddim":
+        return DDIMScheduler.from_config(base.config), DDIM_ETA
+    raise ConfigError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
+
+
+def parse_class(text: str) -> int:
+    """A Fashion-MNIST class from its index or (case-insensitive) name, e.g. '1', 'Trouser', 'ankle boot'."""
+    text = text.strip()
+    if text.isdigit() and int(text) < NUM_CLASSES:
+        return int(text)
+    lowered = {name.lower(): i for i, name in enumerate(CLASS_NAMES)}
+    lowered.update({name.split("/")[0].lower(): i for i, name in enumerate(CLASS_NAMES)})
+    if text.lower() in lowered:
+        return lowered[text.lower()]
+    choices = ", ".join(f"{i}={name}" for i, name in enumerate(CLASS_NAMES))
+    raise ConfigError(f"unknown class {text!r}; give an index or a name: {choices}")
+
+
+def parse_classes(text: str) -> list[int]:
+    """Comma-separated classes (or 'all'), deduplicated in order."""
+    if text.strip().lower() == "all":
+        return list(range(NUM_CLASSES))
+    classes = [parse_class(part) for part in text.split(",") if part.strip()]
+    if not classes:
+        raise ConfigError("no class given; use e.g. 'all', '3,7' or 'Trouser'")
+    return list(dict.fromkeys(classes))
+
+
+GUIDED = ("np", "sld", "dng")
+
+
+def guidance_factory(method: str, scale: float = 1.0, preset: str = "medium", prior: float = 0.1,
+                     exclusive: bool = False):
+    """A fresh-rule factory for 'np', 'sld' or 'dng' (None for 'none'); `exclusive` for several removed classes."""
+    if method == "none":
+        return None
+    if method == "np":
+        NegativePrompt(scale)  # validates now rather than mid-run
+        return lambda: NegativePrompt(scale)
+    if method == "sld":
+        SafeLatentDiffusion.preset(preset)
+        return lambda: SafeLatentDiffusion.preset(preset)
+    if method == "dng":
+        DynamicNegativeGuidance(scale, prior)
+        mode = "exclusive" if exclusive else "independent"
+        return lambda: DynamicNegativeGuidance(scale, prior, mode=mode)
+    raise ConfigError(f"unknown method {method!r}; choose from none, {', '.join(GUIDED)}")
+
+
+def generate(
+    unet,
+    scheduler_name: str,
+    guidance_factory: Callable | None,
+    negatives: Sequence[int],
+    noise: torch.Tensor,
+    steps: int,
+    seed: int,
+    positive: int | None = None,
+    cfg_scale: float | None = None,
+    chunk: int = 128,
+    progress: bool = False,
+) -> tuple[torch.Tensor, Trace | None]:
+    """Samples in [-1, 1] from `noise` [N, 1, 28, 28], `chunk` images per sampler run; trace if guided.
+
+    The same seed and noise give the same step noise for every method (one draw per step and image).
+    """
+    guided = guidance_factory is not None
+    if guided and not negatives:
+        raise ConfigError("a guidance rule needs at least one class to remove")
+    negatives = list(negatives) if guided else []
+    labels = [NULL_LABEL] + ([positive] if positive is not None else []) + negatives
+    model = ClassBranches(unet, labels)
+    scheduler, eta = make_scheduler(scheduler_name)
+    generator = torch.Generator().manual_seed(seed)
+    samples, traces = [], []
+    for start in range(0, len(noise), chunk):
+        out = sample(
+            model,
+            scheduler,
+            guidance_factory() if guided else None,
+            noise=noise[start : start + chunk],
+            num_inference_steps=steps,
+            num_negatives=len(negatives),
+            cfg_scale=cfg_scale if positive is not None else None,
+            eta=eta,
+            generator=generator,
+            progress=progress,
+            return_trace=guided,
+        )
+        samples.append(out.samples)
+        traces.append(out.trace)
+    trace = None
+    if guided:
+        trace = Trace(
+            traces[0].timesteps, *(torch.cat([getattr(tr, f) for tr in traces], 1) for f in ("p", "scale", "llr"))
+        )
+    return torch.cat(samples).clamp(-1, 1), trace
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """uint8 [N, 28, 28] from images [N, 1, 28, 28] in [-1, 1]."""
+    return ((images[:, 0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+
+
+def grid(images: np.ndarray, cols: int = 8, pad: int = 2) -> np.ndarray:
+    """One uint8 image tiling [N, H, W] images row by row on a white background."""
+    n, h, w = images.shape
+    rows = max(1, -(-n // cols))
+    out = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad), 255, np.uint8)
+    for i, img in enumerate(images):
+        r, c = divmod(i, cols)
+        out[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w] = img
+    return out
+
+
+def save_png(array: np.ndarray, path, scale: int = 2) -> None:
+    """Write a uint8 grayscale array as PNG (nearest-neighbour upscaled), atomically."""
+    import io
+
+    from PIL import Image
+
+    from dng.io import write_atomic
+
+    img = Image.fromarray(array)
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    write_atomic(path, buf.getvalue())
+
+
+def npz_bytes(**arrays) -> bytes:
+    """The bytes of a compressed .npz, for an atomic write."""
+    import io
+
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    return buf.getvalue()
+
+
+@torch.no_grad()
+def classify(classifier, images_u8: np.ndarray, batch_size: int = 500) -> tuple[np.ndarray, np.ndarray]:
+    """Predicted labels [N] and penultimate features [N, D] of uint8 images."""
+    from dng.vision.data import to_tensor
+
+    x = to_tensor(images_u8)
+    labels, feats = [], []
+    for i in range(0, len(x), batch_size):
+        f = classifier.features(x[i : i + batch_size])
+        feats.append(f.double().numpy())
+        labels.append(classifier.head(f).argmax(1).numpy())
+    return np.concatenate(labels), np.concatenate(feats)

@@ -1,0 +1,147 @@
+"""Class-removal bench, `dng sample` and `dng demo` end to end on tiny random models and tiny data."""
+
+import gzip
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from dng import cli
+from dng.errors import ConfigError
+from dng.vision import generate, models
+
+TINY_UNET = dict(models.GENERATOR_CONFIG, block_out_channels=[8, 8, 16], norm_num_groups=8, attention_head_dim=8)
+TINY_CLASSIFIER = dict(channels=[4, 8, 8], convs=[1, 1, 1], features=16, num_classes=10, dropout=0.0)
+ROW_KEYS = {"class", "method", "params", "forbidden_rate", "class_kl", "fid", "precision", "recall", "seconds"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: on a busy 2-core machine OpenMP with 2 threads runs these tiny models much slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _write_idx(path, array: np.ndarray) -> None:
+    header = (0x0800 + array.ndim).to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.fixture
+def tiny(tmp_path, monkeypatch):
+    """Tiny test split (40 images) in DNG_DATA_DIR and random tiny generator/classifier files."""
+    rng = np.random.default_rng(0)
+    _write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", rng.integers(0, 256, (40, 28, 28)))
+    _write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.arange(40) % 10)
+    monkeypatch.setenv("DNG_DATA_DIR", str(tmp_path))
+    torch.manual_seed(0)
+    gen, clf = tmp_path / "g.safetensors", tmp_path / "c.safetensors"
+    models.save_model(models.make_generator(TINY_UNET), gen, "generator", TINY_UNET, {})
+    models.save_model(models.make_classifier(TINY_CLASSIFIER), clf, "classifier", TINY_CLASSIFIER, {})
+    return ["--generator", str(gen), "--classifier", str(clf), "--no-progress"]
+
+
+def _bench(tiny, out, classes="1", methods="none,dng", steps="3"):
+    return cli.main(["bench", "class-removal", "--classes", classes, "--methods", methods, "--num-samples", "16",
+                     "--steps", steps, "--out", str(out), *tiny])
+
+
+def test_bench_writes_rows_csv_figures_and_resumes(tiny, tmp_path, monkeypatch):
+    out = tmp_path / "sweep"
+    assert _bench(tiny, out) == 0
+    result = json.loads((out / "results.json").read_text())
+    rows = result["rows"]
+    assert [(r["class"], r["method"]) for r in rows] == [(1, "none"), (1, "dng")]
+    for r in rows:
+        assert ROW_KEYS <= set(r) and 0 <= r["forbidden_rate"] <= 1 and r["class_kl"] >= 0 and r["fid"] >= 0
+    assert rows[1]["params"]["prior"] == 0.1
+    assert len((out / "results.csv").read_text().splitlines()) == 3
+    figures = out / "figures"
+    for name in ("tradeoff_class_kl.png", "tradeoff_fid.png", "histograms/class1.png", "grids/class1-none.png",
+                 "grids/class1-dng.png", "trajectories/class1-dng.png"):
+        assert (figures / name).read_bytes()[:4] == b"\x89PNG", name
+
+    calls = []
+    real = generate.generate
+    monkeypatch.setattr(generate, "generate", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    assert _bench(tiny, out) == 0  # every cell is stored: nothing is sampled again
+    assert calls == [] and json.loads((out / "results.json").read_text())["rows"] == rows
+    assert _bench(tiny, out, classes="Trouser,Dress") == 0  # the unguided samples are reused for class 3
+    assert len(calls) == 1 and calls[0] is not None
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [(r["class"], r["method"]) for r in rows] == [(1, "none"), (1, "dng"), (3, "none"), (3, "dng")]
+    assert rows[0]["seconds"] == rows[2]["seconds"]
+
+    assert _bench(tiny, out, steps="4") == 2  # other settings in the same folder are refused
+
+
+def test_generate_with_every_scheduler_and_cfg(tiny):
+    unet = models.load_generator(tiny[1])
+    noise = torch.randn(3, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    for name in generate.SCHEDULERS:
+        factory = generate.guidance_factory("dng", exclusive=True)
+        x, trace = generate.generate(unet, name, factory, [1, 2], noise, 5, seed=0, positive=0, cfg_scale=2.0, chunk=2)
+        assert x.shape == noise.shape and x.abs().max() <= 1
+        assert trace.p.shape == (5, 3, 2) and torch.isfinite(trace.scale).all()
+    with pytest.raises(ConfigError, match="unknown scheduler"):
+        generate.make_scheduler("plms")
+
+
+def test_parse_class_by_name_or_index():
+    assert generate.parse_class("Trouser") == generate.parse_class("1") == 1
+    assert generate.parse_class("ankle boot") == 9 and generate.parse_class("t-shirt") == 0
+    assert generate.parse_classes("all") == list(range(10)) and generate.parse_classes("3,7,3") == [3, 7]
+    with pytest.raises(ConfigError, match="Trouser"):
+        generate.parse_class("Hat")
+
+
+def test_sample_writes_grid_and_npz(tiny, tmp_path):
+    out = tmp_path / "s" / "dng.png"
+    argv = ["sample", "--method", "dng", "--remove", "Trouser,3", "--class", "0", "--num-images", "5", "--steps", "2"]
+    assert cli.main([*argv, "--out", str(out), *tiny]) == 0
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    with np.load(out.with_suffix(".npz")) as f:
+        assert f["images"].shape == (5, 28, 28) and f["images"].dtype == np.uint8
+        assert f["labels"].shape == (5,) and f["removed"].tolist() == [1, 3]
+
+
+def test_demo_end_to_end(tiny, tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert cli.main(["demo", "--num-images", "8", "--steps", "3", "--out", str(out), *tiny]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["removed_name"] == "Trouser" and list(report["methods"]) == ["none", "np", "dng"]
+    assert all(ROW_KEYS - {"class", "method"} <= set(m) for m in report["methods"].values())
+    for name in ("comparison.png", "dng_trajectories.png", "grid_none.png", "grid_np.png", "grid_dng.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG"
+    assert "| dng |" in (out / "report.md").read_text() and str(out) in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["bench", "class-removal", "--classes", "Hat", "--out", "x"], "unknown class 'Hat'"),
+        (["bench", "class-removal", "--methods", "none,foo", "--out", "x"], "unknown method"),
+        (["bench", "class-removal", "--scheduler", "plms", "--out", "x"], "unknown scheduler"),
+        (["sample", "--method", "foo", "--remove", "1", "--out", "x.png"], "unknown method 'foo'"),
+        (["sample", "--method", "np", "--out", "x.png"], "needs --remove"),
+        (["sample", "--remove", "1", "--class", "Trouser", "--out", "x.png"], "also removed"),
+        (["demo", "--remove", "Hat"], "unknown class 'Hat'"),
+    ],
+)
+def test_bad_inputs_say_what_to_fix(tiny, tmp_path, monkeypatch, capsys, argv, message):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main([*argv, *tiny]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["demo"], ["sample", "--method", "none", "--out", "x.png"],
+                                  ["bench", "class-removal", "--out", "x"]])
+def test_missing_weights_say_how_to_make_them(tmp_path, monkeypatch, capsys, argv):
+    monkeypatch.setattr(models, "WEIGHTS_DIR", tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main([*argv, "--no-progress"]) == 2
+    assert "dng train export" in capsys.readouterr().err
