@@ -107,6 +107,9 @@ def test_sample_writes_grid_and_npz(tiny, tmp_path):
     with np.load(out.with_suffix(".npz")) as f:
         assert f["images"].shape == (5, 28, 28) and f["images"].dtype == np.uint8
         assert f["labels"].shape == (5,) and f["removed"].tolist() == [1, 3]
+    cfg = tmp_path / "cfg.png"  # no --remove: plain class-conditional sampling
+    assert cli.main(["sample", "--class", "Bag", "--num-images", "2", "--steps", "2", "--out", str(cfg), *tiny]) == 0
+    assert np.load(cfg.with_suffix(".npz"))["removed"].tolist() == []
 
 
 def test_demo_end_to_end(tiny, tmp_path, capsys):

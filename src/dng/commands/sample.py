@@ -7,7 +7,7 @@ from dng.errors import ConfigError
 
 def register(groups) -> None:
     p = groups["top"].add_parser("sample", help="generate Fashion-MNIST images with classes removed")
-    p.add_argument("--method", default="dng", help="none, np, sld or dng")
+    p.add_argument("--method", default=None, help="none, np, sld or dng (default: dng with --remove, else none)")
     p.add_argument("--remove", default=None, help="classes to remove: names or indices, comma-separated")
     p.add_argument("--class", dest="klass", default=None, help="class-conditional sampling (CFG) of this class")
     p.add_argument("--cfg-scale", type=float, default=2.0, help="CFG scale with --class")
@@ -39,8 +39,8 @@ def run(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    method = args.method.strip().lower()
     removed = generate.parse_classes(args.remove) if args.remove else []
+    method = (args.method or ("dng" if removed else "none")).strip().lower()
     factory = generate.guidance_factory(method, args.scale, args.preset, args.prior, exclusive=len(removed) > 1)
     if factory is not None and not removed:
         raise ConfigError(f"--method {method} needs --remove (a class name or index, e.g. Trouser)")
