@@ -18,7 +18,7 @@ import torch
 
 from dng import metrics
 from dng.errors import ConfigError
-from dng.guidance import SLD_PRESETS, DynamicNegativeGuidance, NegativePrompt, SafeLatentDiffusion
+from dng.guidance import SLD_PRESETS
 from dng.io import write_atomic, write_json
 from dng.sampler import Trace
 from dng.vision import generate
@@ -27,14 +27,15 @@ from dng.vision.models import default_weights, load_classifier, load_generator
 
 METHODS = ("none", "np", "sld", "dng")
 NP_SCALES = (0.5, 1.0, 2.0)
-# The core's defaults, with the prior of one class among ten equally likely ones.
-DNG_PARAMS = {"prior": 0.1}
+# The core's defaults (temperature 1.2, p_max 0.95), with the prior of one class among ten equally likely ones.
+DNG_PARAMS = {"scale": 1.0, "prior": 0.1}
 METRICS = ("forbidden_rate", "class_kl", "fid", "precision", "recall", "seconds")
 GRID_IMAGES = 64
 TRACE_SAMPLES = 40
 
 
 def parse_methods(text: str) -> list[str]:
+    """Comma-separated method names, checked and deduplicated in order."""
     methods = list(dict.fromkeys(m.strip().lower() for m in text.split(",") if m.strip()))
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
@@ -49,14 +50,12 @@ def configs(methods: list[str]) -> list[tuple[str, dict, object]]:
         if method == "none":
             cells.append((method, {}, None))
         elif method == "np":
-            cells += [(method, {"scale": s}, lambda s=s: NegativePrompt(s)) for s in NP_SCALES]
+            cells += [(method, {"scale": s}, generate.guidance_factory("np", scale=s)) for s in NP_SCALES]
         elif method == "sld":
-            cells += [
-                (method, {"preset": name, **preset}, lambda name=name: SafeLatentDiffusion.preset(name))
-                for name, preset in SLD_PRESETS.items()
-            ]
+            cells += [(method, {"preset": name, **preset}, generate.guidance_factory("sld", preset=name))
+                      for name, preset in SLD_PRESETS.items()]
         else:
-            cells.append((method, dict(DNG_PARAMS), lambda: DynamicNegativeGuidance(**DNG_PARAMS)))
+            cells.append((method, dict(DNG_PARAMS), generate.guidance_factory("dng", **DNG_PARAMS)))
     return cells
 
 
