@@ -87,6 +87,10 @@ def test_exclusive_concepts_keep_their_total_below_p_max():
     p = tracker.p[0]
     assert float(p.sum()) == pytest.approx(0.8, rel=1e-5)
     assert float(p[1] / p[0]) == pytest.approx(1.5, rel=1e-5)
+    # A huge ratio (a near-noiseless step of a poor model) must still leave a usable posterior, not p = 1.
+    tracker.update(torch.tensor([[1e9, 1e8]]))
+    p = tracker.p[0]
+    assert torch.isfinite(p).all() and float(p.sum()) == pytest.approx(0.8, rel=1e-5)
 
 
 @pytest.mark.parametrize(

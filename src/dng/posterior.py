@@ -70,6 +70,7 @@ class PosteriorTracker:
         if not self.exclusive:
             return log_p.clamp(math.log(self.p_min), math.log(self.p_max))
         # Mutually exclusive concepts: cap their total at p_max (so 1 - sum(p) > 0), keeping their ratios.
-        log_p = log_p.clamp(min=math.log(self.p_min))
+        # Shift so the largest log p is <= 0 first: a huge log p would otherwise cancel to 0 in float32.
+        log_p = (log_p - log_p.amax(-1, keepdim=True).clamp(min=0)).clamp(min=math.log(self.p_min))
         total = torch.logsumexp(log_p, dim=-1, keepdim=True)
         return log_p - (total - math.log(self.p_max)).clamp(min=0)
