@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from dng import cli
+from dng.commands.demo import DEFAULT_REMOVE
 from dng.errors import ConfigError
 from dng.vision import generate, models
 
@@ -116,7 +117,7 @@ def test_demo_end_to_end(tiny, tmp_path, capsys):
     out = tmp_path / "demo"
     assert cli.main(["demo", "--num-images", "8", "--steps", "3", "--out", str(out), *tiny]) == 0
     report = json.loads((out / "report.json").read_text())
-    assert report["removed_name"] == "Trouser" and list(report["methods"]) == ["none", "np", "dng"]
+    assert report["removed_name"] == DEFAULT_REMOVE and list(report["methods"]) == ["none", "np", "dng"]
     assert all(ROW_KEYS - {"class", "method"} <= set(m) for m in report["methods"].values())
     for name in ("comparison.png", "dng_trajectories.png", "grid_none.png", "grid_np.png", "grid_dng.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
