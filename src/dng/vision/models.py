@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from dng.errors import ConfigError
+from dng.io import write_atomic
 
 NULL_LABEL = 10  # class index of the unconditional branch (label dropout)
 KINDS = ("generator", "classifier")
@@ -84,7 +84,7 @@ def make_classifier(config: dict | None = None) -> Classifier:
 
 def save_model(model: nn.Module, path, kind: str, config: dict, card: dict, half: bool = False) -> None:
     """Write the weights with kind, config and card as JSON metadata; atomic, optionally fp16."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     if kind not in KINDS:
         raise ConfigError(f"unknown model kind {kind!r}: use one of {', '.join(KINDS)}")
@@ -95,11 +95,7 @@ def save_model(model: nn.Module, path, kind: str, config: dict, card: dict, half
             value = value.half()
         tensors[name] = value.contiguous()
     meta = {"kind": kind, "config": json.dumps(config), "card": json.dumps(card)}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    write_atomic(path, save(tensors, metadata=meta))
 
 
 def read_model_file(path, kind: str) -> tuple[dict, dict, dict]:

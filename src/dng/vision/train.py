@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import shlex
 import sys
 import time
@@ -16,6 +15,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from dng.errors import ConfigError
+from dng.io import write_atomic
 from dng.vision import data, models
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -39,16 +39,14 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], groups: list) -> dict
 
 def save_checkpoint(run: Path, modules: dict, optimizer, rng: torch.Generator, scalars: dict) -> None:
     """Write modules, optimizer, RNG state and scalars to run/checkpoint.safetensors atomically."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     tensors = {f"{name}.{k}": v.detach().contiguous() for name, m in modules.items() for k, v in m.state_dict().items()}
     opt = optimizer.state_dict()
     tensors.update(_flatten_optimizer(opt))
     tensors["rng"] = rng.get_state()
     meta = {"scalars": json.dumps(scalars), "param_groups": json.dumps(opt["param_groups"])}
-    tmp = run / (CHECKPOINT + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, run / CHECKPOINT)
+    write_atomic(run / CHECKPOINT, save(tensors, metadata=meta))
 
 
 def load_checkpoint(run: Path, modules: dict, optimizer, rng: torch.Generator) -> dict:
@@ -478,6 +476,4 @@ Trained on CPU by `dng train {card["kind"]}`; weights exported with `dng train e
 A `--minutes` budget stops at a machine-dependent step: the same weights come back from the first command with
 `--steps {card["steps"]}` in its place (same seed and batch size; thread counts may change float rounding).
 """
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_atomic(path, text)
