@@ -134,6 +134,29 @@ def test_generator_training_resumes_exactly(fmnist, tmp_path):
     assert list(models.load_generator(path).config.block_out_channels) == [8, 8, 16]
 
 
+def test_sigterm_stops_generator_training_at_a_checkpoint(fmnist, tmp_path, monkeypatch):
+    import os
+    import signal
+
+    calls = []
+    loss = train.denoising_loss
+
+    def loss_then_sigterm(*args):
+        calls.append(1)
+        if len(calls) == 3:  # a scheduler stopping the background job during step 3
+            os.kill(os.getpid(), signal.SIGTERM)
+        return loss(*args)
+
+    monkeypatch.setattr(train, "denoising_loss", loss_then_sigterm)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt):
+        train.train_generator(tmp_path / "run", steps=10, batch_size=16, config=TINY_UNET, data_root=fmnist,
+                              progress=False)
+    assert signal.getsignal(signal.SIGTERM) is before
+    _, scalars = train.read_checkpoint(tmp_path / "run", "ema")
+    assert 2 <= scalars["step"] <= 3
+
+
 def test_classifier_training_resumes_and_exports(fmnist, tmp_path):
     common = dict(batch_size=16, seed=1, data_root=fmnist, progress=False)
     first = train.train_classifier(tmp_path / "c", epochs=1, **common)

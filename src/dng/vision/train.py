@@ -6,8 +6,11 @@ import csv
 import json
 import math
 import shlex
+import signal
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -126,6 +129,23 @@ def _command() -> str:
     return shlex.join(["dng", *sys.argv[1:]]) if Path(sys.argv[0]).name in ("dng", "cli.py") else shlex.join(sys.argv)
 
 
+@contextmanager
+def _sigterm_as_interrupt():
+    """Turn SIGTERM into KeyboardInterrupt while training, so a stopped background run checkpoints first."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _start(run, threads: int | None, resume: bool) -> Path:
     run = Path(run)
     run.mkdir(parents=True, exist_ok=True)
@@ -204,44 +224,45 @@ def train_classifier(
     step, started, last_save = scalars["step"], time.monotonic() - scalars["seconds"], time.monotonic()
     bar = tqdm(total=total, initial=step, desc="classifier", disable=not progress, dynamic_ncols=True)
     running = []
-    try:
-        while step < total:
-            model.train()
-            idx = _batch_indices(len(x), batch_size, seed, step)
-            rate = _lr(step, lr, per_epoch // 4, total)
-            for group in optimizer.param_groups:
-                group["lr"] = rate
-            loss = F.cross_entropy(model(_augment(x[idx], rng)), y[idx], label_smoothing=0.05)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            running.append(loss.item())
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-            if step % per_epoch == 0:
-                scalars["test_accuracy"] = evaluate_classifier(model, xt, yt)
-                scalars["seconds"] = time.monotonic() - started
-                log.write(
-                    step=step,
-                    epoch=step // per_epoch,
-                    loss=sum(running) / len(running),
-                    lr=rate,
-                    test_accuracy=scalars["test_accuracy"],
-                    seconds=round(scalars["seconds"], 1),
-                )
-                bar.write(f"epoch {step // per_epoch}: test accuracy {scalars['test_accuracy']:.4f}")
-                running = []
-            if step % per_epoch == 0 or time.monotonic() - last_save > 60 * checkpoint_minutes or step == total:
-                scalars.update(step=step, seconds=time.monotonic() - started)
-                save_checkpoint(run, {"model": model}, optimizer, rng, scalars)
-                last_save = time.monotonic()
-    except KeyboardInterrupt:
-        scalars.update(step=step, seconds=time.monotonic() - started)
-        save_checkpoint(run, {"model": model}, optimizer, rng, scalars)
-        raise
-    finally:
-        bar.close()
+    with _sigterm_as_interrupt():
+        try:
+            while step < total:
+                model.train()
+                idx = _batch_indices(len(x), batch_size, seed, step)
+                rate = _lr(step, lr, per_epoch // 4, total)
+                for group in optimizer.param_groups:
+                    group["lr"] = rate
+                loss = F.cross_entropy(model(_augment(x[idx], rng)), y[idx], label_smoothing=0.05)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                step += 1
+                running.append(loss.item())
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+                if step % per_epoch == 0:
+                    scalars["test_accuracy"] = evaluate_classifier(model, xt, yt)
+                    scalars["seconds"] = time.monotonic() - started
+                    log.write(
+                        step=step,
+                        epoch=step // per_epoch,
+                        loss=sum(running) / len(running),
+                        lr=rate,
+                        test_accuracy=scalars["test_accuracy"],
+                        seconds=round(scalars["seconds"], 1),
+                    )
+                    bar.write(f"epoch {step // per_epoch}: test accuracy {scalars['test_accuracy']:.4f}")
+                    running = []
+                if step % per_epoch == 0 or time.monotonic() - last_save > 60 * checkpoint_minutes or step == total:
+                    scalars.update(step=step, seconds=time.monotonic() - started)
+                    save_checkpoint(run, {"model": model}, optimizer, rng, scalars)
+                    last_save = time.monotonic()
+        except KeyboardInterrupt:
+            scalars.update(step=step, seconds=time.monotonic() - started)
+            save_checkpoint(run, {"model": model}, optimizer, rng, scalars)
+            raise
+        finally:
+            bar.close()
     if "test_accuracy" not in scalars:
         scalars["test_accuracy"] = evaluate_classifier(model, xt, yt)
     return scalars
@@ -342,46 +363,47 @@ def train_generator(
         save_checkpoint(run, {"model": model, "ema": ema}, optimizer, rng, scalars)
 
     model.train()
-    try:
-        while (steps is None or step < steps) and time.monotonic() - started < budget:
-            idx = _batch_indices(len(x), batch_size, seed, step)
-            labels = torch.where(torch.rand(batch_size, generator=rng) < label_dropout, models.NULL_LABEL, y[idx])
-            rate = _lr(step, lr, warmup_steps, None)
-            for group in optimizer.param_groups:
-                group["lr"] = rate
-            loss = denoising_loss(model, scheduler, x[idx], labels, rng)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            step += 1
-            # Warm-up of the EMA so early checkpoints are not dominated by the random init.
-            decay = min(ema_decay, (1 + step) / (10 + step))
-            with torch.no_grad():
-                for p_ema, p in zip(ema.parameters(), model.parameters(), strict=True):
-                    p_ema.lerp_(p, 1 - decay)
-            running.append(loss.item())
-            bar.update(1)
-            if step % log_every == 0:
-                mean = sum(running) / len(running)
-                bar.set_postfix(loss=f"{mean:.4f}")
-                log.write(
-                    step=step,
-                    epoch=round(step * batch_size / len(x), 3),
-                    loss=round(mean, 5),
-                    lr=rate,
-                    seconds=round(time.monotonic() - started, 1),
-                )
-                running = []
-            if time.monotonic() - last_save > 60 * checkpoint_minutes:
-                checkpoint()
-                last_save = time.monotonic()
-        checkpoint()
-    except KeyboardInterrupt:
-        checkpoint()
-        raise
-    finally:
-        bar.close()
+    with _sigterm_as_interrupt():
+        try:
+            while (steps is None or step < steps) and time.monotonic() - started < budget:
+                idx = _batch_indices(len(x), batch_size, seed, step)
+                labels = torch.where(torch.rand(batch_size, generator=rng) < label_dropout, models.NULL_LABEL, y[idx])
+                rate = _lr(step, lr, warmup_steps, None)
+                for group in optimizer.param_groups:
+                    group["lr"] = rate
+                loss = denoising_loss(model, scheduler, x[idx], labels, rng)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+                step += 1
+                # Warm-up of the EMA so early checkpoints are not dominated by the random init.
+                decay = min(ema_decay, (1 + step) / (10 + step))
+                with torch.no_grad():
+                    for p_ema, p in zip(ema.parameters(), model.parameters(), strict=True):
+                        p_ema.lerp_(p, 1 - decay)
+                running.append(loss.item())
+                bar.update(1)
+                if step % log_every == 0:
+                    mean = sum(running) / len(running)
+                    bar.set_postfix(loss=f"{mean:.4f}")
+                    log.write(
+                        step=step,
+                        epoch=round(step * batch_size / len(x), 3),
+                        loss=round(mean, 5),
+                        lr=rate,
+                        seconds=round(time.monotonic() - started, 1),
+                    )
+                    running = []
+                if time.monotonic() - last_save > 60 * checkpoint_minutes:
+                    checkpoint()
+                    last_save = time.monotonic()
+            checkpoint()
+        except KeyboardInterrupt:
+            checkpoint()
+            raise
+        finally:
+            bar.close()
     return scalars
 
 
