@@ -134,6 +134,18 @@ def test_generator_training_resumes_exactly(fmnist, tmp_path):
     assert list(models.load_generator(path).config.block_out_channels) == [8, 8, 16]
 
 
+def test_resume_keeps_the_runs_hyperparameters_unless_given(fmnist, tmp_path):
+    common = dict(config=TINY_UNET, data_root=fmnist, progress=False)
+    train.train_generator(tmp_path / "r", steps=1, batch_size=16, seed=5, label_dropout=0.5, **common)
+    kept = train.train_generator(tmp_path / "r", steps=2, data_root=fmnist, progress=False)
+    assert (kept["batch_size"], kept["seed"], kept["label_dropout"], kept["lr"]) == (16, 5, 0.5, 5e-4)
+    assert kept["config"] == TINY_UNET  # not the library's default architecture, which would not load
+    changed = train.train_generator(tmp_path / "r", steps=3, label_dropout=0.3, **common)
+    assert changed["label_dropout"] == 0.3 and train.read_scalars(tmp_path / "r")["label_dropout"] == 0.3
+    new = train.train_generator(tmp_path / "n", steps=1, batch_size=16, **common)
+    assert new["label_dropout"] == train.GENERATOR_DEFAULTS["label_dropout"] and new["seed"] == 0
+
+
 def test_sigterm_stops_generator_training_at_a_checkpoint(fmnist, tmp_path, monkeypatch):
     import os
     import signal

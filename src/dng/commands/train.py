@@ -9,8 +9,9 @@ from dng.errors import ConfigError
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="run directory (checkpoint, log.csv); an existing one resumes")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--seed", type=int, default=0)
+    # None = the resumed run's value, or the library default for a new run.
+    parser.add_argument("--batch-size", type=int, default=None, help="default 128 (a resumed run keeps its own)")
+    parser.add_argument("--seed", type=int, default=None, help="default 0 (a resumed run keeps its own)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument(
         "--no-resume", dest="resume", action="store_false", help="refuse to continue an existing checkpoint"
@@ -24,17 +25,18 @@ def register(groups: dict) -> None:
     _common(gen)
     gen.add_argument("--minutes", type=float, default=None, help="total wall-time budget of the run")
     gen.add_argument("--steps", type=int, default=None, help="total optimizer steps of the run")
-    gen.add_argument("--lr", type=float, default=5e-4)
-    gen.add_argument("--ema-decay", type=float, default=0.999)
-    gen.add_argument("--label-dropout", type=float, default=0.15)
-    gen.add_argument("--warmup-steps", type=int, default=100, help="linear learning-rate warmup")
+    gen.add_argument("--lr", type=float, default=None, help="default 5e-4")
+    gen.add_argument("--ema-decay", type=float, default=None, help="default 0.999")
+    gen.add_argument("--label-dropout", type=float, default=None,
+                     help="share of null labels, which train eps_u (default 0.15)")
+    gen.add_argument("--warmup-steps", type=int, default=None, help="linear learning-rate warmup (default 100)")
     gen.add_argument("--checkpoint-minutes", type=float, default=5.0)
     gen.set_defaults(func=run_generator)
 
     clf = train.add_parser("classifier", help="train the Fashion-MNIST classifier used by the metrics")
     _common(clf)
     clf.add_argument("--epochs", type=int, default=8)
-    clf.add_argument("--lr", type=float, default=2e-3)
+    clf.add_argument("--lr", type=float, default=None, help="default 2e-3")
     clf.set_defaults(func=run_classifier)
 
     exp = train.add_parser("export", help="write a run's weights and model card to the package's weights/")

@@ -68,6 +68,14 @@ def load_checkpoint(run: Path, modules: dict, optimizer, rng: torch.Generator) -
     return json.loads(meta["scalars"])
 
 
+def read_scalars(run: Path) -> dict:
+    """The scalars (step, hyperparameters, commands) of a run's checkpoint, without loading its tensors."""
+    from safetensors import safe_open
+
+    with safe_open(str(Path(run) / CHECKPOINT), framework="pt") as f:
+        return json.loads(f.metadata()["scalars"])
+
+
 def read_checkpoint(run: Path, module: str) -> tuple[dict[str, torch.Tensor], dict]:
     """State dict of one module (e.g. 'ema') and the scalars of a run's checkpoint."""
     from safetensors import safe_open
@@ -146,6 +154,20 @@ def _sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
+GENERATOR_DEFAULTS = {"batch_size": 128, "lr": 5e-4, "seed": 0, "ema_decay": 0.999, "label_dropout": 0.15,
+                      "warmup_steps": 100}
+CLASSIFIER_DEFAULTS = {"batch_size": 128, "lr": 2e-3, "seed": 0}
+
+
+def _resolve(run: Path, given: dict, defaults: dict) -> dict:
+    """Hyperparameters in effect: given values win; otherwise a resumed run keeps its own, a new run the defaults.
+
+    Falling back to the defaults on resume would silently change a run started with other values.
+    """
+    saved = read_scalars(run) if (run / CHECKPOINT).exists() else {}
+    return {k: given[k] if given.get(k) is not None else saved.get(k, defaults[k]) for k in given}
+
+
 def _start(run, threads: int | None, resume: bool) -> Path:
     run = Path(run)
     run.mkdir(parents=True, exist_ok=True)
@@ -183,9 +205,9 @@ def evaluate_classifier(model, images: torch.Tensor, labels: torch.Tensor, batch
 def train_classifier(
     out,
     epochs: int = 8,
-    batch_size: int = 128,
-    lr: float = 2e-3,
-    seed: int = 0,
+    batch_size: int | None = None,
+    lr: float | None = None,
+    seed: int | None = None,
     resume: bool = True,
     threads: int | None = None,
     checkpoint_minutes: float = 2.0,
@@ -193,8 +215,14 @@ def train_classifier(
     limit: int | None = None,
     progress: bool = True,
 ) -> dict:
-    """Train the classifier with flips and shifts; returns the run's scalars (test accuracy included)."""
+    """Train the classifier with flips and shifts; returns the run's scalars (test accuracy included).
+
+    Hyperparameters left as None take the resumed run's values, or CLASSIFIER_DEFAULTS for a new run.
+    """
     run = _start(out, threads, resume)
+    given = dict(batch_size=batch_size, lr=lr, seed=seed)
+    hyper = _resolve(run, given, CLASSIFIER_DEFAULTS)
+    batch_size, lr, seed = (hyper[k] for k in given)
     x, y = data.load_tensors("train", data_root)
     xt, yt = data.load_tensors("test", data_root)
     if limit:
@@ -218,6 +246,7 @@ def train_classifier(
     }
     if (run / CHECKPOINT).exists():
         scalars = load_checkpoint(run, {"model": model}, optimizer, rng)
+    scalars.update(hyper)
     scalars["commands"].append(_command())
     scalars.update(epochs=epochs, data=str(data.data_dir() if data_root is None else data_root))
     log = _Log(run, ["step", "epoch", "loss", "lr", "test_accuracy", "seconds"], scalars["step"])
@@ -303,12 +332,12 @@ def train_generator(
     out,
     minutes: float | None = None,
     steps: int | None = None,
-    batch_size: int = 128,
-    lr: float = 5e-4,
-    seed: int = 0,
-    ema_decay: float = 0.999,
-    label_dropout: float = 0.15,
-    warmup_steps: int = 100,
+    batch_size: int | None = None,
+    lr: float | None = None,
+    seed: int | None = None,
+    ema_decay: float | None = None,
+    label_dropout: float | None = None,
+    warmup_steps: int | None = None,
     resume: bool = True,
     threads: int | None = None,
     checkpoint_minutes: float = 5.0,
@@ -318,17 +347,23 @@ def train_generator(
     config: dict | None = None,
     progress: bool = True,
 ) -> dict:
-    """DDPM epsilon training with label dropout and EMA until `minutes` of wall time or `steps` (totals)."""
+    """DDPM epsilon training with label dropout and EMA until `minutes` of wall time or `steps` (totals).
+
+    Hyperparameters left as None take the resumed run's values, or GENERATOR_DEFAULTS for a new run.
+    """
     if not minutes and not steps:
         raise ConfigError("give --minutes or --steps (totals over all resumes of the run)")
     run = _start(out, threads, resume)
+    given = dict(batch_size=batch_size, lr=lr, seed=seed, ema_decay=ema_decay, label_dropout=label_dropout,
+                 warmup_steps=warmup_steps, config=config)
+    hyper = _resolve(run, given, {**GENERATOR_DEFAULTS, "config": models.GENERATOR_CONFIG})
+    batch_size, lr, seed, ema_decay, label_dropout, warmup_steps, config = (hyper[k] for k in given)
     x, y = data.load_tensors("train", data_root)
     if limit:
         x, y = x[:limit], y[:limit]
     if len(x) < batch_size:
         raise ConfigError(f"batch size {batch_size} is larger than the {len(x)} training images")
     torch.manual_seed(seed)
-    config = config or models.GENERATOR_CONFIG
     model = models.make_generator(config)
     ema = models.make_generator(config)
     ema.load_state_dict(model.state_dict())
@@ -350,6 +385,7 @@ def train_generator(
     }
     if (run / CHECKPOINT).exists():
         scalars = load_checkpoint(run, {"model": model, "ema": ema}, optimizer, rng)
+    scalars.update(hyper)
     scalars["commands"].append(_command())
     scalars["data"] = str(data.data_dir() if data_root is None else data_root)
     log = _Log(run, ["step", "epoch", "loss", "lr", "seconds"], scalars["step"])
