@@ -49,18 +49,25 @@ class GaussianMixture:
         abar = self.abar[t] if int(t) >= 0 else torch.ones((), dtype=self.dtype)
         return abar.sqrt(), abar * self.stds**2 + 1 - abar
 
-    def _log_components(self, x, scale, var):
-        """log N(x; scale m_k, var_k I) for every k, [batch, K], via a matmul (no [batch, K, d] tensor)."""
-        sq = (x**2).sum(-1, keepdim=True) - 2 * scale * x @ self.means.T + scale**2 * self._mean_sq
-        return -0.5 * (sq / var + self.dim * torch.log(2 * math.pi * var))
+    def _log_joint_t(self, x, scale, var):
+        """log w_k + log N(x; scale m_k, var_k I) as [K, batch].
+
+        |x - s m_k|^2 is expanded so that the K distances come from one matmul (no [batch, K, d] tensor), and
+        components come first so that the softmax over them runs along contiguous rows: both matter at 10^4
+        samples x 10^3 steps.
+        """
+        inv = 1 / var
+        bias = self.weights.log() - 0.5 * (scale**2 * self._mean_sq * inv + self.dim * torch.log(2 * math.pi * var))
+        logits = torch.addmm(bias[:, None], self.means * (scale * inv)[:, None], x.T)
+        return logits.addcmul_(inv[:, None], torch.linalg.vector_norm(x, dim=-1).square()[None], value=-0.5)
 
     def log_joint(self, x, t=-1):
         """log w_k + log N_t(x | k), [batch, K]."""
-        return self._log_components(x.to(self.dtype), *self._at(t)) + self.weights.log()
+        return self._log_joint_t(x.to(self.dtype), *self._at(t)).T
 
     def posterior(self, x, t=-1):
         """Exact class posterior p_t(k | x_t), [batch, K]."""
-        return self.log_joint(x, t).softmax(-1)
+        return self._log_joint_t(x.to(self.dtype), *self._at(t)).softmax(0).T
 
     def log_density(self, x, t=-1, classes=None):
         """log p_t(x), or of the mixture restricted to `classes` (renormalised weights)."""
@@ -76,10 +83,11 @@ class GaussianMixture:
         scale, var = self._at(t)
         sigma = (1 - scale**2).sqrt()
         if classes is None:
-            resp = self._log_components(x, scale, var).add(self.weights.log()).softmax(-1) / var
-            return sigma * (x * resp.sum(-1, keepdim=True) - scale * resp @ self.means)
+            # sigma * sum_k p_k(x) (x - scale m_k) / var_k, the matmul fused with the x term.
+            w = self._log_joint_t(x, scale, var).softmax(0) * (sigma / var)[:, None]
+            return torch.addmm(x * w.sum(0)[:, None], w.T, self.means, alpha=-float(scale))
         idx = torch.as_tensor(classes)
-        return sigma * (x - scale * self.means[idx][:, None]) / var[idx][:, None, None]
+        return (x - scale * self.means[idx][:, None]) * (sigma / var[idx])[:, None, None]
 
     def branch_model(self, negatives, positive=None):
         """A sampler model: branches [unconditional, positive?, negatives...] of one batch, in one call."""
