@@ -51,6 +51,47 @@ def test_kernel_reproduces_scheduler_step(name, scheduler, kwargs):
     assert checked_noise >= len(scheduler.timesteps) - 1
 
 
+@pytest.mark.parametrize("name,scheduler,kwargs", list(_schedulers()), ids=lambda v: v if isinstance(v, str) else "")
+def test_branch_moments_reproduce_the_step_of_every_branch(name, scheduler, kwargs):
+    """mean_u + std z and mean_u - diff_i + std z are the scheduler's own steps from out_u and out_n_i."""
+    scheduler.set_timesteps(20)
+    kernel = reverse_kernel(scheduler, kwargs.get("eta", 0.0))
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(SHAPE, generator=gen) * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        scheduler.scale_model_input(x, t)
+        outs = torch.randn((3,) + SHAPE, generator=gen)
+        mean_u, diff, std, forward_std = kernel.branch_moments(t, x, outs)
+        assert (std, forward_std) == kernel(t, x, outs[0])[1:]
+        index = scheduler.step_index if hasattr(scheduler, "_step_index") else None
+        steps = []
+        for out in outs:
+            if index is not None:
+                scheduler._step_index = index  # each branch steps from the same x_t
+            steps.append(scheduler.step(out, t, x, generator=torch.Generator().manual_seed(7), **kwargs).prev_sample)
+        z = randn_tensor(SHAPE, generator=torch.Generator().manual_seed(7), dtype=outs.dtype)
+        torch.testing.assert_close(mean_u + std * z, steps[0], rtol=1e-5, atol=1e-5)
+        for i in range(2):
+            torch.testing.assert_close(mean_u - diff[i] + std * z, steps[1 + i], rtol=1e-5, atol=1e-5)
+        x = steps[0]
+
+
+def test_affine_difference_is_exact_where_means_cancel():
+    """The affine path gets mean_u - mean_n from the outputs' difference, not from two nearly equal means."""
+    scheduler = DDPMScheduler(clip_sample=False)
+    scheduler.set_timesteps(50)
+    kernel, t = reverse_kernel(scheduler), scheduler.timesteps[10]
+    x = 50 * torch.randn(SHAPE)
+    out_u = torch.randn(SHAPE)
+    outs = torch.stack([out_u, out_u + 1e-4 * torch.randn(SHAPE)])
+    exact, _, _ = kernel(t, x.double(), outs.double())
+    _, diff, _, _ = kernel.branch_moments(t, x, outs)
+    means, _, _ = kernel(t, x, outs)
+    error = (diff[0].double() - (exact[0] - exact[1])).abs().max()
+    assert error < 1e-6 * (exact[0] - exact[1]).abs().max()
+    assert ((means[0] - means[1]).double() - (exact[0] - exact[1])).abs().max() > 100 * error
+
+
 def test_kernel_accepts_stacked_branches():
     scheduler = DDPMScheduler(thresholding=True)
     scheduler.set_timesteps(10)

@@ -181,9 +181,10 @@ class DynamicNegativeGuidance(Guidance):
         scale = self.scales(p)
         return _push(base_prediction(eps_u, eps_p, cfg_scale), eps_u, eps_n, scale), scale, p
 
-    def observe(self, x_prev, mean_u, mean_n, std: float, forward_std: float) -> torch.Tensor:
-        """Bayes update from the drawn x_{t-1} and the branches' kernel means; returns the step's llr."""
+    def observe(self, x_prev, mean_u, diff, std: float, forward_std: float) -> torch.Tensor:
+        """Bayes update from the drawn x_{t-1}, the unconditional kernel mean and mean_u - mean_n per negative;
+        returns the step's llr."""
         kernel_std = std if self.kernel_variance == "step" else forward_std
-        llr = gaussian_llr(x_prev, mean_u, mean_n, kernel_std, self.temperature, self.offset)
+        llr = gaussian_llr(x_prev, mean_u, diff, kernel_std, self.temperature, self.offset)
         self.tracker.update(llr)
         return llr

@@ -44,9 +44,28 @@ def _upcast(v: torch.Tensor) -> torch.Tensor:
 
 
 class _Kernel:
+    # Without clipping or thresholding the mean is a x + b out, affine in the model output.
+    affine = True
+
     def __call__(self, t, x, out):
         """(mean, std, forward_std) of the step from x at timestep t; `out` may carry a leading axis of branches."""
         return self.moments(t, _upcast(x), _upcast(out))
+
+    def branch_moments(self, t, x, outs):
+        """(mean_u, mean_u - mean_n, std, forward_std) for outs = [unconditional, negative 1..K] stacked.
+
+        Where the mean is affine, mean_u - mean_n = b (out_u - out_n): one subtraction instead of two
+        kernel evaluations, and no cancellation between nearly equal means. a and b are read off the
+        kernel's own formula at (x, out) = (1, 0) and (0, 1), so no second derivation can drift from it.
+        """
+        x, outs = _upcast(x), _upcast(outs)
+        if not self.affine:
+            means, std, forward_std = self.moments(t, x, outs)
+            return means[0], means[0] - means[1:], std, forward_std
+        probe = torch.tensor([1.0, 0.0], dtype=torch.float64)
+        coefficients, std, forward_std = self.moments(t, probe, probe.flip(0))
+        a, b = coefficients.tolist()
+        return torch.add(b * outs[0], x, alpha=a), b * (outs[:1] - outs[1:]), std, forward_std
 
 
 class _VPKernel(_Kernel):
@@ -55,6 +74,7 @@ class _VPKernel(_Kernel):
     def __init__(self, scheduler):
         self.scheduler = scheduler
         self.prediction = _check_prediction(scheduler)
+        self.affine = not (scheduler.config.thresholding or scheduler.config.clip_sample)
 
     def _x0_and_eps(self, x, out, abar_t):
         cfg = self.scheduler.config

@@ -16,19 +16,17 @@ def check_probability(name: str, value: float) -> float:
     return value
 
 
-def gaussian_llr(x_prev, mean_u, mean_n, std: float, temperature: float = 1.0, offset: float = 0.0):
+def gaussian_llr(x_prev, mean_u, diff, std: float, temperature: float = 1.0, offset: float = 0.0):
     """Tempered log q(x_prev|x, c-)/q(x_prev|x) for equal-variance Gaussian kernels, one value per sample.
 
-    `mean_n` may carry a leading axis of negatives: the result then has shape [batch, negatives].
+    `diff` = mean_u - mean_n, with a leading axis of negatives: the result has shape [batch, negatives].
     Uses |x-mu_n|^2 - |x-mu_u|^2 = |mu_u-mu_n|^2 + 2<x-mu_u, mu_u-mu_n>, which keeps float32
     accurate for large latents where the two norms nearly cancel.
     """
-    x_prev, mean_u, mean_n = (v.to(torch.float32) for v in (x_prev, mean_u, mean_n))
-    diff = mean_u - mean_n
-    gap = (diff * (diff + 2 * (x_prev - mean_u))).flatten(start_dim=diff.dim() - x_prev.dim() + 1).sum(-1)
-    var2 = 2 * std**2
-    llr = (offset - temperature * gap) / var2
-    return llr.transpose(0, 1) if mean_n.dim() > x_prev.dim() else llr
+    residual = x_prev.to(torch.float32) - mean_u.to(torch.float32)
+    diff = diff.to(torch.float32)
+    gap = (diff * torch.add(diff, residual, alpha=2)).reshape(*diff.shape[:2], -1).sum(-1)
+    return ((offset - temperature * gap) / (2 * std**2)).T
 
 
 class PosteriorTracker:

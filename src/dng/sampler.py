@@ -105,13 +105,14 @@ def sample(
             eps, scale, p = guidance.combine(eps_u, eps_n, Step(i, t, x), eps_p, cfg_scale or 1.0)
             info = {"p": p, "scale": scale}
             if tracking:
-                # Without a positive branch, u and the negatives are already contiguous: no copy.
+                # Without a positive branch, u and the negatives are already contiguous: no copy. Before the
+                # step: Euler's kernel reads the step index that the step advances.
                 tracked = branches if not n_pos else torch.cat([eps_u[None], eps_n])
-                means, std, forward_std = kernel(t, x, tracked)
+                mean_u, diff, std, forward_std = kernel.branch_moments(t, x, tracked)
         x_prev = scheduler.step(eps, t, x, **step_kwargs).prev_sample
         llr = None
         if tracking and std > MIN_TRACKING_STD:
-            llr = guidance.observe(x_prev, means[0], means[1:], std, forward_std)
+            llr = guidance.observe(x_prev, mean_u, diff, std, forward_std)
         if return_trace and guidance is not None:
             records.append((info["p"], info["scale"], llr))
         if callback is not None:
