@@ -52,15 +52,36 @@ def class_kl(labels: torch.Tensor, target_probs: torch.Tensor, kept: list[int]) 
     return float((target * (target / generated).log()).sum())
 
 
+class SlicedW2:
+    """Sliced 2-Wasserstein distance to a fixed reference: root mean over random directions of the 1-D W2^2
+    between projections. The reference's sorted projections are computed once for all rows of a bench."""
+
+    def __init__(self, reference: torch.Tensor, projections: int = 256, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        dirs = torch.randn(reference.shape[1], projections, generator=g, dtype=torch.float64)
+        self.dirs = (dirs / dirs.norm(dim=0, keepdim=True)).T
+        self.reference = self._project(reference).sort(-1).values
+
+    def _project(self, x):
+        # [directions, samples]: sorting along contiguous rows is twice as fast as along columns.
+        return self.dirs @ x.double().T
+
+    @staticmethod
+    def _quantiles(sorted_rows, count):
+        """`count` evenly spaced quantiles of each row; at count = row length they are the sorted values."""
+        if sorted_rows.shape[-1] == count:
+            return sorted_rows
+        return torch.quantile(sorted_rows, torch.linspace(0, 1, count, dtype=torch.float64), dim=-1).T
+
+    def __call__(self, x: torch.Tensor) -> float:
+        count = min(len(x), self.reference.shape[-1])
+        pa = self._quantiles(self._project(x).sort(-1).values, count)
+        return float(((pa - self._quantiles(self.reference, count)) ** 2).mean().sqrt())
+
+
 def sliced_w2(a: torch.Tensor, b: torch.Tensor, projections: int = 256, seed: int = 0) -> float:
-    """Sliced 2-Wasserstein distance: root mean over random directions of the 1-D W2^2 between projections."""
-    g = torch.Generator().manual_seed(seed)
-    dirs = torch.randn(a.shape[1], projections, generator=g, dtype=torch.float64)
-    dirs /= dirs.norm(dim=0, keepdim=True)
-    qs = torch.linspace(0, 1, min(len(a), len(b)), dtype=torch.float64)
-    pa = torch.quantile(a.double() @ dirs, qs, dim=0)
-    pb = torch.quantile(b.double() @ dirs, qs, dim=0)
-    return float(((pa - pb) ** 2).mean().sqrt())
+    """Sliced 2-Wasserstein distance between two sample sets."""
+    return SlicedW2(b, projections, seed)(a)
 
 
 def _logit(p: torch.Tensor) -> torch.Tensor:
@@ -79,7 +100,8 @@ class GMMBench:
         self.remove = list(config["remove"])
         self.kept = [k for k in range(self.gmm.num_classes) if k not in self.remove]
         self.steps, self.n, self.seed = steps, num_samples, seed
-        self.reference = self.gmm.sample(num_samples, self.kept, torch.Generator().manual_seed(seed + 1))[0]
+        reference = self.gmm.sample(num_samples, self.kept, torch.Generator().manual_seed(seed + 1))[0]
+        self.sliced_w2 = SlicedW2(reference, seed=seed)
         self.prior = float(self.gmm.weights[self.remove].sum())
 
     def exact_posterior(self, x, t):
@@ -152,7 +174,7 @@ class GMMBench:
             "forbidden_rate": float(torch.isin(labels, torch.tensor(self.remove)).double().mean()),
             "class_kl": class_kl(labels, self.gmm.weights, self.kept),
             "target_log_density": float(log_density[finite].mean()) if finite.any() else -math.inf,
-            "sliced_w2": sliced_w2(x, self.reference, seed=self.seed) if finite.all() else math.inf,
+            "sliced_w2": self.sliced_w2(x) if finite.all() else math.inf,
             "posterior_logit_mae": mae,
             "seconds": seconds,
             "diverged": int((~finite).sum()),
