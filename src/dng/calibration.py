@@ -1,0 +1,128 @@
+"""Fit DNG's prior, temperature and offset to a model: the tracked p_t should predict what the chain becomes.
+
+Under the unguided chain, p_t(c-|x_t) is the probability that the sample the chain finishes is a c-. So draw
+unguided samples with a tracking-only rule (scale 0, temperature 1, offset 0: the trace's llr is the raw
+Gaussian log-ratio), label each finished sample (a classifier: did it become c-?), and fit
+
+    log p_s = clamp(log p_{s-1} + temperature * llr_s + offset / (2 sigma_s^2))
+
+with the tracker's own clamp, starting from log prior, by maximum likelihood of the labels pooled over steps.
+Exact Bayes with exact kernels is temperature 1, offset 0 and the true prior; a model whose branches disagree
+more than its samples do (an under-trained one, say) needs temperature < 1 and offset > 0, which this measures
+instead of guessing.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+from dng.errors import ConfigError
+from dng.posterior import check_probability
+
+# Fractions of the chain at which the discrimination of the fitted p_t is reported.
+REPORT_AT = (0.25, 0.5, 0.75, 0.9)
+
+
+@dataclass
+class Calibration:
+    prior: float
+    temperature: float
+    offset: float
+    nll: float  # mean Bernoulli negative log-likelihood per (step, sample), fitted
+    baseline_nll: float  # the same for a constant p equal to the share of c- samples
+    auc: dict  # fraction of the chain -> AUC of the fitted p_t for "finishes as c-"
+    positives: int
+    samples: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def kernel_variances(scheduler, eta: float, num_inference_steps: int) -> torch.Tensor:
+    """2 sigma_s^2 of every step's kernel, read from the scheduler by walking a one-pixel chain through it."""
+    from dng.kernels import reverse_kernel
+    from dng.sampler import _step_kwargs
+
+    kernel = reverse_kernel(scheduler, eta)
+    scheduler.set_timesteps(num_inference_steps)
+    kwargs = _step_kwargs(scheduler, eta, None)
+    x, variances = torch.zeros(1, 1, 1, 1), []
+    for t in scheduler.timesteps:
+        # The kernel reads the scheduler's state before the step that advances it, as in the sampler.
+        _, std, _ = kernel(t, x, x)
+        variances.append(2 * float(std) ** 2)
+        x = scheduler.step(torch.zeros_like(x), t, x, **kwargs).prev_sample
+    return torch.tensor(variances, dtype=torch.float64)
+
+
+def _auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """Probability that a positive outscores a negative (ties count half)."""
+    pos, neg = scores[labels], scores[~labels]
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    greater = (pos[:, None] > neg[None]).double().mean()
+    ties = (pos[:, None] == neg[None]).double().mean()
+    return float(greater + 0.5 * ties)
+
+
+def _trajectory(log_prior, temperature, offset, llr, inv_var, lo, hi):
+    log_p, out = log_prior.expand(llr.shape[1]), []
+    for s in range(llr.shape[0]):
+        log_p = (log_p + temperature * llr[s] + offset * inv_var[s]).clamp(lo, hi)
+        out.append(log_p)
+    return torch.stack(out)
+
+
+def fit(llr: torch.Tensor, variances: torch.Tensor, outcome: torch.Tensor, p_min: float = 1e-6,
+        p_max: float = 0.95) -> Calibration:
+    """Maximum-likelihood prior, temperature and offset from raw llr [steps, samples] and outcomes [samples].
+
+    `variances` [steps] are the 2 sigma_s^2 the llr was divided by (`kernel_variances`); steps whose llr is NaN
+    (no noise added) carry no evidence and are dropped.
+    """
+    llr = torch.as_tensor(llr, dtype=torch.float64)
+    outcome = torch.as_tensor(outcome).bool()
+    if llr.dim() != 2 or llr.shape[1] != len(outcome) or len(variances) != llr.shape[0]:
+        raise ConfigError(f"need llr [steps, samples], variances [steps] and outcomes [samples]; got "
+                          f"{tuple(llr.shape)}, {len(variances)} and {len(outcome)}")
+    positives = int(outcome.sum())
+    if positives < 5 or len(outcome) - positives < 5:
+        raise ConfigError(f"{positives} of {len(outcome)} samples became the negative concept: calibration needs at "
+                          "least 5 of each; draw more samples")
+    check_probability("p_min", p_min)
+    check_probability("p_max", p_max)
+    keep = ~llr.isnan().any(1)
+    llr, inv_var = llr[keep], 1.0 / torch.as_tensor(variances, dtype=torch.float64)[keep]
+    # Offsets live on the scale of the last steps' 1/(2 sigma^2); fit a unit-free one.
+    unit = float(inv_var.sum())
+    y = outcome.double()[None].expand_as(llr)
+    lo, hi = math.log(p_min), math.log(p_max)
+    share = positives / len(outcome)
+    params = torch.tensor([math.log(share), 1.0, 0.0], dtype=torch.float64, requires_grad=True)
+
+    def nll():
+        log_p = _trajectory(params[0].clamp(lo, hi), params[1], params[2] / unit, llr, inv_var, lo, hi)
+        p = log_p.exp()
+        return -(y * log_p + (1 - y) * torch.log1p(-p)).mean()
+
+    opt = torch.optim.LBFGS([params], max_iter=500, tolerance_grad=1e-10, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = nll()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    params = params.detach()
+    with torch.no_grad():
+        loss = float(nll())
+        log_p = _trajectory(params[0].clamp(lo, hi), params[1], params[2] / unit, llr, inv_var, lo, hi)
+    auc = {q: _auc(log_p[min(len(log_p) - 1, int(q * len(log_p)))], outcome) for q in REPORT_AT}
+    baseline = -(share * math.log(share) + (1 - share) * math.log1p(-share))
+    return Calibration(prior=math.exp(float(params[0].clamp(lo, hi))), temperature=float(params[1]),
+                       offset=float(params[2]) / unit, nll=loss, baseline_nll=baseline, auc=auc,
+                       positives=positives, samples=len(outcome))

@@ -1,0 +1,84 @@
+"""Calibration of DNG's prior, temperature and offset, checked on the exact Gaussian mixture."""
+
+import math
+
+import pytest
+import torch
+from diffusers import DDPMScheduler, EulerAncestralDiscreteScheduler
+
+from dng import calibration
+from dng.errors import ConfigError
+from dng.gmm import GaussianMixture, default_mixture_config
+from dng.guidance import DynamicNegativeGuidance
+from dng.kernels import reverse_kernel
+from dng.sampler import sample
+
+
+def tracked_unguided_chain(n, steps, seed=0):
+    """Unguided samples of the default mixture with the raw llr of class 0, and whether each ends in class 0."""
+    cfg = default_mixture_config()
+    scheduler = DDPMScheduler(num_train_timesteps=1000, clip_sample=False)
+    gmm = GaussianMixture(cfg["means"], cfg["stds"], cfg["weights"], scheduler.alphas_cumprod, torch.float32)
+    rule = DynamicNegativeGuidance(0.0, 0.5, temperature=1.0, offset=0.0, p_min=1e-30, p_max=1 - 1e-6)
+    g = torch.Generator().manual_seed(seed)
+    out = sample(gmm.branch_model([0]), scheduler, rule, noise=torch.randn(n, gmm.dim, generator=g),
+                 num_inference_steps=steps, num_negatives=1, generator=g, progress=False, return_trace=True)
+    outcome = gmm.log_joint(out.samples).argmax(-1) == 0
+    return out.trace.llr[:, :, 0], outcome, scheduler
+
+
+def test_kernel_variances_are_the_kernels_own():
+    for scheduler in (DDPMScheduler(), EulerAncestralDiscreteScheduler()):
+        variances = calibration.kernel_variances(scheduler, 0.0, 10)
+        kernel = reverse_kernel(scheduler, 0.0)
+        scheduler.set_timesteps(10)
+        x = torch.zeros(1, 1, 4, 4)
+        expected = []
+        for t in scheduler.timesteps:
+            expected.append(2 * float(kernel(t, x, x)[1]) ** 2)
+            x = scheduler.step(torch.zeros_like(x), t, x).prev_sample
+        assert torch.allclose(variances, torch.tensor(expected, dtype=torch.float64))
+        assert (variances[:-1] > 0).all()
+
+
+def bernoulli_nll(prior, temperature, offset, llr, variances, outcome, p_max=0.999):
+    keep = ~llr.isnan().any(1)
+    log_p, log_max = math.log(prior), math.log(p_max)
+    total = torch.zeros((), dtype=torch.float64)
+    for s in torch.nonzero(keep)[:, 0]:
+        log_p = (log_p + temperature * llr[s].double() + offset / variances[s]).clamp(math.log(1e-6), log_max)
+        total += -(outcome * log_p + (~outcome) * torch.log1p(-log_p.exp())).mean()
+    return float(total / keep.sum())
+
+
+def test_calibration_recovers_bayes_on_the_exact_mixture():
+    # With the true prior (0.1), temperature 1 and no offset the tracker is near-exact Bayes here (docs/GMM.md):
+    # the fit must find the prior, and a likelihood no worse than Bayes' yet not far better (nothing to correct).
+    llr, outcome, scheduler = tracked_unguided_chain(3000, 50)
+    variances = calibration.kernel_variances(scheduler, 0.0, 50)
+    fitted = calibration.fit(llr, variances, outcome, p_max=0.999)
+    bayes = bernoulli_nll(0.1, 1.0, 0.0, llr, variances, outcome)
+    assert 0.07 < fitted.prior < 0.14, fitted
+    assert 0.6 < fitted.temperature < 1.4, fitted
+    assert 0.95 * bayes < fitted.nll <= bayes + 1e-9, (fitted, bayes)
+    assert fitted.nll == pytest.approx(bernoulli_nll(fitted.prior, fitted.temperature, fitted.offset, llr,
+                                                     variances, outcome), rel=1e-6)
+    assert fitted.nll < 0.8 * fitted.baseline_nll and fitted.auc[0.9] > 0.99
+
+
+def test_calibration_finds_a_damped_tracker():
+    # The same chain with the evidence exaggerated 4x (as a model whose branches disagree too much would give):
+    # the fit must undo it.
+    llr, outcome, scheduler = tracked_unguided_chain(3000, 50)
+    variances = calibration.kernel_variances(scheduler, 0.0, 50)
+    honest = calibration.fit(llr, variances, outcome, p_max=0.999)
+    loud = calibration.fit(4 * llr, variances, outcome, p_max=0.999)
+    assert loud.temperature == pytest.approx(honest.temperature / 4, rel=0.15)
+    assert math.isclose(loud.prior, honest.prior, rel_tol=0.2)
+
+
+def test_calibration_refuses_too_few_outcomes():
+    with pytest.raises(ConfigError, match="at least 5 of each"):
+        calibration.fit(torch.zeros(3, 10), torch.ones(3), torch.zeros(10, dtype=torch.bool))
+    with pytest.raises(ConfigError, match="llr \\[steps, samples\\]"):
+        calibration.fit(torch.zeros(3, 10), torch.ones(4), torch.arange(10) < 5)
