@@ -77,17 +77,20 @@ class GaussianMixture:
         idx = torch.as_tensor(classes)
         return joint[:, idx].logsumexp(-1) - self.weights[idx].log().logsumexp(0)
 
-    def eps(self, x, t, classes=None):
-        """Exact epsilon: unconditional [batch, d], or one per class in `classes` [len(classes), batch, d]."""
+    def eps(self, x, t, classes=None, out=None):
+        """Exact epsilon: unconditional [batch, d], or one per class in `classes` [len(classes), batch, d].
+
+        `out` receives the result in place (the branch model fills one buffer instead of concatenating).
+        """
         x = x.to(self.dtype)
         scale, var = self._at(t)
         sigma = (1 - scale**2).sqrt()
         if classes is None:
             # sigma * sum_k p_k(x) (x - scale m_k) / var_k, the matmul fused with the x term.
             w = self._log_joint_t(x, scale, var).softmax(0) * (sigma / var)[:, None]
-            return torch.addmm(x * w.sum(0)[:, None], w.T, self.means, alpha=-float(scale))
+            return torch.addmm(x * w.sum(0)[:, None], w.T, self.means, alpha=-float(scale), out=out)
         idx = torch.as_tensor(classes)
-        return (x - scale * self.means[idx][:, None]) * (sigma / var[idx])[:, None, None]
+        return torch.mul(x - scale * self.means[idx][:, None], (sigma / var[idx])[:, None, None], out=out)
 
     def branch_model(self, negatives, positive=None):
         """A sampler model: branches [unconditional, positive?, negatives...] of one batch, in one call."""
@@ -96,10 +99,11 @@ class GaussianMixture:
 
         def model(x_all, t):
             x = x_all[: x_all.shape[0] // n_branches]
-            out = [self.eps(x, t)[None]]
+            out = torch.empty((n_branches,) + x.shape, dtype=self.dtype)
+            self.eps(x, t, out=out[0])
             if classes:
-                out.append(self.eps(x, t, classes))
-            return torch.cat(out).flatten(0, 1).to(x_all.dtype)
+                self.eps(x, t, classes, out=out[1:])
+            return out.flatten(0, 1).to(x_all.dtype)
 
         return model
 
