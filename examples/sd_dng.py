@@ -31,7 +31,7 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.float16 if device == "cuda" else torch.float32
     cls = StableDiffusionXLDNGPipeline if args.xl else StableDiffusionDNGPipeline
-    pipe = cls.from_pretrained(args.model, torch_dtype=dtype, local_files_only=True).to(device)
+    pipe = cls.from_pretrained(args.model, dtype=dtype, local_files_only=True).to(device)
     # SD ships PNDM, which adds no noise: the posterior update needs a stochastic sampler.
     pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -17,13 +17,7 @@ TINY_CLASSIFIER = dict(channels=[4, 8, 8], convs=[1, 1, 1], features=16, num_cla
 ROW_KEYS = {"class", "method", "params", "forbidden_rate", "class_kl", "fid", "precision", "recall", "seconds"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: on a busy 2-core machine OpenMP with 2 threads runs these tiny models much slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _write_idx(path, array: np.ndarray) -> None:

@@ -22,13 +22,7 @@ from dng.pipelines import StableDiffusionDNGPipeline, StableDiffusionXLDNGPipeli
 CALL = dict(prompt=["a cat", "a dog"], num_inference_steps=3, height=16, width=16, output_type="np")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models: a second thread only adds contention on a shared machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _quiet(pipe):

@@ -85,7 +85,7 @@ def run(args) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype or ("float16" if device.startswith("cuda") else "float32"))
     try:
-        pipe = cls.from_pretrained(args.model, torch_dtype=dtype, local_files_only=True)
+        pipe = cls.from_pretrained(args.model, dtype=dtype, local_files_only=True)
     except (OSError, ValueError, KeyError) as err:
         raise ConfigError(f"could not load {args.model} as {cls.__name__}: {err}") from None
     # DNG needs a stochastic sampler; every method uses the same one so that their images compare at one seed.
