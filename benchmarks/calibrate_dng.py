@@ -1,8 +1,9 @@
 """Fit DNG's prior, temperature and offset to the shipped Fashion-MNIST generator, per removed class.
 
-Draws unguided samples with a tracking-only rule, labels them with the shipped classifier and fits the tracker
-(dng.calibration). Prints, per class, the fitted values, the likelihood gain over a constant p and the AUC of the
-fitted p_t at several points of the chain (how early the tracker knows which samples become the class).
+Draws unguided samples with a tracking-only rule for every class at once, labels them with the shipped classifier
+and fits the tracker (dng.calibration): jointly ("all": one prior per class, one temperature and offset) and per
+class. Prints the fitted values, the likelihood relative to a constant p (1 = the tracker tells nothing) and the
+AUC of the fitted p_t at several points of the chain (how early the tracker knows which samples become the class).
 
 Run: .venv/bin/python benchmarks/calibrate_dng.py [--classes all] [--num-samples 300] [--steps 50] [--out FILE]
 """
@@ -10,8 +11,8 @@ Run: .venv/bin/python benchmarks/calibrate_dng.py [--classes all] [--num-samples
 from __future__ import annotations
 
 import argparse
-import json
 
+import numpy as np
 import torch
 
 from dng import calibration
@@ -45,23 +46,27 @@ def main():
     noise = torch.randn(args.num_samples, 1, 28, 28, generator=torch.Generator().manual_seed(args.seed))
     scheduler, eta = make_scheduler(args.scheduler)
     variances = calibration.kernel_variances(scheduler, eta, args.steps)
-    results = {}
-    print(f"{'class':<12} {'share':>6} {'prior':>7} {'temp':>6} {'offset':>9} {'nll/base':>8}  AUC at "
-          + " ".join(f"{q:.0%}" for q in calibration.REPORT_AT))
     classes = parse_classes(args.classes)
     # One unguided chain tracks every class at once: each negative branch has its own llr in the trace.
     x, trace = generate(unet, args.scheduler, tracking_only, classes, noise, args.steps, args.seed,
                         progress=True)
     labels, _ = classify(classifier, to_uint8(x))
-    for j, k in enumerate(classes):
-        fit = calibration.fit(trace.llr[:, :, j], variances, torch.from_numpy(labels == k), p_max=args.p_max)
-        results[CLASS_NAMES[k]] = fit.as_dict()
-        aucs = " ".join(f"{a:.2f}" for a in fit.auc.values())
-        print(f"{CLASS_NAMES[k]:<12} {fit.positives / fit.samples:6.3f} {fit.prior:7.3f} {fit.temperature:6.3f} "
-              f"{fit.offset:9.2e} {fit.nll / fit.baseline_nll:8.3f}  {aucs}", flush=True)
+    outcome = torch.from_numpy(labels[:, None] == np.array(classes)[None])
+    fits = {"all": calibration.fit(trace.llr, variances, outcome, p_max=args.p_max)}
+    fits.update({CLASS_NAMES[k]: calibration.fit(trace.llr[:, :, [j]], variances, outcome[:, [j]],
+                                                 p_max=args.p_max) for j, k in enumerate(classes)})
+    print(f"{'class':<12} {'share':>6} {'prior':>7} {'temp':>6} {'offset':>9} {'nll/base':>8}  AUC at "
+          + " ".join(f"{q:.0%}" for q in calibration.REPORT_AT))
+    for name, fit in fits.items():
+        share = np.mean(fit.positives) / fit.samples
+        prior = np.mean(fit.priors)
+        aucs = " ".join(f"{np.mean(a):.2f}" for a in fit.auc.values())
+        print(f"{name:<12} {share:6.3f} {prior:7.3f} {fit.temperature:6.3f} {fit.offset:9.2e} "
+              f"{fit.nll / fit.baseline_nll:8.3f}  {aucs}")
     if args.out:
-        write_json(args.out, {"settings": vars(args), "classes": results})
-    print(json.dumps({k: {f: round(v[f], 4) for f in ("prior", "temperature", "offset")} for k, v in results.items()}))
+        write_json(args.out, {"settings": vars(args), "classes": [CLASS_NAMES[k] for k in classes],
+                              "fits": {name: fit.as_dict() for name, fit in fits.items()}})
+        print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -13,18 +13,24 @@ from dng.guidance import DynamicNegativeGuidance
 from dng.kernels import reverse_kernel
 from dng.sampler import sample
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+STEPS = 50
 
-def tracked_unguided_chain(n, steps, seed=0):
-    """Unguided samples of the default mixture with the raw llr of class 0, and whether each ends in class 0."""
+
+def tracked_unguided_chain(n, steps, seed=0, classes=(0,)):
+    """Unguided samples of the default mixture with the raw llr of `classes`, and whether each ends in them."""
     cfg = default_mixture_config()
     scheduler = DDPMScheduler(num_train_timesteps=1000, clip_sample=False)
     gmm = GaussianMixture(cfg["means"], cfg["stds"], cfg["weights"], scheduler.alphas_cumprod, torch.float32)
     rule = DynamicNegativeGuidance(0.0, 0.5, temperature=1.0, offset=0.0, p_min=1e-30, p_max=1 - 1e-6)
     g = torch.Generator().manual_seed(seed)
-    out = sample(gmm.branch_model([0]), scheduler, rule, noise=torch.randn(n, gmm.dim, generator=g),
-                 num_inference_steps=steps, num_negatives=1, generator=g, progress=False, return_trace=True)
-    outcome = gmm.log_joint(out.samples).argmax(-1) == 0
-    return out.trace.llr[:, :, 0], outcome, scheduler
+    out = sample(gmm.branch_model(list(classes)), scheduler, rule, noise=torch.randn(n, gmm.dim, generator=g),
+                 num_inference_steps=steps, num_negatives=len(classes), generator=g, progress=False,
+                 return_trace=True)
+    outcome = gmm.log_joint(out.samples).argmax(-1)[:, None] == torch.tensor(classes)
+    if len(classes) == 1:
+        return out.trace.llr[:, :, 0], outcome[:, 0], scheduler
+    return out.trace.llr, outcome, scheduler
 
 
 def test_kernel_variances_are_the_kernels_own():
@@ -51,34 +57,48 @@ def bernoulli_nll(prior, temperature, offset, llr, variances, outcome, p_max=0.9
     return float(total / keep.sum())
 
 
-def test_calibration_recovers_bayes_on_the_exact_mixture():
+@pytest.fixture(scope="module")
+def chain(one_thread):
+    llr, outcome, scheduler = tracked_unguided_chain(3000, STEPS)
+    return llr, outcome, calibration.kernel_variances(scheduler, 0.0, STEPS)
+
+
+def test_calibration_recovers_bayes_on_the_exact_mixture(chain):
     # With the true prior (0.1), temperature 1 and no offset the tracker is near-exact Bayes here (docs/GMM.md):
     # the fit must find the prior, and a likelihood no worse than Bayes' yet not far better (nothing to correct).
-    llr, outcome, scheduler = tracked_unguided_chain(3000, 50)
-    variances = calibration.kernel_variances(scheduler, 0.0, 50)
+    llr, outcome, variances = chain
     fitted = calibration.fit(llr, variances, outcome, p_max=0.999)
     bayes = bernoulli_nll(0.1, 1.0, 0.0, llr, variances, outcome)
-    assert 0.07 < fitted.prior < 0.14, fitted
+    assert 0.07 < fitted.priors[0] < 0.14, fitted
     assert 0.6 < fitted.temperature < 1.4, fitted
     assert 0.95 * bayes < fitted.nll <= bayes + 1e-9, (fitted, bayes)
-    assert fitted.nll == pytest.approx(bernoulli_nll(fitted.prior, fitted.temperature, fitted.offset, llr,
+    assert fitted.nll == pytest.approx(bernoulli_nll(fitted.priors[0], fitted.temperature, fitted.offset, llr,
                                                      variances, outcome), rel=1e-6)
-    assert fitted.nll < 0.8 * fitted.baseline_nll and fitted.auc[0.9] > 0.99
+    assert fitted.nll < 0.8 * fitted.baseline_nll and fitted.auc[0.9][0] > 0.99
 
 
-def test_calibration_finds_a_damped_tracker():
+def test_calibration_finds_a_damped_tracker(chain):
     # The same chain with the evidence exaggerated 4x (as a model whose branches disagree too much would give):
     # the fit must undo it.
-    llr, outcome, scheduler = tracked_unguided_chain(3000, 50)
-    variances = calibration.kernel_variances(scheduler, 0.0, 50)
+    llr, outcome, variances = chain
     honest = calibration.fit(llr, variances, outcome, p_max=0.999)
     loud = calibration.fit(4 * llr, variances, outcome, p_max=0.999)
     assert loud.temperature == pytest.approx(honest.temperature / 4, rel=0.15)
-    assert math.isclose(loud.prior, honest.prior, rel_tol=0.2)
+    assert math.isclose(loud.priors[0], honest.priors[0], rel_tol=0.2)
+
+
+def test_calibration_fits_several_concepts_with_their_own_priors():
+    llr, outcome, scheduler = tracked_unguided_chain(1000, STEPS, classes=(0, 1, 2))
+    variances = calibration.kernel_variances(scheduler, 0.0, 50)
+    fitted = calibration.fit(llr, variances, outcome, p_max=0.999)
+    assert len(fitted.priors) == 3 and all(0.07 < p < 0.14 for p in fitted.priors), fitted
+    assert 0.6 < fitted.temperature < 1.4 and fitted.nll < 0.8 * fitted.baseline_nll
+    alone = calibration.fit(llr[:, :, 1], variances, outcome[:, 1], p_max=0.999)
+    assert alone.priors[0] == pytest.approx(fitted.priors[1], rel=0.25)
 
 
 def test_calibration_refuses_too_few_outcomes():
     with pytest.raises(ConfigError, match="at least 5 of each"):
         calibration.fit(torch.zeros(3, 10), torch.ones(3), torch.zeros(10, dtype=torch.bool))
-    with pytest.raises(ConfigError, match="llr \\[steps, samples\\]"):
+    with pytest.raises(ConfigError, match="need llr \\[steps, samples"):
         calibration.fit(torch.zeros(3, 10), torch.ones(4), torch.arange(10) < 5)

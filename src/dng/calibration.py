@@ -28,13 +28,15 @@ REPORT_AT = (0.25, 0.5, 0.75, 0.9)
 
 @dataclass
 class Calibration:
-    prior: float
+    """Fitted tracker settings: one prior per concept, one temperature and offset shared by all of them."""
+
+    priors: list[float]
     temperature: float
     offset: float
-    nll: float  # mean Bernoulli negative log-likelihood per (step, sample), fitted
-    baseline_nll: float  # the same for a constant p equal to the share of c- samples
-    auc: dict  # fraction of the chain -> AUC of the fitted p_t for "finishes as c-"
-    positives: int
+    nll: float  # mean Bernoulli negative log-likelihood per (step, sample, concept), fitted
+    baseline_nll: float  # the same for a constant p per concept equal to its share of the samples
+    auc: dict  # fraction of the chain -> per concept, AUC of the fitted p_t for "finishes as the concept"
+    positives: list[int]
     samples: int
 
     def as_dict(self) -> dict:
@@ -69,60 +71,70 @@ def _auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 def _trajectory(log_prior, temperature, offset, llr, inv_var, lo, hi):
-    log_p, out = log_prior.expand(llr.shape[1]), []
+    log_p, out = log_prior.expand(llr.shape[1:]), []
     for s in range(llr.shape[0]):
         log_p = (log_p + temperature * llr[s] + offset * inv_var[s]).clamp(lo, hi)
         out.append(log_p)
     return torch.stack(out)
 
 
+def _bernoulli_nll(log_p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return -(y * log_p + (1 - y) * torch.log1p(-log_p.exp())).mean()
+
+
 def fit(llr: torch.Tensor, variances: torch.Tensor, outcome: torch.Tensor, p_min: float = 1e-6,
         p_max: float = 0.95) -> Calibration:
-    """Maximum-likelihood prior, temperature and offset from raw llr [steps, samples] and outcomes [samples].
+    """Maximum-likelihood priors, temperature and offset from the raw llr and the samples' outcomes.
 
-    `variances` [steps] are the 2 sigma_s^2 the llr was divided by (`kernel_variances`); steps whose llr is NaN
-    (no noise added) carry no evidence and are dropped.
+    `llr` is [steps, samples] or [steps, samples, concepts] (as in a trace), `outcome` [samples] or
+    [samples, concepts] (did the sample finish as the concept). `variances` [steps] are the 2 sigma_s^2 the llr
+    was divided by (`kernel_variances`); steps whose llr is NaN (no noise added) carry no evidence and are dropped.
     """
     llr = torch.as_tensor(llr, dtype=torch.float64)
     outcome = torch.as_tensor(outcome).bool()
-    if llr.dim() != 2 or llr.shape[1] != len(outcome) or len(variances) != llr.shape[0]:
-        raise ConfigError(f"need llr [steps, samples], variances [steps] and outcomes [samples]; got "
-                          f"{tuple(llr.shape)}, {len(variances)} and {len(outcome)}")
-    positives = int(outcome.sum())
-    if positives < 5 or len(outcome) - positives < 5:
-        raise ConfigError(f"{positives} of {len(outcome)} samples became the negative concept: calibration needs at "
-                          "least 5 of each; draw more samples")
+    if llr.dim() == 2:
+        llr = llr[..., None]
+    if outcome.dim() == 1:
+        outcome = outcome[:, None]
+    if (llr.dim() != 3 or llr.shape[1:] != outcome.shape or len(variances) != llr.shape[0]):
+        raise ConfigError(f"need llr [steps, samples(, concepts)], variances [steps] and outcomes "
+                          f"[samples(, concepts)]; got {tuple(llr.shape)}, {len(variances)} and {tuple(outcome.shape)}")
+    positives = outcome.sum(0)
+    if (positives < 5).any() or (len(outcome) - positives < 5).any():
+        raise ConfigError(f"{positives.tolist()} of {len(outcome)} samples became the concept(s): calibration needs "
+                          "at least 5 of each outcome per concept; draw more samples")
     check_probability("p_min", p_min)
     check_probability("p_max", p_max)
-    keep = ~llr.isnan().any(1)
-    llr, inv_var = llr[keep], 1.0 / torch.as_tensor(variances, dtype=torch.float64)[keep]
+    keep = ~llr.isnan().flatten(1).any(1)
+    llr, inv_var = llr[keep], 1.0 / torch.as_tensor(variances, dtype=torch.float64)[keep, None, None]
     # Offsets live on the scale of the last steps' 1/(2 sigma^2); fit a unit-free one.
     unit = float(inv_var.sum())
     y = outcome.double()[None].expand_as(llr)
     lo, hi = math.log(p_min), math.log(p_max)
-    share = positives / len(outcome)
-    params = torch.tensor([math.log(share), 1.0, 0.0], dtype=torch.float64, requires_grad=True)
+    share = positives.double() / len(outcome)
+    concepts = outcome.shape[1]
+    params = torch.cat([share.log(), torch.tensor([1.0, 0.0], dtype=torch.float64)]).requires_grad_()
 
-    def nll():
-        log_p = _trajectory(params[0].clamp(lo, hi), params[1], params[2] / unit, llr, inv_var, lo, hi)
-        p = log_p.exp()
-        return -(y * log_p + (1 - y) * torch.log1p(-p)).mean()
+    def trajectory():
+        return _trajectory(params[:concepts].clamp(lo, hi), params[concepts], params[concepts + 1] / unit, llr,
+                           inv_var, lo, hi)
 
-    opt = torch.optim.LBFGS([params], max_iter=500, tolerance_grad=1e-10, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS([params], max_iter=500, tolerance_grad=1e-7, line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()
-        loss = nll()
+        loss = _bernoulli_nll(trajectory(), y)
         loss.backward()
         return loss
 
     opt.step(closure)
-    params = params.detach()
     with torch.no_grad():
-        loss = float(nll())
-        log_p = _trajectory(params[0].clamp(lo, hi), params[1], params[2] / unit, llr, inv_var, lo, hi)
-    auc = {q: _auc(log_p[min(len(log_p) - 1, int(q * len(log_p)))], outcome) for q in REPORT_AT}
-    baseline = -(share * math.log(share) + (1 - share) * math.log1p(-share))
-    return Calibration(prior=math.exp(float(params[0].clamp(lo, hi))), temperature=float(params[1]),
-                       offset=float(params[2]) / unit, nll=loss, baseline_nll=baseline, auc=auc,
-                       positives=positives, samples=len(outcome))
+        log_p = trajectory()
+        loss = float(_bernoulli_nll(log_p, y))
+    auc = {q: [_auc(log_p[min(len(log_p) - 1, int(q * len(log_p))), :, k], outcome[:, k]) for k in range(concepts)]
+           for q in REPORT_AT}
+    baseline = float(-(share * share.log() + (1 - share) * torch.log1p(-share)).mean())
+    return Calibration(priors=params[:concepts].detach().clamp(lo, hi).exp().tolist(),
+                       temperature=float(params[concepts].detach()), offset=float(params[concepts + 1].detach()) / unit,
+                       nll=loss,
+                       baseline_nll=baseline, auc=auc, positives=positives.tolist(), samples=len(outcome))
