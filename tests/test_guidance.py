@@ -90,6 +90,12 @@ def test_sld_matches_diffusers_safe_pipeline(name):
     for i in range(steps):
         eps, _, _ = sld.combine(eps_u[i], eps_n[i][None], Step(i, torch.tensor(0), eps_u[i]), eps_p[i], 7.5)
         torch.testing.assert_close(eps, expected[i])
+    # Without a positive branch the unconditional prediction is the text branch and w = 1.
+    expected = _diffusers_sld(eps_u, eps_u, eps_n, 1.0, steps, SLD_PRESETS[name])
+    sld.start(2, 1)
+    for i in range(steps):
+        eps, _, _ = sld.combine(eps_u[i], eps_n[i][None], Step(i, torch.tensor(0), eps_u[i]))
+        torch.testing.assert_close(eps, expected[i])
 
 
 @pytest.mark.parametrize(

@@ -113,19 +113,23 @@ class SafeLatentDiffusion(Guidance):
     def combine(self, eps_u, eps_n, step, eps_p=None, cfg_scale=1.0):
         eps_text = eps_u if eps_p is None else eps_p
         w = 1.0 if eps_p is None else cfg_scale
+        # Same arithmetic as diffusers, in place where a temporary allows it: at 10^4 samples x 10^3
+        # steps every full-size pass counts.
         gap = eps_text - eps_n
-        elem_scale = torch.clamp(gap.abs() * self.scale, max=1.0)
-        elem_scale = torch.where(gap >= self.threshold, torch.zeros_like(elem_scale), elem_scale)
-        safety = (eps_n - eps_u) * elem_scale
+        elem_scale = torch.clamp_(gap.abs().mul_(self.scale), max=1.0).masked_fill_(gap >= self.threshold, 0.0)
+        safety = (eps_n - eps_u).mul_(elem_scale)
         if self.momentum is None:
-            self.momentum = torch.zeros_like(safety)
-        safety = safety + self.momentum_scale * self.momentum
-        self.momentum = self.momentum_beta * self.momentum + (1 - self.momentum_beta) * safety
+            self.momentum = safety * (1 - self.momentum_beta)
+        else:
+            safety.add_(self.momentum, alpha=self.momentum_scale)
+            self.momentum = torch.lerp(safety, self.momentum, self.momentum_beta)
         base = base_prediction(eps_u, eps_p, cfg_scale)
         scale = elem_scale.flatten(2).mean(-1).transpose(0, 1).float()
         if step.index < self.warmup_steps:
             return base, torch.zeros_like(scale), None
-        return base - w * safety.sum(0), w * scale, None
+        for negative in safety:
+            base = base.sub(negative, alpha=w)
+        return base, w * scale, None
 
 
 MODES = ("independent", "exclusive")
