@@ -17,10 +17,9 @@ import torch
 
 from dng import calibration
 from dng.guidance import DynamicNegativeGuidance
-from dng.io import write_json
 from dng.vision.data import CLASS_NAMES
 from dng.vision.generate import classify, generate, make_scheduler, parse_classes, to_uint8
-from dng.vision.models import load_classifier, load_generator
+from dng.vision.models import calibration_path, load_classifier, load_generator, save_calibration
 
 
 def tracking_only():
@@ -38,7 +37,8 @@ def main():
     parser.add_argument("--p-max", type=float, default=0.95)
     parser.add_argument("--generator")
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--out", default=None, help="JSON file for the fitted values")
+    parser.add_argument("--out", default=None,
+                        help="calibration file (default: beside the generator, where sampling looks for it)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -63,10 +63,9 @@ def main():
         aucs = " ".join(f"{np.mean(a):.2f}" for a in fit.auc.values())
         print(f"{name:<12} {share:6.3f} {prior:7.3f} {fit.temperature:6.3f} {fit.offset:9.2e} "
               f"{fit.nll / fit.baseline_nll:8.3f}  {aucs}")
-    if args.out:
-        write_json(args.out, {"settings": vars(args), "classes": [CLASS_NAMES[k] for k in classes],
-                              "fits": {name: fit.as_dict() for name, fit in fits.items()}})
-        print(f"wrote {args.out}")
+    out = args.out or calibration_path(args.generator)
+    save_calibration(out, fits, classes, vars(args))
+    print(f"wrote {out}: dng sample, demo and bench class-removal use it for {args.scheduler} with {args.steps} steps")
 
 
 if __name__ == "__main__":

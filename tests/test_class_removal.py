@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from dng import cli
+from dng import calibration, cli
 from dng.commands.demo import DEFAULT_REMOVE
 from dng.errors import ConfigError
 from dng.vision import generate, models
@@ -143,3 +143,36 @@ def test_missing_weights_say_how_to_make_them(tmp_path, monkeypatch, capsys, arg
     monkeypatch.chdir(tmp_path)
     assert cli.main([*argv, "--no-progress"]) == 2
     assert "dng train export" in capsys.readouterr().err
+
+
+def _calibration(temperature=0.3, offset=0.002, priors=(0.05, 0.2)):
+    fit = calibration.Calibration(priors=list(priors), temperature=temperature, offset=offset, nll=0.4,
+                                  baseline_nll=0.5, auc={}, positives=[10, 10], samples=100)
+    return {"all": fit}
+
+
+def test_calibration_sets_dng_for_its_sampler_only(tiny, tmp_path):
+    gen = tiny[1]
+    settings = {"scheduler": "ddpm", "steps": 3, "p_max": 0.9}
+    models.save_calibration(models.calibration_path(gen), _calibration(), [1, 3], settings)
+    cal = models.load_calibration(gen)
+    dng, source = generate.dng_settings([3], cal, "ddpm", 3)
+    assert dng == {"scale": 1.0, "prior": 0.2, "temperature": 0.3, "offset": 0.002, "p_max": 0.9}
+    assert "calibrated" in source
+    assert generate.dng_settings([1, 3], cal, "ddpm", 3)[0]["prior"] == [0.05, 0.2]
+    assert generate.dng_settings([3], cal, "ddpm", 3, prior=0.5)[0]["prior"] == 0.5
+    dng, source = generate.dng_settings([3], cal, "ddpm", 50)  # the offset is per step: no transfer
+    assert dng == {"scale": 1.0, "prior": 0.1} and "calibrated for ddpm with 3 steps" in source
+
+    out = tmp_path / "sweep"
+    assert _bench(tiny, out, classes="Dress") == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert rows[1]["params"] == {"scale": 1.0, "prior": 0.2, "temperature": 0.3, "offset": 0.002, "p_max": 0.9}
+    models.save_calibration(models.calibration_path(gen), _calibration(temperature=0.5), [1, 3], settings)
+    assert _bench(tiny, out, classes="Dress") == 2  # a new calibration would mix into old cells: refused
+
+    with pytest.raises(ConfigError, match="needs the joint fit"):
+        models.save_calibration(tmp_path / "x.json", _calibration(), [1, 3], {"steps": 3})
+    models.calibration_path(gen).write_text('{"fits": {}}')
+    with pytest.raises(ConfigError, match="not a calibration file"):
+        models.load_calibration(gen)

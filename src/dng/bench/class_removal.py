@@ -23,7 +23,7 @@ from dng.io import write_atomic, write_json
 from dng.sampler import Trace
 from dng.vision import generate
 from dng.vision.data import CLASS_NAMES, NUM_CLASSES, load_split
-from dng.vision.models import default_weights, load_classifier, load_generator
+from dng.vision.models import calibration_path, default_weights, load_calibration, load_classifier, load_generator
 
 METHODS = ("none", "np", "sld", "dng")
 NP_SCALES = (0.5, 1.0, 2.0)
@@ -43,8 +43,11 @@ def parse_methods(text: str) -> list[str]:
     return methods
 
 
-def configs(methods: list[str]) -> list[tuple[str, dict, object]]:
-    """(method, params, guidance factory or None) of every cell the methods ask for, per removed class."""
+def configs(methods: list[str], dng: dict) -> list[tuple[str, dict, object]]:
+    """(method, params, guidance factory or None) of every cell the methods ask for, for one removed class.
+
+    `dng` holds DNG's parameters for that class (`generate.dng_settings`).
+    """
     cells = []
     for method in methods:
         if method == "none":
@@ -55,7 +58,7 @@ def configs(methods: list[str]) -> list[tuple[str, dict, object]]:
             cells += [(method, {"preset": name, **preset}, generate.guidance_factory("sld", preset=name))
                       for name, preset in SLD_PRESETS.items()]
         else:
-            cells.append((method, dict(DNG_PARAMS), generate.guidance_factory("dng", **DNG_PARAMS)))
+            cells.append((method, dict(dng), generate.guidance_factory("dng", **dng)))
     return cells
 
 
@@ -119,10 +122,13 @@ class ClassRemovalBench:
         clf_path = Path(classifier) if classifier else default_weights("classifier")
         self.unet = load_generator(gen_path)
         self.reference = Reference(load_classifier(clf_path))
+        self.calibration = load_calibration(gen_path)
         self.out = Path(out)
+        cal_path = calibration_path(gen_path)
         self.settings = {
             "steps": steps, "num_samples": num_samples, "scheduler": scheduler, "seed": seed,
             "generator_sha256": _sha256(gen_path), "classifier_sha256": _sha256(clf_path),
+            "calibration_sha256": _sha256(cal_path) if cal_path.is_file() else None,
         }
         self._check_settings()
         self.batch_size, self.progress = batch_size, progress
@@ -159,6 +165,11 @@ class ClassRemovalBench:
         write_atomic(path, generate.npz_bytes(images=images, seconds=np.float64(seconds)))
         return images, seconds
 
+    def dng_settings(self, klass: int) -> dict:
+        """DNG's parameters for removing `klass`: the generator's calibration if it matches the sampler."""
+        s = self.settings
+        return generate.dng_settings([klass], self.calibration, s["scheduler"], s["steps"])[0]
+
     def run_cell(self, index: int, klass: int, method: str, params: dict, factory) -> bool:
         """Sample and score one cell unless it is stored; True if it ran."""
         key = cell_key(klass, method, params)
@@ -186,7 +197,7 @@ class ClassRemovalBench:
         """Run every missing cell; returns how many ran."""
         from tqdm.auto import tqdm
 
-        cells = [(k, i, *c) for k in classes for i, c in enumerate(configs(methods))]
+        cells = [(k, i, *c) for k in classes for i, c in enumerate(configs(methods, self.dng_settings(k)))]
         todo = [c for c in cells if not (self.out / "cells" / f"{cell_key(c[0], c[2], c[3])}.json").is_file()]
         bar = tqdm(todo, desc="class-removal", disable=not self.progress or None)
         for klass, index, method, params, factory in bar:
@@ -205,10 +216,13 @@ def summarize(rows: list[dict]) -> list[dict]:
     """Mean and standard deviation over removed classes of every metric, one row per setting."""
     groups: dict[str, list[dict]] = {}
     for row in rows:
-        groups.setdefault(json.dumps([row["method"], row["params"]]), []).append(row)
+        groups.setdefault(setting_label(row["method"], row["params"]), []).append(row)
     out = []
     for members in groups.values():
-        summary = {"method": members[0]["method"], "params": members[0]["params"], "classes": len(members)}
+        # A calibrated DNG has a prior per removed class: the summary keeps the parameters all classes share.
+        first = members[0]["params"]
+        shared = {k: v for k, v in first.items() if all(m["params"].get(k) == v for m in members)}
+        summary = {"method": members[0]["method"], "params": shared, "classes": len(members)}
         for m in METRICS:
             values = np.array([r[m] for r in members], dtype=np.float64)
             summary[m], summary[f"{m}_std"] = float(values.mean()), float(values.std())

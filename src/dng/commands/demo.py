@@ -35,7 +35,7 @@ def run(args) -> int:
     from dng.io import write_atomic, write_json
     from dng.vision import generate
     from dng.vision.data import CLASS_NAMES
-    from dng.vision.models import load_classifier, load_generator
+    from dng.vision.models import load_calibration, load_classifier, load_generator
 
     started = time.perf_counter()
     if args.threads:
@@ -47,7 +47,8 @@ def run(args) -> int:
     unet, classifier = load_generator(args.generator), load_classifier(args.classifier)
     reference = Reference(classifier, REFERENCE_IMAGES)
     noise = torch.randn(args.num_images, 1, 28, 28, generator=torch.Generator().manual_seed(args.seed))
-    methods = {"none": {}, "np": {"scale": NP_SCALE}, "dng": {"scale": 1.0, "prior": 0.1}}
+    dng, dng_source = generate.dng_settings([klass], load_calibration(args.generator), "ddpm", args.steps)
+    methods = {"none": {}, "np": {"scale": NP_SCALE}, "dng": dng}
     results, grids, trace = {}, {}, None
     for name, params in methods.items():
         t0 = time.perf_counter()
@@ -67,7 +68,8 @@ def run(args) -> int:
         **{f"grid_{name}": out / f"grid_{name}.png" for name in methods},
     }
     report = {"removed": klass, "removed_name": CLASS_NAMES[klass], "num_images": args.num_images,
-              "steps": args.steps, "seed": args.seed, "scheduler": "ddpm", "methods": results,
+              "steps": args.steps, "seed": args.seed, "scheduler": "ddpm", "dng_settings_from": dng_source,
+              "methods": results,
               "seconds": time.perf_counter() - started}
     files["report_json"] = out / "report.json"
     files["report_md"] = out / "report.md"
@@ -99,6 +101,7 @@ def format_report(report: dict) -> str:
         f"{m['recall']:.2f} | {m['seconds']:.1f} |"
         for name, m in report["methods"].items()
     )
+    dng = ", ".join(f"{k} {v:.3g}" for k, v in report["methods"]["dng"]["params"].items())
     return f"""# dng demo: removing {report["removed_name"]} (class {report["removed"]})
 
 {report["num_images"]} images per method, {report["steps"]} DDPM steps, seed {report["seed"]}; every method starts
@@ -111,6 +114,7 @@ from the same noise. Metrics from the shipped classifier against the kept classe
 
 - forbidden rate: share of images classified as {report["removed_name"]} (0 is the goal).
 - class KL: KL(test distribution over the kept classes || generated); low means the other classes stay balanced.
+- DNG: {dng} ({report["dng_settings_from"]}); NP: scale {report["methods"]["np"]["params"]["scale"]:.3g}.
 - FID, precision, recall: in the classifier's feature space; with {report["num_images"]} images FID is biased
   upwards, so compare the methods with each other only (`dng bench class-removal` uses 500 per cell).
 

@@ -13,7 +13,8 @@ def register(groups) -> None:
     p.add_argument("--cfg-scale", type=float, default=2.0, help="CFG scale with --class")
     p.add_argument("--scale", type=float, default=1.0, help="NP scale, or DNG's base scale")
     p.add_argument("--preset", default="medium", help="SLD preset: weak, medium, strong, max")
-    p.add_argument("--prior", type=float, default=0.1, help="DNG prior per removed class")
+    p.add_argument("--prior", type=float, default=None,
+                   help="DNG prior per removed class (default: the generator's calibration, else 0.1)")
     p.add_argument("--num-images", type=int, default=64)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--scheduler", default="ddpm", help="ddpm, euler-a or ddim (eta 1)")
@@ -35,15 +36,20 @@ def run(args) -> int:
     from dng.io import write_atomic
     from dng.vision import generate
     from dng.vision.data import CLASS_NAMES
-    from dng.vision.models import load_classifier, load_generator
+    from dng.vision.models import load_calibration, load_classifier, load_generator
 
     if args.threads:
         torch.set_num_threads(args.threads)
     removed = generate.parse_classes(args.remove) if args.remove else []
     method = (args.method or ("dng" if removed else "none")).strip().lower()
-    factory = generate.guidance_factory(method, args.scale, args.preset, args.prior, exclusive=len(removed) > 1)
-    if factory is not None and not removed:
+    if method in generate.GUIDED and not removed:
         raise ConfigError(f"--method {method} needs --remove (a class name or index, e.g. Trouser)")
+    dng = {"scale": args.scale, "prior": 0.1}
+    if method == "dng":
+        dng, source = generate.dng_settings(removed, load_calibration(args.generator), args.scheduler, args.steps,
+                                            args.scale, args.prior)
+        print(f"DNG settings ({source}): {dng}")
+    factory = generate.guidance_factory(method, preset=args.preset, exclusive=len(removed) > 1, **dng)
     positive = generate.parse_class(args.klass) if args.klass is not None else None
     if positive in removed:
         raise ConfigError(f"--class {CLASS_NAMES[positive]} is also removed")

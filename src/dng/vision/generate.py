@@ -73,9 +73,12 @@ def parse_classes(text: str) -> list[int]:
 GUIDED = ("np", "sld", "dng")
 
 
-def guidance_factory(method: str, scale: float = 1.0, preset: str = "medium", prior: float = 0.1,
-                     exclusive: bool = False):
-    """A fresh-rule factory for 'np', 'sld' or 'dng' (None for 'none'); `exclusive` for several removed classes."""
+def guidance_factory(method: str, scale: float = 1.0, preset: str = "medium", prior=0.1,
+                     exclusive: bool = False, **dng):
+    """A fresh-rule factory for 'np', 'sld' or 'dng' (None for 'none'); `exclusive` for several removed classes.
+
+    `dng` passes further DynamicNegativeGuidance arguments (temperature, offset, p_max, ...).
+    """
     if method == "none":
         return None
     if method == "np":
@@ -85,10 +88,34 @@ def guidance_factory(method: str, scale: float = 1.0, preset: str = "medium", pr
         SafeLatentDiffusion.preset(preset)
         return lambda: SafeLatentDiffusion.preset(preset)
     if method == "dng":
-        DynamicNegativeGuidance(scale, prior)
         mode = "exclusive" if exclusive else "independent"
-        return lambda: DynamicNegativeGuidance(scale, prior, mode=mode)
+        DynamicNegativeGuidance(scale, prior, mode=mode, **dng)
+        return lambda: DynamicNegativeGuidance(scale, prior, mode=mode, **dng)
     raise ConfigError(f"unknown method {method!r}; choose from none, {', '.join(GUIDED)}")
+
+
+def dng_settings(removed: Sequence[int], calibration: dict | None, scheduler: str, steps: int,
+                 scale: float = 1.0, prior: float | None = None) -> tuple[dict, str]:
+    """DNG's parameters for removing `removed` from a generator, and where they came from.
+
+    The generator's calibration (fitted for one scheduler and step count: its offset is per step) gives a prior
+    per class, the temperature and the offset; without a matching one, the core's defaults with prior 0.1 (one
+    class in ten). A given prior wins over both.
+    """
+    if calibration and (calibration["scheduler"], calibration["steps"]) == (scheduler, steps):
+        priors = [calibration["priors"].get(k, 0.1) for k in removed]
+        settings = {"scale": scale, "prior": priors[0] if len(priors) == 1 else priors,
+                    "temperature": calibration["temperature"], "offset": calibration["offset"],
+                    "p_max": calibration["p_max"]}
+        source = f"calibrated for {scheduler} with {steps} steps"
+    else:
+        settings, source = {"scale": scale, "prior": 0.1}, "library defaults (no calibration for these settings)"
+        if calibration:
+            source = (f"library defaults: the generator is calibrated for {calibration['scheduler']} with "
+                      f"{calibration['steps']} steps, not {scheduler} with {steps}")
+    if prior is not None:
+        settings["prior"] = prior
+    return settings, source
 
 
 def generate(

@@ -144,3 +144,46 @@ def default_weights(kind: str) -> Path:
             f"`dng train {kind} --out runs/{kind}` then `dng train export --run runs/{kind} --kind {kind}`"
         )
     return path
+
+
+def calibration_path(generator=None) -> Path:
+    """Where the DNG calibration of a generator file lives: beside it, as <name>.calibration.json."""
+    path = Path(generator) if generator else WEIGHTS_DIR / "generator.safetensors"
+    return path.with_name(path.stem + ".calibration.json")
+
+
+def save_calibration(path, fits: dict, classes: list[int], settings: dict) -> Path:
+    """Write calibration fits (name -> dng.calibration.Calibration; "all" is the joint one that sampling uses).
+
+    `settings` must hold the scheduler, steps and p_max the fit was made with.
+    """
+    from dng.io import write_json
+    from dng.vision.data import CLASS_NAMES
+
+    missing = {"scheduler", "steps", "p_max"} - set(settings)
+    if missing or "all" not in fits:
+        raise ConfigError(f"a calibration needs the joint fit 'all' and settings scheduler, steps, p_max; "
+                          f"missing {sorted(missing) or ['all']}")
+    return write_json(path, {"settings": settings, "classes": [CLASS_NAMES[k] for k in classes],
+                             "fits": {name: fit.as_dict() for name, fit in fits.items()}})
+
+
+def load_calibration(generator=None) -> dict | None:
+    """The generator's fitted DNG tracker (save_calibration; benchmarks/calibrate_dng.py), or None if it has none.
+
+    Returns {"priors": {class index: prior}, "temperature", "offset", "p_max", "scheduler", "steps"}.
+    """
+    from dng.vision.data import CLASS_NAMES
+
+    path = calibration_path(generator)
+    if not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+        fit, settings = saved["fits"]["all"], saved["settings"]
+        priors = {CLASS_NAMES.index(name): p for name, p in zip(saved["classes"], fit["priors"], strict=True)}
+        return {"priors": priors, "temperature": fit["temperature"], "offset": fit["offset"],
+                "p_max": settings["p_max"], "scheduler": settings["scheduler"], "steps": settings["steps"]}
+    except (ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"{path} is not a calibration file written by benchmarks/calibrate_dng.py ({err}); "
+                          "delete it or rerun the calibration") from err
