@@ -1,6 +1,6 @@
 """Per-step wall time of DNG vs NP on the same model, in one run; and the GMM bench at full size.
 
-Run: .venv/bin/python benchmarks/bench_overhead.py [--threads 2] [--skip-full]
+Run: .venv/bin/python benchmarks/bench_overhead.py [--threads 2] [--skip-unet] [--skip-full]
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ def ratio(name, model, noise, steps, repeats):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--skip-unet", action="store_true", help="the UNet takes minutes on one thread")
     parser.add_argument("--skip-full", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -52,16 +53,17 @@ def main():
                           dtype=torch.float32)
     ratio("GMM d=64 K=10, 10000 samples", gmm.branch_model([0]), torch.randn(10000, 64), 100, 5)
 
-    unet = UNet2DModel(sample_size=28, in_channels=1, out_channels=1, block_out_channels=(32, 64, 128),
-                       down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
-                       up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), layers_per_block=2).eval()
-    params = sum(p.numel() for p in unet.parameters()) / 1e6
+    if not args.skip_unet:
+        unet = UNet2DModel(sample_size=28, in_channels=1, out_channels=1, block_out_channels=(32, 64, 128),
+                           down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+                           up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), layers_per_block=2).eval()
+        params = sum(p.numel() for p in unet.parameters()) / 1e6
 
-    @torch.no_grad()
-    def unet_model(x, t):
-        return unet(x, t).sample
+        @torch.no_grad()
+        def unet_model(x, t):
+            return unet(x, t).sample
 
-    ratio(f"UNet2DModel 28x28 {params:.1f}M, batch 64", unet_model, torch.randn(64, 1, 28, 28), 10, 5)
+        ratio(f"UNet2DModel 28x28 {params:.1f}M, batch 64", unet_model, torch.randn(64, 1, 28, 28), 10, 5)
 
     if not args.skip_full:
         bench = GMMBench(cfg, steps=1000, num_samples=10000, seed=0)
