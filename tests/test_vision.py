@@ -125,6 +125,7 @@ def test_generator_training_resumes_exactly(fmnist, tmp_path):
     path = train.export(tmp_path / "a", "generator", weights_dir=weights, data_root=fmnist)
     card = (weights / "generator.md").read_text()
     assert "steps: 4" in card and "seed: 3" in card and "test_denoising_loss" in card
+    assert "# steps 0-2\n" in card and "# steps 2-4\n" in card  # which command trained which steps
     assert list(models.load_generator(path).config.block_out_channels) == [8, 8, 16]
 
 

@@ -248,6 +248,8 @@ def train_classifier(
         scalars = load_checkpoint(run, {"model": model}, optimizer, rng)
     scalars.update(hyper)
     scalars["commands"].append(_command())
+    # The step each command started from, so the card can say how to replay a run whose settings changed.
+    scalars.setdefault("started_at", []).append(scalars["step"])
     scalars.update(epochs=epochs, data=str(data.data_dir() if data_root is None else data_root))
     log = _Log(run, ["step", "epoch", "loss", "lr", "test_accuracy", "seconds"], scalars["step"])
     step, started, last_save = scalars["step"], time.monotonic() - scalars["seconds"], time.monotonic()
@@ -387,6 +389,8 @@ def train_generator(
         scalars = load_checkpoint(run, {"model": model, "ema": ema}, optimizer, rng)
     scalars.update(hyper)
     scalars["commands"].append(_command())
+    # The step each command started from, so the card can say how to replay a run whose settings changed.
+    scalars.setdefault("started_at", []).append(scalars["step"])
     scalars["data"] = str(data.data_dir() if data_root is None else data_root)
     log = _Log(run, ["step", "epoch", "loss", "lr", "seconds"], scalars["step"])
     step, started, last_save = scalars["step"], time.monotonic() - scalars["seconds"], time.monotonic()
@@ -486,6 +490,7 @@ def export(
     card = {
         "kind": kind,
         "commands": scalars["commands"],
+        "started_at": scalars.get("started_at"),
         "seed": scalars["seed"],
         "data": f"Fashion-MNIST train split ({scalars.get('data', data.DEFAULT_DATA_DIR)})",
         "wall_time_minutes": round(scalars["seconds"] / 60, 1),
@@ -506,7 +511,16 @@ def export(
 def _write_card(path: Path, card: dict) -> None:
     metrics = "\n".join(f"- {k}: {v}" for k, v in card["metrics"].items())
     hyper = "\n".join(f"- {k}: {v}" for k, v in card["hyperparameters"].items())
-    commands = "\n".join(card["commands"])
+    starts = card.get("started_at")
+    if starts and len(starts) == len(card["commands"]):
+        ends = [*starts[1:], card["steps"]]
+        commands = "\n".join(f"# steps {a}-{b}\n{c}" for a, b, c in zip(starts, ends, card["commands"], strict=True))
+        replay = ("Each `--minutes` budget stopped at a machine-dependent step: to replay the run, give each command\n"
+                  "`--steps` with the last step of its range in place of `--minutes`")
+    else:
+        commands = "\n".join(card["commands"])
+        replay = ("A `--minutes` budget stops at a machine-dependent step: the same weights come back from the first "
+                  f"command with\n`--steps {card['steps']}` in its place")
     text = f"""# Fashion-MNIST {card["kind"]}
 
 Trained on CPU by `dng train {card["kind"]}`; weights exported with `dng train export`.
@@ -521,7 +535,7 @@ Trained on CPU by `dng train {card["kind"]}`; weights exported with `dng train e
 
 {metrics}
 
-## Hyperparameters
+## Hyperparameters (as of the last command)
 
 {hyper}
 
@@ -531,7 +545,6 @@ Trained on CPU by `dng train {card["kind"]}`; weights exported with `dng train e
 {commands}
 ```
 
-A `--minutes` budget stops at a machine-dependent step: the same weights come back from the first command with
-`--steps {card["steps"]}` in its place (same seed and batch size; thread counts may change float rounding).
+{replay} (thread counts may change float rounding).
 """
     write_atomic(path, text)
