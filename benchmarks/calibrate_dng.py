@@ -11,14 +11,16 @@ Run: .venv/bin/python benchmarks/calibrate_dng.py [--classes all] [--num-samples
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from dng import calibration
 from dng.guidance import DynamicNegativeGuidance
+from dng.io import write_atomic
 from dng.vision.data import CLASS_NAMES
-from dng.vision.generate import classify, generate, make_scheduler, parse_classes, to_uint8
+from dng.vision.generate import classify, generate, make_scheduler, npz_bytes, parse_classes, to_uint8
 from dng.vision.models import calibration_path, load_classifier, load_generator, save_calibration
 
 
@@ -37,6 +39,7 @@ def main():
     parser.add_argument("--p-max", type=float, default=0.95)
     parser.add_argument("--generator")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--reuse", action="store_true", help="refit the chains saved by an earlier run")
     parser.add_argument("--out", default=None,
                         help="calibration file (default: beside the generator, where sampling looks for it)")
     args = parser.parse_args()
@@ -47,14 +50,27 @@ def main():
     scheduler, eta = make_scheduler(args.scheduler)
     variances = calibration.kernel_variances(scheduler, eta, args.steps)
     classes = parse_classes(args.classes)
-    # One unguided chain tracks every class at once: each negative branch has its own llr in the trace.
-    x, trace = generate(unet, args.scheduler, tracking_only, classes, noise, args.steps, args.seed,
-                        progress=True)
-    labels, _ = classify(classifier, to_uint8(x))
+    out = Path(args.out or calibration_path(args.generator))
+    chains = out.with_suffix(".chains.npz")
+    if args.reuse and chains.is_file():
+        with np.load(chains) as f:
+            llr, labels = torch.from_numpy(f["llr"]), f["labels"]
+    else:
+        # One unguided chain tracks every class at once: each negative branch has its own llr in the trace.
+        x, trace = generate(unet, args.scheduler, tracking_only, classes, noise, args.steps, args.seed,
+                            progress=True)
+        llr, (labels, _) = trace.llr, classify(classifier, to_uint8(x))
+        write_atomic(chains, npz_bytes(llr=llr.numpy(), labels=labels))  # refits need no resampling
     outcome = torch.from_numpy(labels[:, None] == np.array(classes)[None])
-    fits = {"all": calibration.fit(trace.llr, variances, outcome, p_max=args.p_max)}
-    fits.update({CLASS_NAMES[k]: calibration.fit(trace.llr[:, :, [j]], variances, outcome[:, [j]],
-                                                 p_max=args.p_max) for j, k in enumerate(classes)})
+    # A class the generator (almost) never makes has no outcomes to fit: it keeps the library's prior.
+    enough = [j for j in range(len(classes)) if 5 <= int(outcome[:, j].sum()) <= len(labels) - 5]
+    for j in sorted(set(range(len(classes))) - set(enough)):
+        print(f"{CLASS_NAMES[classes[j]]}: {int(outcome[:, j].sum())} of {len(labels)} samples, too few to fit; "
+              "left out")
+    fits = {"all": calibration.fit(llr[:, :, enough], variances, outcome[:, enough], p_max=args.p_max)}
+    fits.update({CLASS_NAMES[classes[j]]: calibration.fit(llr[:, :, [j]], variances, outcome[:, [j]],
+                                                          p_max=args.p_max) for j in enough})
+    classes = [classes[j] for j in enough]
     print(f"{'class':<12} {'share':>6} {'prior':>7} {'temp':>6} {'offset':>9} {'nll/base':>8}  AUC at "
           + " ".join(f"{q:.0%}" for q in calibration.REPORT_AT))
     for name, fit in fits.items():
@@ -63,7 +79,6 @@ def main():
         aucs = " ".join(f"{np.mean(a):.2f}" for a in fit.auc.values())
         print(f"{name:<12} {share:6.3f} {prior:7.3f} {fit.temperature:6.3f} {fit.offset:9.2e} "
               f"{fit.nll / fit.baseline_nll:8.3f}  {aucs}")
-    out = args.out or calibration_path(args.generator)
     save_calibration(out, fits, classes, vars(args))
     print(f"wrote {out}: dng sample, demo and bench class-removal use it for {args.scheduler} with {args.steps} steps")
 

@@ -113,7 +113,8 @@ def fit(llr: torch.Tensor, variances: torch.Tensor, outcome: torch.Tensor, p_min
     lo, hi = math.log(p_min), math.log(p_max)
     share = positives.double() / len(outcome)
     concepts = outcome.shape[1]
-    params = torch.cat([share.log(), torch.tensor([1.0, 0.0], dtype=torch.float64)]).requires_grad_()
+    # Start from the constant-p baseline (temperature 0): the fit can then only improve on it.
+    params = torch.cat([share.log(), torch.zeros(2, dtype=torch.float64)]).requires_grad_()
 
     def trajectory():
         return _trajectory(params[:concepts].clamp(lo, hi), params[concepts], params[concepts + 1] / unit, llr,
