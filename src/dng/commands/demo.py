@@ -86,7 +86,8 @@ def side_by_side(grids: dict, results: dict, class_name: str, path):
     """The methods' grids next to each other, titled with their forbidden rate."""
     from dng.plots import _save, plt
 
-    fig, axes = plt.subplots(1, len(grids), figsize=(4 * len(grids), 4.4))
+    h, w = next(iter(grids.values())).shape
+    fig, axes = plt.subplots(1, len(grids), figsize=(4 * len(grids), 4 * h / w + 0.9), layout="constrained")
     for ax, (name, grid) in zip(axes, grids.items(), strict=True):
         ax.imshow(grid, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
         ax.set_title(f"{name}: {results[name]['forbidden_rate']:.0%} {class_name}")
