@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from dng import calibration, cli
+from dng.bench import class_removal
 from dng.commands.demo import DEFAULT_REMOVE
 from dng.errors import ConfigError
 from dng.vision import generate, models
@@ -72,6 +73,16 @@ def test_bench_writes_rows_csv_figures_and_resumes(tiny, tmp_path, monkeypatch):
     assert rows[0]["seconds"] == rows[2]["seconds"]
 
     assert _bench(tiny, out, steps="4") == 2  # other settings in the same folder are refused
+
+
+def test_summary_compares_settings_on_the_same_classes():
+    def row(k, method, fr):
+        return {"class": k, "method": method, "params": {"scale": 1.0} if method == "np" else {},
+                **{m: fr for m in class_removal.METRICS}}
+
+    rows = [row(1, "none", 0.2), row(1, "np", 0.0), row(3, "none", 0.4)]  # class 3's np cell is not done yet
+    summary = {s["method"]: s for s in class_removal.summarize(class_removal.comparable(rows))}
+    assert summary["none"]["forbidden_rate"] == 0.2 and summary["none"]["classes"] == 1
 
 
 def test_generate_with_every_scheduler_and_cfg(tiny):

@@ -212,6 +212,16 @@ def load_cells(out) -> list[dict]:
     return sorted(cells, key=lambda c: (c["row"]["class"], METHODS.index(c["row"]["method"]), c["index"]))
 
 
+def comparable(rows: list[dict]) -> list[dict]:
+    """The rows of the removed classes that every setting has finished: means over different classes of an
+    interrupted sweep would compare settings on different classes."""
+    settings = {setting_label(r["method"], r["params"]) for r in rows}
+    done: dict[int, set] = {}
+    for r in rows:
+        done.setdefault(r["class"], set()).add(setting_label(r["method"], r["params"]))
+    return [r for r in rows if done[r["class"]] == settings]
+
+
 def summarize(rows: list[dict]) -> list[dict]:
     """Mean and standard deviation over removed classes of every metric, one row per setting."""
     groups: dict[str, list[dict]] = {}
@@ -239,7 +249,7 @@ def write_results(out) -> dict[str, Path]:
     if not cells:
         raise ConfigError(f"{out} holds no finished cells")
     rows = [c["row"] for c in cells]
-    summary = summarize(rows)
+    summary = summarize(comparable(rows))
     files = {"results": write_json(out / "results.json", {"rows": rows, "summary": summary})}
     buf = io.StringIO()
     writer = csv.writer(buf)
