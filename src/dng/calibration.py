@@ -46,11 +46,11 @@ class Calibration:
 def kernel_variances(scheduler, eta: float, num_inference_steps: int) -> torch.Tensor:
     """2 sigma_s^2 of every step's kernel, read from the scheduler by walking a one-pixel chain through it."""
     from dng.kernels import reverse_kernel
-    from dng.sampler import _step_kwargs
+    from dng.sampler import step_kwargs
 
     kernel = reverse_kernel(scheduler, eta)
     scheduler.set_timesteps(num_inference_steps)
-    kwargs = _step_kwargs(scheduler, eta, None)
+    kwargs = step_kwargs(scheduler, eta, None)
     x, variances = torch.zeros(1, 1, 1, 1), []
     for t in scheduler.timesteps:
         # The kernel reads the scheduler's state before the step that advances it, as in the sampler.

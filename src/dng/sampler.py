@@ -37,7 +37,8 @@ class SampleOutput:
     trace: Trace | None = None
 
 
-def _step_kwargs(scheduler, eta: float, generator) -> dict:
+def step_kwargs(scheduler, eta: float, generator) -> dict:
+    """The keyword arguments of `scheduler.step` that this scheduler accepts (eta, generator)."""
     params = inspect.signature(scheduler.step).parameters
     kwargs = {}
     if "eta" in params:
@@ -85,7 +86,7 @@ def sample(
         guidance.start(batch, num_negatives, noise.device)
 
     scheduler.set_timesteps(int(num_inference_steps), device=noise.device)
-    step_kwargs = _step_kwargs(scheduler, eta, generator)
+    kwargs = step_kwargs(scheduler, eta, generator)
     x = noise * scheduler.init_noise_sigma
     records = []
     for i, t in enumerate(tqdm(scheduler.timesteps, disable=not progress, desc="sampling", leave=False)):
@@ -109,7 +110,7 @@ def sample(
                 # step: Euler's kernel reads the step index that the step advances.
                 tracked = branches if not n_pos else torch.cat([eps_u[None], eps_n])
                 mean_u, diff, std, forward_std = kernel.branch_moments(t, x, tracked)
-        x_prev = scheduler.step(eps, t, x, **step_kwargs).prev_sample
+        x_prev = scheduler.step(eps, t, x, **kwargs).prev_sample
         llr = None
         if tracking and std > MIN_TRACKING_STD:
             llr = guidance.observe(x_prev, mean_u, diff, std, forward_std)

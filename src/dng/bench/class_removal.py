@@ -27,8 +27,6 @@ from dng.vision.models import calibration_path, default_weights, load_calibratio
 
 METHODS = ("none", "np", "sld", "dng")
 NP_SCALES = (0.5, 1.0, 2.0)
-# The core's defaults (temperature 1.2, p_max 0.95), with the prior of one class among ten equally likely ones.
-DNG_PARAMS = {"scale": 1.0, "prior": 0.1}
 METRICS = ("forbidden_rate", "class_kl", "fid", "precision", "recall", "seconds")
 GRID_IMAGES = 64
 TRACE_SAMPLES = 40

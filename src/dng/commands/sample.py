@@ -44,12 +44,12 @@ def run(args) -> int:
     method = (args.method or ("dng" if removed else "none")).strip().lower()
     if method in generate.GUIDED and not removed:
         raise ConfigError(f"--method {method} needs --remove (a class name or index, e.g. Trouser)")
-    dng = {"scale": args.scale, "prior": 0.1}
+    params = {"scale": args.scale}
     if method == "dng":
-        dng, source = generate.dng_settings(removed, load_calibration(args.generator), args.scheduler, args.steps,
-                                            args.scale, args.prior)
-        print(f"DNG settings ({source}): {dng}")
-    factory = generate.guidance_factory(method, preset=args.preset, exclusive=len(removed) > 1, **dng)
+        params, source = generate.dng_settings(removed, load_calibration(args.generator), args.scheduler,
+                                               args.steps, args.scale, args.prior)
+        print(f"DNG settings ({source}): {params}")
+    factory = generate.guidance_factory(method, preset=args.preset, exclusive=len(removed) > 1, **params)
     positive = generate.parse_class(args.klass) if args.klass is not None else None
     if positive in removed:
         raise ConfigError(f"--class {CLASS_NAMES[positive]} is also removed")

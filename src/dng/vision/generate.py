@@ -71,9 +71,11 @@ def parse_classes(text: str) -> list[int]:
 
 
 GUIDED = ("np", "sld", "dng")
+# DNG's prior without a calibration: one class among ten equally likely ones.
+DEFAULT_PRIOR = 0.1
 
 
-def guidance_factory(method: str, scale: float = 1.0, preset: str = "medium", prior=0.1,
+def guidance_factory(method: str, scale: float = 1.0, preset: str = "medium", prior=DEFAULT_PRIOR,
                      exclusive: bool = False, **dng):
     """A fresh-rule factory for 'np', 'sld' or 'dng' (None for 'none'); `exclusive` for several removed classes.
 
@@ -99,17 +101,18 @@ def dng_settings(removed: Sequence[int], calibration: dict | None, scheduler: st
     """DNG's parameters for removing `removed` from a generator, and where they came from.
 
     The generator's calibration (fitted for one scheduler and step count: its offset is per step) gives a prior
-    per class, the temperature and the offset; without a matching one, the core's defaults with prior 0.1 (one
-    class in ten). A given prior wins over both.
+    per class, the temperature and the offset; without a matching one, the core's defaults with DEFAULT_PRIOR.
+    A given prior wins over both.
     """
     if calibration and (calibration["scheduler"], calibration["steps"]) == (scheduler, steps):
-        priors = [calibration["priors"].get(k, 0.1) for k in removed]
+        priors = [calibration["priors"].get(k, DEFAULT_PRIOR) for k in removed]
         settings = {"scale": scale, "prior": priors[0] if len(priors) == 1 else priors,
                     "temperature": calibration["temperature"], "offset": calibration["offset"],
                     "p_max": calibration["p_max"]}
         source = f"calibrated for {scheduler} with {steps} steps"
     else:
-        settings, source = {"scale": scale, "prior": 0.1}, "library defaults (no calibration for these settings)"
+        settings = {"scale": scale, "prior": DEFAULT_PRIOR}
+        source = "library defaults (no calibration for these settings)"
         if calibration:
             source = (f"library defaults: the generator is calibrated for {calibration['scheduler']} with "
                       f"{calibration['steps']} steps, not {scheduler} with {steps}")
