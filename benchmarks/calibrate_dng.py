@@ -39,6 +39,7 @@ def main():
     parser.add_argument("--p-max", type=float, default=0.95)
     parser.add_argument("--generator")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--chains", default="runs/calibration-chains.npz", help="where the sampled chains are kept")
     parser.add_argument("--reuse", action="store_true", help="refit the chains saved by an earlier run")
     parser.add_argument("--out", default=None,
                         help="calibration file (default: beside the generator, where sampling looks for it)")
@@ -51,16 +52,21 @@ def main():
     variances = calibration.kernel_variances(scheduler, eta, args.steps)
     classes = parse_classes(args.classes)
     out = Path(args.out or calibration_path(args.generator))
-    chains = out.with_suffix(".chains.npz")
+    # The chains (not shipped) let a refit skip the sampling; they must come from the same request.
+    key = np.array([args.num_samples, args.steps, args.seed, *classes])
+    source = f"{args.scheduler} {args.generator or 'shipped generator'}"
+    chains = Path(args.chains)
     if args.reuse and chains.is_file():
         with np.load(chains) as f:
+            if f["key"].tolist() != key.tolist() or str(f["source"]) != source:
+                raise SystemExit(f"{chains} holds chains of other settings; run without --reuse")
             llr, labels = torch.from_numpy(f["llr"]), f["labels"]
     else:
         # One unguided chain tracks every class at once: each negative branch has its own llr in the trace.
         x, trace = generate(unet, args.scheduler, tracking_only, classes, noise, args.steps, args.seed,
                             progress=True)
         llr, (labels, _) = trace.llr, classify(classifier, to_uint8(x))
-        write_atomic(chains, npz_bytes(llr=llr.numpy(), labels=labels))  # refits need no resampling
+        write_atomic(chains, npz_bytes(llr=llr.numpy(), labels=labels, key=key, source=np.array(source)))
     outcome = torch.from_numpy(labels[:, None] == np.array(classes)[None])
     # A class the generator (almost) never makes has no outcomes to fit: it keeps the library's prior.
     enough = [j for j in range(len(classes)) if 5 <= int(outcome[:, j].sum()) <= len(labels) - 5]
