@@ -41,9 +41,9 @@ def tiny(tmp_path, monkeypatch):
     return ["--generator", str(gen), "--classifier", str(clf), "--no-progress"]
 
 
-def _bench(tiny, out, classes="1", methods="none,dng", steps="3"):
+def _bench(tiny, out, classes="1", methods="none,dng", steps="3", dng_scales="1"):
     return cli.main(["bench", "class-removal", "--classes", classes, "--methods", methods, "--num-samples", "16",
-                     "--steps", steps, "--out", str(out), *tiny])
+                     "--steps", steps, "--dng-scales", dng_scales, "--out", str(out), *tiny])
 
 
 def test_bench_writes_rows_csv_figures_and_resumes(tiny, tmp_path, monkeypatch):
@@ -58,7 +58,7 @@ def test_bench_writes_rows_csv_figures_and_resumes(tiny, tmp_path, monkeypatch):
     assert len((out / "results.csv").read_text().splitlines()) == 3
     figures = out / "figures"
     for name in ("tradeoff_class_kl.png", "tradeoff_fid.png", "histograms/class1.png", "grids/class1-none.png",
-                 "grids/class1-dng.png", "trajectories/class1-dng.png"):
+                 "grids/class1-dng-1.0.png", "trajectories/class1-dng-1.0.png"):
         assert (figures / name).read_bytes()[:4] == b"\x89PNG", name
 
     calls = []
@@ -73,6 +73,14 @@ def test_bench_writes_rows_csv_figures_and_resumes(tiny, tmp_path, monkeypatch):
     assert rows[0]["seconds"] == rows[2]["seconds"]
 
     assert _bench(tiny, out, steps="4") == 2  # other settings in the same folder are refused
+
+    assert _bench(tiny, out, classes="Trouser,Dress", dng_scales="3") == 0  # a new scale is a new cell per class
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [(r["class"], r["method"], r["params"]["scale"]) for r in rows if r["method"] == "dng"] == [
+        (1, "dng", 1.0), (1, "dng", 3.0), (3, "dng", 1.0), (3, "dng", 3.0)]
+    assert {r["params"]["prior"] for r in rows if r["method"] == "dng"} == {0.1}
+    summary = json.loads((out / "results.json").read_text())["summary"]
+    assert [class_removal.setting_label(s["method"], s["params"]) for s in summary] == ["none", "dng 1.0", "dng 3.0"]
 
 
 def test_summary_compares_settings_on_the_same_classes():
@@ -135,6 +143,9 @@ def test_demo_end_to_end(tiny, tmp_path, capsys):
         (["bench", "class-removal", "--classes", "Hat", "--out", "x"], "unknown class 'Hat'"),
         (["bench", "class-removal", "--methods", "none,foo", "--out", "x"], "unknown method"),
         (["bench", "class-removal", "--scheduler", "plms", "--out", "x"], "unknown scheduler"),
+        (["bench", "class-removal", "--dng-scales", "1,x", "--out", "x"], "--dng-scales takes comma-separated"),
+        (["bench", "class-removal", "--np-scales", "1,-2", "--out", "x"], "--np-scales needs at least one finite"),
+        (["bench", "class-removal", "--dng-scales", "nan", "--out", "x"], "--dng-scales needs at least one finite"),
         (["sample", "--method", "foo", "--remove", "1", "--out", "x.png"], "unknown method 'foo'"),
         (["sample", "--method", "np", "--out", "x.png"], "needs --remove"),
         (["sample", "--remove", "1", "--class", "Trouser", "--out", "x.png"], "also removed"),
@@ -162,7 +173,7 @@ def _calibration(temperature=0.3, offset=0.002, priors=(0.05, 0.2)):
     return {"all": fit}
 
 
-def test_calibration_sets_dng_for_its_sampler_only(tiny, tmp_path):
+def test_calibration_sets_dng_for_its_sampler_only(tiny, tmp_path, capsys):
     gen = tiny[1]
     settings = {"scheduler": "ddpm", "steps": 3, "p_max": 0.9}
     models.save_calibration(models.calibration_path(gen), _calibration(), [1, 3], settings)
@@ -180,7 +191,9 @@ def test_calibration_sets_dng_for_its_sampler_only(tiny, tmp_path):
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert rows[1]["params"] == {"scale": 1.0, "prior": 0.2, "temperature": 0.3, "offset": 0.002, "p_max": 0.9}
     models.save_calibration(models.calibration_path(gen), _calibration(temperature=0.5), [1, 3], settings)
-    assert _bench(tiny, out, classes="Dress") == 2  # a new calibration would mix into old cells: refused
+    assert _bench(tiny, out, classes="Dress") == 2  # a new calibration would mix into old DNG cells: refused
+    assert "class3-dng-1.0 with other parameters" in capsys.readouterr().err
+    assert _bench(tiny, out, classes="Dress", methods="none") == 0  # cells it does not change stay valid
 
     with pytest.raises(ConfigError, match="needs the joint fit"):
         models.save_calibration(tmp_path / "x.json", _calibration(), [1, 3], {"steps": 3})

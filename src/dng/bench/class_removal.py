@@ -23,10 +23,11 @@ from dng.io import write_atomic, write_json
 from dng.sampler import Trace
 from dng.vision import generate
 from dng.vision.data import CLASS_NAMES, NUM_CLASSES, load_split
-from dng.vision.models import calibration_path, default_weights, load_calibration, load_classifier, load_generator
+from dng.vision.models import default_weights, load_calibration, load_classifier, load_generator
 
 METHODS = ("none", "np", "sld", "dng")
 NP_SCALES = (0.5, 1.0, 2.0)
+DNG_SCALES = (1.0, 3.0, 10.0)
 METRICS = ("forbidden_rate", "class_kl", "fid", "precision", "recall", "seconds")
 GRID_IMAGES = 64
 TRACE_SAMPLES = 40
@@ -41,29 +42,43 @@ def parse_methods(text: str) -> list[str]:
     return methods
 
 
-def configs(methods: list[str], dng: dict) -> list[tuple[str, dict, object]]:
+def parse_scales(text: str, option: str) -> tuple[float, ...]:
+    """Comma-separated guidance scales, each finite and > 0."""
+    try:
+        scales = tuple(dict.fromkeys(float(s) for s in text.split(",") if s.strip()))
+    except ValueError:
+        raise ConfigError(f"{option} takes comma-separated numbers, e.g. 1,3,10; got {text!r}") from None
+    if not scales or not all(0 < s < float("inf") for s in scales):
+        raise ConfigError(f"{option} needs at least one finite scale > 0, got {text!r}")
+    return scales
+
+
+def configs(methods: list[str], dng: dict, np_scales=NP_SCALES, dng_scales=DNG_SCALES
+            ) -> list[tuple[str, dict, object]]:
     """(method, params, guidance factory or None) of every cell the methods ask for, for one removed class.
 
-    `dng` holds DNG's parameters for that class (`generate.dng_settings`).
+    `dng` holds DNG's other parameters for that class (`generate.dng_settings`); each scale is one cell.
     """
     cells = []
     for method in methods:
         if method == "none":
             cells.append((method, {}, None))
         elif method == "np":
-            cells += [(method, {"scale": s}, generate.guidance_factory("np", scale=s)) for s in NP_SCALES]
+            cells += [(method, {"scale": s}, generate.guidance_factory("np", scale=s)) for s in np_scales]
         elif method == "sld":
             cells += [(method, {"preset": name, **preset}, generate.guidance_factory("sld", preset=name))
                       for name, preset in SLD_PRESETS.items()]
         else:
-            cells.append((method, dict(dng), generate.guidance_factory("dng", **dng)))
+            for s in dng_scales:
+                params = {**dng, "scale": s}
+                cells.append((method, params, generate.guidance_factory("dng", **params)))
     return cells
 
 
 def setting_label(method: str, params: dict) -> str:
-    """Short name of a setting: 'np 2.0', 'sld medium', 'dng'."""
-    if method == "np":
-        return f"np {params['scale']}"
+    """Short name of a setting: 'np 2.0', 'sld medium', 'dng 3.0'."""
+    if method in ("np", "dng"):
+        return f"{method} {params['scale']}"
     if method == "sld":
         return f"sld {params['preset']}"
     return method
@@ -122,11 +137,11 @@ class ClassRemovalBench:
         self.reference = Reference(load_classifier(clf_path))
         self.calibration = load_calibration(gen_path)
         self.out = Path(out)
-        cal_path = calibration_path(gen_path)
+        # The calibration is not locked here: it only sets DNG's parameters, which every cell stores and `run`
+        # checks, so NP and SLD cells stay valid when the generator is recalibrated.
         self.settings = {
             "steps": steps, "num_samples": num_samples, "scheduler": scheduler, "seed": seed,
             "generator_sha256": _sha256(gen_path), "classifier_sha256": _sha256(clf_path),
-            "calibration_sha256": _sha256(cal_path) if cal_path.is_file() else None,
         }
         self._check_settings()
         self.batch_size, self.progress = batch_size, progress
@@ -191,12 +206,22 @@ class ClassRemovalBench:
         write_json(path, {"index": index, "row": row, "counts": counts})
         return True
 
-    def run(self, classes: list[int], methods: list[str]) -> int:
+    def run(self, classes: list[int], methods: list[str], np_scales=NP_SCALES, dng_scales=DNG_SCALES) -> int:
         """Run every missing cell; returns how many ran."""
         from tqdm.auto import tqdm
 
-        cells = [(k, i, *c) for k in classes for i, c in enumerate(configs(methods, self.dng_settings(k)))]
-        todo = [c for c in cells if not (self.out / "cells" / f"{cell_key(c[0], c[2], c[3])}.json").is_file()]
+        cells = [(k, i, *c) for k in classes
+                 for i, c in enumerate(configs(methods, self.dng_settings(k), np_scales, dng_scales))]
+        todo, stale = [], []
+        for cell in cells:
+            path = self.out / "cells" / f"{cell_key(cell[0], cell[2], cell[3])}.json"
+            if not path.is_file():
+                todo.append(cell)
+            elif json.loads(path.read_text())["row"]["params"] != cell[3]:
+                stale.append(path.stem)
+        if stale:
+            raise ConfigError(f"{self.out} holds {', '.join(stale)} with other parameters (was the generator "
+                              f"recalibrated?); delete those cells/<name>.json and .npz files or choose another --out")
         bar = tqdm(todo, desc="class-removal", disable=not self.progress or None)
         for klass, index, method, params, factory in bar:
             bar.set_postfix_str(f"class {klass} {setting_label(method, params)}")

@@ -7,6 +7,10 @@ def register(groups) -> None:
     p = groups["bench"].add_parser("class-removal", help="remove one Fashion-MNIST class at a time: NP, SLD, DNG")
     p.add_argument("--classes", default="all", help="'all' or comma-separated indices or names, e.g. 3,7")
     p.add_argument("--methods", default="none,np,sld,dng", help="comma-separated: none, np, sld, dng")
+    p.add_argument("--np-scales", default=None, help="NP's scales, comma-separated (default 0.5,1,2)")
+    p.add_argument("--dng-scales", default=None,
+                   help="DNG's scales lam0, comma-separated (default 1,3,10; the other parameters come from the "
+                        "generator's calibration)")
     p.add_argument("--num-samples", type=int, default=500, help="samples per cell")
     p.add_argument("--steps", type=int, default=50, help="sampling steps")
     p.add_argument("--scheduler", default="ddpm", help="ddpm, euler-a or ddim (eta 1)")
@@ -23,15 +27,24 @@ def register(groups) -> None:
 def run(args) -> int:
     import torch
 
-    from dng.bench.class_removal import ClassRemovalBench, parse_methods, write_results
+    from dng.bench.class_removal import (
+        DNG_SCALES,
+        NP_SCALES,
+        ClassRemovalBench,
+        parse_methods,
+        parse_scales,
+        write_results,
+    )
     from dng.vision.generate import parse_classes
 
     if args.threads:
         torch.set_num_threads(args.threads)
     classes, methods = parse_classes(args.classes), parse_methods(args.methods)
+    np_scales = parse_scales(args.np_scales, "--np-scales") if args.np_scales else NP_SCALES
+    dng_scales = parse_scales(args.dng_scales, "--dng-scales") if args.dng_scales else DNG_SCALES
     bench = ClassRemovalBench(args.out, args.steps, args.num_samples, args.scheduler, args.seed, args.generator,
                               args.classifier, args.batch_size, args.progress)
-    ran = bench.run(classes, methods)
+    ran = bench.run(classes, methods, np_scales, dng_scales)
     files = write_results(args.out)
     print((bench.out / "summary.md").read_text())
     print(f"ran {ran} cell(s); wrote {files['results']}, {files['csv']} and figures in {bench.out / 'figures'}")
