@@ -27,7 +27,7 @@ from dng.vision.models import default_weights, load_calibration, load_classifier
 
 METHODS = ("none", "np", "sld", "dng")
 NP_SCALES = (0.5, 1.0, 2.0)
-DNG_SCALES = (1.0, 3.0, 10.0)
+DNG_SCALES = (1.0, 3.0, 6.0)
 METRICS = ("forbidden_rate", "class_kl", "fid", "precision", "recall", "seconds")
 GRID_IMAGES = 64
 TRACE_SAMPLES = 40

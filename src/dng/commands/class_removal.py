@@ -9,7 +9,7 @@ def register(groups) -> None:
     p.add_argument("--methods", default="none,np,sld,dng", help="comma-separated: none, np, sld, dng")
     p.add_argument("--np-scales", default=None, help="NP's scales, comma-separated (default 0.5,1,2)")
     p.add_argument("--dng-scales", default=None,
-                   help="DNG's scales lam0, comma-separated (default 1,3,10; the other parameters come from the "
+                   help="DNG's scales lam0, comma-separated (default 1,3,6; the other parameters come from the "
                         "generator's calibration)")
     p.add_argument("--num-samples", type=int, default=500, help="samples per cell")
     p.add_argument("--steps", type=int, default=50, help="sampling steps")
