@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from dng.errors import ConfigError
-from dng.posterior import PosteriorTracker, gaussian_llr
+from dng.posterior import PosteriorTracker, gaussian_llr, mixture_llr
 
 
 @dataclass
@@ -134,6 +134,7 @@ class SafeLatentDiffusion(Guidance):
 
 MODES = ("independent", "exclusive")
 KERNEL_VARIANCES = ("step", "forward")
+UPDATES = ("paper", "mixture")
 
 
 class DynamicNegativeGuidance(Guidance):
@@ -154,12 +155,15 @@ class DynamicNegativeGuidance(Guidance):
 
     def __init__(self, scale: float = 1.0, prior=0.1, temperature: float = 1.2, offset: float = 0.0,
                  p_min: float = 1e-6, p_max: float = 0.95, mode: str = "independent",
-                 kernel_variance: str = "step", posterior: Callable | None = None):
+                 kernel_variance: str = "step", update: str = "paper", posterior: Callable | None = None):
         if mode not in MODES:
             raise ConfigError(f"mode must be one of {MODES}, got {mode!r}")
         if kernel_variance not in KERNEL_VARIANCES:
             raise ConfigError(f"kernel_variance must be one of {KERNEL_VARIANCES}, got {kernel_variance!r}")
+        if update not in UPDATES:
+            raise ConfigError(f"update must be one of {UPDATES}, got {update!r}")
         self.kernel_variance = kernel_variance
+        self.update = update
         self.scale = check_scale("scale", scale)
         self.temperature = check_scale("temperature", temperature)
         self.offset = float(offset)
@@ -192,6 +196,10 @@ class DynamicNegativeGuidance(Guidance):
         """Bayes update from the drawn x_{t-1}, the unconditional kernel mean and mean_u - mean_n per negative;
         returns the step's llr."""
         kernel_std = std if self.kernel_variance == "step" else forward_std
-        llr = gaussian_llr(x_prev, mean_u, diff, kernel_std, self.temperature, self.offset)
+        if self.update == "paper":
+            llr = gaussian_llr(x_prev, mean_u, diff, kernel_std, self.temperature, self.offset)
+        else:
+            llr = mixture_llr(x_prev, mean_u, diff, kernel_std, self.tracker.log_p, self.temperature, self.offset,
+                              exclusive=self.mode == "exclusive", p_max=self.tracker.p_max)
         self.tracker.update(llr)
         return llr

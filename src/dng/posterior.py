@@ -29,6 +29,63 @@ def gaussian_llr(x_prev, mean_u, diff, std: float, temperature: float = 1.0, off
     return ((offset - temperature * gap) / (2 * std**2)).T
 
 
+def kernel_statistics(x_prev, mean_u, diff, gram: bool = False):
+    """The scalars every posterior update needs: r.d_i and d_i.d_j per sample, with r = x_prev - mean_u and
+    d_i = mean_u - mean_n_i (`diff`, leading axis of negatives).
+
+    Returns (rd [batch, negatives], dd) where dd is |d_i|^2 [batch, negatives], or with `gram` the full
+    [batch, negatives, negatives] matrix of d_i.d_j. Inner products, never differences of large norms.
+    """
+    residual = (x_prev.to(torch.float32) - mean_u.to(torch.float32)).flatten(1)
+    diff = diff.to(torch.float32).flatten(2)
+    rd = torch.einsum("kbd,bd->bk", diff, residual)
+    dd = torch.einsum("kbd,jbd->bkj", diff, diff) if gram else torch.einsum("kbd,kbd->bk", diff, diff)
+    return rd, dd
+
+
+def mixture_llr(x_prev, mean_u, diff, std: float, log_p, temperature: float = 1.0, offset: float = 0.0,
+                exclusive: bool = False, p_max: float = 0.99):
+    """log p' - log p of each negative by Bayes with the unconditional kernel modelled as a mixture.
+
+    Because eps_u = p eps_n + (1 - p) eps_rest, the unconditional kernel mean is m_u = p m_n + (1 - p) m_rest, so the
+    complement "not c-" has the mean m_rest = m_u + p/(1-p) (m_u - m_n). The unconditional kernel is modelled as
+    p N(m_n, s^2) + (1 - p) N(m_rest, s^2) (one Gaussian per hypothesis, equal variances) instead of one Gaussian
+    N(m_u, s^2); Bayes over the hypotheses is then exact given those Gaussians. With r = x_prev - m_u,
+    d = m_u - m_n and rho = p/(1-p):
+
+        logit p' = logit p - temperature (1 + rho) [2 r.d + (1 - rho) |d|^2] / (2 s^2) + offset / (2 s^2)
+
+    Temperature scales every hypothesis's squared distance (a kernel variance s^2 / temperature) and the offset
+    is added to the log-likelihood of each negative against the rest: at small p both act as in the one-Gaussian
+    update (`gaussian_llr`), which this update reduces to as p -> 0.
+
+    `exclusive` negatives c_1..c_K are one categorical update over c_1..c_K and "none of them", whose mean is
+    m_u + sum_i p_i d_i / (1 - sum_j p_j); it needs the cross terms d_i.d_j. Otherwise each negative has its own
+    two-hypothesis update. `log_p` is the tracker's current [batch, negatives] state; 1 - p is floored at
+    1 - p_max so that rho stays finite in float32. Returns [batch, negatives], the same quantity as `gaussian_llr`
+    (the increment of log p before the tracker's clamp), so the tracker and the trace are unchanged.
+    """
+    rd, dd = kernel_statistics(x_prev, mean_u, diff, gram=exclusive)
+    log_p = log_p.to(torch.float32)
+    inv = 1.0 / (2 * std**2)
+    floor = math.log1p(-p_max)
+    if not exclusive:
+        log_rest = torch.log1p(-log_p.exp()).clamp(min=floor)
+        rho = (log_p - log_rest).exp()
+        gap = (1 + rho) * (2 * rd + (1 - rho) * dd)
+        logit = log_p - log_rest + (offset - temperature * gap) * inv
+        return torch.nn.functional.logsigmoid(logit) - log_p
+    # Log-likelihood of each hypothesis relative to N(x_prev; m_u, s^2): -|r + d_i|^2 + |r|^2 for the negatives,
+    # -|r - e|^2 + |r|^2 with e = sum_i rho_i d_i for the rest.
+    log_rest = torch.log1p(-torch.logsumexp(log_p, -1, keepdim=True).exp()).clamp(min=floor)
+    rho = (log_p - log_rest).exp()
+    own = (offset - temperature * (2 * rd + torch.diagonal(dd, dim1=-2, dim2=-1))) * inv
+    e_sq = torch.einsum("bk,bkj,bj->b", rho, dd, rho)[:, None]
+    rest = -temperature * (e_sq - 2 * (rho * rd).sum(-1, keepdim=True)) * inv
+    total = torch.logsumexp(torch.cat([log_p + own, log_rest + rest], -1), -1, keepdim=True)
+    return own - total
+
+
 class PosteriorTracker:
     """Per-sample log-posterior of each negative concept, updated after every stochastic step."""
 
