@@ -2,7 +2,8 @@
 
 DNG at scale 0 samples the unguided model while tracking p_t(c-|x_t) by Bayes (temperature 1, offset 0);
 the error is |logit(tracked) - logit(exact)| with both clamped to [1e-6, 0.999], averaged over steps and
-samples. Run: .venv/bin/python benchmarks/tracking_error.py [--steps 50,100,1000]
+samples. Run: .venv/bin/python benchmarks/tracking_error.py [--steps 50,100,1000] [--updates paper,mixture]
+[--variances step,forward]
 """
 
 from __future__ import annotations
@@ -20,17 +21,21 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", default="50,100,1000")
     parser.add_argument("--num-samples", type=int, default=2000)
+    parser.add_argument("--updates", default="paper,mixture", help="DynamicNegativeGuidance update rules")
+    parser.add_argument("--variances", default="step,forward", help="kernel_variance settings")
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     for steps in [int(s) for s in args.steps.split(",")]:
         bench = GMMBench(default_mixture_config(), steps, args.num_samples, seed=0)
-        for variance in ("step", "forward"):
-            params = {"scale": 0.0, "prior": bench.prior, "temperature": 1.0, "p_max": 0.999,
-                      "kernel_variance": variance}
-            row, _ = bench.run("dng", params, lambda params=params: DynamicNegativeGuidance(**params))
-            mae = row['posterior_logit_mae']
-            print(f"{steps:5d} steps, kernel_variance={variance:<8} posterior_logit_mae {mae:.3f}",
-                  flush=True)
+        for update in args.updates.split(","):
+            for variance in args.variances.split(","):
+                params = {"scale": 0.0, "prior": bench.prior, "temperature": 1.0, "p_max": 0.999,
+                          "kernel_variance": variance, "update": update}
+                row, _ = bench.run("dng", params, lambda params=params: DynamicNegativeGuidance(**params))
+                mae = row['posterior_logit_mae']
+                print(f"{steps:5d} steps, update={update:<8} kernel_variance={variance:<8} "
+                      f"posterior_logit_mae {mae:.3f}", flush=True)
 
 
 if __name__ == "__main__":
