@@ -110,6 +110,8 @@ def test_sld_matches_diffusers_safe_pipeline(name):
         (lambda: DynamicNegativeGuidance(offset=float("nan")), "offset"),
         (lambda: DynamicNegativeGuidance(mode="both"), "mode"),
         (lambda: DynamicNegativeGuidance(kernel_variance="learned"), "kernel_variance"),
+        (lambda: DynamicNegativeGuidance(update="exact"), "update must be one of"),
+        (lambda: DynamicNegativeGuidance(update=None), "update must be one of"),
         (lambda: SafeLatentDiffusion.preset("extreme"), "preset"),
         (lambda: SafeLatentDiffusion(warmup_steps=-1), "warmup_steps"),
         (lambda: SafeLatentDiffusion(momentum_beta=2.0), "momentum_beta"),

@@ -9,7 +9,7 @@ from diffusers import DDPMScheduler
 from dng.errors import ConfigError
 from dng.gmm import GaussianMixture, default_mixture_config
 from dng.guidance import NegativePrompt
-from dng.posterior import PosteriorTracker, gaussian_llr
+from dng.posterior import PosteriorTracker, gaussian_llr, mixture_llr
 from dng.sampler import sample
 
 
@@ -113,3 +113,96 @@ def test_prior_count_must_match_concepts():
     tracker = PosteriorTracker([0.1, 0.2])
     with pytest.raises(ConfigError, match="one per concept"):
         tracker.start(2, 3)
+
+
+def _log_normal(x, mean, std):
+    """Explicit log N(x; mean, std^2 I) in float64, normalising constant included."""
+    d = x.shape[-1]
+    return -((x - mean) ** 2).sum(-1) / (2 * std**2) - 0.5 * d * math.log(2 * math.pi * std**2)
+
+
+def _tiny_example(seed=0, batch=5, dim=7, negatives=2):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, dim, generator=g, dtype=torch.float64)
+    mu_u = x + 0.3 * torch.randn(batch, dim, generator=g, dtype=torch.float64)
+    mu_n = mu_u + 0.2 * torch.randn(negatives, batch, dim, generator=g, dtype=torch.float64)
+    p = torch.tensor([[0.1, 0.3], [0.02, 0.6], [0.4, 0.4], [1e-4, 0.2], [0.3, 0.05]], dtype=torch.float64)
+    return x, mu_u, mu_n, p
+
+
+def test_mixture_update_is_bayes_over_explicit_gaussians():
+    """Independent: two hypotheses N(m_n, s^2) and N(m_rest, s^2) with m_rest = (m_u - p m_n) / (1 - p); exclusive:
+    K + 1 hypotheses with m_rest = (m_u - sum p_i m_i) / (1 - sum p_i). Tempered likelihoods, offset on each
+    negative; computed here from full log densities in float64."""
+    x, mu_u, mu_n, p = _tiny_example()
+    std, temperature, offset = 0.25, 1.3, 0.01
+    bonus = offset / (2 * std**2)
+    for k in range(2):
+        pk = p[:, k, None]
+        m_rest = (mu_u - pk * mu_n[k]) / (1 - pk)
+        a = pk[:, 0].log() + temperature * _log_normal(x, mu_n[k], std) + bonus
+        b = (1 - pk[:, 0]).log() + temperature * _log_normal(x, m_rest, std)
+        expected = a - torch.logaddexp(a, b)
+        got = mixture_llr(x, mu_u, mu_u - mu_n, std, p.log(), temperature, offset)[:, k].double() + p[:, k].log()
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    # The closed form in the docstring: logit p' = logit p - T (1 + rho) [2 r.d + (1 - rho) |d|^2] / (2 s^2) + bonus.
+    r, d = x - mu_u, mu_u - mu_n[0]
+    rho = p[:, 0] / (1 - p[:, 0])
+    closed = (p[:, 0] / (1 - p[:, 0])).log() - temperature * (1 + rho) * (
+        2 * (r * d).sum(-1) + (1 - rho) * (d * d).sum(-1)) / (2 * std**2) + bonus
+    got = mixture_llr(x, mu_u, mu_u - mu_n, std, p.log(), temperature, offset)[:, 0].double() + p[:, 0].log()
+    torch.testing.assert_close(got, torch.nn.functional.logsigmoid(closed), rtol=0, atol=1e-5)
+    # Exclusive: one categorical update.
+    total = p.sum(-1, keepdim=True)
+    m_rest = (mu_u - (p.T[..., None] * mu_n).sum(0)) / (1 - total)
+    scores = torch.stack([p[:, k].log() + temperature * _log_normal(x, mu_n[k], std) + bonus for k in range(2)]
+                         + [(1 - total[:, 0]).log() + temperature * _log_normal(x, m_rest, std)], -1)
+    expected = scores[:, :2] - scores.logsumexp(-1, keepdim=True)
+    got = mixture_llr(x, mu_u, mu_u - mu_n, std, p.log(), temperature, offset, exclusive=True).double() + p.log()
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+def test_mixture_update_reduces_to_the_gaussian_ratio_at_small_p():
+    x, mu_u, mu_n, _ = _tiny_example(seed=1)
+    log_p = torch.full((5, 2), math.log(1e-7))
+    ratio = gaussian_llr(x, mu_u, mu_u - mu_n, 0.5, 0.8, 0.002)
+    torch.testing.assert_close(mixture_llr(x, mu_u, mu_u - mu_n, 0.5, log_p, 0.8, 0.002), ratio, rtol=1e-4, atol=1e-4)
+
+
+def test_mixture_update_keeps_exclusive_total_below_p_max_and_never_nan():
+    x, mu_u, mu_n, p = _tiny_example(seed=2)
+    tracker = PosteriorTracker([0.3, 0.4], p_max=0.9, exclusive=True)
+    tracker.start(5, 2)
+    # Overwhelming evidence for both negatives (tiny std), then for none, then garbage: p stays a distribution.
+    for step_x, std in ((mu_n.mean(0), 1e-3), (mu_n[0], 1e-4), (mu_u + 50 * (mu_u - mu_n[1]), 1e-3),
+                        (torch.full_like(x, float("nan")), 0.1), (torch.full_like(x, 1e20), 1e-3)):
+        tracker.update(mixture_llr(step_x, mu_u, mu_u - mu_n, std, tracker.log_p, exclusive=True, p_max=0.9))
+        p = tracker.p
+        assert torch.isfinite(p).all()
+        # The exclusive clamp floors at p_min and then rescales the total down to p_max.
+        assert (p >= 1e-6 * 0.9 * (1 - 1e-5)).all()
+        assert (p.sum(-1) <= 0.9 * (1 + 1e-5)).all()
+    independent = PosteriorTracker(0.5, p_max=0.99)
+    independent.start(5, 2)
+    for step_x in (mu_n[0], mu_u + 50 * (mu_u - mu_n[0]), torch.full_like(x, float("inf"))):
+        independent.update(mixture_llr(step_x, mu_u, mu_u - mu_n, 1e-3, independent.log_p, p_max=0.99))
+        assert torch.isfinite(independent.p).all() and (independent.p <= 0.99 * (1 + 1e-6)).all()
+
+
+def test_mixture_update_tracks_two_narrow_classes_better_than_the_gaussian_ratio():
+    """Two classes with std small against the noise: each class kernel is almost exactly N(m_c, beta_tilde), so the
+    two-hypothesis model is (nearly) the exact kernel and must beat one Gaussian for the unconditional kernel."""
+    from dng.bench.gmm import GMMBench
+    from dng.guidance import DynamicNegativeGuidance
+
+    g = torch.Generator().manual_seed(0)
+    means = torch.randn(2, 8, generator=g, dtype=torch.float64)
+    means[1] = means[0] + 1.0 * means[1] / means[1].norm()
+    config = {"means": means.tolist(), "stds": [0.02, 0.02], "weights": [0.5, 0.5], "remove": [0]}
+    bench = GMMBench(config, steps=50, num_samples=500, seed=0)
+    errors = {}
+    for update in ("paper", "mixture"):
+        params = {"scale": 0.0, "prior": 0.5, "temperature": 1.0, "p_max": 0.999, "update": update}
+        errors[update] = bench.run("dng", params, lambda params=params: DynamicNegativeGuidance(**params))[0][
+            "posterior_logit_mae"]
+    assert errors["mixture"] < 0.5 * errors["paper"], errors
