@@ -3,7 +3,7 @@
 DNG at scale 0 samples the unguided model while tracking p_t(c-|x_t) by Bayes (temperature 1, offset 0);
 the error is |logit(tracked) - logit(exact)| with both clamped to [1e-6, 0.999], averaged over steps and
 samples. Run: .venv/bin/python benchmarks/tracking_error.py [--steps 50,100,1000] [--updates paper,mixture]
-[--variances step,forward]
+[--variances step,forward] [--mixture default|two-narrow|two-broad]
 """
 
 from __future__ import annotations
@@ -17,6 +17,19 @@ from dng.gmm import default_mixture_config
 from dng.guidance import DynamicNegativeGuidance
 
 
+def two_classes(std: float) -> dict:
+    """Two equal classes at distance 1 in d = 8 with a common std: the two-hypothesis update's home ground when the
+    std is small against the noise (each class kernel is then almost exactly N(mean_c, beta_tilde))."""
+    g = torch.Generator().manual_seed(0)
+    means = torch.randn(2, 8, generator=g, dtype=torch.float64)
+    means[1] = means[0] + means[1] / means[1].norm()
+    return {"means": means.tolist(), "stds": [std, std], "weights": [0.5, 0.5], "remove": [0]}
+
+
+MIXTURES = {"default": default_mixture_config, "two-narrow": lambda: two_classes(0.02),
+            "two-broad": lambda: two_classes(0.3)}
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", default="50,100,1000")
@@ -24,10 +37,11 @@ def main():
     parser.add_argument("--updates", default="paper,mixture", help="DynamicNegativeGuidance update rules")
     parser.add_argument("--variances", default="step,forward", help="kernel_variance settings")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--mixture", choices=sorted(MIXTURES), default="default")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     for steps in [int(s) for s in args.steps.split(",")]:
-        bench = GMMBench(default_mixture_config(), steps, args.num_samples, seed=0)
+        bench = GMMBench(MIXTURES[args.mixture](), steps, args.num_samples, seed=0)
         for update in args.updates.split(","):
             for variance in args.variances.split(","):
                 params = {"scale": 0.0, "prior": bench.prior, "temperature": 1.0, "p_max": 0.999,

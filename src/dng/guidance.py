@@ -149,6 +149,15 @@ class DynamicNegativeGuidance(Guidance):
     1.0 tracked DNG leaks ~2 % forbidden samples at 100 steps, at 1.2 ~0.7 %, against 0.1 % for the
     exact posterior). The published CIFAR-10 setting is scale=5, prior=0.01, temperature=0.2,
     offset=2e-4, p_max=0.8.
+
+    `update` is how the tracker turns a step into evidence. "paper" (the default, as published): the unconditional
+    reverse kernel is one Gaussian N(mean_u, s^2). "mixture": it is p N(mean_n, s^2) + (1 - p) N(mean_rest, s^2)
+    with mean_rest = mean_u + p/(1-p) (mean_u - mean_n) (exclusive negatives: one categorical update over the
+    negatives and "none of them"), see `dng.posterior.mixture_llr`. Temperature scales every hypothesis's squared
+    distance and the offset adds offset/(2 s^2) to each negative's log-likelihood against the rest, so both mean
+    the same as in "paper" while p is small. "mixture" is near-exact where the classes are narrow against the
+    noise (two-class test: 8x smaller log-odds error) but on the bench's mixtures it does not beat "paper" at its
+    default temperature 1.2 (docs/GMM.md), so it is not the default.
     """
 
     tracks_posterior = True
