@@ -139,3 +139,19 @@ def test_dng_with_exact_posterior_matches_the_target(bench):
     assert oracle["forbidden_rate"] <= target["forbidden_rate"] + 0.005
     assert oracle["class_kl"] < 0.01
     assert oracle["sliced_w2"] < 2.5 * target["sliced_w2"]
+
+
+@pytest.mark.parametrize("mode", ["exclusive", "independent"])
+def test_mixture_update_runs_the_loop_within_the_clamp(mode):
+    out = run(DynamicNegativeGuidance(scale=2.0, prior=[0.3, 0.4], p_max=0.9, mode=mode, update="mixture"), n_neg=2,
+              steps=10, return_trace=True)
+    p = out.trace.p
+    # The last step adds no noise: its llr is NaN by design (no evidence), every other one is finite.
+    assert torch.isfinite(out.samples).all() and torch.isfinite(p).all() and torch.isfinite(out.trace.llr[:-1]).all()
+    assert (p <= 0.9 * (1 + 1e-5)).all()
+    if mode == "exclusive":
+        assert (p.sum(-1) <= 0.9 * (1 + 1e-5)).all()
+    # The update differs from the published one once p is not small.
+    paper = run(DynamicNegativeGuidance(scale=2.0, prior=[0.3, 0.4], p_max=0.9, mode=mode), n_neg=2, steps=10,
+                return_trace=True)
+    assert not torch.allclose(paper.trace.p[-1], p[-1])
