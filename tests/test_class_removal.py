@@ -93,6 +93,14 @@ def test_summary_compares_settings_on_the_same_classes():
     assert summary["none"]["forbidden_rate"] == 0.2 and summary["none"]["classes"] == 1
 
 
+def test_settings_sort_by_method_then_strength():
+    settings = [("dng", {"scale": 6.0}), ("sld", {"preset": "max"}), ("np", {"scale": 2.0}), ("dng", {"scale": 1.0}),
+                ("sld", {"preset": "weak"}), ("none", {}), ("np", {"scale": 0.5})]
+    ordered = sorted(settings, key=lambda s: class_removal.setting_order(*s))
+    assert [class_removal.setting_label(*s) for s in ordered] == [
+        "none", "np 0.5", "np 2.0", "sld weak", "sld max", "dng 1.0", "dng 6.0"]
+
+
 def test_generate_with_every_scheduler_and_cfg(tiny):
     unet = models.load_generator(tiny[1])
     noise = torch.randn(3, 1, 28, 28, generator=torch.Generator().manual_seed(0))

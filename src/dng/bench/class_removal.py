@@ -183,7 +183,7 @@ class ClassRemovalBench:
         s = self.settings
         return generate.dng_settings([klass], self.calibration, s["scheduler"], s["steps"])[0]
 
-    def run_cell(self, index: int, klass: int, method: str, params: dict, factory) -> bool:
+    def run_cell(self, klass: int, method: str, params: dict, factory) -> bool:
         """Sample and score one cell unless it is stored; True if it ran."""
         key = cell_key(klass, method, params)
         path = self.out / "cells" / f"{key}.json"
@@ -203,36 +203,42 @@ class ClassRemovalBench:
                           scale=trace.scale[:, :TRACE_SAMPLES, 0].numpy())
         write_atomic(path.with_suffix(".npz"), generate.npz_bytes(**arrays))
         counts = np.bincount(pred, minlength=NUM_CLASSES).tolist()
-        write_json(path, {"index": index, "row": row, "counts": counts})
+        write_json(path, {"row": row, "counts": counts})
         return True
 
     def run(self, classes: list[int], methods: list[str], np_scales=NP_SCALES, dng_scales=DNG_SCALES) -> int:
         """Run every missing cell; returns how many ran."""
         from tqdm.auto import tqdm
 
-        cells = [(k, i, *c) for k in classes
-                 for i, c in enumerate(configs(methods, self.dng_settings(k), np_scales, dng_scales))]
+        cells = [(k, *c) for k in classes for c in configs(methods, self.dng_settings(k), np_scales, dng_scales)]
         todo, stale = [], []
         for cell in cells:
-            path = self.out / "cells" / f"{cell_key(cell[0], cell[2], cell[3])}.json"
+            path = self.out / "cells" / f"{cell_key(*cell[:3])}.json"
             if not path.is_file():
                 todo.append(cell)
-            elif json.loads(path.read_text())["row"]["params"] != cell[3]:
+            elif json.loads(path.read_text())["row"]["params"] != cell[2]:
                 stale.append(path.stem)
         if stale:
             raise ConfigError(f"{self.out} holds {', '.join(stale)} with other parameters (was the generator "
                               f"recalibrated?); delete those cells/<name>.json and .npz files or choose another --out")
         bar = tqdm(todo, desc="class-removal", disable=not self.progress or None)
-        for klass, index, method, params, factory in bar:
+        for klass, method, params, factory in bar:
             bar.set_postfix_str(f"class {klass} {setting_label(method, params)}")
-            self.run_cell(index, klass, method, params, factory)
+            self.run_cell(klass, method, params, factory)
         return len(todo)
 
 
 def load_cells(out) -> list[dict]:
     """Every stored cell of DIR, ordered by class, method and setting."""
     cells = [json.loads(p.read_text()) for p in sorted((Path(out) / "cells").glob("*.json"))]
-    return sorted(cells, key=lambda c: (c["row"]["class"], METHODS.index(c["row"]["method"]), c["index"]))
+    return sorted(cells, key=lambda c: (c["row"]["class"], *setting_order(c["row"]["method"], c["row"]["params"])))
+
+
+def setting_order(method: str, params: dict) -> tuple[int, float]:
+    """Sort key of a setting: by method, then by scale (SLD: weak to max), whichever sweep made the cell."""
+    if method == "sld":
+        return METHODS.index(method), list(SLD_PRESETS).index(params["preset"])
+    return METHODS.index(method), params.get("scale", 0.0)
 
 
 def comparable(rows: list[dict]) -> list[dict]:
