@@ -9,7 +9,7 @@ import torch
 
 from dng import calibration, cli
 from dng.bench import class_removal
-from dng.commands.demo import DEFAULT_REMOVE
+from dng.commands.demo import DEFAULT_REMOVE, DNG_SCALE
 from dng.errors import ConfigError
 from dng.vision import generate, models
 
@@ -139,6 +139,7 @@ def test_demo_end_to_end(tiny, tmp_path, capsys):
     assert cli.main(["demo", "--num-images", "8", "--steps", "3", "--out", str(out), *tiny]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["removed_name"] == DEFAULT_REMOVE and list(report["methods"]) == ["none", "np", "dng"]
+    assert report["methods"]["dng"]["params"]["scale"] == DNG_SCALE and report["methods"]["np"]["params"]["scale"] == 1
     assert all(ROW_KEYS - {"class", "method"} <= set(m) for m in report["methods"].values())
     for name in ("comparison.png", "dng_trajectories.png", "grid_none.png", "grid_np.png", "grid_dng.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
@@ -158,6 +159,8 @@ def test_demo_end_to_end(tiny, tmp_path, capsys):
         (["sample", "--method", "np", "--out", "x.png"], "needs --remove"),
         (["sample", "--remove", "1", "--class", "Trouser", "--out", "x.png"], "also removed"),
         (["demo", "--remove", "Hat"], "unknown class 'Hat'"),
+        (["demo", "--dng-scale", "-1"], "--dng-scale must be a finite number >= 0"),
+        (["demo", "--np-scale", "nan"], "--np-scale must be a finite number >= 0"),
     ],
 )
 def test_bad_inputs_say_what_to_fix(tiny, tmp_path, monkeypatch, capsys, argv, message):
