@@ -313,13 +313,21 @@ def tradeoff(summary: list[dict], path, x: str) -> Path:
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
     markers = {"none": "o", "np": "s", "sld": "^", "dng": "*"}
+    # One colour family per method, darker for stronger settings, so that ten or more settings stay apart.
+    shades = {"none": None, "np": plt.cm.Oranges, "sld": plt.cm.Purples, "dng": plt.cm.Greens}
     for s in summary:
-        ax.errorbar(s[x], s["forbidden_rate"], xerr=s[f"{x}_std"], yerr=s["forbidden_rate_std"], capsize=2,
+        family = [t for t in summary if t["method"] == s["method"]]
+        cmap = shades[s["method"]]
+        color = "black" if cmap is None else cmap(0.45 + 0.5 * family.index(s) / max(1, len(family) - 1))
+        # Spread bars stop at 0: neither metric can be negative.
+        xerr = [[min(s[f"{x}_std"], s[x])], [s[f"{x}_std"]]]
+        yerr = [[min(s["forbidden_rate_std"], s["forbidden_rate"])], [s["forbidden_rate_std"]]]
+        ax.errorbar(s[x], s["forbidden_rate"], xerr=xerr, yerr=yerr, capsize=2, color=color,
                     marker=markers[s["method"]], ms=8, ls="none", label=setting_label(s["method"], s["params"]))
     # The forbidden rate spans 0 to tens of percent: linear near 0, logarithmic above 0.1 %.
     ax.set_yscale("symlog", linthresh=1e-3)
-    if x == "class_kl":
-        ax.set_xscale("symlog", linthresh=1e-3)
+    ax.set_ylim(bottom=0)
+    ax.set_xlim(left=0)
     ax.set_xlabel(x.replace("_", " ").replace("fid", "FID (classifier features)"))
     ax.set_ylabel("forbidden rate")
     ax.set_title(f"forbidden rate vs {x.replace('_', ' ')}, mean over removed classes (lower-left is better)")
