@@ -18,7 +18,7 @@ import torch
 
 from dng import metrics
 from dng.errors import ConfigError
-from dng.guidance import SLD_PRESETS
+from dng.guidance import SLD_PRESETS, check_scale
 from dng.io import write_atomic, write_json
 from dng.sampler import Trace
 from dng.vision import generate
@@ -43,13 +43,14 @@ def parse_methods(text: str) -> list[str]:
 
 
 def parse_scales(text: str, option: str) -> tuple[float, ...]:
-    """Comma-separated guidance scales, each finite and > 0."""
+    """Comma-separated guidance scales, each a finite number >= 0 (checked as the rules check them)."""
     try:
-        scales = tuple(dict.fromkeys(float(s) for s in text.split(",") if s.strip()))
+        values = [float(s) for s in text.split(",") if s.strip()]
     except ValueError:
         raise ConfigError(f"{option} takes comma-separated numbers, e.g. 1,3,10; got {text!r}") from None
-    if not scales or not all(0 < s < float("inf") for s in scales):
-        raise ConfigError(f"{option} needs at least one finite scale > 0, got {text!r}")
+    scales = tuple(dict.fromkeys(check_scale(option, v) for v in values))
+    if not scales:
+        raise ConfigError(f"{option} needs at least one scale, e.g. 1,3,10")
     return scales
 
 

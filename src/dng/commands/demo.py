@@ -38,6 +38,7 @@ def run(args) -> int:
     from dng import plots
     from dng.bench.class_removal import Reference
     from dng.errors import ConfigError
+    from dng.guidance import check_scale
     from dng.io import write_atomic, write_json
     from dng.vision import generate
     from dng.vision.data import CLASS_NAMES
@@ -49,9 +50,9 @@ def run(args) -> int:
     klass = generate.parse_class(args.remove)
     if args.num_images < 4 or args.steps < 1:
         raise ConfigError(f"need --num-images >= 4 and --steps >= 1, got {args.num_images} and {args.steps}")
-    for option, value in (("--np-scale", args.np_scale), ("--dng-scale", args.dng_scale)):
-        if not 0 <= value < float("inf"):
-            raise ConfigError(f"{option} must be a finite number >= 0, got {value}")
+    # Checked before any sampling, with the option's name: the rules themselves are built only at their turn.
+    check_scale("--np-scale", args.np_scale)
+    check_scale("--dng-scale", args.dng_scale)
     out = Path(args.out)
     unet, classifier = load_generator(args.generator), load_classifier(args.classifier)
     reference = Reference(classifier, REFERENCE_IMAGES)
