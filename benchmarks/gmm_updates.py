@@ -23,6 +23,7 @@ def main():
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--num-samples", type=int, default=4000)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--variance", default="fixed_large", choices=("fixed_large", "fixed_small"))
     parser.add_argument("--updates", default="paper,mixture")
     parser.add_argument("--temperatures", default="1.0,1.2")
     parser.add_argument("--mixtures", default=None,
@@ -33,7 +34,7 @@ def main():
     names = list(SUITE) if args.mixtures is None else args.mixtures.split(";")
     results = {}
     for name in names:
-        bench = GMMBench(SUITE[name], args.steps, args.num_samples, seed=0)
+        bench = GMMBench(SUITE[name], args.steps, args.num_samples, seed=0, variance=args.variance)
         rows = [bench.run(m, p, f)[0] for m, p, f in bench.configs(["dng-oracle", "target"])]
         for update in args.updates.split(","):
             for temperature in [float(t) for t in args.temperatures.split(",")]:

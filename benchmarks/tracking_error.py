@@ -3,7 +3,7 @@
 DNG at scale 0 samples the unguided model while tracking p_t(c-|x_t) by Bayes (temperature 1, offset 0);
 the error is |logit(tracked) - logit(exact)| with both clamped to [1e-6, 0.999], averaged over steps and
 samples. Run: .venv/bin/python benchmarks/tracking_error.py [--steps 50,100,1000] [--updates paper,mixture]
-[--variances step,forward] [--mixture default|two-narrow|two-broad]
+[--variances step,forward] [--mixture default|two-narrow|two-broad] [--sampler-variance fixed_large|fixed_small]
 """
 
 from __future__ import annotations
@@ -37,11 +37,12 @@ def main():
     parser.add_argument("--updates", default="paper,mixture", help="DynamicNegativeGuidance update rules")
     parser.add_argument("--variances", default="step,forward", help="kernel_variance settings")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--sampler-variance", default="fixed_large", choices=("fixed_large", "fixed_small"))
     parser.add_argument("--mixture", choices=sorted(MIXTURES), default="default")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     for steps in [int(s) for s in args.steps.split(",")]:
-        bench = GMMBench(MIXTURES[args.mixture](), steps, args.num_samples, seed=0)
+        bench = GMMBench(MIXTURES[args.mixture](), steps, args.num_samples, seed=0, variance=args.sampler_variance)
         for update in args.updates.split(","):
             for variance in args.variances.split(","):
                 params = {"scale": 0.0, "prior": bench.prior, "temperature": 1.0, "p_max": 0.999,

@@ -17,7 +17,7 @@ def test_bench_gmm_cli_writes_results_and_plots(tmp_path, capsys):
                  "--plot", str(tmp_path / "plots")])
     assert code == 0
     result = json.loads((tmp_path / "r.json").read_text())
-    assert result["config"]["remove"] == [0]
+    assert result["config"]["remove"] == [0] and result["variance"] == "fixed_large"
     methods = [r["method"] for r in result["rows"]]
     assert methods == ["none"] + ["np"] * 3 + ["sld"] * 4 + ["dng", "dng-oracle", "target"]
     keys = {"method", "params", "forbidden_rate", "class_kl", "target_log_density", "sliced_w2",

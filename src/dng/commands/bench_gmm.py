@@ -9,6 +9,8 @@ def register(groups) -> None:
     p = groups["bench"].add_parser("gmm", help="guidance rules against the exact target on a Gaussian mixture")
     p.add_argument("--config", help="mixture JSON: means, stds, weights, remove (default: built-in d=64, K=10)")
     p.add_argument("--steps", type=int, default=100, help="sampling steps (DDPM, 1000 training steps)")
+    p.add_argument("--variance", default="fixed_large", choices=("fixed_large", "fixed_small"),
+                   help="the DDPM sampler's step variance: beta_t (default) or the posterior's beta_tilde_t")
     p.add_argument("--num-samples", type=int, default=4000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--methods", default="none,np,sld,dng,dng-oracle,target",
@@ -32,7 +34,7 @@ def run(args) -> int:
     if not methods:
         raise ConfigError("--methods is empty; give e.g. none,np,dng")
     config = load_config(args.config)
-    bench = GMMBench(config, args.steps, args.num_samples, args.seed)
+    bench = GMMBench(config, args.steps, args.num_samples, args.seed, args.variance)
     rows, traces = [], {}
     from tqdm.auto import tqdm
 
@@ -43,7 +45,8 @@ def run(args) -> int:
         if trace is not None and method == "dng":
             traces[method] = trace
     print(format_table(rows))
-    result = {"config": config, "steps": args.steps, "num_samples": args.num_samples, "seed": args.seed, "rows": rows}
+    result = {"config": config, "steps": args.steps, "variance": args.variance, "num_samples": args.num_samples,
+              "seed": args.seed, "rows": rows}
     if args.out:
         print(f"wrote {write_json(args.out, result)}")
     if args.plot:
