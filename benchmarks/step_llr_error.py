@@ -52,15 +52,16 @@ def main():
             state["x"], state["t"] = step.x, step.t
             return super().combine(eps_u, eps_n, step, eps_p, cfg_scale)
 
-        def observe(self, x_prev, mean_u, diff, std, forward_std):
+        def observe(self, x_prev, moments):
             before = exact_logit(state["x"], int(state["t"]))
             after = exact_logit(x_prev, int(scheduler.previous_timestep(state["t"])))
             log_p = torch.nn.functional.logsigmoid(before).clamp(max=math.log1p(-1e-7))
-            paper = to_logit(log_p + gaussian_llr(x_prev, mean_u, diff, std)[:, 0].double())
-            mixture = to_logit(log_p + mixture_llr(x_prev, mean_u, diff, std, log_p[:, None].float(),
+            rd, dd = moments.statistics(x_prev)
+            paper = to_logit(log_p + gaussian_llr(rd, dd, moments.std)[:, 0].double())
+            mixture = to_logit(log_p + mixture_llr(rd, dd, moments.std, log_p[:, None].float(),
                                                    p_max=1 - 1e-7)[:, 0].double())
             records.append((before, after - before, paper - before, mixture - before))
-            return super().observe(x_prev, mean_u, diff, std, forward_std)
+            return super().observe(x_prev, moments)
 
     g = torch.Generator().manual_seed(0)
     noise = torch.randn(args.num_samples, gmm.dim, generator=g, dtype=torch.float64)

@@ -61,8 +61,9 @@ def test_branch_moments_reproduce_the_step_of_every_branch(name, scheduler, kwar
     for t in scheduler.timesteps:
         scheduler.scale_model_input(x, t)
         outs = torch.randn((3,) + SHAPE, generator=gen)
-        mean_u, diff, std, forward_std = kernel.branch_moments(t, x, outs)
-        assert (std, forward_std) == kernel(t, x, outs[0])[1:]
+        moments = kernel.branch_moments(t, x, outs)
+        mean_u, diff, std = moments.mean_u, moments.diff, moments.std
+        assert (std, moments.forward_std) == kernel(t, x, outs[0])[1:]
         index = scheduler.step_index if hasattr(scheduler, "_step_index") else None
         steps = []
         for out in outs:
@@ -73,6 +74,13 @@ def test_branch_moments_reproduce_the_step_of_every_branch(name, scheduler, kwar
         torch.testing.assert_close(mean_u + std * z, steps[0], rtol=1e-5, atol=1e-5)
         for i in range(2):
             torch.testing.assert_close(mean_u - diff[i] + std * z, steps[1 + i], rtol=1e-5, atol=1e-5)
+        # The tracker's statistics at a drawn x_prev, whichever way the kernel computes them, against float64 means.
+        x_prev = steps[0] + 0.1 * torch.randn(SHAPE, generator=gen)
+        r, d = (x_prev - mean_u).double().flatten(1), diff.double().flatten(2)
+        rd, dd = moments.statistics(x_prev, gram=True)
+        torch.testing.assert_close(rd.double(), torch.einsum("kbd,bd->bk", d, r), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(dd.double(), torch.einsum("kbd,jbd->bkj", d, d), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(moments.statistics(x_prev)[1], torch.diagonal(dd, dim1=-2, dim2=-1))
         x = steps[0]
 
 
@@ -85,11 +93,19 @@ def test_affine_difference_is_exact_where_means_cancel():
     out_u = torch.randn(SHAPE)
     outs = torch.stack([out_u, out_u + 1e-4 * torch.randn(SHAPE)])
     exact, _, _ = kernel(t, x.double(), outs.double())
-    _, diff, _, _ = kernel.branch_moments(t, x, outs)
+    moments = kernel.branch_moments(t, x, outs)
     means, _, _ = kernel(t, x, outs)
-    error = (diff[0].double() - (exact[0] - exact[1])).abs().max()
+    error = (moments.diff[0].double() - (exact[0] - exact[1])).abs().max()
     assert error < 1e-6 * (exact[0] - exact[1]).abs().max()
     assert ((means[0] - means[1]).double() - (exact[0] - exact[1])).abs().max() > 100 * error
+    # The statistics the tracker reads stay exact too: |d|^2 to float32 precision, where the means' difference
+    # would have lost it.
+    x_prev = exact[0].float() + 0.01 * torch.randn(SHAPE)
+    rd, dd = moments.statistics(x_prev)
+    d = (exact[0] - exact[1]).flatten(1)
+    torch.testing.assert_close(dd[:, 0].double(), (d * d).sum(-1), rtol=1e-5, atol=0)
+    torch.testing.assert_close(rd[:, 0].double(), ((x_prev.double() - exact[0]).flatten(1) * d).sum(-1),
+                               rtol=1e-3, atol=1e-9)
 
 
 def test_kernel_accepts_stacked_branches():

@@ -9,8 +9,14 @@ from diffusers import DDPMScheduler
 from dng.errors import ConfigError
 from dng.gmm import GaussianMixture, default_mixture_config
 from dng.guidance import NegativePrompt
+from dng.kernels import BranchMoments
 from dng.posterior import PosteriorTracker, gaussian_llr, mixture_llr
 from dng.sampler import sample
+
+
+def stats(x, mu_u, diff, gram=False):
+    """The step statistics (r.d, d.d) from explicit kernel means; the std is the llr's, not the moments'."""
+    return BranchMoments(mu_u, diff, 1.0, 1.0).statistics(x, gram)
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +62,7 @@ def test_gaussian_llr_matches_the_plain_formula_and_is_stable_in_float32():
     std, temperature, offset = 0.1, 0.7, 0.003
     plain = -temperature * (((x - mu_n) ** 2).flatten(2).sum(-1) - ((x - mu_u) ** 2).flatten(1).sum(-1))
     expected = ((plain + offset) / (2 * std**2)).T
-    torch.testing.assert_close(gaussian_llr(x, mu_u, mu_u - mu_n, std, temperature, offset).double(), expected,
+    torch.testing.assert_close(gaussian_llr(*stats(x, mu_u, mu_u - mu_n), std, temperature, offset).double(), expected,
                                rtol=1e-5, atol=1e-4)
     # Large latents: both squared norms are ~1e6 and nearly cancel; float32 must still get their difference.
     x = 3 * torch.randn(2, 4, 64, 64, generator=g)
@@ -65,7 +71,7 @@ def test_gaussian_llr_matches_the_plain_formula_and_is_stable_in_float32():
     reference = -(((x.double() - mu_n.double()) ** 2).flatten(1).sum(-1) - ((x.double() - mu_u.double()) ** 2)
                   .flatten(1).sum(-1)) / (2 * std**2)
     naive = -(((x - mu_n) ** 2).flatten(1).sum(-1) - ((x - mu_u) ** 2).flatten(1).sum(-1)) / (2 * std**2)
-    ours = gaussian_llr(x, mu_u, (mu_u - mu_n)[None], std)[:, 0]
+    ours = gaussian_llr(*stats(x, mu_u, (mu_u - mu_n)[None]), std)[:, 0]
     assert ours.dtype == torch.float32
     torch.testing.assert_close(ours.double(), reference, rtol=1e-4, atol=1e-3)
     assert (naive.double() - reference).abs().max() > 100 * (ours.double() - reference).abs().max()
@@ -137,20 +143,21 @@ def test_mixture_update_is_bayes_over_explicit_gaussians():
     x, mu_u, mu_n, p = _tiny_example()
     std, temperature, offset = 0.25, 1.3, 0.01
     bonus = offset / (2 * std**2)
+    step = stats(x, mu_u, mu_u - mu_n)
     for k in range(2):
         pk = p[:, k, None]
         m_rest = (mu_u - pk * mu_n[k]) / (1 - pk)
         a = pk[:, 0].log() + temperature * _log_normal(x, mu_n[k], std) + bonus
         b = (1 - pk[:, 0]).log() + temperature * _log_normal(x, m_rest, std)
         expected = a - torch.logaddexp(a, b)
-        got = mixture_llr(x, mu_u, mu_u - mu_n, std, p.log(), temperature, offset)[:, k].double() + p[:, k].log()
+        got = mixture_llr(*step, std, p.log(), temperature, offset)[:, k].double() + p[:, k].log()
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
     # The closed form in the docstring: logit p' = logit p - T (1 + rho) [2 r.d + (1 - rho) |d|^2] / (2 s^2) + bonus.
     r, d = x - mu_u, mu_u - mu_n[0]
     rho = p[:, 0] / (1 - p[:, 0])
     closed = (p[:, 0] / (1 - p[:, 0])).log() - temperature * (1 + rho) * (
         2 * (r * d).sum(-1) + (1 - rho) * (d * d).sum(-1)) / (2 * std**2) + bonus
-    got = mixture_llr(x, mu_u, mu_u - mu_n, std, p.log(), temperature, offset)[:, 0].double() + p[:, 0].log()
+    got = mixture_llr(*step, std, p.log(), temperature, offset)[:, 0].double() + p[:, 0].log()
     torch.testing.assert_close(got, torch.nn.functional.logsigmoid(closed), rtol=0, atol=1e-5)
     # Exclusive: one categorical update.
     total = p.sum(-1, keepdim=True)
@@ -158,15 +165,17 @@ def test_mixture_update_is_bayes_over_explicit_gaussians():
     scores = torch.stack([p[:, k].log() + temperature * _log_normal(x, mu_n[k], std) + bonus for k in range(2)]
                          + [(1 - total[:, 0]).log() + temperature * _log_normal(x, m_rest, std)], -1)
     expected = scores[:, :2] - scores.logsumexp(-1, keepdim=True)
-    got = mixture_llr(x, mu_u, mu_u - mu_n, std, p.log(), temperature, offset, exclusive=True).double() + p.log()
+    gram = stats(x, mu_u, mu_u - mu_n, gram=True)
+    got = mixture_llr(*gram, std, p.log(), temperature, offset, exclusive=True).double() + p.log()
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
 
 
 def test_mixture_update_reduces_to_the_gaussian_ratio_at_small_p():
     x, mu_u, mu_n, _ = _tiny_example(seed=1)
     log_p = torch.full((5, 2), math.log(1e-7))
-    ratio = gaussian_llr(x, mu_u, mu_u - mu_n, 0.5, 0.8, 0.002)
-    torch.testing.assert_close(mixture_llr(x, mu_u, mu_u - mu_n, 0.5, log_p, 0.8, 0.002), ratio, rtol=1e-4, atol=1e-4)
+    step = stats(x, mu_u, mu_u - mu_n)
+    ratio = gaussian_llr(*step, 0.5, 0.8, 0.002)
+    torch.testing.assert_close(mixture_llr(*step, 0.5, log_p, 0.8, 0.002), ratio, rtol=1e-4, atol=1e-4)
 
 
 def test_mixture_update_keeps_exclusive_total_below_p_max_and_never_nan():
@@ -176,7 +185,8 @@ def test_mixture_update_keeps_exclusive_total_below_p_max_and_never_nan():
     # Overwhelming evidence for both negatives (tiny std), then for none, then garbage: p stays a distribution.
     for step_x, std in ((mu_n.mean(0), 1e-3), (mu_n[0], 1e-4), (mu_u + 50 * (mu_u - mu_n[1]), 1e-3),
                         (torch.full_like(x, float("nan")), 0.1), (torch.full_like(x, 1e20), 1e-3)):
-        tracker.update(mixture_llr(step_x, mu_u, mu_u - mu_n, std, tracker.log_p, exclusive=True, p_max=0.9))
+        tracker.update(mixture_llr(*stats(step_x, mu_u, mu_u - mu_n, gram=True), std, tracker.log_p,
+                                       exclusive=True, p_max=0.9))
         p = tracker.p
         assert torch.isfinite(p).all()
         # The exclusive clamp floors at p_min and then rescales the total down to p_max.
@@ -185,7 +195,7 @@ def test_mixture_update_keeps_exclusive_total_below_p_max_and_never_nan():
     independent = PosteriorTracker(0.5, p_max=0.99)
     independent.start(5, 2)
     for step_x in (mu_n[0], mu_u + 50 * (mu_u - mu_n[0]), torch.full_like(x, float("inf"))):
-        independent.update(mixture_llr(step_x, mu_u, mu_u - mu_n, 1e-3, independent.log_p, p_max=0.99))
+        independent.update(mixture_llr(*stats(step_x, mu_u, mu_u - mu_n), 1e-3, independent.log_p, p_max=0.99))
         assert torch.isfinite(independent.p).all() and (independent.p <= 0.99 * (1 + 1e-6)).all()
 
 

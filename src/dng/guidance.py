@@ -201,14 +201,16 @@ class DynamicNegativeGuidance(Guidance):
         scale = self.scales(p)
         return _push(base_prediction(eps_u, eps_p, cfg_scale), eps_u, eps_n, scale), scale, p
 
-    def observe(self, x_prev, mean_u, diff, std: float, forward_std: float) -> torch.Tensor:
-        """Bayes update from the drawn x_{t-1}, the unconditional kernel mean and mean_u - mean_n per negative;
-        returns the step's llr."""
-        kernel_std = std if self.kernel_variance == "step" else forward_std
+    def observe(self, x_prev, moments) -> torch.Tensor:
+        """Bayes update from the drawn x_{t-1} and the step's kernels (`dng.kernels.BranchMoments`); returns the
+        step's llr."""
+        kernel_std = moments.std if self.kernel_variance == "step" else moments.forward_std
+        exclusive = self.mode == "exclusive"
         if self.update == "paper":
-            llr = gaussian_llr(x_prev, mean_u, diff, kernel_std, self.temperature, self.offset)
+            llr = gaussian_llr(*moments.statistics(x_prev), kernel_std, self.temperature, self.offset)
         else:
-            llr = mixture_llr(x_prev, mean_u, diff, kernel_std, self.tracker.log_p, self.temperature, self.offset,
-                              exclusive=self.mode == "exclusive", p_max=self.tracker.p_max)
+            rd, dd = moments.statistics(x_prev, gram=exclusive)
+            llr = mixture_llr(rd, dd, kernel_std, self.tracker.log_p, self.temperature, self.offset,
+                              exclusive=exclusive, p_max=self.tracker.p_max)
         self.tracker.update(llr)
         return llr

@@ -43,6 +43,56 @@ def _upcast(v: torch.Tensor) -> torch.Tensor:
     return v.float() if v.dtype in (torch.float16, torch.bfloat16) else v
 
 
+class BranchMoments:
+    """One step's unconditional kernel mean m_u and d_i = m_u - m_n_i per negative, as the tracker reads them.
+
+    The tracker needs only r.d_i and d_i.d_j per sample, with r = x_prev - m_u (`statistics`): inner products,
+    never differences of large squared norms.
+    """
+
+    def __init__(self, mean_u, diff, std: float, forward_std: float):
+        self.mean_u, self.diff, self.std, self.forward_std = mean_u, diff, std, forward_std
+
+    def statistics(self, x_prev, gram: bool = False):
+        """(rd [batch, negatives], dd): dd is |d_i|^2 [batch, negatives], or with `gram` d_i.d_j [batch, K, K]."""
+        residual = x_prev.to(torch.float32) - self.mean_u.to(torch.float32)
+        return self._inner(residual, self.diff.to(torch.float32), gram, 1.0)
+
+    @staticmethod
+    def _inner(residual, diff, gram, scale):
+        """r.d_i and d_i.d_j with d_i = scale * diff_i (diff: [negatives, batch, ...], residual: [batch, ...])."""
+        flat = diff.flatten(2)
+        rd = scale * torch.linalg.vecdot(flat, residual.flatten(1)).T
+        if gram:
+            return rd, scale**2 * torch.einsum("kbd,jbd->bkj", flat, flat)
+        return rd, scale**2 * torch.linalg.vecdot(flat, flat).T
+
+
+class AffineBranchMoments(BranchMoments):
+    """The same for a kernel whose mean is a x + b out: from x and the raw outputs, without forming either mean.
+
+    d_i = b (out_u - out_n_i) comes from one subtraction (no cancellation between nearly equal means) and
+    r = x_prev - a x - b out_u; two full-size passes fewer than building the means, which is visible on a model as
+    cheap as the update (the exact mixture).
+    """
+
+    def __init__(self, x, outs, a: float, b: float, std: float, forward_std: float):
+        self.x, self.outs, self.a, self.b = x, outs, a, b
+        self.std, self.forward_std = std, forward_std
+
+    @property
+    def mean_u(self):
+        return torch.add(self.b * self.outs[0], self.x, alpha=self.a)
+
+    @property
+    def diff(self):
+        return self.b * (self.outs[:1] - self.outs[1:])
+
+    def statistics(self, x_prev, gram: bool = False):
+        residual = torch.add(x_prev.to(torch.float32), self.x, alpha=-self.a).add_(self.outs[0], alpha=-self.b)
+        return self._inner(residual, self.outs[:1] - self.outs[1:], gram, self.b)
+
+
 class _Kernel:
     # Without clipping or thresholding the mean is a x + b out, affine in the model output.
     affine = True
@@ -51,21 +101,20 @@ class _Kernel:
         """(mean, std, forward_std) of the step from x at timestep t; `out` may carry a leading axis of branches."""
         return self.moments(t, _upcast(x), _upcast(out))
 
-    def branch_moments(self, t, x, outs):
-        """(mean_u, mean_u - mean_n, std, forward_std) for outs = [unconditional, negative 1..K] stacked.
+    def branch_moments(self, t, x, outs) -> BranchMoments:
+        """The tracker's view of the step for outs = [unconditional, negative 1..K] stacked.
 
-        Where the mean is affine, mean_u - mean_n = b (out_u - out_n): one subtraction instead of two
-        kernel evaluations, and no cancellation between nearly equal means. a and b are read off the
-        kernel's own formula at (x, out) = (1, 0) and (0, 1), so no second derivation can drift from it.
+        Where the mean is affine, a and b are read off the kernel's own formula at (x, out) = (1, 0) and (0, 1),
+        so no second derivation can drift from it.
         """
         x, outs = _upcast(x), _upcast(outs)
         if not self.affine:
             means, std, forward_std = self.moments(t, x, outs)
-            return means[0], means[0] - means[1:], std, forward_std
+            return BranchMoments(means[0], means[0] - means[1:], std, forward_std)
         probe = torch.tensor([1.0, 0.0], dtype=torch.float64)
         coefficients, std, forward_std = self.moments(t, probe, probe.flip(0))
         a, b = coefficients.tolist()
-        return torch.add(b * outs[0], x, alpha=a), b * (outs[:1] - outs[1:]), std, forward_std
+        return AffineBranchMoments(x, outs, a, b, std, forward_std)
 
 
 class _VPKernel(_Kernel):

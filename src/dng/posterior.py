@@ -16,34 +16,17 @@ def check_probability(name: str, value: float) -> float:
     return value
 
 
-def gaussian_llr(x_prev, mean_u, diff, std: float, temperature: float = 1.0, offset: float = 0.0):
-    """Tempered log q(x_prev|x, c-)/q(x_prev|x) for equal-variance Gaussian kernels, one value per sample.
+def gaussian_llr(rd, dd, std: float, temperature: float = 1.0, offset: float = 0.0):
+    """Tempered log q(x_prev|x, c-)/q(x_prev|x) for equal-variance Gaussian kernels, [batch, negatives].
 
-    `diff` = mean_u - mean_n, with a leading axis of negatives: the result has shape [batch, negatives].
-    Uses |x-mu_n|^2 - |x-mu_u|^2 = |mu_u-mu_n|^2 + 2<x-mu_u, mu_u-mu_n>, which keeps float32
-    accurate for large latents where the two norms nearly cancel.
+    From the step's statistics (`BranchMoments.statistics`): |x-mu_n|^2 - |x-mu_u|^2 = |d|^2 + 2 r.d with
+    r = x - mu_u and d = mu_u - mu_n, which keeps float32 accurate for large latents where the two norms nearly
+    cancel.
     """
-    residual = x_prev.to(torch.float32) - mean_u.to(torch.float32)
-    diff = diff.to(torch.float32)
-    gap = (diff * torch.add(diff, residual, alpha=2)).reshape(*diff.shape[:2], -1).sum(-1)
-    return ((offset - temperature * gap) / (2 * std**2)).T
+    return (offset - temperature * (dd + 2 * rd)) / (2 * std**2)
 
 
-def kernel_statistics(x_prev, mean_u, diff, gram: bool = False):
-    """The scalars every posterior update needs: r.d_i and d_i.d_j per sample, with r = x_prev - mean_u and
-    d_i = mean_u - mean_n_i (`diff`, leading axis of negatives).
-
-    Returns (rd [batch, negatives], dd) where dd is |d_i|^2 [batch, negatives], or with `gram` the full
-    [batch, negatives, negatives] matrix of d_i.d_j. Inner products, never differences of large norms.
-    """
-    residual = (x_prev.to(torch.float32) - mean_u.to(torch.float32)).flatten(1)
-    diff = diff.to(torch.float32).flatten(2)
-    rd = torch.einsum("kbd,bd->bk", diff, residual)
-    dd = torch.einsum("kbd,jbd->bkj", diff, diff) if gram else torch.einsum("kbd,kbd->bk", diff, diff)
-    return rd, dd
-
-
-def mixture_llr(x_prev, mean_u, diff, std: float, log_p, temperature: float = 1.0, offset: float = 0.0,
+def mixture_llr(rd, dd, std: float, log_p, temperature: float = 1.0, offset: float = 0.0,
                 exclusive: bool = False, p_max: float = 0.99):
     """log p' - log p of each negative by Bayes with the unconditional kernel modelled as a mixture.
 
@@ -60,12 +43,12 @@ def mixture_llr(x_prev, mean_u, diff, std: float, log_p, temperature: float = 1.
     update (`gaussian_llr`), which this update reduces to as p -> 0.
 
     `exclusive` negatives c_1..c_K are one categorical update over c_1..c_K and "none of them", whose mean is
-    m_u + sum_i p_i d_i / (1 - sum_j p_j); it needs the cross terms d_i.d_j. Otherwise each negative has its own
-    two-hypothesis update. `log_p` is the tracker's current [batch, negatives] state; 1 - p is floored at
-    1 - p_max so that rho stays finite in float32. Returns [batch, negatives], the same quantity as `gaussian_llr`
-    (the increment of log p before the tracker's clamp), so the tracker and the trace are unchanged.
+    m_u + sum_i p_i d_i / (1 - sum_j p_j); it needs the cross terms d_i.d_j (`dd` as the [batch, K, K] Gram matrix,
+    `BranchMoments.statistics(x, gram=True)`). Otherwise each negative has its own two-hypothesis update. `log_p`
+    is the tracker's current [batch, negatives] state; 1 - p is floored at 1 - p_max so that rho stays finite in
+    float32. Returns [batch, negatives], the same quantity as `gaussian_llr` (the increment of log p before the
+    tracker's clamp), so the tracker and the trace are unchanged.
     """
-    rd, dd = kernel_statistics(x_prev, mean_u, diff, gram=exclusive)
     log_p = log_p.to(torch.float32)
     inv = 1.0 / (2 * std**2)
     floor = math.log1p(-p_max)

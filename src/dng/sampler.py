@@ -109,11 +109,11 @@ def sample(
                 # Without a positive branch, u and the negatives are already contiguous: no copy. Before the
                 # step: Euler's kernel reads the step index that the step advances.
                 tracked = branches if not n_pos else torch.cat([eps_u[None], eps_n])
-                mean_u, diff, std, forward_std = kernel.branch_moments(t, x, tracked)
+                moments = kernel.branch_moments(t, x, tracked)
         x_prev = scheduler.step(eps, t, x, **kwargs).prev_sample
         llr = None
-        if tracking and std > MIN_TRACKING_STD:
-            llr = guidance.observe(x_prev, mean_u, diff, std, forward_std)
+        if tracking and moments.std > MIN_TRACKING_STD:
+            llr = guidance.observe(x_prev, moments)
         if return_trace and guidance is not None:
             records.append((info["p"], info["scale"], llr))
         if callback is not None:
