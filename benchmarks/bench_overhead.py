@@ -1,6 +1,6 @@
 """Per-step wall time of DNG vs NP on the same model, in one run; and the GMM bench at full size.
 
-Run: .venv/bin/python benchmarks/bench_overhead.py [--threads 2] [--skip-unet] [--skip-full]
+Run: .venv/bin/python benchmarks/bench_overhead.py [--threads 2] [--jobs 2] [--skip-unet] [--skip-full]
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import time
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
-from dng.bench.gmm import GMMBench
+from dng.bench.gmm import GMMBench, run_rows
 from dng.gmm import GaussianMixture, default_mixture_config
 from dng.guidance import DynamicNegativeGuidance, NegativePrompt
 from dng.sampler import sample
@@ -44,6 +44,7 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-unet", action="store_true", help="the UNet takes minutes on one thread")
     parser.add_argument("--skip-full", action="store_true")
+    parser.add_argument("--jobs", type=int, default=2, help="processes for the full bench (one torch thread each)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
@@ -68,9 +69,9 @@ def main():
     if not args.skip_full:
         bench = GMMBench(cfg, steps=1000, num_samples=10000, seed=0)
         start = time.perf_counter()
-        for method, params_, factory in bench.configs(["none", "np", "sld", "dng", "dng-oracle", "target"]):
-            bench.run(method, params_, factory)
-        print(f"dng bench gmm --steps 1000 --num-samples 10000 (all methods): {time.perf_counter() - start:.1f} s")
+        run_rows(bench, ["none", "np", "sld", "dng", "dng-oracle", "target"], jobs=args.jobs, threads=1)
+        print(f"dng bench gmm --steps 1000 --num-samples 10000 --jobs {args.jobs} --threads 1 (all methods): "
+              f"{time.perf_counter() - start:.1f} s")
 
 
 if __name__ == "__main__":

@@ -71,3 +71,23 @@ def test_metrics_by_hand():
     # A pure shift by v: every projection moves by <v, dir>, so sW2 = |v| / sqrt(d) on average over directions.
     shifted = sliced_w2(a, a + torch.tensor([3.0, 0.0, 0.0]), projections=4000)
     assert shifted == pytest.approx(3.0 / 3**0.5, rel=0.05)
+
+
+def test_rows_in_parallel_processes_equal_the_serial_rows():
+    from dng.bench.gmm import GMMBench, run_rows
+
+    config = {"means": [[0.0, 0.0], [2.0, 0.0], [0.0, 2.0]], "stds": [0.3, 0.5, 0.4], "weights": [1, 2, 1],
+              "remove": [0]}
+    bench = GMMBench(config, steps=10, num_samples=200, seed=3)
+    methods = ["none", "np", "dng", "target"]
+    serial = run_rows(bench, methods, jobs=1, threads=1, keep_traces={"dng"})
+    seen = []
+    parallel = run_rows(bench, methods, jobs=2, threads=1, keep_traces={"dng"}, on_row=lambda: seen.append(1))
+    assert len(seen) == len(serial) == len(parallel) == 6
+    for (a, trace_a), (b, trace_b) in zip(serial, parallel, strict=True):
+        # Equal up to float rounding of the scoring, which may run on another thread count.
+        assert a.keys() == b.keys() and a["params"] == b["params"] and a["method"] == b["method"]
+        for key in ("forbidden_rate", "class_kl", "target_log_density", "sliced_w2", "posterior_logit_mae"):
+            assert b[key] == (a[key] if a[key] is None else pytest.approx(a[key], rel=1e-5)), key
+        assert (trace_a is None) == (trace_b is None) == (a["method"] != "dng")
+    assert main(["bench", "gmm", "--jobs", "0"]) == 2

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import torch
@@ -101,6 +103,7 @@ class GMMBench:
         if variance not in VARIANCES:
             raise ConfigError(f"unknown sampler variance {variance!r}; choose one of {', '.join(VARIANCES)}")
         self.variance = variance
+        self.spec = (config, steps, num_samples, seed, variance)
         self.scheduler = DDPMScheduler(num_train_timesteps=1000, clip_sample=False, variance_type=variance)
         self.gmm = GaussianMixture(config["means"], config["stds"], config["weights"],
                                    self.scheduler.alphas_cumprod, dtype=torch.float32)
@@ -199,3 +202,44 @@ def format_table(rows: list[dict]) -> str:
         lines.append(f"{r['method']:<11} {params:<28} {r['forbidden_rate']:>9.4f} {r['class_kl']:>9.4f} "
                      f"{r['target_log_density']:>9.2f} {r['sliced_w2']:>8.4f} {mae:>6} {r['seconds']:>6.1f}")
     return "\n".join(lines)
+
+
+_worker_bench: GMMBench | None = None
+
+
+def _start_worker(spec, threads):
+    global _worker_bench
+    if threads:
+        torch.set_num_threads(threads)
+    _worker_bench = GMMBench(*spec)
+
+
+def _run_cell(index, methods, keep_traces):
+    method, params, factory = list(_worker_bench.configs(methods))[index]
+    row, trace = _worker_bench.run(method, params, factory)
+    return row, trace if method in keep_traces else None
+
+
+def run_rows(bench: GMMBench, methods, jobs: int = 1, threads: int | None = None, keep_traces=(), on_row=None):
+    """Every row the methods ask for, in order, as (row, trace if the row's method is in `keep_traces`).
+
+    With jobs > 1 the rows are sampled in that many fresh processes (spawned: a forked torch can hang in its
+    thread pool). Every row seeds its own generator, so the rows do not depend on `jobs`.
+    """
+    cells = list(bench.configs(methods))
+    if jobs == 1:
+        results = []
+        for method, params, factory in cells:
+            row, trace = bench.run(method, params, factory)
+            results.append((row, trace if method in keep_traces else None))
+            if on_row:
+                on_row()
+        return results
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(min(jobs, len(cells)), mp_context=context, initializer=_start_worker,
+                             initargs=(bench.spec, threads)) as pool:
+        futures = [pool.submit(_run_cell, i, methods, set(keep_traces)) for i in range(len(cells))]
+        for _ in as_completed(futures):
+            if on_row:
+                on_row()
+        return [future.result() for future in futures]

@@ -17,17 +17,22 @@ def register(groups) -> None:
                    help="comma-separated: none, np, sld, dng, dng-oracle, target")
     p.add_argument("--out", help="write the results JSON here")
     p.add_argument("--plot", help="write figures into this folder")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="rows sampled in parallel processes (each with --threads torch threads; 2 on 2 cores)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per process (default: torch's choice)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     import torch
+    from tqdm.auto import tqdm
 
     from dng import plots
-    from dng.bench.gmm import GMMBench, format_table, load_config
+    from dng.bench.gmm import GMMBench, format_table, load_config, run_rows
     from dng.io import write_json
 
+    if args.jobs < 1:
+        raise ConfigError(f"--jobs must be >= 1, got {args.jobs}")
     if args.threads:
         torch.set_num_threads(args.threads)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -35,15 +40,11 @@ def run(args) -> int:
         raise ConfigError("--methods is empty; give e.g. none,np,dng")
     config = load_config(args.config)
     bench = GMMBench(config, args.steps, args.num_samples, args.seed, args.variance)
-    rows, traces = [], {}
-    from tqdm.auto import tqdm
-
-    cells = list(bench.configs(methods))
-    for method, params, factory in tqdm(cells, desc="bench gmm", disable=None):
-        row, trace = bench.run(method, params, factory)
-        rows.append(row)
-        if trace is not None and method == "dng":
-            traces[method] = trace
+    cells = list(bench.configs(methods))  # validates the methods before any sampling
+    keep = {"dng"} if args.plot else set()
+    with tqdm(total=len(cells), desc="bench gmm", disable=None) as bar:
+        results = run_rows(bench, methods, args.jobs, args.threads, keep_traces=keep, on_row=lambda: bar.update())
+    rows = [row for row, _ in results]
     print(format_table(rows))
     result = {"config": config, "steps": args.steps, "variance": args.variance, "num_samples": args.num_samples,
               "seed": args.seed, "rows": rows}
@@ -51,6 +52,8 @@ def run(args) -> int:
         print(f"wrote {write_json(args.out, result)}")
     if args.plot:
         print(f"wrote {plots.tradeoff(rows, f'{args.plot}/tradeoff.png')}")
-        for name, trace in traces.items():
-            print(f"wrote {plots.trajectories(trace, f'{args.plot}/{name}_trajectories.png')}")
+        for row, trace in results:
+            if trace is not None:
+                name = row["method"]
+                print(f"wrote {plots.trajectories(trace, f'{args.plot}/{name}_trajectories.png')}")
     return 0
