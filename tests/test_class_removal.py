@@ -33,6 +33,8 @@ def tiny(tmp_path, monkeypatch):
     rng = np.random.default_rng(0)
     _write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", rng.integers(0, 256, (40, 28, 28)))
     _write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.arange(40) % 10)
+    _write_idx(tmp_path / "train-images-idx3-ubyte.gz", rng.integers(0, 256, (30, 28, 28)))
+    _write_idx(tmp_path / "train-labels-idx1-ubyte.gz", np.arange(30) % 10)
     monkeypatch.setenv("DNG_DATA_DIR", str(tmp_path))
     torch.manual_seed(0)
     gen, clf = tmp_path / "g.safetensors", tmp_path / "c.safetensors"
@@ -212,3 +214,25 @@ def test_calibration_sets_dng_for_its_sampler_only(tiny, tmp_path, capsys):
     models.calibration_path(gen).write_text('{"fits": {}}')
     with pytest.raises(ConfigError, match="not a calibration file"):
         models.load_calibration(gen)
+
+
+def test_data_row_scores_real_kept_class_images(tiny, tmp_path):
+    """The floor of the metrics: held-out real images of the kept classes, scored exactly like samples."""
+    out = tmp_path / "sweep"
+    assert _bench(tiny, out, classes="2", methods="data,none") == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["data", "none"]
+    with np.load(out / "cells" / "class2-data.npz") as f:
+        grid = f["grid"]
+    images, labels = class_removal.load_split("train")
+    kept = images[labels != 2]
+    # Every scored image is a real train image of a kept class, drawn without repeats.
+    assert len(grid) == 16 and len({g.tobytes() for g in grid}) == 16
+    assert all((kept == g).all(axis=(1, 2)).any() for g in grid)
+    clf = models.load_classifier(tiny[tiny.index("--classifier") + 1])
+    pred, _ = generate.classify(clf, grid)
+    assert rows[0]["forbidden_rate"] == pytest.approx(float((pred == 2).mean()))
+    assert rows[0]["seconds"] == 0.0
+    code = cli.main(["bench", "class-removal", "--classes", "2", "--methods", "data", "--num-samples", "28",
+                     "--out", str(tmp_path / "big"), *tiny])
+    assert code == 2

@@ -25,7 +25,9 @@ from dng.vision import generate
 from dng.vision.data import CLASS_NAMES, NUM_CLASSES, load_split
 from dng.vision.models import default_weights, load_calibration, load_classifier, load_generator
 
-METHODS = ("none", "np", "sld", "dng")
+# "data" is the metric's own floor: real train images of the kept classes, scored like samples (the test images are
+# the FID reference, so the train split keeps the two sets apart).
+METHODS = ("data", "none", "np", "sld", "dng")
 NP_SCALES = (0.5, 1.0, 2.0)
 DNG_SCALES = (1.0, 3.0, 6.0)
 METRICS = ("forbidden_rate", "class_kl", "fid", "precision", "recall", "seconds")
@@ -62,7 +64,9 @@ def configs(methods: list[str], dng: dict, np_scales=NP_SCALES, dng_scales=DNG_S
     """
     cells = []
     for method in methods:
-        if method == "none":
+        if method == "data":
+            cells.append((method, {}, "data"))
+        elif method == "none":
             cells.append((method, {}, None))
         elif method == "np":
             cells += [(method, {"scale": s}, generate.guidance_factory("np", scale=s)) for s in np_scales]
@@ -179,6 +183,16 @@ class ClassRemovalBench:
         write_atomic(path, generate.npz_bytes(images=images, seconds=np.float64(seconds)))
         return images, seconds
 
+    def real_images(self, klass: int) -> np.ndarray:
+        """`num_samples` train images of the classes other than `klass`, drawn with the sweep's seed."""
+        images, labels = load_split("train")
+        kept = np.flatnonzero(labels != klass)
+        if len(kept) < self.settings["num_samples"]:
+            raise ConfigError(f"the train split holds {len(kept)} images of the kept classes, fewer than "
+                              f"--num-samples {self.settings['num_samples']}; lower --num-samples")
+        pick = np.random.default_rng(self.settings["seed"]).choice(kept, self.settings["num_samples"], replace=False)
+        return images[np.sort(pick)]
+
     def dng_settings(self, klass: int) -> dict:
         """DNG's parameters for removing `klass`: the generator's calibration if it matches the sampler."""
         s = self.settings
@@ -190,9 +204,11 @@ class ClassRemovalBench:
         path = self.out / "cells" / f"{key}.json"
         if path.is_file():
             return False
-        if factory is None:
+        trace = None
+        if factory == "data":
+            images, seconds = self.real_images(klass), 0.0
+        elif factory is None:
             images, seconds = self.unguided()
-            trace = None
         else:
             images, trace, seconds = self._sample(factory, [klass])
         pred, feats = generate.classify(self.reference.classifier, images)
@@ -313,13 +329,14 @@ def tradeoff(summary: list[dict], path, x: str) -> Path:
     from dng.plots import _save, plt
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
-    markers = {"none": "o", "np": "s", "sld": "^", "dng": "*"}
+    markers = {"data": "D", "none": "o", "np": "s", "sld": "^", "dng": "*"}
     # One colour family per method, darker for stronger settings, so that ten or more settings stay apart.
-    shades = {"none": None, "np": plt.cm.Oranges, "sld": plt.cm.Purples, "dng": plt.cm.Greens}
+    shades = {"data": None, "none": None, "np": plt.cm.Oranges, "sld": plt.cm.Purples, "dng": plt.cm.Greens}
     for s in summary:
         family = [t for t in summary if t["method"] == s["method"]]
         cmap = shades[s["method"]]
-        color = "black" if cmap is None else cmap(0.45 + 0.5 * family.index(s) / max(1, len(family) - 1))
+        color = {"data": "gray", "none": "black"}.get(s["method"]) or cmap(
+            0.45 + 0.5 * family.index(s) / max(1, len(family) - 1))
         # Spread bars stop at 0: neither metric can be negative.
         xerr = [[min(s[f"{x}_std"], s[x])], [s[f"{x}_std"]]]
         yerr = [[min(s["forbidden_rate_std"], s["forbidden_rate"])], [s["forbidden_rate_std"]]]

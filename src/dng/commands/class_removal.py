@@ -6,7 +6,8 @@ from __future__ import annotations
 def register(groups) -> None:
     p = groups["bench"].add_parser("class-removal", help="remove one Fashion-MNIST class at a time: NP, SLD, DNG")
     p.add_argument("--classes", default="all", help="'all' or comma-separated indices or names, e.g. 3,7")
-    p.add_argument("--methods", default="none,np,sld,dng", help="comma-separated: none, np, sld, dng")
+    p.add_argument("--methods", default="data,none,np,sld,dng",
+                   help="comma-separated: data (real kept-class train images: the metrics' floor), none, np, sld, dng")
     p.add_argument("--np-scales", default=None, help="NP's scales, comma-separated (default 0.5,1,2)")
     p.add_argument("--dng-scales", default=None,
                    help="DNG's scales lam0, comma-separated (default 1,3,6; the other parameters come from the "
