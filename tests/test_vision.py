@@ -129,6 +129,26 @@ def test_generator_training_resumes_exactly(fmnist, tmp_path):
     assert list(models.load_generator(path).config.block_out_channels) == [8, 8, 16]
 
 
+def test_generator_run_starts_from_exported_weights(fmnist, tmp_path):
+    """--init: a new run whose model and EMA start as the given weights (lr 0 keeps them there)."""
+    common = dict(batch_size=16, seed=3, data_root=fmnist, progress=False)
+    train.train_generator(tmp_path / "a", steps=2, config=TINY_UNET, **common)
+    weights = train.export(tmp_path / "a", "generator", weights_dir=tmp_path / "w", data_root=fmnist)
+    start, config, _ = models.read_model_file(weights, "generator")
+    scalars = train.train_generator(tmp_path / "b", steps=1, lr=0.0, init=weights, **common)
+    assert scalars["config"] == config and scalars["init"]["path"] == str(weights)
+    for module in ("model", "ema"):
+        state, _ = train.read_checkpoint(tmp_path / "b", module)
+        assert all(torch.equal(state[k], start[k]) for k in start)
+    card = (train.export(tmp_path / "b", "generator", weights_dir=tmp_path / "w2", data_root=fmnist)
+            .with_suffix(".md").read_text())
+    assert f"started from: {weights}" in card
+    with pytest.raises(ConfigError, match="already holds a checkpoint"):
+        train.train_generator(tmp_path / "b", steps=2, init=weights, **common)
+    with pytest.raises(ConfigError, match="another architecture"):
+        train.train_generator(tmp_path / "c", steps=1, init=weights, config=models.GENERATOR_CONFIG, **common)
+
+
 def test_resume_keeps_the_runs_hyperparameters_unless_given(fmnist, tmp_path):
     common = dict(config=TINY_UNET, data_root=fmnist, progress=False)
     train.train_generator(tmp_path / "r", steps=1, batch_size=16, seed=5, label_dropout=0.5, **common)

@@ -31,6 +31,8 @@ def register(groups: dict) -> None:
                      help="share of null labels, which train eps_u (default 0.15)")
     gen.add_argument("--warmup-steps", type=int, default=None, help="linear learning-rate warmup (default 100)")
     gen.add_argument("--checkpoint-minutes", type=float, default=5.0)
+    gen.add_argument("--init", default=None,
+                     help="start a new run from exported generator weights, e.g. src/dng/weights/generator.safetensors")
     gen.set_defaults(func=run_generator)
 
     clf = train.add_parser("classifier", help="train the Fashion-MNIST classifier used by the metrics")
@@ -66,6 +68,7 @@ def run_generator(args) -> int:
         threads=args.threads,
         checkpoint_minutes=args.checkpoint_minutes,
         progress=args.progress,
+        init=args.init,
     )
     print(f"generator: {scalars['step']} steps, {scalars['seconds'] / 60:.1f} min; checkpoint in {args.out}")
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import shlex
@@ -348,14 +349,26 @@ def train_generator(
     limit: int | None = None,
     config: dict | None = None,
     progress: bool = True,
+    init=None,
 ) -> dict:
     """DDPM epsilon training with label dropout and EMA until `minutes` of wall time or `steps` (totals).
 
-    Hyperparameters left as None take the resumed run's values, or GENERATOR_DEFAULTS for a new run.
+    Hyperparameters left as None take the resumed run's values, or GENERATOR_DEFAULTS for a new run. `init`, a
+    generator file written by `export` (the shipped weights, say), starts a new run from those weights (model and
+    EMA, with a fresh optimizer): runs/ does not outlive a machine, the shipped weights do.
     """
     if not minutes and not steps:
         raise ConfigError("give --minutes or --steps (totals over all resumes of the run)")
     run = _start(out, threads, resume)
+    init_state = None
+    if init is not None:
+        if (run / CHECKPOINT).exists():
+            raise ConfigError(f"{run} already holds a checkpoint: --init starts a new run, so resume without it "
+                              f"or choose another --out")
+        init_state, init_config, _ = models.read_model_file(init, "generator")
+        if config is not None and config != init_config:
+            raise ConfigError(f"{init} was trained with another architecture than the one given: drop the config")
+        config = init_config
     given = dict(batch_size=batch_size, lr=lr, seed=seed, ema_decay=ema_decay, label_dropout=label_dropout,
                  warmup_steps=warmup_steps, config=config)
     hyper = _resolve(run, given, {**GENERATOR_DEFAULTS, "config": models.GENERATOR_CONFIG})
@@ -367,6 +380,8 @@ def train_generator(
         raise ConfigError(f"batch size {batch_size} is larger than the {len(x)} training images")
     torch.manual_seed(seed)
     model = models.make_generator(config)
+    if init_state is not None:
+        model.load_state_dict(init_state)
     ema = models.make_generator(config)
     ema.load_state_dict(model.state_dict())
     ema.requires_grad_(False)
@@ -385,6 +400,8 @@ def train_generator(
         "config": config,
         "commands": [],
     }
+    if init is not None:
+        scalars["init"] = {"path": str(init), "sha256": hashlib.sha256(Path(init).read_bytes()).hexdigest()}
     if (run / CHECKPOINT).exists():
         scalars = load_checkpoint(run, {"model": model, "ema": ema}, optimizer, rng)
     scalars.update(hyper)
@@ -495,6 +512,7 @@ def export(
         "data": f"Fashion-MNIST train split ({scalars.get('data', data.DEFAULT_DATA_DIR)})",
         "wall_time_minutes": round(scalars["seconds"] / 60, 1),
         "steps": scalars["step"],
+        "init": scalars.get("init"),
         "batch_size": scalars["batch_size"],
         "dtype": "float16" if half else "float32",
         "metrics": {metric: round(halved if half else full, 5), f"{metric}_float32": round(full, 5), **(metrics or {})},
@@ -521,11 +539,14 @@ def _write_card(path: Path, card: dict) -> None:
         commands = "\n".join(card["commands"])
         replay = ("A `--minutes` budget stops at a machine-dependent step: the same weights come back from the first "
                   f"command with\n`--steps {card['steps']}` in its place")
+    init = card.get("init")
+    origin = (f"- started from: {init['path']} (sha256 {init['sha256'][:16]}...), whose own card tells how it was "
+              "trained; the steps below come on top\n") if init else ""
     text = f"""# Fashion-MNIST {card["kind"]}
 
 Trained on CPU by `dng train {card["kind"]}`; weights exported with `dng train export`.
 
-- data: {card["data"]}
+{origin}- data: {card["data"]}
 - seed: {card["seed"]}
 - steps: {card["steps"]} (batch {card["batch_size"]})
 - wall time: {card["wall_time_minutes"]} minutes
