@@ -68,7 +68,8 @@ def sample(
     `model(x, t)` evaluates every branch in one call: `x` stacks copies of the scaled sample along the
     batch axis in the order [unconditional, positive (if cfg_scale is given), negative 1..K] and the
     model returns epsilon (or whatever the scheduler's prediction_type is) in the same layout.
-    `callback(i, t, x_prev, info)` runs after every step; `info` holds "p" and "scale" when known.
+    `callback(i, t, x_prev, info)` runs after every step; `info` holds "p" and "scale" when known. The progress bar
+    shows on a terminal only (tqdm's own rule), so logs of batch jobs stay readable.
     """
     num_negatives = int(num_negatives)
     if guidance is None and num_negatives:
@@ -89,7 +90,7 @@ def sample(
     kwargs = step_kwargs(scheduler, eta, generator)
     x = noise * scheduler.init_noise_sigma
     records = []
-    for i, t in enumerate(tqdm(scheduler.timesteps, disable=not progress, desc="sampling", leave=False)):
+    for i, t in enumerate(tqdm(scheduler.timesteps, disable=not progress or None, desc="sampling", leave=False)):
         x_in = scheduler.scale_model_input(x, t)
         out = model(x_in.repeat((n_branches,) + (1,) * (x.dim() - 1)), t)
         if out.shape[0] != n_branches * batch or out.shape[1:] != x.shape[1:]:
