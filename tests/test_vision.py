@@ -140,9 +140,13 @@ def test_generator_run_starts_from_exported_weights(fmnist, tmp_path):
     for module in ("model", "ema"):
         state, _ = train.read_checkpoint(tmp_path / "b", module)
         assert all(torch.equal(state[k], start[k]) for k in start)
-    card = (train.export(tmp_path / "b", "generator", weights_dir=tmp_path / "w2", data_root=fmnist)
-            .with_suffix(".md").read_text())
-    assert f"started from: {weights}" in card
+    first_card = weights.with_suffix(".md").read_text()
+    # Exported over the weights it started from, as when the shipped generator is trained on: the history stays.
+    card = train.export(tmp_path / "b", "generator", weights_dir=tmp_path / "w", data_root=fmnist)
+    card = card.with_suffix(".md").read_text()
+    assert f"started from: {weights}" in card and "in all, with earlier training: 3 steps" in card
+    earlier = card.split("## Earlier training")[1]
+    assert "2 steps (batch 16, seed 3)" in earlier and first_card.split("```")[1].strip() in earlier
     with pytest.raises(ConfigError, match="already holds a checkpoint"):
         train.train_generator(tmp_path / "b", steps=2, init=weights, **common)
     with pytest.raises(ConfigError, match="another architecture"):

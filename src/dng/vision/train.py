@@ -360,12 +360,12 @@ def train_generator(
     if not minutes and not steps:
         raise ConfigError("give --minutes or --steps (totals over all resumes of the run)")
     run = _start(out, threads, resume)
-    init_state = None
+    init_state = init_card = None
     if init is not None:
         if (run / CHECKPOINT).exists():
             raise ConfigError(f"{run} already holds a checkpoint: --init starts a new run, so resume without it "
                               f"or choose another --out")
-        init_state, init_config, _ = models.read_model_file(init, "generator")
+        init_state, init_config, init_card = models.read_model_file(init, "generator")
         if config is not None and config != init_config:
             raise ConfigError(f"{init} was trained with another architecture than the one given: drop the config")
         config = init_config
@@ -401,7 +401,9 @@ def train_generator(
         "commands": [],
     }
     if init is not None:
-        scalars["init"] = {"path": str(init), "sha256": hashlib.sha256(Path(init).read_bytes()).hexdigest()}
+        # The init file's own card travels with the run: the file it names may be overwritten by this run's export.
+        scalars["init"] = {"path": str(init), "sha256": hashlib.sha256(Path(init).read_bytes()).hexdigest(),
+                           "card": init_card or None}
     if (run / CHECKPOINT).exists():
         scalars = load_checkpoint(run, {"model": model, "ema": ema}, optimizer, rng)
     scalars.update(hyper)
@@ -526,9 +528,8 @@ def export(
     return path
 
 
-def _write_card(path: Path, card: dict) -> None:
-    metrics = "\n".join(f"- {k}: {v}" for k, v in card["metrics"].items())
-    hyper = "\n".join(f"- {k}: {v}" for k, v in card["hyperparameters"].items())
+def _commands(card: dict) -> tuple[str, str]:
+    """A card's commands, each with its step range where known, and how to replay them."""
     starts = card.get("started_at")
     if starts and len(starts) == len(card["commands"]):
         ends = [*starts[1:], card["steps"]]
@@ -539,9 +540,42 @@ def _write_card(path: Path, card: dict) -> None:
         commands = "\n".join(card["commands"])
         replay = ("A `--minutes` budget stops at a machine-dependent step: the same weights come back from the first "
                   f"command with\n`--steps {card['steps']}` in its place")
-    init = card.get("init")
-    origin = (f"- started from: {init['path']} (sha256 {init['sha256'][:16]}...), whose own card tells how it was "
-              "trained; the steps below come on top\n") if init else ""
+    return commands, replay
+
+
+def _ancestors(card: dict) -> list[dict]:
+    """Cards of the weights a run started from (`--init`), nearest first, as far back as they were recorded."""
+    found = []
+    while (card.get("init") or {}).get("card"):
+        card = card["init"]["card"]
+        found.append(card)
+    return found
+
+
+def _write_card(path: Path, card: dict) -> None:
+    metrics = "\n".join(f"- {k}: {v}" for k, v in card["metrics"].items())
+    hyper = "\n".join(f"- {k}: {v}" for k, v in card["hyperparameters"].items())
+    commands, replay = _commands(card)
+    init, earlier = card.get("init"), _ancestors(card)
+    origin = ""
+    if init:
+        told = "its training is under \"Earlier training\"" if earlier else "whose own card tells how it was trained"
+        origin = (f"- started from: {init['path']} (sha256 {init['sha256'][:16]}...), {told}; the steps below come "
+                  "on top\n")
+    history = ""
+    if earlier:
+        total_steps = card["steps"] + sum(c["steps"] for c in earlier)
+        total_minutes = card["wall_time_minutes"] + sum(c["wall_time_minutes"] for c in earlier)
+        origin += f"- in all, with earlier training: {total_steps} steps, {round(total_minutes, 1)} minutes\n"
+        parts = []
+        for c in earlier:
+            cmds, how = _commands(c)
+            dropout = c.get("hyperparameters", {}).get("label_dropout")
+            parts.append(f"{c['steps']} steps (batch {c['batch_size']}, seed {c['seed']}), {c['wall_time_minutes']} "
+                         f"minutes, label dropout {dropout} at the end; its metrics:\n\n"
+                         + "\n".join(f"- {k}: {v}" for k, v in c["metrics"].items())
+                         + f"\n\n```\n{cmds}\n```\n\n{how}.\n")
+        history = "\n## Earlier training (nearest first)\n\n" + "\n".join(parts)
     text = f"""# Fashion-MNIST {card["kind"]}
 
 Trained on CPU by `dng train {card["kind"]}`; weights exported with `dng train export`.
@@ -567,5 +601,5 @@ Trained on CPU by `dng train {card["kind"]}`; weights exported with `dng train e
 ```
 
 {replay} (thread counts may change float rounding).
-"""
+{history}"""
     write_atomic(path, text)
