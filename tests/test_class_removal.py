@@ -85,6 +85,18 @@ def test_bench_writes_rows_csv_figures_and_resumes(tiny, tmp_path, monkeypatch):
     assert [class_removal.setting_label(s["method"], s["params"]) for s in summary] == ["none", "dng 1.0", "dng 3.0"]
 
 
+def test_sweep_is_keyed_on_the_weights_not_the_card(tiny, tmp_path):
+    out, gen = tmp_path / "sweep", tmp_path / "g.safetensors"
+    assert _bench(tiny, out, methods="none") == 0
+    model = models.load_generator(gen)
+    models.save_model(model, gen, "generator", TINY_UNET, {"note": "recalibrated"})
+    assert _bench(tiny, out, methods="none") == 0  # the same tensors with a new card: the sweep goes on
+    with torch.no_grad():
+        next(model.parameters()).add_(1e-3)
+    models.save_model(model, gen, "generator", TINY_UNET, {"note": "recalibrated"})
+    assert _bench(tiny, out, methods="none") == 2  # other weights: refused
+
+
 def test_summary_compares_settings_on_the_same_classes():
     def row(k, method, fr):
         return {"class": k, "method": method, "params": {"scale": 1.0} if method == "np" else {},

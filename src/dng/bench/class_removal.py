@@ -7,7 +7,6 @@ DNG trace), written atomically and skipped on rerun; results.json, the CSV and t
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import time
@@ -23,7 +22,7 @@ from dng.io import write_atomic, write_json
 from dng.sampler import Trace
 from dng.vision import generate
 from dng.vision.data import CLASS_NAMES, NUM_CLASSES, load_split
-from dng.vision.models import default_weights, load_calibration, load_classifier, load_generator
+from dng.vision.models import default_weights, load_calibration, load_classifier, load_generator, weights_sha256
 
 # "data" is the metric's own floor: real train images of the kept classes, scored like samples (the test images are
 # the FID reference, so the train split keeps the two sets apart).
@@ -124,10 +123,6 @@ class Reference:
         }
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 class ClassRemovalBench:
     """One generator, classifier, scheduler and seed; `run(classes, methods)` fills DIR/cells."""
 
@@ -146,7 +141,8 @@ class ClassRemovalBench:
         # checks, so NP and SLD cells stay valid when the generator is recalibrated.
         self.settings = {
             "steps": steps, "num_samples": num_samples, "scheduler": scheduler, "seed": seed,
-            "generator_sha256": _sha256(gen_path), "classifier_sha256": _sha256(clf_path),
+            "generator_weights_sha256": weights_sha256(gen_path, "generator"),
+            "classifier_weights_sha256": weights_sha256(clf_path, "classifier"),
         }
         self._check_settings()
         self.batch_size, self.progress = batch_size, progress

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -115,6 +116,21 @@ def read_model_file(path, kind: str) -> tuple[dict, dict, dict]:
         raise ConfigError(f"{path} holds a {meta.get('kind')!r} model, expected a {kind!r}")
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     return state, json.loads(meta["config"]), json.loads(meta.get("card", "{}"))
+
+
+def weights_sha256(path, kind: str) -> str:
+    """sha256 of a model file's config and tensors, not of its card.
+
+    Results keyed on it stay valid when the same weights are exported again with a new card (e.g. after a
+    recalibration or a longer training history).
+    """
+    state, config, _ = read_model_file(path, kind)
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+    for name in sorted(state):
+        tensor = state[name].contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()
 
 
 def load_generator(path=None):
