@@ -43,9 +43,9 @@ def tiny(tmp_path, monkeypatch):
     return ["--generator", str(gen), "--classifier", str(clf), "--no-progress"]
 
 
-def _bench(tiny, out, classes="1", methods="none,dng", steps="3", dng_scales="1"):
+def _bench(tiny, out, classes="1", methods="none,dng", steps="3", dng_scales="1", dtype="float32"):
     return cli.main(["bench", "class-removal", "--classes", classes, "--methods", methods, "--num-samples", "16",
-                     "--steps", steps, "--dng-scales", dng_scales, "--out", str(out), *tiny])
+                     "--steps", steps, "--dng-scales", dng_scales, "--dtype", dtype, "--out", str(out), *tiny])
 
 
 def test_bench_writes_rows_csv_figures_and_resumes(tiny, tmp_path, monkeypatch):
@@ -95,6 +95,16 @@ def test_sweep_is_keyed_on_the_weights_not_the_card(tiny, tmp_path):
         next(model.parameters()).add_(1e-3)
     models.save_model(model, gen, "generator", TINY_UNET, {"note": "recalibrated"})
     assert _bench(tiny, out, methods="none") == 2  # other weights: refused
+    models.save_model(model, gen, "generator", TINY_UNET, {})
+    assert _bench(tiny, out, methods="none", dtype="bfloat16") == 2  # and another dtype
+
+
+def test_bfloat16_sweep(tiny, tmp_path):
+    out = tmp_path / "sweep"
+    assert _bench(tiny, out, dtype="bfloat16") == 0
+    assert json.loads((out / "settings.json").read_text())["dtype"] == "bfloat16"
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["none", "dng"] and 0 <= rows[1]["forbidden_rate"] <= 1
 
 
 def test_summary_compares_settings_on_the_same_classes():
@@ -127,6 +137,19 @@ def test_generate_with_every_scheduler_and_cfg(tiny):
         generate.make_scheduler("plms")
 
 
+def test_bfloat16_runs_the_unet_in_bfloat16_and_returns_float32(tiny):
+    unet = models.load_generator(tiny[1])
+    x, t = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(0)), torch.tensor(500)
+    full = generate.ClassBranches(unet, [models.NULL_LABEL, 1])(x, t)
+    half = generate.ClassBranches(unet, [models.NULL_LABEL, 1], "bfloat16")(x, t)
+    assert half.dtype == torch.float32 and half.shape == full.shape
+    # bfloat16 keeps 8 bits of mantissa: close to float32, but not equal to it
+    error = (half - full).abs().max() / full.abs().max()
+    assert 0 < error < 0.05
+    with pytest.raises(ConfigError, match="float32 or bfloat16"):
+        generate.ClassBranches(unet, [1], "float16")
+
+
 def test_parse_class_by_name_or_index():
     assert generate.parse_class("Trouser") == generate.parse_class("1") == 1
     assert generate.parse_class("ankle boot") == 9 and generate.parse_class("t-shirt") == 0
@@ -137,7 +160,8 @@ def test_parse_class_by_name_or_index():
 
 def test_sample_writes_grid_and_npz(tiny, tmp_path):
     out = tmp_path / "s" / "dng.png"
-    argv = ["sample", "--method", "dng", "--remove", "Trouser,3", "--class", "0", "--num-images", "5", "--steps", "2"]
+    argv = ["sample", "--method", "dng", "--remove", "Trouser,3", "--class", "0", "--num-images", "5", "--steps", "2",
+            "--dtype", "bfloat16"]
     assert cli.main([*argv, "--out", str(out), *tiny]) == 0
     assert out.read_bytes()[:4] == b"\x89PNG"
     with np.load(out.with_suffix(".npz")) as f:
@@ -176,6 +200,8 @@ def test_demo_end_to_end(tiny, tmp_path, capsys):
         (["demo", "--remove", "Hat"], "unknown class 'Hat'"),
         (["demo", "--dng-scale", "-1"], "--dng-scale must be a finite number >= 0"),
         (["demo", "--np-scale", "nan"], "--np-scale must be a finite number >= 0"),
+        (["demo", "--dtype", "half"], "unknown dtype 'half'"),
+        (["bench", "class-removal", "--dtype", "fp16", "--out", "x"], "unknown dtype 'fp16'"),
     ],
 )
 def test_bad_inputs_say_what_to_fix(tiny, tmp_path, monkeypatch, capsys, argv, message):

@@ -127,10 +127,12 @@ class ClassRemovalBench:
     """One generator, classifier, scheduler and seed; `run(classes, methods)` fills DIR/cells."""
 
     def __init__(self, out, steps: int = 50, num_samples: int = 500, scheduler: str = "ddpm", seed: int = 0,
-                 generator=None, classifier=None, batch_size: int = 128, progress: bool = True):
+                 generator=None, classifier=None, batch_size: int = 128, progress: bool = True,
+                 dtype: str = "float32"):
         if steps < 1 or num_samples < 4:
             raise ConfigError(f"need --steps >= 1 and --num-samples >= 4, got {steps} and {num_samples}")
         generate.make_scheduler(scheduler)  # fails early on an unknown name
+        generate.check_dtype(dtype)
         gen_path = Path(generator) if generator else default_weights("generator")
         clf_path = Path(classifier) if classifier else default_weights("classifier")
         self.unet = load_generator(gen_path)
@@ -140,7 +142,7 @@ class ClassRemovalBench:
         # The calibration is not locked here: it only sets DNG's parameters, which every cell stores and `run`
         # checks, so NP and SLD cells stay valid when the generator is recalibrated.
         self.settings = {
-            "steps": steps, "num_samples": num_samples, "scheduler": scheduler, "seed": seed,
+            "steps": steps, "num_samples": num_samples, "scheduler": scheduler, "seed": seed, "dtype": dtype,
             "generator_weights_sha256": weights_sha256(gen_path, "generator"),
             "classifier_weights_sha256": weights_sha256(clf_path, "classifier"),
         }
@@ -166,7 +168,8 @@ class ClassRemovalBench:
         s = self.settings
         start = time.perf_counter()
         x, trace = generate.generate(self.unet, s["scheduler"], factory, negatives, self.noise(), s["steps"],
-                                     s["seed"], chunk=self.batch_size, progress=self.progress)
+                                     s["seed"], chunk=self.batch_size, progress=self.progress,
+                                     dtype=s["dtype"])
         return generate.to_uint8(x), trace, time.perf_counter() - start
 
     def unguided(self) -> tuple[np.ndarray, float]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dng.commands import add_dtype_argument
+
 
 def register(groups) -> None:
     p = groups["bench"].add_parser("class-removal", help="remove one Fashion-MNIST class at a time: NP, SLD, DNG")
@@ -20,6 +22,7 @@ def register(groups) -> None:
     p.add_argument("--generator", default=None, help="generator safetensors (default: the shipped one)")
     p.add_argument("--classifier", default=None, help="classifier safetensors (default: the shipped one)")
     p.add_argument("--batch-size", type=int, default=128, help="images per sampler run (bounds memory)")
+    add_dtype_argument(p)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
     p.set_defaults(func=run)
@@ -44,7 +47,7 @@ def run(args) -> int:
     np_scales = parse_scales(args.np_scales, "--np-scales") if args.np_scales else NP_SCALES
     dng_scales = parse_scales(args.dng_scales, "--dng-scales") if args.dng_scales else DNG_SCALES
     bench = ClassRemovalBench(args.out, args.steps, args.num_samples, args.scheduler, args.seed, args.generator,
-                              args.classifier, args.batch_size, args.progress)
+                              args.classifier, args.batch_size, args.progress, args.dtype)
     ran = bench.run(classes, methods, np_scales, dng_scales)
     files = write_results(args.out)
     print((bench.out / "summary.md").read_text())

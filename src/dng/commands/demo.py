@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dng.commands import add_dtype_argument
+
 # A distinctive silhouette the shipped generator makes often (about 11 % of its unguided samples).
 DEFAULT_REMOVE = "Bag"
 # Over the ten classes of the class-removal bench (docs/RESULTS.md, shipped weights) NP at 1 removes nearly
@@ -25,6 +27,7 @@ def register(groups) -> None:
     p.add_argument("--out", default="runs/demo", help="folder for the grids, figures and report")
     p.add_argument("--generator", default=None, help="generator safetensors (default: the shipped one)")
     p.add_argument("--classifier", default=None, help="classifier safetensors (default: the shipped one)")
+    add_dtype_argument(p)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bars")
     p.set_defaults(func=run)
@@ -65,7 +68,8 @@ def run(args) -> int:
     for name, params in methods.items():
         t0 = time.perf_counter()
         factory = generate.guidance_factory(name, **params)
-        x, tr = generate.generate(unet, "ddpm", factory, [klass], noise, args.steps, args.seed, progress=args.progress)
+        x, tr = generate.generate(unet, "ddpm", factory, [klass], noise, args.steps, args.seed, progress=args.progress,
+                                  dtype=args.dtype)
         images = generate.to_uint8(x)
         pred, feats = generate.classify(classifier, images)
         results[name] = {"params": params, **reference.metrics([klass], pred, feats, args.seed),
@@ -80,7 +84,8 @@ def run(args) -> int:
         **{f"grid_{name}": out / f"grid_{name}.png" for name in methods},
     }
     report = {"removed": klass, "removed_name": CLASS_NAMES[klass], "num_images": args.num_images,
-              "steps": args.steps, "seed": args.seed, "scheduler": "ddpm", "dng_settings_from": dng_source,
+              "steps": args.steps, "seed": args.seed, "scheduler": "ddpm", "dtype": args.dtype,
+              "dng_settings_from": dng_source,
               "methods": results,
               "seconds": time.perf_counter() - started}
     files["report_json"] = out / "report.json"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dng.commands import add_dtype_argument
 from dng.errors import ConfigError
 
 
@@ -22,6 +23,7 @@ def register(groups) -> None:
     p.add_argument("--out", required=True, help="PNG grid; the .npz (images, predicted labels) goes beside it")
     p.add_argument("--generator", default=None, help="generator safetensors (default: the shipped one)")
     p.add_argument("--classifier", default=None, help="classifier safetensors (default: the shipped one)")
+    add_dtype_argument(p)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     p.set_defaults(func=run)
@@ -61,7 +63,8 @@ def run(args) -> int:
     unet, classifier = load_generator(args.generator), load_classifier(args.classifier)
     noise = torch.randn(args.num_images, 1, 28, 28, generator=torch.Generator().manual_seed(args.seed))
     x, _ = generate.generate(unet, args.scheduler, factory, removed, noise, args.steps, args.seed,
-                             positive=positive, cfg_scale=args.cfg_scale, progress=args.progress)
+                             positive=positive, cfg_scale=args.cfg_scale, progress=args.progress,
+                             dtype=args.dtype)
     images = generate.to_uint8(x)
     labels, _ = generate.classify(classifier, images)
     generate.save_png(generate.grid(images), out)

@@ -18,17 +18,30 @@ SCHEDULERS = ("ddpm", "euler-a", "ddim")
 DDIM_ETA = 1.0
 
 
+# The UNet's arithmetic: float32, or bfloat16 autocast (about twice as fast on CPUs with AMX or AVX512-BF16, slower
+# on CPUs without). Its outputs are float32 either way, so the scheduler and the tracker work in float32.
+DTYPES = ("float32", "bfloat16")
+
+
+def check_dtype(dtype: str) -> str:
+    if dtype not in DTYPES:
+        raise ConfigError(f"unknown dtype {dtype!r}; choose {' or '.join(DTYPES)}")
+    return dtype
+
+
 class ClassBranches:
     """The sampler's model callable: one UNet, one branch per label (NULL_LABEL for eps_u), one batched call."""
 
-    def __init__(self, unet, labels: Sequence[int]):
+    def __init__(self, unet, labels: Sequence[int], dtype: str = "float32"):
         self.unet = unet
         self.labels = torch.tensor([int(c) for c in labels])
+        self.bf16 = check_dtype(dtype) == "bfloat16"
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         labels = self.labels.repeat_interleave(x.shape[0] // len(self.labels))
-        return self.unet(x, t, class_labels=labels).sample
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            return self.unet(x, t, class_labels=labels).sample.float()
 
 
 def make_scheduler(name: str = "ddpm"):
@@ -133,17 +146,19 @@ def generate(
     cfg_scale: float | None = None,
     chunk: int = 128,
     progress: bool = False,
+    dtype: str = "float32",
 ) -> tuple[torch.Tensor, Trace | None]:
     """Samples in [-1, 1] from `noise` [N, 1, 28, 28], `chunk` images per sampler run; trace if guided.
 
-    The same seed and noise give the same step noise for every method (one draw per step and image).
+    The same seed and noise give the same step noise for every method (one draw per step and image). `dtype`
+    'bfloat16' runs the UNet under bfloat16 autocast (`DTYPES`).
     """
     guided = guidance_factory is not None
     if guided and not negatives:
         raise ConfigError("a guidance rule needs at least one class to remove")
     negatives = list(negatives) if guided else []
     labels = [NULL_LABEL] + ([positive] if positive is not None else []) + negatives
-    model = ClassBranches(unet, labels)
+    model = ClassBranches(unet, labels, dtype)
     scheduler, eta = make_scheduler(scheduler_name)
     generator = torch.Generator().manual_seed(seed)
     samples, traces = [], []
