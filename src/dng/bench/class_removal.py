@@ -164,7 +164,8 @@ class ClassRemovalBench:
         g = torch.Generator().manual_seed(self.settings["seed"])
         return torch.randn(self.settings["num_samples"], 1, 28, 28, generator=g)
 
-    def _sample(self, factory, negatives):
+    def sample(self, factory, negatives) -> tuple[np.ndarray, Trace | None, float]:
+        """uint8 images, trace and seconds of the sweep's noise sampled with a guidance factory (None: unguided)."""
         s = self.settings
         start = time.perf_counter()
         x, trace = generate.generate(self.unet, s["scheduler"], factory, negatives, self.noise(), s["steps"],
@@ -178,7 +179,7 @@ class ClassRemovalBench:
         if path.is_file():
             with np.load(path) as f:
                 return f["images"], float(f["seconds"])
-        images, _, seconds = self._sample(None, [])
+        images, _, seconds = self.sample(None, [])
         write_atomic(path, generate.npz_bytes(images=images, seconds=np.float64(seconds)))
         return images, seconds
 
@@ -209,7 +210,7 @@ class ClassRemovalBench:
         elif factory is None:
             images, seconds = self.unguided()
         else:
-            images, trace, seconds = self._sample(factory, [klass])
+            images, trace, seconds = self.sample(factory, [klass])
         pred, feats = generate.classify(self.reference.classifier, images)
         row = {"class": klass, "method": method, "params": params,
                **self.reference.metrics([klass], pred, feats, self.settings["seed"]), "seconds": seconds}
