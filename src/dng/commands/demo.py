@@ -7,9 +7,9 @@ from dng.commands import add_dtype_argument
 # A distinctive silhouette the shipped generator makes often (about 11 % of its unguided samples).
 DEFAULT_REMOVE = "Bag"
 # Over the ten classes of the class-removal bench (docs/RESULTS.md, shipped weights) NP at 1 removes nearly
-# everything and bends the kept classes (FID 1.37x unguided); DNG at 6 is the scale that keeps the forbidden rate
-# under 1 % and FID under the unguided model's (0.87x). DNG at 1, the exact-score scale, removes only half: the
-# calibrated tracker becomes sure late in the chain.
+# everything and bends the kept classes (class KL 0.30); DNG at 6 is the smallest scale that keeps the forbidden rate
+# under 1 % (0.7 % at 500 samples per class). DNG at 1, the exact-score scale, removes only half: the calibrated
+# tracker becomes sure late in the chain.
 NP_SCALE = 1.0
 DNG_SCALE = 6.0
 # 64 samples cannot resolve FID finer than 2000 reference images do; the whole test split costs ~10 s more.
