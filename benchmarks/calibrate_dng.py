@@ -6,6 +6,7 @@ class. Prints the fitted values, the likelihood relative to a constant p (1 = th
 AUC of the fitted p_t at several points of the chain (how early the tracker knows which samples become the class).
 
 Run: .venv/bin/python benchmarks/calibrate_dng.py [--classes all] [--num-samples 300] [--steps 50] [--out FILE]
+     [--dtype bfloat16]  (the UNet under bfloat16 autocast: about twice as fast on CPUs with AMX)
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ def main():
     parser.add_argument("--p-max", type=float, default=0.95)
     parser.add_argument("--generator")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--dtype", default="float32", help="the UNet's arithmetic: float32 or bfloat16")
     parser.add_argument("--chains", default="runs/calibration-chains.npz", help="where the sampled chains are kept")
     parser.add_argument("--reuse", action="store_true", help="refit the chains saved by an earlier run")
     parser.add_argument("--out", default=None,
@@ -54,7 +56,7 @@ def main():
     out = Path(args.out or calibration_path(args.generator))
     # The chains (not shipped) let a refit skip the sampling; they must come from the same request.
     key = np.array([args.num_samples, args.steps, args.seed, *classes])
-    source = f"{args.scheduler} {args.generator or 'shipped generator'}"
+    source = f"{args.scheduler} {args.dtype} {args.generator or 'shipped generator'}"
     chains = Path(args.chains)
     if args.reuse and chains.is_file():
         with np.load(chains) as f:
@@ -64,7 +66,7 @@ def main():
     else:
         # One unguided chain tracks every class at once: each negative branch has its own llr in the trace.
         x, trace = generate(unet, args.scheduler, tracking_only, classes, noise, args.steps, args.seed,
-                            progress=True)
+                            progress=True, dtype=args.dtype)
         llr, (labels, _) = trace.llr, classify(classifier, to_uint8(x))
         write_atomic(chains, npz_bytes(llr=llr.numpy(), labels=labels, key=key, source=np.array(source)))
     outcome = torch.from_numpy(labels[:, None] == np.array(classes)[None])
