@@ -57,6 +57,7 @@ def run(args) -> int:
     # Checked before any sampling, with the option's name: the rules themselves are built only at their turn.
     check_scale("--np-scale", args.np_scale)
     check_scale("--dng-scale", args.dng_scale)
+    generate.check_dtype(args.dtype)
     out = Path(args.out)
     unet, classifier = load_generator(args.generator), load_classifier(args.classifier)
     reference = Reference(classifier, REFERENCE_IMAGES)

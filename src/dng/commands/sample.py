@@ -55,6 +55,7 @@ def run(args) -> int:
     positive = generate.parse_class(args.klass) if args.klass is not None else None
     if positive in removed:
         raise ConfigError(f"--class {CLASS_NAMES[positive]} is also removed")
+    generate.check_dtype(args.dtype)
     if args.num_images < 1:
         raise ConfigError(f"--num-images must be >= 1, got {args.num_images}")
     out = Path(args.out)
