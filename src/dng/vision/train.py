@@ -552,9 +552,12 @@ def _ancestors(card: dict) -> list[dict]:
     return found
 
 
+def _bullets(values: dict) -> str:
+    return "\n".join(f"- {k}: {v}" for k, v in values.items())
+
+
 def _write_card(path: Path, card: dict) -> None:
-    metrics = "\n".join(f"- {k}: {v}" for k, v in card["metrics"].items())
-    hyper = "\n".join(f"- {k}: {v}" for k, v in card["hyperparameters"].items())
+    metrics, hyper = _bullets(card["metrics"]), _bullets(card["hyperparameters"])
     commands, replay = _commands(card)
     init, earlier = card.get("init"), _ancestors(card)
     origin = ""
@@ -573,7 +576,7 @@ def _write_card(path: Path, card: dict) -> None:
             dropout = c.get("hyperparameters", {}).get("label_dropout")
             parts.append(f"{c['steps']} steps (batch {c['batch_size']}, seed {c['seed']}), {c['wall_time_minutes']} "
                          f"minutes, label dropout {dropout} at the end; its metrics:\n\n"
-                         + "\n".join(f"- {k}: {v}" for k, v in c["metrics"].items())
+                         + _bullets(c["metrics"])
                          + f"\n\n```\n{cmds}\n```\n\n{how}.\n")
         history = "\n## Earlier training (nearest first)\n\n" + "\n".join(parts)
     text = f"""# Fashion-MNIST {card["kind"]}
