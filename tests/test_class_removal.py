@@ -236,7 +236,18 @@ def test_calibration_sets_dng_for_its_sampler_only(tiny, tmp_path, capsys):
     assert generate.dng_settings([1, 3], cal, "ddpm", 3)[0]["prior"] == [0.05, 0.2]
     assert generate.dng_settings([3], cal, "ddpm", 3, prior=0.5)[0]["prior"] == 0.5
     dng, source = generate.dng_settings([3], cal, "ddpm", 50)  # the offset is per step: no transfer
-    assert dng == {"scale": 1.0, "prior": 0.1} and "calibrated for ddpm with 3 steps" in source
+    assert dng == {"scale": 1.0, "prior": 0.1} and "calibrated for ddpm with 3 steps, not" in source
+    assert "--steps 50" in source
+    # A second sampler's calibration joins the file; the first stays, a recalibration replaces its own entry only.
+    models.save_calibration(models.calibration_path(gen), _calibration(temperature=0.7), [1, 3],
+                            {**settings, "steps": 50})
+    models.save_calibration(models.calibration_path(gen), _calibration(temperature=0.9), [1, 3],
+                            {**settings, "steps": 50})
+    cal = models.load_calibration(gen)
+    assert [(c["steps"], c["temperature"]) for c in cal] == [(3, 0.3), (50, 0.9)]
+    assert generate.dng_settings([3], cal, "ddpm", 50)[0]["temperature"] == 0.9
+    assert generate.dng_settings([3], cal, "ddpm", 3)[0]["temperature"] == 0.3
+    assert "ddpm with 3 steps, ddpm with 50 steps, not ddpm with 20" in generate.dng_settings([3], cal, "ddpm", 20)[1]
 
     out = tmp_path / "sweep"
     assert _bench(tiny, out, classes="Dress") == 0
@@ -249,9 +260,12 @@ def test_calibration_sets_dng_for_its_sampler_only(tiny, tmp_path, capsys):
 
     with pytest.raises(ConfigError, match="needs the joint fit"):
         models.save_calibration(tmp_path / "x.json", _calibration(), [1, 3], {"steps": 3})
-    models.calibration_path(gen).write_text('{"fits": {}}')
-    with pytest.raises(ConfigError, match="not a calibration file"):
-        models.load_calibration(gen)
+    with pytest.raises(ConfigError, match="2 priors for 1 classes"):
+        models.save_calibration(tmp_path / "x.json", _calibration(), [1], settings)
+    for bad in ('{"fits": {}}', '{"calibrations": [{"fits": {}, "settings": {}}]}', "{"):
+        models.calibration_path(gen).write_text(bad)
+        with pytest.raises(ConfigError, match="not a calibration file"):
+            models.load_calibration(gen)
 
 
 def test_data_row_scores_real_kept_class_images(tiny, tmp_path):

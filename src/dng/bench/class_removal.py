@@ -137,7 +137,7 @@ class ClassRemovalBench:
         clf_path = Path(classifier) if classifier else default_weights("classifier")
         self.unet = load_generator(gen_path)
         self.reference = Reference(load_classifier(clf_path))
-        self.calibration = load_calibration(gen_path)
+        self.calibrations = load_calibration(gen_path)
         self.out = Path(out)
         # The calibration is not locked here: it only sets DNG's parameters, which every cell stores and `run`
         # checks, so NP and SLD cells stay valid when the generator is recalibrated.
@@ -196,7 +196,7 @@ class ClassRemovalBench:
     def dng_settings(self, klass: int) -> dict:
         """DNG's parameters for removing `klass`: the generator's calibration if it matches the sampler."""
         s = self.settings
-        return generate.dng_settings([klass], self.calibration, s["scheduler"], s["steps"])[0]
+        return generate.dng_settings([klass], self.calibrations, s["scheduler"], s["steps"])[0]
 
     def run_cell(self, klass: int, method: str, params: dict, factory) -> bool:
         """Sample and score one cell unless it is stored; True if it ran."""

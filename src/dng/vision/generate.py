@@ -109,15 +109,17 @@ def guidance_factory(method: str, scale: float = 1.0, preset: str = "medium", pr
     raise ConfigError(f"unknown method {method!r}; choose from none, {', '.join(GUIDED)}")
 
 
-def dng_settings(removed: Sequence[int], calibration: dict | None, scheduler: str, steps: int,
+def dng_settings(removed: Sequence[int], calibrations: Sequence[dict], scheduler: str, steps: int,
                  scale: float = 1.0, prior: float | None = None) -> tuple[dict, str]:
     """DNG's parameters for removing `removed` from a generator, and where they came from.
 
-    The generator's calibration (fitted for one scheduler and step count: its offset is per step) gives a prior
-    per class, the temperature and the offset; without a matching one, the core's defaults with DEFAULT_PRIOR.
-    A given prior wins over both.
+    The generator's calibration for this scheduler and step count (`load_calibration`; its offset is per step, so
+    it does not transfer to other step counts) gives a prior per class, the temperature and the offset; without
+    one, the core's defaults with DEFAULT_PRIOR. A given prior wins over both.
     """
-    if calibration and (calibration["scheduler"], calibration["steps"]) == (scheduler, steps):
+    match = [c for c in calibrations if (c["scheduler"], c["steps"]) == (scheduler, steps)]
+    if match:
+        calibration = match[0]
         priors = [calibration["priors"].get(k, DEFAULT_PRIOR) for k in removed]
         settings = {"scale": scale, "prior": priors[0] if len(priors) == 1 else priors,
                     "temperature": calibration["temperature"], "offset": calibration["offset"],
@@ -126,9 +128,10 @@ def dng_settings(removed: Sequence[int], calibration: dict | None, scheduler: st
     else:
         settings = {"scale": scale, "prior": DEFAULT_PRIOR}
         source = "library defaults (no calibration for these settings)"
-        if calibration:
-            source = (f"library defaults: the generator is calibrated for {calibration['scheduler']} with "
-                      f"{calibration['steps']} steps, not {scheduler} with {steps}")
+        if calibrations:
+            have = ", ".join(f"{c['scheduler']} with {c['steps']} steps" for c in calibrations)
+            source = (f"library defaults: the generator is calibrated for {have}, not {scheduler} with {steps} "
+                      f"(benchmarks/calibrate_dng.py --scheduler {scheduler} --steps {steps} adds one)")
     if prior is not None:
         settings["prior"] = prior
     return settings, source

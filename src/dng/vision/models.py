@@ -169,9 +169,10 @@ def calibration_path(generator=None) -> Path:
 
 
 def save_calibration(path, fits: dict, classes: list[int], settings: dict) -> Path:
-    """Write calibration fits (name -> dng.calibration.Calibration; "all" is the joint one that sampling uses).
+    """Add calibration fits (name -> dng.calibration.Calibration; "all" is the joint one that sampling uses).
 
-    `settings` must hold the scheduler, steps and p_max the fit was made with.
+    `settings` must hold the scheduler, steps and p_max the fit was made with. The file keeps one calibration per
+    (scheduler, steps), since the offset is per step: this one replaces an earlier one of the same sampler only.
     """
     from dng.io import write_json
     from dng.vision.data import CLASS_NAMES
@@ -180,26 +181,47 @@ def save_calibration(path, fits: dict, classes: list[int], settings: dict) -> Pa
     if missing or "all" not in fits:
         raise ConfigError(f"a calibration needs the joint fit 'all' and settings scheduler, steps, p_max; "
                           f"missing {sorted(missing) or ['all']}")
-    return write_json(path, {"settings": settings, "classes": [CLASS_NAMES[k] for k in classes],
-                             "fits": {name: fit.as_dict() for name, fit in fits.items()}})
+    if len(fits["all"].priors) != len(classes):
+        raise ConfigError(f"the joint fit has {len(fits['all'].priors)} priors for {len(classes)} classes")
+    path = Path(path)
+    sampler = (settings["scheduler"], settings["steps"])
+    kept = [c for c in _read_calibrations(path) if (c["settings"]["scheduler"], c["settings"]["steps"]) != sampler]
+    entry = {"settings": settings, "classes": [CLASS_NAMES[k] for k in classes],
+             "fits": {name: fit.as_dict() for name, fit in fits.items()}}
+    entries = sorted([*kept, entry], key=lambda c: (c["settings"]["scheduler"], c["settings"]["steps"]))
+    return write_json(path, {"calibrations": entries})
 
 
-def load_calibration(generator=None) -> dict | None:
-    """The generator's fitted DNG tracker (save_calibration; benchmarks/calibrate_dng.py), or None if it has none.
+def _read_calibrations(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    try:
+        entries = json.loads(path.read_text())["calibrations"]
+        if not all("all" in e["fits"] and {"scheduler", "steps", "p_max"} <= set(e["settings"]) for e in entries):
+            raise KeyError("an entry without the joint fit 'all' or its sampler settings")
+        return entries
+    except (ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"{path} is not a calibration file written by benchmarks/calibrate_dng.py ({err!r}); "
+                          "delete it or rerun the calibration") from err
 
-    Returns {"priors": {class index: prior}, "temperature", "offset", "p_max", "scheduler", "steps"}.
+
+def load_calibration(generator=None) -> list[dict]:
+    """The generator's fitted DNG trackers (save_calibration; benchmarks/calibrate_dng.py), one per sampler.
+
+    Each is {"priors": {class index: prior}, "temperature", "offset", "p_max", "scheduler", "steps"}; an empty list
+    if the generator has none.
     """
     from dng.vision.data import CLASS_NAMES
 
     path = calibration_path(generator)
-    if not path.is_file():
-        return None
-    try:
-        saved = json.loads(path.read_text())
-        fit, settings = saved["fits"]["all"], saved["settings"]
-        priors = {CLASS_NAMES.index(name): p for name, p in zip(saved["classes"], fit["priors"], strict=True)}
-        return {"priors": priors, "temperature": fit["temperature"], "offset": fit["offset"],
-                "p_max": settings["p_max"], "scheduler": settings["scheduler"], "steps": settings["steps"]}
-    except (ValueError, KeyError, TypeError) as err:
-        raise ConfigError(f"{path} is not a calibration file written by benchmarks/calibrate_dng.py ({err}); "
-                          "delete it or rerun the calibration") from err
+    out = []
+    for entry in _read_calibrations(path):
+        fit, settings = entry["fits"]["all"], entry["settings"]
+        try:
+            priors = {CLASS_NAMES.index(name): p for name, p in zip(entry["classes"], fit["priors"], strict=True)}
+            out.append({"priors": priors, "temperature": fit["temperature"], "offset": fit["offset"],
+                        "p_max": settings["p_max"], "scheduler": settings["scheduler"], "steps": settings["steps"]})
+        except (ValueError, KeyError, TypeError) as err:
+            raise ConfigError(f"{path} is not a calibration file written by benchmarks/calibrate_dng.py ({err!r}); "
+                              "delete it or rerun the calibration") from err
+    return out
