@@ -4,6 +4,8 @@ Draws unguided samples with a tracking-only rule for every class at once, labels
 and fits the tracker (dng.calibration): jointly ("all": one prior per class, one temperature and offset) and per
 class. Prints the fitted values, the likelihood relative to a constant p (1 = the tracker tells nothing) and the
 AUC of the fitted p_t at several points of the chain (how early the tracker knows which samples become the class).
+The calibration file keeps one fit per scheduler and step count (the offset is per step): calibrating for 150 steps
+adds to a 50-step calibration rather than replacing it.
 
 Run: .venv/bin/python benchmarks/calibrate_dng.py [--classes all] [--num-samples 300] [--steps 50] [--out FILE]
      [--dtype bfloat16]  (the UNet under bfloat16 autocast: about twice as fast on CPUs with AMX)
@@ -88,7 +90,9 @@ def main():
         print(f"{name:<12} {share:6.3f} {prior:7.3f} {fit.temperature:6.3f} {fit.offset:9.2e} "
               f"{fit.nll / fit.baseline_nll:8.3f}  {aucs}")
     save_calibration(out, fits, classes, vars(args))
-    print(f"wrote {out}: dng sample, demo and bench class-removal use it for {args.scheduler} with {args.steps} steps")
+    used = (f" (dng sample, demo and bench class-removal use it for {args.scheduler} with {args.steps} steps)"
+            if out.resolve() == calibration_path(args.generator).resolve() else "")
+    print(f"wrote {out}{used}")
 
 
 if __name__ == "__main__":
