@@ -89,7 +89,9 @@ def main():
         aucs = " ".join(f"{np.mean(a):.2f}" for a in fit.auc.values())
         print(f"{name:<12} {share:6.3f} {prior:7.3f} {fit.temperature:6.3f} {fit.offset:9.2e} "
               f"{fit.nll / fit.baseline_nll:8.3f}  {aucs}")
-    save_calibration(out, fits, classes, vars(args))
+    # What the fit was made from; not where its files went (--out, --chains, --reuse, --threads).
+    made_from = {k: v for k, v in vars(args).items() if k not in ("out", "chains", "reuse", "threads")}
+    save_calibration(out, fits, classes, made_from)
     used = (f" (dng sample, demo and bench class-removal use it for {args.scheduler} with {args.steps} steps)"
             if out.resolve() == calibration_path(args.generator).resolve() else "")
     print(f"wrote {out}{used}")
