@@ -185,21 +185,28 @@ def save_calibration(path, fits: dict, classes: list[int], settings: dict) -> Pa
         raise ConfigError(f"the joint fit has {len(fits['all'].priors)} priors for {len(classes)} classes")
     path = Path(path)
     sampler = (settings["scheduler"], settings["steps"])
-    kept = [c for c in _read_calibrations(path) if (c["settings"]["scheduler"], c["settings"]["steps"]) != sampler]
+    kept = [entry for entry, c in _read_calibrations(path) if (c["scheduler"], c["steps"]) != sampler]
     entry = {"settings": settings, "classes": [CLASS_NAMES[k] for k in classes],
              "fits": {name: fit.as_dict() for name, fit in fits.items()}}
     entries = sorted([*kept, entry], key=lambda c: (c["settings"]["scheduler"], c["settings"]["steps"]))
     return write_json(path, {"calibrations": entries})
 
 
-def _read_calibrations(path: Path) -> list[dict]:
+def _read_calibrations(path: Path) -> list[tuple[dict, dict]]:
+    """(file entry, what sampling needs of it) per calibration in the file, checked; [] if there is no file."""
+    from dng.vision.data import CLASS_NAMES
+
     if not path.is_file():
         return []
     try:
-        entries = json.loads(path.read_text())["calibrations"]
-        if not all("all" in e["fits"] and {"scheduler", "steps", "p_max"} <= set(e["settings"]) for e in entries):
-            raise KeyError("an entry without the joint fit 'all' or its sampler settings")
-        return entries
+        out = []
+        for entry in json.loads(path.read_text())["calibrations"]:
+            fit, settings = entry["fits"]["all"], entry["settings"]
+            priors = {CLASS_NAMES.index(name): p for name, p in zip(entry["classes"], fit["priors"], strict=True)}
+            out.append((entry, {"priors": priors, "temperature": fit["temperature"], "offset": fit["offset"],
+                                "p_max": settings["p_max"], "scheduler": settings["scheduler"],
+                                "steps": settings["steps"]}))
+        return out
     except (ValueError, KeyError, TypeError) as err:
         raise ConfigError(f"{path} is not a calibration file written by benchmarks/calibrate_dng.py ({err!r}); "
                           "delete it or rerun the calibration") from err
@@ -211,17 +218,4 @@ def load_calibration(generator=None) -> list[dict]:
     Each is {"priors": {class index: prior}, "temperature", "offset", "p_max", "scheduler", "steps"}; an empty list
     if the generator has none.
     """
-    from dng.vision.data import CLASS_NAMES
-
-    path = calibration_path(generator)
-    out = []
-    for entry in _read_calibrations(path):
-        fit, settings = entry["fits"]["all"], entry["settings"]
-        try:
-            priors = {CLASS_NAMES.index(name): p for name, p in zip(entry["classes"], fit["priors"], strict=True)}
-            out.append({"priors": priors, "temperature": fit["temperature"], "offset": fit["offset"],
-                        "p_max": settings["p_max"], "scheduler": settings["scheduler"], "steps": settings["steps"]})
-        except (ValueError, KeyError, TypeError) as err:
-            raise ConfigError(f"{path} is not a calibration file written by benchmarks/calibrate_dng.py ({err!r}); "
-                              "delete it or rerun the calibration") from err
-    return out
+    return [parsed for _, parsed in _read_calibrations(calibration_path(generator))]
