@@ -9,7 +9,7 @@ import torch
 
 from dng import calibration, cli
 from dng.bench import class_removal
-from dng.commands.demo import DEFAULT_REMOVE, DNG_SCALE
+from dng.commands.demo import DEFAULT_REMOVE, DNG_SCALE, STEPS
 from dng.errors import ConfigError
 from dng.vision import generate, models
 
@@ -288,3 +288,11 @@ def test_data_row_scores_real_kept_class_images(tiny, tmp_path):
     code = cli.main(["bench", "class-removal", "--classes", "2", "--methods", "data", "--num-samples", "28",
                      "--out", str(tmp_path / "big"), *tiny])
     assert code == 2
+
+
+def test_demo_samples_with_a_shipped_calibration():
+    """The demo's default sampler has a fit in the shipped calibration file; else DNG would fall back silently."""
+    shipped = models.load_calibration(None)
+    assert {(c["scheduler"], c["steps"]) for c in shipped} >= {("ddpm", STEPS), ("ddpm", 50)}
+    settings, source = generate.dng_settings([generate.parse_class(DEFAULT_REMOVE)], shipped, "ddpm", STEPS)
+    assert source == f"calibrated for ddpm with {STEPS} steps" and 0 < settings["temperature"] < 1
