@@ -117,9 +117,8 @@ def dng_settings(removed: Sequence[int], calibrations: Sequence[dict], scheduler
     it does not transfer to other step counts) gives a prior per class, the temperature and the offset; without
     one, the core's defaults with DEFAULT_PRIOR. A given prior wins over both.
     """
-    match = [c for c in calibrations if (c["scheduler"], c["steps"]) == (scheduler, steps)]
-    if match:
-        calibration = match[0]
+    calibration = next((c for c in calibrations if (c["scheduler"], c["steps"]) == (scheduler, steps)), None)
+    if calibration:
         priors = [calibration["priors"].get(k, DEFAULT_PRIOR) for k in removed]
         settings = {"scale": scale, "prior": priors[0] if len(priors) == 1 else priors,
                     "temperature": calibration["temperature"], "offset": calibration["offset"],
