@@ -216,3 +216,24 @@ def test_mixture_update_tracks_two_narrow_classes_better_than_the_gaussian_ratio
         errors[update] = bench.run("dng", params, lambda params=params: DynamicNegativeGuidance(**params))[0][
             "posterior_logit_mae"]
     assert errors["mixture"] < 0.5 * errors["paper"], errors
+
+
+def _unguided_tracking_error(steps: int, p_min: float) -> float:
+    """Log-odds error (both posteriors read in [1e-6, 0.999]) along unguided chains of the default mixture, tracked
+    by plain Bayes with the Gaussian kernels and the tracker's own clamp at `p_min`."""
+    from dng.bench.gmm import GMMBench
+    from dng.guidance import DynamicNegativeGuidance
+
+    bench = GMMBench(default_mixture_config(), steps, num_samples=300, seed=0)
+    params = {"scale": 0.0, "prior": bench.prior, "temperature": 1.0, "p_min": p_min, "p_max": 0.999}
+    row, _ = bench.run("dng", params, lambda: DynamicNegativeGuidance(**params), mae_range=(1e-6, 0.999))
+    return row["posterior_logit_mae"]
+
+
+def test_gaussian_kernel_tracker_converges_to_exact_bayes_as_steps_grow():
+    """Its per-step error is a zero-mean curvature term of variance ~beta^2, so the error along a chain shrinks like
+    1/sqrt(steps); a wrong mean, variance or sign in the update would leave an error that more steps do not remove.
+    A floor of 1e-6 on the tracked p sets its own floor (a reflected walk for chains far from the class)."""
+    coarse, fine = _unguided_tracking_error(50, 1e-30), _unguided_tracking_error(500, 1e-30)
+    assert fine < 0.45 * coarse, (coarse, fine)
+    assert fine < _unguided_tracking_error(500, 1e-6), fine

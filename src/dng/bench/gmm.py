@@ -140,8 +140,12 @@ class GMMBench:
             else:
                 raise ConfigError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
 
-    def run(self, method: str, params: dict, factory, progress: bool = False):
-        """Sample with one rule and score it; returns (row, trace or None)."""
+    def run(self, method: str, params: dict, factory, progress: bool = False, mae_range=None):
+        """Sample with one rule and score it; returns (row, trace or None).
+
+        `mae_range` (lo, hi): the p range both posteriors are read in for posterior_logit_mae; default the run's own
+        [p_min, p_max]. A fixed range compares trackers whose clamps differ.
+        """
         g = torch.Generator().manual_seed(self.seed)
         start = time.perf_counter()
         trace, mae = None, None
@@ -159,9 +163,9 @@ class GMMBench:
             def measure(i, t, x_prev, info):
                 # The p used at step i belongs to x_t, the sample before this step.
                 if tracked:
-                    lo, hi = guidance.tracker.p_min, guidance.tracker.p_max
+                    lo, hi = mae_range or (guidance.tracker.p_min, guidance.tracker.p_max)
                     exact = self.exact_posterior(current[0], t).clamp(lo, hi)
-                    errors.append((_logit(info["p"]) - _logit(exact)).abs().mean())
+                    errors.append((_logit(info["p"].clamp(lo, hi)) - _logit(exact)).abs().mean())
                 current[0] = x_prev
 
             out = sample(self.gmm.branch_model(negatives), self.scheduler, guidance, noise=noise,
