@@ -47,12 +47,27 @@ def test_dng_scale_is_lam0_p_over_one_minus_p():
     torch.testing.assert_close(p, torch.full((2, 1), 0.2))
 
 
+@pytest.mark.parametrize("t, lam0", [(500, 2.0), (200, 2.0), (199, 12.0), (0, 12.0)])
+def test_dng_boosts_lam0_below_the_late_timestep(t, lam0):
+    dng = DynamicNegativeGuidance(scale=2.0, prior=0.2, late_boost=6.0, late_timestep=200)
+    dng.start(2, 1)
+    eps_u, eps_n, _ = _branches()
+    eps, scale, _ = dng.combine(eps_u, eps_n, Step(0, torch.tensor(t), eps_u))
+    torch.testing.assert_close(scale, torch.full((2, 1), lam0 * 0.2 / 0.8))
+    torch.testing.assert_close(eps, eps_u - lam0 * 0.25 * (eps_n[0] - eps_u))
+
+
+def test_late_boost_one_is_the_published_constant_rule():
+    dng = DynamicNegativeGuidance(scale=3.0, late_boost=1.0)
+    assert {dng.lam0(t) for t in (999, 200, 199, 0)} == {3.0}
+
+
 def test_several_negatives_exclusive_and_independent_by_hand():
     p = torch.tensor([[0.2, 0.3]])
     exclusive = DynamicNegativeGuidance(scale=1.5, prior=[0.2, 0.3], mode="exclusive")
     independent = DynamicNegativeGuidance(scale=1.5, prior=[0.2, 0.3], mode="independent")
-    torch.testing.assert_close(exclusive.scales(p), torch.tensor([[1.5 * 0.2 / 0.5, 1.5 * 0.3 / 0.5]]))
-    torch.testing.assert_close(independent.scales(p), torch.tensor([[1.5 * 0.2 / 0.8, 1.5 * 0.3 / 0.7]]))
+    torch.testing.assert_close(exclusive.scales(p, 1.5), torch.tensor([[1.5 * 0.2 / 0.5, 1.5 * 0.3 / 0.5]]))
+    torch.testing.assert_close(independent.scales(p, 1.5), torch.tensor([[1.5 * 0.2 / 0.8, 1.5 * 0.3 / 0.7]]))
     independent.start(2, 2)
     eps_u, eps_n, _ = _branches(k=2)
     eps, scale, _ = independent.combine(eps_u, eps_n, STEP)
@@ -112,6 +127,10 @@ def test_sld_matches_diffusers_safe_pipeline(name):
         (lambda: DynamicNegativeGuidance(kernel_variance="learned"), "kernel_variance"),
         (lambda: DynamicNegativeGuidance(update="exact"), "update must be one of"),
         (lambda: DynamicNegativeGuidance(update=None), "update must be one of"),
+        (lambda: DynamicNegativeGuidance(late_boost=-2.0), "late_boost"),
+        (lambda: DynamicNegativeGuidance(late_boost=float("nan")), "late_boost"),
+        (lambda: DynamicNegativeGuidance(late_timestep=-1), "late_timestep must be a timestep"),
+        (lambda: DynamicNegativeGuidance(late_timestep=200.5), "late_timestep must be a timestep"),
         (lambda: SafeLatentDiffusion.preset("extreme"), "preset"),
         (lambda: SafeLatentDiffusion(warmup_steps=-1), "warmup_steps"),
         (lambda: SafeLatentDiffusion(momentum_beta=2.0), "momentum_beta"),

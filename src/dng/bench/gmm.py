@@ -132,9 +132,11 @@ class GMMBench:
                 params = {"prior": self.prior / len(self.remove), "mode": "exclusive"}
                 yield method, params, lambda params=params: DynamicNegativeGuidance(**params)
             elif method == "dng-oracle":
-                params = {"scale": 1.0, "p_min": 1e-6, "p_max": 1 - 1e-6, "mode": "exclusive", "posterior": "exact"}
+                params = {"scale": 1.0, "late_boost": 1.0, "p_min": 1e-6, "p_max": 1 - 1e-6, "mode": "exclusive",
+                          "posterior": "exact"}
                 yield method, params, lambda: DynamicNegativeGuidance(
-                    scale=1.0, p_min=1e-6, p_max=1 - 1e-6, mode="exclusive", posterior=self.exact_posterior)
+                    scale=1.0, late_boost=1.0, p_min=1e-6, p_max=1 - 1e-6, mode="exclusive",
+                    posterior=self.exact_posterior)
             elif method == "target":
                 yield method, {}, "target"
             else:

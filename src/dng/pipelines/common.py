@@ -42,8 +42,10 @@ def make_guidance(method, guidance_scale: float, dng_scale, dng_prior, dng_tempe
     if isinstance(method, Guidance):
         return method
     if method == "dng":
+        # One lam0 throughout, as published: the late boost is measured on the exact mixture, not on these models.
         return DynamicNegativeGuidance(scale=dng_scale, prior=dng_prior, temperature=dng_temperature,
-                                       offset=dng_offset, p_min=dng_p_min, p_max=dng_p_max, mode=dng_mode)
+                                       offset=dng_offset, p_min=dng_p_min, p_max=dng_p_max, mode=dng_mode,
+                                       late_boost=1.0)
     if method == "np":
         # With the empty prompt as the unconditional branch, diffusers' negative prompt is NP at scale w - 1.
         return NegativePrompt(max(guidance_scale - 1.0, 0.0))

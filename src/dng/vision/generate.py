@@ -92,7 +92,9 @@ def guidance_factory(method: str, scale: float = 1.0, preset: str = "medium", pr
                      exclusive: bool = False, **dng):
     """A fresh-rule factory for 'np', 'sld' or 'dng' (None for 'none'); `exclusive` for several removed classes.
 
-    `dng` passes further DynamicNegativeGuidance arguments (temperature, offset, p_max, ...).
+    `dng` passes further DynamicNegativeGuidance arguments (temperature, offset, p_max, late_boost, ...). Unless
+    `late_boost` is given, lam0 is one scale for the whole chain (the published rule), not the core's late boost:
+    that default was chosen on the exact mixture, and its switch timestep does not carry over to this generator.
     """
     if method == "none":
         return None
@@ -103,6 +105,7 @@ def guidance_factory(method: str, scale: float = 1.0, preset: str = "medium", pr
         SafeLatentDiffusion.preset(preset)
         return lambda: SafeLatentDiffusion.preset(preset)
     if method == "dng":
+        dng = {"late_boost": 1.0, **dng}
         mode = "exclusive" if exclusive else "independent"
         DynamicNegativeGuidance(scale, prior, mode=mode, **dng)
         return lambda: DynamicNegativeGuidance(scale, prior, mode=mode, **dng)
