@@ -43,9 +43,10 @@ def tiny(tmp_path, monkeypatch):
     return ["--generator", str(gen), "--classifier", str(clf), "--no-progress"]
 
 
-def _bench(tiny, out, classes="1", methods="none,dng", steps="3", dng_scales="1", dtype="float32"):
+def _bench(tiny, out, classes="1", methods="none,dng", steps="3", dng_scales="1", dtype="float32", extra=()):
     return cli.main(["bench", "class-removal", "--classes", classes, "--methods", methods, "--num-samples", "16",
-                     "--steps", steps, "--dng-scales", dng_scales, "--dtype", dtype, "--out", str(out), *tiny])
+                     "--steps", steps, "--dng-scales", dng_scales, "--dtype", dtype, "--out", str(out), *extra,
+                     *tiny])
 
 
 def test_bench_writes_rows_csv_figures_and_resumes(tiny, tmp_path, monkeypatch):
@@ -105,6 +106,20 @@ def test_bfloat16_sweep(tiny, tmp_path):
     assert json.loads((out / "settings.json").read_text())["dtype"] == "bfloat16"
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert [r["method"] for r in rows] == ["none", "dng"] and 0 <= rows[1]["forbidden_rate"] <= 1
+
+
+def test_late_boost_cells_sit_next_to_one_lam0_cells(tiny, tmp_path):
+    out = tmp_path / "sweep"
+    assert _bench(tiny, out, dng_scales="2") == 0
+    assert _bench(tiny, out, dng_scales="2", extra=("--dng-late-boost", "4", "--dng-late-timestep", "500")) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    dng = {class_removal.setting_label(r["method"], r["params"]): r["params"] for r in rows if r["method"] == "dng"}
+    assert set(dng) == {"dng 2.0", "dng 2.0 x4 below 500"} and "late_boost" not in dng["dng 2.0"]
+    for key, boost in (("class1-dng-2.0", 1.0), ("class1-dng-2.0-x4-below-500", 4.0)):
+        with np.load(out / "cells" / f"{key}.npz") as f:
+            odds = f["p"] / (1 - f["p"])
+            lam0 = np.where(f["timesteps"] < 500, 2.0 * boost, 2.0)[:, None]  # 3 steps: t = 666, 333, 0
+            np.testing.assert_allclose(f["scale"], lam0 * odds, rtol=1e-5)
 
 
 def test_summary_compares_settings_on_the_same_classes():

@@ -55,11 +55,12 @@ def parse_scales(text: str, option: str) -> tuple[float, ...]:
     return scales
 
 
-def configs(methods: list[str], dng: dict, np_scales=NP_SCALES, dng_scales=DNG_SCALES
+def configs(methods: list[str], dng: dict, np_scales=NP_SCALES, dng_scales=DNG_SCALES, dng_late=None
             ) -> list[tuple[str, dict, object]]:
     """(method, params, guidance factory or None) of every cell the methods ask for, for one removed class.
 
     `dng` holds DNG's other parameters for that class (`generate.dng_settings`); each scale is one cell.
+    `dng_late` ({"late_boost": b, "late_timestep": t}) multiplies lam0 by b below timestep t; None: one lam0.
     """
     cells = []
     for method in methods:
@@ -74,13 +75,15 @@ def configs(methods: list[str], dng: dict, np_scales=NP_SCALES, dng_scales=DNG_S
                       for name, preset in SLD_PRESETS.items()]
         else:
             for s in dng_scales:
-                params = {**dng, "scale": s}
+                params = {**dng, "scale": s, **(dng_late or {})}
                 cells.append((method, params, generate.guidance_factory("dng", **params)))
     return cells
 
 
 def setting_label(method: str, params: dict) -> str:
     """Short name of a setting: 'np 2.0', 'sld medium', 'dng 3.0'."""
+    if method == "dng" and params.get("late_boost", 1.0) != 1.0:
+        return f"dng {params['scale']} x{params['late_boost']:g} below {params['late_timestep']}"
     if method in ("np", "dng"):
         return f"{method} {params['scale']}"
     if method == "sld":
@@ -223,11 +226,13 @@ class ClassRemovalBench:
         write_json(path, {"row": row, "counts": counts})
         return True
 
-    def run(self, classes: list[int], methods: list[str], np_scales=NP_SCALES, dng_scales=DNG_SCALES) -> int:
+    def run(self, classes: list[int], methods: list[str], np_scales=NP_SCALES, dng_scales=DNG_SCALES,
+            dng_late=None) -> int:
         """Run every missing cell; returns how many ran."""
         from tqdm.auto import tqdm
 
-        cells = [(k, *c) for k in classes for c in configs(methods, self.dng_settings(k), np_scales, dng_scales)]
+        cells = [(k, *c) for k in classes
+                 for c in configs(methods, self.dng_settings(k), np_scales, dng_scales, dng_late)]
         todo, stale = [], []
         for cell in cells:
             path = self.out / "cells" / f"{cell_key(*cell[:3])}.json"
