@@ -217,6 +217,9 @@ def test_demo_end_to_end(tiny, tmp_path, capsys):
         (["demo", "--np-scale", "nan"], "--np-scale must be a finite number >= 0"),
         (["demo", "--dtype", "half"], "unknown dtype 'half'"),
         (["bench", "class-removal", "--dtype", "fp16", "--out", "x"], "unknown dtype 'fp16'"),
+        (["bench", "class-removal", "--dng-late-boost", "-1", "--out", "x"], "--dng-late-boost / --dng-late-timestep"),
+        (["demo", "--dng-late-boost", "2", "--dng-late-timestep", "-5"], "late_timestep must be a timestep"),
+        (["sample", "--remove", "1", "--dng-late-boost", "nan", "--out", "x.png"], "late_boost"),
     ],
 )
 def test_bad_inputs_say_what_to_fix(tiny, tmp_path, monkeypatch, capsys, argv, message):

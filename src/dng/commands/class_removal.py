@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dng.commands import add_dtype_argument
+from dng.commands import add_dtype_argument, add_late_boost_arguments, late_settings
 
 
 def register(groups) -> None:
@@ -14,11 +14,7 @@ def register(groups) -> None:
     p.add_argument("--dng-scales", default=None,
                    help="DNG's scales lam0, comma-separated (default 1,3,6; the other parameters come from the "
                         "generator's calibration)")
-    p.add_argument("--dng-late-boost", type=float, default=1.0,
-                   help="multiply DNG's lam0 by this below --dng-late-timestep (default 1: one lam0, as published)")
-    p.add_argument("--dng-late-timestep", type=int, default=500,
-                   help="timestep below which --dng-late-boost applies (default 500, measured on the shipped "
-                        "generator)")
+    add_late_boost_arguments(p)
     p.add_argument("--num-samples", type=int, default=500, help="samples per cell")
     p.add_argument("--steps", type=int, default=50, help="sampling steps")
     p.add_argument("--scheduler", default="ddpm", help="ddpm, euler-a or ddim (eta 1)")
@@ -53,10 +49,7 @@ def run(args) -> int:
     dng_scales = parse_scales(args.dng_scales, "--dng-scales") if args.dng_scales else DNG_SCALES
     bench = ClassRemovalBench(args.out, args.steps, args.num_samples, args.scheduler, args.seed, args.generator,
                               args.classifier, args.batch_size, args.progress, args.dtype)
-    late = None
-    if args.dng_late_boost != 1.0:
-        late = {"late_boost": args.dng_late_boost, "late_timestep": args.dng_late_timestep}
-    ran = bench.run(classes, methods, np_scales, dng_scales, late)
+    ran = bench.run(classes, methods, np_scales, dng_scales, late_settings(args))
     files = write_results(args.out)
     print((bench.out / "summary.md").read_text())
     print(f"ran {ran} cell(s); wrote {files['results']}, {files['csv']} and figures in {bench.out / 'figures'}")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dng.commands import add_dtype_argument
+from dng.commands import add_dtype_argument, add_late_boost_arguments, late_settings
 from dng.errors import ConfigError
 
 
@@ -16,6 +16,7 @@ def register(groups) -> None:
     p.add_argument("--preset", default="medium", help="SLD preset: weak, medium, strong, max")
     p.add_argument("--prior", type=float, default=None,
                    help="DNG prior per removed class (default: the generator's calibration, else 0.1)")
+    add_late_boost_arguments(p)
     p.add_argument("--num-images", type=int, default=64)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--scheduler", default="ddpm", help="ddpm, euler-a or ddim (eta 1)")
@@ -50,6 +51,7 @@ def run(args) -> int:
     if method == "dng":
         params, source = generate.dng_settings(removed, load_calibration(args.generator), args.scheduler,
                                                args.steps, args.scale, args.prior)
+        params.update(late_settings(args))
         print(f"DNG settings ({source}): {params}")
     factory = generate.guidance_factory(method, preset=args.preset, exclusive=len(removed) > 1, **params)
     positive = generate.parse_class(args.klass) if args.klass is not None else None
