@@ -11,8 +11,8 @@ DEFAULT_REMOVE = "Bag"
 # at 5 leaves 0.7 % at 0.87x the unguided FID. At 50 steps the tracker knows later and DNG needs 6 for the same leak
 # at 1.2x the FID. The demo pays for the three times longer sampling (67 s in all on 2 cores) to show the better one.
 NP_SCALE = 1.0
-DNG_SCALE = 5.0
-DNG_LATE_BOOST, DNG_LATE_TIMESTEP = 1.0, 500
+DNG_SCALE = 1.5
+DNG_LATE_BOOST, DNG_LATE_TIMESTEP = 8.0, 500
 STEPS = 150
 # 64 samples cannot resolve FID finer than 2000 reference images do; the whole test split costs ~10 s more.
 REFERENCE_IMAGES = 2000
