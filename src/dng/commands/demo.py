@@ -7,9 +7,10 @@ from dng.commands import add_dtype_argument, add_late_boost_arguments, late_sett
 # A distinctive silhouette the shipped generator makes often (about 11 % of its unguided samples).
 DEFAULT_REMOVE = "Bag"
 # Over the ten classes of the class-removal bench at 150 steps (docs/RESULTS.md, shipped weights and their 150-step
-# calibration) NP at 1 removes nearly everything and bends the kept classes (class KL 0.31, FID 2.6x unguided); DNG
-# at 5 leaves 0.7 % at 0.87x the unguided FID. At 50 steps the tracker knows later and DNG needs 6 for the same leak
-# at 1.2x the FID. The demo pays for the three times longer sampling (67 s in all on 2 cores) to show the better one.
+# calibration) NP at 1 removes nearly everything and bends the kept classes (class KL 0.31, FID 2.6x unguided). DNG
+# with lam0 1.5, boosted 8x below t = 500, leaves 0.7 % at 0.62x the unguided FID and class KL 0.033; one lam0 (5)
+# needs twice the class imbalance for that leak, because it pushes every sample early, while p is still the prior.
+# At 50 steps the tracker knows later; the demo pays for the three times longer sampling (62 s on 2 cores).
 NP_SCALE = 1.0
 DNG_SCALE = 1.5
 DNG_LATE_BOOST, DNG_LATE_TIMESTEP = 8.0, 500
