@@ -2,6 +2,7 @@
 
 import gzip
 import json
+import math
 
 import numpy as np
 import pytest
@@ -58,6 +59,8 @@ def test_bench_writes_rows_csv_figures_and_resumes(tiny, tmp_path, monkeypatch):
     for r in rows:
         assert ROW_KEYS <= set(r) and 0 <= r["forbidden_rate"] <= 1 and r["class_kl"] >= 0 and r["fid"] >= 0
     assert rows[1]["params"]["prior"] == 0.1
+    counts = {c["row"]["method"]: c["counts"] for c in class_removal.load_cells(out)}
+    assert rows[1]["unguided_kl"] == pytest.approx(class_removal.unguided_kl(counts["dng"], counts["none"], 1))
     assert len((out / "results.csv").read_text().splitlines()) == 3
     figures = out / "figures"
     for name in ("tradeoff_class_kl.png", "tradeoff_fid.png", "histograms/class1.png", "grids/class1-none.png",
@@ -130,6 +133,29 @@ def test_summary_compares_settings_on_the_same_classes():
     rows = [row(1, "none", 0.2), row(1, "np", 0.0), row(3, "none", 0.4)]  # class 3's np cell is not done yet
     summary = {s["method"]: s for s in class_removal.summarize(class_removal.comparable(rows))}
     assert summary["none"]["forbidden_rate"] == 0.2 and summary["none"]["classes"] == 1
+
+
+def test_unguided_kl_by_hand():
+    # Class 0 removed; the unguided cell made 20 of class 1 and 10 of class 2 among the kept classes.
+    unguided = [7, 20, 10, 0, 0, 0, 0, 0, 0, 0]
+    cell = [1, 10, 20, 0, 0, 0, 0, 0, 0, 0]
+    smoothed = (10 + 0.5) + (20 + 0.5) + 7 * 0.5
+    expected = 2 / 3 * math.log((2 / 3) / (10.5 / smoothed)) + 1 / 3 * math.log((1 / 3) / (20.5 / smoothed))
+    assert class_removal.unguided_kl(cell, unguided, 0) == pytest.approx(expected, rel=1e-12)
+    # The removed class's own count does not enter: a perfect remover of this generator keeps the kept shares.
+    perfect = class_removal.unguided_kl([0, 2000, 1000, 0, 0, 0, 0, 0, 0, 0], [500, 2000, 1000, 0, 0, 0, 0, 0, 0, 0], 0)
+    assert perfect < 0.002 and expected > 0.3  # only the smoothing of the empty kept classes is left
+
+
+def test_summary_leaves_unguided_kl_out_without_an_unguided_cell(tiny, tmp_path):
+    out = tmp_path / "sweep"
+    assert _bench(tiny, out, methods="dng") == 0
+    result = json.loads((out / "results.json").read_text())
+    assert result["rows"][0]["unguided_kl"] is None and result["summary"][0]["unguided_kl"] is None
+    assert "| dng 1.0 | 1 | " in (out / "summary.md").read_text()
+    assert _bench(tiny, out, methods="none") == 0  # the unguided cell, run later, fills it in
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert all(r["unguided_kl"] >= 0 for r in rows)
 
 
 def test_settings_sort_by_method_then_strength():

@@ -29,7 +29,7 @@ from dng.vision.models import default_weights, load_calibration, load_classifier
 METHODS = ("data", "none", "np", "sld", "dng")
 NP_SCALES = (0.5, 1.0, 2.0)
 DNG_SCALES = (1.0, 3.0, 6.0)
-METRICS = ("forbidden_rate", "class_kl", "fid", "precision", "recall", "seconds")
+METRICS = ("forbidden_rate", "class_kl", "unguided_kl", "fid", "precision", "recall", "seconds")
 GRID_IMAGES = 64
 TRACE_SAMPLES = 40
 
@@ -250,9 +250,26 @@ class ClassRemovalBench:
         return len(todo)
 
 
+def unguided_kl(counts, unguided_counts, klass: int) -> float:
+    """KL(unguided samples' distribution over the kept classes || a cell's), from the two cells' class counts.
+
+    0 for a perfect remover of this generator, whatever the generator's own class balance: it isolates what a
+    rule does to the kept classes (the drain of the removed class's neighbours) from what `class_kl` also counts,
+    the unguided model's imbalance against the data. Both counts are samples, so it carries their noise too.
+    """
+    kept = [c for c in range(NUM_CLASSES) if c != klass]
+    pred = np.repeat(np.arange(NUM_CLASSES), np.asarray(counts, dtype=np.int64))
+    return metrics.class_kl(pred, kept, np.asarray(unguided_counts, dtype=np.float64)[kept])
+
+
 def load_cells(out) -> list[dict]:
     """Every stored cell of DIR, ordered by class, method and setting."""
     cells = [json.loads(p.read_text()) for p in sorted((Path(out) / "cells").glob("*.json"))]
+    # Computed here rather than stored: a cell finished before its class's unguided cell gets it too.
+    unguided = {c["row"]["class"]: c["counts"] for c in cells if c["row"]["method"] == "none"}
+    for c in cells:
+        klass = c["row"]["class"]
+        c["row"]["unguided_kl"] = unguided_kl(c["counts"], unguided[klass], klass) if klass in unguided else None
     return sorted(cells, key=lambda c: (c["row"]["class"], *setting_order(c["row"]["method"], c["row"]["params"])))
 
 
@@ -285,8 +302,11 @@ def summarize(rows: list[dict]) -> list[dict]:
         shared = {k: v for k, v in first.items() if all(m["params"].get(k) == v for m in members)}
         summary = {"method": members[0]["method"], "params": shared, "classes": len(members)}
         for m in METRICS:
-            values = np.array([r[m] for r in members], dtype=np.float64)
-            summary[m], summary[f"{m}_std"] = float(values.mean()), float(values.std())
+            values = np.array([r[m] for r in members if r.get(m) is not None], dtype=np.float64)
+            # unguided_kl is None where the sweep has no unguided cell: a mean over some classes would mislead.
+            full = len(values) == len(members)
+            summary[m] = float(values.mean()) if full else None
+            summary[f"{m}_std"] = float(values.std()) if full else None
         out.append(summary)
     return out
 
@@ -380,10 +400,10 @@ def class_histogram(cells: list[dict], path) -> Path:
 
 def format_summary(summary: list[dict]) -> str:
     """Markdown table: mean ± std over removed classes per setting."""
-    lines = ["| setting | classes | forbidden rate | class KL | FID | precision | recall | seconds |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| setting | classes | forbidden rate | class KL | KL to unguided | FID | precision | recall | seconds |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for s in summary:
-        cols = " | ".join(f"{s[m]:.4f} ± {s[m + '_std']:.4f}" if m != "seconds" else f"{s[m]:.0f}"
-                          for m in METRICS)
+        cols = " | ".join("-" if s[m] is None else f"{s[m]:.0f}" if m == "seconds" else
+                          f"{s[m]:.4f} ± {s[m + '_std']:.4f}" for m in METRICS)
         lines.append(f"| {setting_label(s['method'], s['params'])} | {s['classes']} | {cols} |")
     return "\n".join(lines) + "\n"
