@@ -63,8 +63,8 @@ def test_bench_writes_rows_csv_figures_and_resumes(tiny, tmp_path, monkeypatch):
     assert rows[1]["unguided_kl"] == pytest.approx(class_removal.unguided_kl(counts["dng"], counts["none"], 1))
     assert len((out / "results.csv").read_text().splitlines()) == 3
     figures = out / "figures"
-    for name in ("tradeoff_class_kl.png", "tradeoff_fid.png", "histograms/class1.png", "grids/class1-none.png",
-                 "grids/class1-dng-1.0.png", "trajectories/class1-dng-1.0.png"):
+    for name in ("tradeoff_class_kl.png", "tradeoff_unguided_kl.png", "tradeoff_fid.png", "histograms/class1.png",
+                 "grids/class1-none.png", "grids/class1-dng-1.0.png", "trajectories/class1-dng-1.0.png"):
         assert (figures / name).read_bytes()[:4] == b"\x89PNG", name
 
     calls = []
@@ -152,6 +152,7 @@ def test_summary_leaves_unguided_kl_out_without_an_unguided_cell(tiny, tmp_path)
     assert _bench(tiny, out, methods="dng") == 0
     result = json.loads((out / "results.json").read_text())
     assert result["rows"][0]["unguided_kl"] is None and result["summary"][0]["unguided_kl"] is None
+    assert not (out / "figures" / "tradeoff_unguided_kl.png").exists()
     assert "| dng 1.0 | 1 | " in (out / "summary.md").read_text()
     assert _bench(tiny, out, methods="none") == 0  # the unguided cell, run later, fills it in
     rows = json.loads((out / "results.json").read_text())["rows"]

@@ -331,8 +331,10 @@ def write_results(out) -> dict[str, Path]:
     files["csv"] = write_atomic(out / "results.csv", buf.getvalue())
     files["summary"] = write_atomic(out / "summary.md", format_summary(summary))
     figures = out / "figures"
-    for x in ("class_kl", "fid"):
-        files[f"tradeoff_{x}"] = tradeoff(summary, figures / f"tradeoff_{x}.png", x)
+    for x in ("class_kl", "unguided_kl", "fid"):
+        known = [s for s in summary if s[x] is not None]
+        if known:
+            files[f"tradeoff_{x}"] = tradeoff(known, figures / f"tradeoff_{x}.png", x)
     for klass in sorted({r["class"] for r in rows}):
         mine = [c for c in cells if c["row"]["class"] == klass]
         files[f"histogram_{klass}"] = class_histogram(mine, figures / "histograms" / f"class{klass}.png")
@@ -371,9 +373,11 @@ def tradeoff(summary: list[dict], path, x: str) -> Path:
     ax.set_yscale("symlog", linthresh=1e-3)
     ax.set_ylim(bottom=0)
     ax.set_xlim(left=0)
-    ax.set_xlabel(x.replace("_", " ").replace("fid", "FID (classifier features)"))
+    label = {"fid": "FID (classifier features)", "unguided_kl": "class KL to the unguided samples"}.get(
+        x, x.replace("_", " "))
+    ax.set_xlabel(label)
     ax.set_ylabel("forbidden rate")
-    ax.set_title(f"forbidden rate vs {x.replace('_', ' ')}, mean over removed classes (lower-left is better)")
+    ax.set_title(f"forbidden rate vs {label}, mean over removed classes (lower-left is better)", fontsize=10)
     ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3)
     return _save(fig, path)
