@@ -132,11 +132,9 @@ class GMMBench:
                 params = {"prior": self.prior / len(self.remove), "mode": "exclusive"}
                 yield method, params, lambda params=params: DynamicNegativeGuidance(**params)
             elif method == "dng-oracle":
-                params = {"scale": 1.0, "late_boost": 1.0, "p_min": 1e-6, "p_max": 1 - 1e-6, "mode": "exclusive",
-                          "posterior": "exact"}
-                yield method, params, lambda: DynamicNegativeGuidance(
-                    scale=1.0, late_boost=1.0, p_min=1e-6, p_max=1 - 1e-6, mode="exclusive",
-                    posterior=self.exact_posterior)
+                oracle = {"scale": 1.0, "late_boost": 1.0, "p_min": 1e-6, "p_max": 1 - 1e-6, "mode": "exclusive"}
+                yield method, {**oracle, "posterior": "exact"}, lambda oracle=oracle: DynamicNegativeGuidance(
+                    **oracle, posterior=self.exact_posterior)
             elif method == "target":
                 yield method, {}, "target"
             else:
