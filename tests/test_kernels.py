@@ -155,3 +155,21 @@ def test_forward_std_is_the_fixed_large_variance_of_ddpm():
         _, std_large, forward_large = reverse_kernel(large)(t, x, out)
         assert forward_small == pytest.approx(std_large, rel=1e-6) == forward_large
         assert std_small < std_large
+
+
+def test_noise_levels_agree_across_schedulers_on_one_schedule():
+    """DDPM, DDIM and Euler-a read the same sigma = sqrt((1 - abar) / abar) at the same timestep."""
+    config = DDPMScheduler(beta_schedule="scaled_linear", timestep_spacing="leading").config
+    levels = {}
+    for cls, eta in ((DDPMScheduler, 0.0), (DDIMScheduler, 1.0), (EulerAncestralDiscreteScheduler, 0.0)):
+        scheduler = cls.from_config(config)
+        scheduler.set_timesteps(10)
+        kernel = reverse_kernel(scheduler, eta)
+        t = scheduler.timesteps[3]
+        scheduler.scale_model_input(torch.zeros(1), t)
+        levels[cls.__name__] = (int(t), kernel.noise_levels(t)[0])
+    (t0, sigma), *others = levels.values()
+    abar = float(DDPMScheduler.from_config(config).alphas_cumprod[t0])
+    assert sigma == pytest.approx(((1 - abar) / abar) ** 0.5, rel=1e-5)
+    for t, s in others:
+        assert t == t0 and s == pytest.approx(sigma, rel=1e-4)

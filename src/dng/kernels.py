@@ -6,6 +6,9 @@ for several model outputs at the same `x` and the `std` of the noise the step ad
 Kernels also give `forward_std`, the std of the forward transition between the
 step's two noise levels (sqrt(beta_t) in DDPM terms) in the same sample space: the
 true reverse kernel's spread lies between the two, nearer the forward one at low noise.
+And they give those two noise levels as `sigma` = sqrt((1 - abar) / abar), the
+noise-to-signal ratio of x_t whatever the schedule's own parametrisation (k-diffusion's
+and EDM's sigma; log-SNR = -2 log sigma): rules that depend on where the chain is read it.
 """
 
 from __future__ import annotations
@@ -50,8 +53,9 @@ class BranchMoments:
     never differences of large squared norms.
     """
 
-    def __init__(self, mean_u, diff, std: float, forward_std: float):
+    def __init__(self, mean_u, diff, std: float, forward_std: float, levels=(float("nan"), float("nan"))):
         self.mean_u, self.diff, self.std, self.forward_std = mean_u, diff, std, forward_std
+        self.sigma, self.sigma_next = levels
 
     def statistics(self, x_prev, gram: bool = False):
         """(rd [batch, negatives], dd): dd is |d_i|^2 [batch, negatives], or with `gram` d_i.d_j [batch, K, K]."""
@@ -78,9 +82,11 @@ class AffineBranchMoments(BranchMoments):
     cheap as the update (the exact mixture).
     """
 
-    def __init__(self, x, outs, a: float, b: float, std: float, forward_std: float):
+    def __init__(self, x, outs, a: float, b: float, std: float, forward_std: float,
+                 levels=(float("nan"), float("nan"))):
         self.x, self.outs, self.a, self.b = x, outs, a, b
         self.std, self.forward_std = std, forward_std
+        self.sigma, self.sigma_next = levels
 
     @property
     def mean_u(self):
@@ -110,13 +116,18 @@ class _Kernel:
         so no second derivation can drift from it.
         """
         x, outs = _upcast(x), _upcast(outs)
+        levels = self.noise_levels(t)
         if not self.affine:
             means, std, forward_std = self.moments(t, x, outs)
-            return BranchMoments(means[0], means[0] - means[1:], std, forward_std)
+            return BranchMoments(means[0], means[0] - means[1:], std, forward_std, levels)
         probe = torch.tensor([1.0, 0.0], dtype=torch.float64)
         coefficients, std, forward_std = self.moments(t, probe, probe.flip(0))
         a, b = coefficients.tolist()
-        return AffineBranchMoments(x, outs, a, b, std, forward_std)
+        return AffineBranchMoments(x, outs, a, b, std, forward_std, levels)
+
+    def noise_levels(self, t) -> tuple[float, float]:
+        """(sigma of x_t, sigma of the step's result), sigma = sqrt((1 - abar) / abar); 0 for clean data."""
+        raise NotImplementedError
 
 
 class _VPKernel(_Kernel):
@@ -146,17 +157,28 @@ class _VPKernel(_Kernel):
         return x0, eps
 
 
+def _vp_sigma(abar) -> float:
+    abar = float(abar)
+    return ((1 - abar) / abar) ** 0.5
+
+
 class DDPMKernel(_VPKernel):
     def __init__(self, scheduler: DDPMScheduler):
         super().__init__(scheduler)
         if scheduler.config.variance_type not in DDPM_VARIANCES:
             raise _unsupported(scheduler, f"variance_type {scheduler.config.variance_type!r} is not supported")
 
-    def moments(self, t, x, out):
+    def _abars(self, t):
         s = self.scheduler
         prev_t = s.previous_timestep(t)
-        abar_t = s.alphas_cumprod[t]
-        abar_prev = s.alphas_cumprod[prev_t] if prev_t >= 0 else s.one
+        return s.alphas_cumprod[t], s.alphas_cumprod[prev_t] if prev_t >= 0 else s.one
+
+    def noise_levels(self, t):
+        return tuple(_vp_sigma(a) for a in self._abars(t))
+
+    def moments(self, t, x, out):
+        s = self.scheduler
+        abar_t, abar_prev = self._abars(t)
         alpha_t = abar_t / abar_prev
         x0, _ = self._x0_and_eps(x, out, abar_t)
         x0_coef = abar_prev**0.5 * (1 - alpha_t) / (1 - abar_t)
@@ -176,11 +198,18 @@ class DDIMKernel(_VPKernel):
             raise _unsupported(scheduler, f"eta = {eta} makes DDIM deterministic; pass eta > 0 (eta = 1 is DDPM-like)")
         self.eta = float(eta)
 
+    def _abars(self, t):
+        s = self.scheduler
+        prev_t = t - s.config.num_train_timesteps // s.num_inference_steps
+        return s.alphas_cumprod[t], s.alphas_cumprod[prev_t] if prev_t >= 0 else s.final_alpha_cumprod
+
+    def noise_levels(self, t):
+        return tuple(_vp_sigma(a) for a in self._abars(t))
+
     def moments(self, t, x, out):
         s = self.scheduler
         prev_t = t - s.config.num_train_timesteps // s.num_inference_steps
-        abar_t = s.alphas_cumprod[t]
-        abar_prev = s.alphas_cumprod[prev_t] if prev_t >= 0 else s.final_alpha_cumprod
+        abar_t, abar_prev = self._abars(t)
         x0, eps = self._x0_and_eps(x, out, abar_t)
         std = self.eta * s._get_variance(t, prev_t) ** 0.5
         mean = abar_prev**0.5 * x0 + (1 - abar_prev - std**2) ** 0.5 * eps
@@ -192,11 +221,17 @@ class EulerAncestralKernel(_Kernel):
         self.scheduler = scheduler
         self.prediction = _check_prediction(scheduler, ("epsilon", "v_prediction"))
 
-    def moments(self, t, x, out):
+    def _sigmas(self, t):
         s = self.scheduler
         if s.step_index is None:
             s._init_step_index(t)
-        sigma, sigma_to = s.sigmas[s.step_index], s.sigmas[s.step_index + 1]
+        return s.sigmas[s.step_index], s.sigmas[s.step_index + 1]
+
+    def noise_levels(self, t):
+        return tuple(float(v) for v in self._sigmas(t))
+
+    def moments(self, t, x, out):
+        sigma, sigma_to = self._sigmas(t)
         sigma_up = (sigma_to**2 * (sigma**2 - sigma_to**2) / sigma**2) ** 0.5
         sigma_down = (sigma_to**2 - sigma_up**2) ** 0.5
         x = x.to(torch.float32)
