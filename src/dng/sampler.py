@@ -88,10 +88,12 @@ def sample(
 
     scheduler.set_timesteps(int(num_inference_steps), device=noise.device)
     kwargs = step_kwargs(scheduler, eta, generator)
-    x = noise * scheduler.init_noise_sigma
+    # Flow-matching schedulers start from unit noise and take the model input as it is.
+    x = noise * getattr(scheduler, "init_noise_sigma", 1.0)
+    scale_input = getattr(scheduler, "scale_model_input", lambda sample, t: sample)
     records = []
     for i, t in enumerate(tqdm(scheduler.timesteps, disable=not progress or None, desc="sampling", leave=False)):
-        x_in = scheduler.scale_model_input(x, t)
+        x_in = scale_input(x, t)
         out = model(x_in.repeat((n_branches,) + (1,) * (x.dim() - 1)), t)
         if out.shape[0] != n_branches * batch or out.shape[1:] != x.shape[1:]:
             raise ConfigError(f"the model returned shape {tuple(out.shape)}; expected "
