@@ -10,8 +10,10 @@ import torch
 
 from dng import calibration, cli
 from dng.bench import class_removal
-from dng.commands.demo import DEFAULT_REMOVE, DNG_SCALE, STEPS
+from dng.commands.demo import DEFAULT_REMOVE
+from dng.guidance import DNG_PRESETS
 from dng.errors import ConfigError
+from dng.samplers import SAMPLERS
 from dng.vision import generate, models
 
 TINY_UNET = dict(models.GENERATOR_CONFIG, block_out_channels=[8, 8, 16], norm_num_groups=8, attention_head_dim=8)
@@ -64,7 +66,8 @@ def test_bench_writes_rows_csv_figures_and_resumes(tiny, tmp_path, monkeypatch):
     assert len((out / "results.csv").read_text().splitlines()) == 3
     figures = out / "figures"
     for name in ("tradeoff_class_kl.png", "tradeoff_unguided_kl.png", "tradeoff_fid.png", "histograms/class1.png",
-                 "grids/class1-none.png", "grids/class1-dng-1.0.png", "trajectories/class1-dng-1.0.png"):
+                 "grids/class1-none.png", "grids/class1-dng-default-scale=1.png",
+                 "trajectories/class1-dng-default-scale=1.png"):
         assert (figures / name).read_bytes()[:4] == b"\x89PNG", name
 
     calls = []
@@ -86,7 +89,8 @@ def test_bench_writes_rows_csv_figures_and_resumes(tiny, tmp_path, monkeypatch):
         (1, "dng", 1.0), (1, "dng", 3.0), (3, "dng", 1.0), (3, "dng", 3.0)]
     assert {r["params"]["prior"] for r in rows if r["method"] == "dng"} == {0.1}
     summary = json.loads((out / "results.json").read_text())["summary"]
-    assert [class_removal.setting_label(s["method"], s["params"]) for s in summary] == ["none", "dng 1.0", "dng 3.0"]
+    assert [class_removal.setting_label(s["method"], s["params"]) for s in summary] == [
+        "none", "dng default scale=1", "dng default scale=3"]
 
 
 def test_sweep_is_keyed_on_the_weights_not_the_card(tiny, tmp_path):
@@ -111,17 +115,19 @@ def test_bfloat16_sweep(tiny, tmp_path):
     assert [r["method"] for r in rows] == ["none", "dng"] and 0 <= rows[1]["forbidden_rate"] <= 1
 
 
-def test_late_boost_cells_sit_next_to_one_lam0_cells(tiny, tmp_path):
+def test_dng_cells_are_named_by_preset_and_what_the_user_set(tiny, tmp_path):
     out = tmp_path / "sweep"
     assert _bench(tiny, out, dng_scales="2") == 0
-    assert _bench(tiny, out, dng_scales="2", extra=("--dng-late-boost", "4", "--dng-late-timestep", "500")) == 0
+    assert _bench(tiny, out, dng_scales="2", extra=("--dng", "late_boost=4", "--dng", "boost_sigma=1")) == 0
     rows = json.loads((out / "results.json").read_text())["rows"]
     dng = {class_removal.setting_label(r["method"], r["params"]): r["params"] for r in rows if r["method"] == "dng"}
-    assert set(dng) == {"dng 2.0", "dng 2.0 x4 below 500"} and "late_boost" not in dng["dng 2.0"]
-    for key, boost in (("class1-dng-2.0", 1.0), ("class1-dng-2.0-x4-below-500", 4.0)):
+    assert set(dng) == {"dng default scale=2", "dng default late_boost=4 boost_sigma=1 scale=2"}
+    for key, boost, below in (("class1-dng-default-scale=2", DNG_PRESETS["default"]["late_boost"],
+                               DNG_PRESETS["default"]["boost_sigma"]),
+                              ("class1-dng-default-late_boost=4-boost_sigma=1-scale=2", 4.0, 1.0)):
         with np.load(out / "cells" / f"{key}.npz") as f:
             odds = f["p"] / (1 - f["p"])
-            lam0 = np.where(f["timesteps"] < 500, 2.0 * boost, 2.0)[:, None]  # 3 steps: t = 666, 333, 0
+            lam0 = np.where(f["sigma"] < below, 2.0 * boost, 2.0)[:, None]
             np.testing.assert_allclose(f["scale"], lam0 * odds, rtol=1e-5)
 
 
@@ -153,24 +159,25 @@ def test_summary_leaves_unguided_kl_out_without_an_unguided_cell(tiny, tmp_path)
     result = json.loads((out / "results.json").read_text())
     assert result["rows"][0]["unguided_kl"] is None and result["summary"][0]["unguided_kl"] is None
     assert not (out / "figures" / "tradeoff_unguided_kl.png").exists()
-    assert "| dng 1.0 | 1 | " in (out / "summary.md").read_text()
+    assert "| dng default scale=1 | 1 | " in (out / "summary.md").read_text()
     assert _bench(tiny, out, methods="none") == 0  # the unguided cell, run later, fills it in
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert all(r["unguided_kl"] >= 0 for r in rows)
 
 
 def test_settings_sort_by_method_then_strength():
-    settings = [("dng", {"scale": 6.0}), ("sld", {"preset": "max"}), ("np", {"scale": 2.0}), ("dng", {"scale": 1.0}),
+    settings = [("dng", {"preset": "default", "set": {"scale": 6.0}, "scale": 6.0}), ("sld", {"preset": "max"}),
+                ("np", {"scale": 2.0}), ("dng", {"preset": "default", "set": {}, "scale": 1.0}),
                 ("sld", {"preset": "weak"}), ("none", {}), ("np", {"scale": 0.5})]
     ordered = sorted(settings, key=lambda s: class_removal.setting_order(*s))
     assert [class_removal.setting_label(*s) for s in ordered] == [
-        "none", "np 0.5", "np 2.0", "sld weak", "sld max", "dng 1.0", "dng 6.0"]
+        "none", "np 0.5", "np 2.0", "sld weak", "sld max", "dng default", "dng default scale=6"]
 
 
 def test_generate_with_every_scheduler_and_cfg(tiny):
     unet = models.load_generator(tiny[1])
     noise = torch.randn(3, 1, 28, 28, generator=torch.Generator().manual_seed(0))
-    for name in generate.SCHEDULERS:
+    for name in SAMPLERS:
         factory = generate.guidance_factory("dng", exclusive=True)
         x, trace = generate.generate(unet, name, factory, [1, 2], noise, 5, seed=0, positive=0, cfg_scale=2.0, chunk=2)
         assert x.shape == noise.shape and x.abs().max() <= 1
@@ -219,7 +226,8 @@ def test_demo_end_to_end(tiny, tmp_path, capsys):
     assert cli.main(["demo", "--num-images", "8", "--steps", "3", "--out", str(out), *tiny]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["removed_name"] == DEFAULT_REMOVE and list(report["methods"]) == ["none", "np", "dng"]
-    assert report["methods"]["dng"]["params"]["scale"] == DNG_SCALE and report["methods"]["np"]["params"]["scale"] == 1
+    assert report["methods"]["dng"]["params"]["dng_preset"] == "default"
+    assert report["methods"]["np"]["params"]["scale"] == 1
     assert all(ROW_KEYS - {"class", "method"} <= set(m) for m in report["methods"].values())
     for name in ("comparison.png", "dng_trajectories.png", "grid_none.png", "grid_np.png", "grid_dng.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
@@ -240,13 +248,15 @@ def test_demo_end_to_end(tiny, tmp_path, capsys):
         (["sample", "--method", "np", "--out", "x.png"], "needs --remove"),
         (["sample", "--remove", "1", "--class", "Trouser", "--out", "x.png"], "also removed"),
         (["demo", "--remove", "Hat"], "unknown class 'Hat'"),
-        (["demo", "--dng-scale", "-1"], "--dng-scale must be a finite number >= 0"),
+        (["demo", "--dng", "scale=-1"], "scale must be a finite number >= 0"),
+        (["demo", "--dng", "lam0=2"], "NAME one of scale, prior"),
+        (["demo", "--dng-preset", "strongest"], "unknown DNG preset"),
         (["demo", "--np-scale", "nan"], "--np-scale must be a finite number >= 0"),
         (["demo", "--dtype", "half"], "unknown dtype 'half'"),
         (["bench", "class-removal", "--dtype", "fp16", "--out", "x"], "unknown dtype 'fp16'"),
-        (["bench", "class-removal", "--dng-late-boost", "-1", "--out", "x"], "--dng-late-boost / --dng-late-timestep"),
-        (["demo", "--dng-late-boost", "2", "--dng-late-timestep", "-5"], "late_timestep must be a timestep"),
-        (["sample", "--remove", "1", "--dng-late-boost", "nan", "--out", "x.png"], "late_boost"),
+        (["bench", "class-removal", "--dng", "late_boost=-1", "--out", "x"], "--dng-preset / --dng"),
+        (["demo", "--dng", "boost_sigma=x"], "'x' is not a number"),
+        (["sample", "--remove", "1", "--dng", "late_boost=nan", "--out", "x.png"], "late_boost"),
     ],
 )
 def test_bad_inputs_say_what_to_fix(tiny, tmp_path, monkeypatch, capsys, argv, message):
@@ -270,46 +280,40 @@ def _calibration(temperature=0.3, offset=0.002, priors=(0.05, 0.2)):
     return {"all": fit}
 
 
-def test_calibration_sets_dng_for_its_sampler_only(tiny, tmp_path, capsys):
+def test_calibration_sets_dng_on_every_sampler(tiny, tmp_path, capsys):
     gen = tiny[1]
     settings = {"scheduler": "ddpm", "steps": 3, "p_max": 0.9}
     models.save_calibration(models.calibration_path(gen), _calibration(), [1, 3], settings)
     cal = models.load_calibration(gen)
-    dng, source = generate.dng_settings([3], cal, "ddpm", 3)
-    assert dng == {"scale": 1.0, "prior": 0.2, "temperature": 0.3, "offset": 0.002, "p_max": 0.9}
-    assert "calibrated" in source
-    assert generate.dng_settings([1, 3], cal, "ddpm", 3)[0]["prior"] == [0.05, 0.2]
-    assert generate.dng_settings([3], cal, "ddpm", 3, prior=0.5)[0]["prior"] == 0.5
-    dng, source = generate.dng_settings([3], cal, "ddpm", 50)  # the offset is per step: no transfer
-    assert dng == {"scale": 1.0, "prior": 0.1} and "calibrated for ddpm with 3 steps, not" in source
-    assert "--steps 50" in source
-    # A second sampler's calibration joins the file; the first stays, a recalibration replaces its own entry only.
-    models.save_calibration(models.calibration_path(gen), _calibration(temperature=0.7), [1, 3],
-                            {**settings, "steps": 50})
-    models.save_calibration(models.calibration_path(gen), _calibration(temperature=0.9), [1, 3],
-                            {**settings, "steps": 50})
-    cal = models.load_calibration(gen)
-    assert [(c["steps"], c["temperature"]) for c in cal] == [(3, 0.3), (50, 0.9)]
-    assert generate.dng_settings([3], cal, "ddpm", 50)[0]["temperature"] == 0.9
-    assert generate.dng_settings([3], cal, "ddpm", 3)[0]["temperature"] == 0.3
-    assert "ddpm with 3 steps, ddpm with 50 steps, not ddpm with 20" in generate.dng_settings([3], cal, "ddpm", 20)[1]
+    dng, source = generate.dng_settings([3], cal)
+    assert dng == {"prior": 0.2, "temperature": 0.3, "offset": 0.002, "p_max": 0.9} and "calibration" in source
+    assert generate.dng_settings([1, 3], cal)[0]["prior"] == [0.05, 0.2]
+    assert generate.dng_settings([3], cal, prior=0.5)[0]["prior"] == 0.5
+    assert "prior" not in generate.dng_settings([7], cal)[0]  # an uncalibrated class keeps the preset's
+    assert generate.dng_settings([3], None) == ({}, "library defaults (no calibration)")
 
     out = tmp_path / "sweep"
-    assert _bench(tiny, out, classes="Dress") == 0
-    rows = json.loads((out / "results.json").read_text())["rows"]
-    assert rows[1]["params"] == {"scale": 1.0, "prior": 0.2, "temperature": 0.3, "offset": 0.002, "p_max": 0.9}
+    for scheduler in ("ddpm", "euler-a"):  # one fit, whatever the sampler
+        assert _bench(tiny, out / scheduler, classes="Dress", extra=("--scheduler", scheduler)) == 0
+        rows = json.loads((out / scheduler / "results.json").read_text())["rows"]
+        assert rows[1]["params"] == {**DNG_PRESETS["default"], "preset": "default", "set": {"scale": 1.0},
+                                     "prior": 0.2, "temperature": 0.3, "offset": 0.002, "p_max": 0.9, "scale": 1.0}
     models.save_calibration(models.calibration_path(gen), _calibration(temperature=0.5), [1, 3], settings)
-    assert _bench(tiny, out, classes="Dress") == 2  # a new calibration would mix into old DNG cells: refused
-    assert "class3-dng-1.0 with other parameters" in capsys.readouterr().err
-    assert _bench(tiny, out, classes="Dress", methods="none") == 0  # cells it does not change stay valid
+    ddpm = ("--scheduler", "ddpm")
+    assert _bench(tiny, out / "ddpm", classes="Dress", extra=ddpm) == 2  # a new calibration would mix into old cells
+    assert "class3-dng-default-scale=1 with other parameters" in capsys.readouterr().err
+    assert _bench(tiny, out / "ddpm", classes="Dress", methods="none", extra=ddpm) == 0  # other cells stay valid
 
     with pytest.raises(ConfigError, match="needs the joint fit"):
         models.save_calibration(tmp_path / "x.json", _calibration(), [1, 3], {"steps": 3})
     with pytest.raises(ConfigError, match="2 priors for 1 classes"):
         models.save_calibration(tmp_path / "x.json", _calibration(), [1], settings)
-    for bad in ('{"fits": {}}', '{"calibrations": [{"fits": {}, "settings": {}}]}', "{"):
+    old = json.dumps({"calibrations": [{"fits": {}, "settings": {}}]})  # per-step offsets: never misread
+    for bad, message in (('{"fits": {}}', "not a calibration whose offset"), (old, "older per-step fit"),
+                         ("{", "not valid JSON"),
+                         (json.dumps({"offset_unit": models.OFFSET_UNIT, "fits": {}}), "not a calibration file")):
         models.calibration_path(gen).write_text(bad)
-        with pytest.raises(ConfigError, match="not a calibration file"):
+        with pytest.raises(ConfigError, match=message):
             models.load_calibration(gen)
 
 
@@ -333,11 +337,3 @@ def test_data_row_scores_real_kept_class_images(tiny, tmp_path):
     code = cli.main(["bench", "class-removal", "--classes", "2", "--methods", "data", "--num-samples", "28",
                      "--out", str(tmp_path / "big"), *tiny])
     assert code == 2
-
-
-def test_demo_samples_with_a_shipped_calibration():
-    """The demo's default sampler has a fit in the shipped calibration file; else DNG would fall back silently."""
-    shipped = models.load_calibration(None)
-    assert {(c["scheduler"], c["steps"]) for c in shipped} >= {("ddpm", STEPS), ("ddpm", 50)}
-    settings, source = generate.dng_settings([generate.parse_class(DEFAULT_REMOVE)], shipped, "ddpm", STEPS)
-    assert source == f"calibrated for ddpm with {STEPS} steps" and 0 < settings["temperature"] < 1

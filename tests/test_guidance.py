@@ -8,6 +8,7 @@ from diffusers.pipelines.deprecated.stable_diffusion_safe.pipeline_stable_diffus
 
 from dng.errors import ConfigError
 from dng.guidance import (
+    DNG_PRESETS,
     SLD_PRESETS,
     DynamicNegativeGuidance,
     NegativePrompt,
@@ -47,19 +48,31 @@ def test_dng_scale_is_lam0_p_over_one_minus_p():
     torch.testing.assert_close(p, torch.full((2, 1), 0.2))
 
 
-@pytest.mark.parametrize("t, lam0", [(500, 2.0), (200, 2.0), (199, 12.0), (0, 12.0)])
-def test_dng_boosts_lam0_below_the_late_timestep(t, lam0):
-    dng = DynamicNegativeGuidance(scale=2.0, prior=0.2, late_boost=6.0, late_timestep=200)
+@pytest.mark.parametrize("sigma, lam0", [(80.0, 2.0), (0.5, 2.0), (0.49, 12.0), (0.05, 12.0), (0.0499, 0.0)])
+def test_dng_lam0_follows_the_noise_level(sigma, lam0):
+    """scale above boost_sigma, scale * late_boost below it, nothing below sigma_min; the timestep plays no part."""
+    dng = DynamicNegativeGuidance(scale=2.0, prior=0.2, late_boost=6.0, boost_sigma=0.5, sigma_min=0.05)
     dng.start(2, 1)
     eps_u, eps_n, _ = _branches()
-    eps, scale, _ = dng.combine(eps_u, eps_n, Step(0, torch.tensor(t), eps_u))
+    eps, scale, _ = dng.combine(eps_u, eps_n, Step(0, torch.tensor(999), eps_u, sigma))
     torch.testing.assert_close(scale, torch.full((2, 1), lam0 * 0.2 / 0.8))
     torch.testing.assert_close(eps, eps_u - lam0 * 0.25 * (eps_n[0] - eps_u))
 
 
 def test_late_boost_one_is_the_published_constant_rule():
     dng = DynamicNegativeGuidance(scale=3.0, late_boost=1.0)
-    assert {dng.lam0(t) for t in (999, 200, 199, 0)} == {3.0}
+    assert {dng.lam0(sigma) for sigma in (80.0, 1.0, 0.1, 0.0)} == {3.0}
+
+
+def test_presets_are_the_one_source_of_the_defaults():
+    default = DynamicNegativeGuidance()
+    for key, value in DNG_PRESETS["default"].items():
+        got = default.tracker.priors[0] if key == "prior" else getattr(default.tracker, key, None)
+        assert getattr(default, key, got) == value, key
+    cifar = DynamicNegativeGuidance.preset("paper-cifar10", p_max=0.9)
+    assert (cifar.scale, cifar.temperature, cifar.offset_per_step, cifar.tracker.p_max) == (5.0, 0.2, 2e-4, 0.9)
+    with pytest.raises(ConfigError, match="paper-sd"):
+        DynamicNegativeGuidance.preset("paper")
 
 
 def test_several_negatives_exclusive_and_independent_by_hand():
@@ -129,8 +142,9 @@ def test_sld_matches_diffusers_safe_pipeline(name):
         (lambda: DynamicNegativeGuidance(update=None), "update must be one of"),
         (lambda: DynamicNegativeGuidance(late_boost=-2.0), "late_boost"),
         (lambda: DynamicNegativeGuidance(late_boost=float("nan")), "late_boost"),
-        (lambda: DynamicNegativeGuidance(late_timestep=-1), "late_timestep must be a timestep"),
-        (lambda: DynamicNegativeGuidance(late_timestep=200.5), "late_timestep must be a timestep"),
+        (lambda: DynamicNegativeGuidance(boost_sigma=-1), "boost_sigma"),
+        (lambda: DynamicNegativeGuidance(sigma_min=float("nan")), "sigma_min"),
+        (lambda: DynamicNegativeGuidance(offset_per_step=float("inf")), "offset_per_step"),
         (lambda: SafeLatentDiffusion.preset("extreme"), "preset"),
         (lambda: SafeLatentDiffusion(warmup_steps=-1), "warmup_steps"),
         (lambda: SafeLatentDiffusion(momentum_beta=2.0), "momentum_beta"),

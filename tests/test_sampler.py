@@ -1,5 +1,7 @@
 """The one sampling loop: identities, the mixture's ground truth, a pinned regression and bad input."""
 
+import math
+
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
@@ -189,3 +191,15 @@ def test_late_boost_cuts_the_leak_of_the_constant_rule_without_hurting_the_kept_
     boost, constant = rows["boost"], rows["constant"]
     assert boost["forbidden_rate"] < 0.5 * constant["forbidden_rate"], (boost, constant)
     assert boost["class_kl"] <= constant["class_kl"] and boost["sliced_w2"] < 1.1 * constant["sliced_w2"]
+
+
+@pytest.mark.parametrize("scheduler_cls", [DDPMScheduler, EulerAncestralDiscreteScheduler])
+@pytest.mark.parametrize("steps", [10, 40])
+def test_offset_is_a_drift_per_unit_of_log_snr_whatever_the_step_count(scheduler_cls, steps):
+    """With no evidence (temperature 0), log p moves by offset * (log-SNR gained), step by step and in total."""
+    rate, prior = -0.05, 0.1
+    out = run(DynamicNegativeGuidance(scale=0.0, prior=prior, temperature=0.0, offset=rate),
+              scheduler=scheduler_cls(), steps=steps, return_trace=True)
+    sigma = out.trace.sigma[:, 0]
+    expected = math.log(prior) + rate * 2 * torch.log(sigma[0] / sigma)
+    torch.testing.assert_close(out.trace.p[:, 0, 0].double().log(), expected, rtol=0, atol=1e-5)

@@ -4,12 +4,13 @@ Under the unguided chain, p_t(c-|x_t) is the probability that the sample the cha
 unguided samples with a tracking-only rule (scale 0, temperature 1, offset 0: the trace's llr is the raw
 Gaussian log-ratio), label each finished sample (a classifier: did it become c-?), and fit
 
-    log p_s = clamp(log p_{s-1} + temperature * llr_s + offset / (2 sigma_s^2))
+    log p_s = clamp(log p_{s-1} + temperature * llr_s + offset * (lambda_{s+1} - lambda_s))
 
 with the tracker's own clamp, starting from log prior, by maximum likelihood of the labels pooled over steps.
 Exact Bayes with exact kernels is temperature 1, offset 0 and the true prior; a model whose branches disagree
 more than its samples do (an under-trained one, say) needs temperature < 1 and offset > 0, which this measures
-instead of guessing.
+instead of guessing. The offset is a drift per unit of log-SNR lambda = -2 log sigma (as in
+`DynamicNegativeGuidance`), so a fit made on one sampler and step count holds on the others.
 """
 
 from __future__ import annotations
@@ -43,21 +44,10 @@ class Calibration:
         return asdict(self)
 
 
-def kernel_variances(scheduler, eta: float, num_inference_steps: int) -> torch.Tensor:
-    """2 sigma_s^2 of every step's kernel, read from the scheduler by walking a one-pixel chain through it."""
-    from dng.kernels import reverse_kernel
-    from dng.sampler import step_kwargs
-
-    kernel = reverse_kernel(scheduler, eta)
-    scheduler.set_timesteps(num_inference_steps)
-    kwargs = step_kwargs(scheduler, eta, None)
-    x, variances = torch.zeros(1, 1, 1, 1), []
-    for t in scheduler.timesteps:
-        # The kernel reads the scheduler's state before the step that advances it, as in the sampler.
-        _, std, _ = kernel(t, x, x)
-        variances.append(2 * float(std) ** 2)
-        x = scheduler.step(torch.zeros_like(x), t, x, **kwargs).prev_sample
-    return torch.tensor(variances, dtype=torch.float64)
+def log_snr_gains(sigma: torch.Tensor) -> torch.Tensor:
+    """lambda_{s+1} - lambda_s = 2 log(sigma_s / sigma_{s+1}) of every step, from a trace's `sigma` [steps, 2]."""
+    sigma = torch.as_tensor(sigma, dtype=torch.float64)
+    return 2 * (sigma[:, 0].log() - sigma[:, 1].log())
 
 
 def _auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
@@ -70,10 +60,10 @@ def _auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
     return float(greater + 0.5 * ties)
 
 
-def _trajectory(log_prior, temperature, offset, llr, inv_var, lo, hi):
+def _trajectory(log_prior, temperature, offset, llr, gains, lo, hi):
     log_p, out = log_prior.expand(llr.shape[1:]), []
     for s in range(llr.shape[0]):
-        log_p = (log_p + temperature * llr[s] + offset * inv_var[s]).clamp(lo, hi)
+        log_p = (log_p + temperature * llr[s] + offset * gains[s]).clamp(lo, hi)
         out.append(log_p)
     return torch.stack(out)
 
@@ -82,13 +72,13 @@ def _bernoulli_nll(log_p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return -(y * log_p + (1 - y) * torch.log1p(-log_p.exp())).mean()
 
 
-def fit(llr: torch.Tensor, variances: torch.Tensor, outcome: torch.Tensor, p_min: float = 1e-6,
+def fit(llr: torch.Tensor, gains: torch.Tensor, outcome: torch.Tensor, p_min: float = 1e-6,
         p_max: float = 0.95) -> Calibration:
     """Maximum-likelihood priors, temperature and offset from the raw llr and the samples' outcomes.
 
     `llr` is [steps, samples] or [steps, samples, concepts] (as in a trace), `outcome` [samples] or
-    [samples, concepts] (did the sample finish as the concept). `variances` [steps] are the 2 sigma_s^2 the llr
-    was divided by (`kernel_variances`); steps whose llr is NaN (no noise added) carry no evidence and are dropped.
+    [samples, concepts] (did the sample finish as the concept). `gains` [steps] are the steps' log-SNR gains
+    (`log_snr_gains(trace.sigma)`); steps whose llr is NaN (not tracked) carry no evidence and are dropped.
     """
     llr = torch.as_tensor(llr, dtype=torch.float64)
     outcome = torch.as_tensor(outcome).bool()
@@ -96,9 +86,9 @@ def fit(llr: torch.Tensor, variances: torch.Tensor, outcome: torch.Tensor, p_min
         llr = llr[..., None]
     if outcome.dim() == 1:
         outcome = outcome[:, None]
-    if (llr.dim() != 3 or llr.shape[1:] != outcome.shape or len(variances) != llr.shape[0]):
-        raise ConfigError(f"need llr [steps, samples(, concepts)], variances [steps] and outcomes "
-                          f"[samples(, concepts)]; got {tuple(llr.shape)}, {len(variances)} and {tuple(outcome.shape)}")
+    if (llr.dim() != 3 or llr.shape[1:] != outcome.shape or len(gains) != llr.shape[0]):
+        raise ConfigError(f"need llr [steps, samples(, concepts)], gains [steps] and outcomes "
+                          f"[samples(, concepts)]; got {tuple(llr.shape)}, {len(gains)} and {tuple(outcome.shape)}")
     positives = outcome.sum(0)
     if (positives < 5).any() or (len(outcome) - positives < 5).any():
         raise ConfigError(f"{positives.tolist()} of {len(outcome)} samples became the concept(s): calibration needs "
@@ -106,9 +96,9 @@ def fit(llr: torch.Tensor, variances: torch.Tensor, outcome: torch.Tensor, p_min
     check_probability("p_min", p_min)
     check_probability("p_max", p_max)
     keep = ~llr.isnan().flatten(1).any(1)
-    llr, inv_var = llr[keep], 1.0 / torch.as_tensor(variances, dtype=torch.float64)[keep, None, None]
-    # Offsets live on the scale of the last steps' 1/(2 sigma^2); fit a unit-free one.
-    unit = float(inv_var.sum())
+    llr, gains = llr[keep], torch.as_tensor(gains, dtype=torch.float64)[keep, None, None]
+    # Fit the total drift over the chain, whose scale is that of the llr, rather than the rate.
+    unit = float(gains.sum())
     y = outcome.double()[None].expand_as(llr)
     lo, hi = math.log(p_min), math.log(p_max)
     share = positives.double() / len(outcome)
@@ -118,7 +108,7 @@ def fit(llr: torch.Tensor, variances: torch.Tensor, outcome: torch.Tensor, p_min
 
     def trajectory():
         return _trajectory(params[:concepts].clamp(lo, hi), params[concepts], params[concepts + 1] / unit, llr,
-                           inv_var, lo, hi)
+                           gains, lo, hi)
 
     opt = torch.optim.LBFGS([params], max_iter=500, tolerance_grad=1e-7, line_search_fn="strong_wolfe")
 

@@ -16,6 +16,7 @@ COMMAND_MODULES = [
     "dng.commands.class_removal",
     "dng.commands.sample",
     "dng.commands.demo",
+    "dng.commands.calibrate",
 ]
 
 

@@ -45,8 +45,21 @@ class GaussianMixture:
         return self.means.shape[1]
 
     def _at(self, t):
-        """(sqrt(abar), component variances) at timestep t; t < 0 means the clean data."""
-        abar = self.abar[t] if int(t) >= 0 else torch.ones((), dtype=self.dtype)
+        """(sqrt(abar), component variances) at timestep t; t < 0 means the clean data.
+
+        A fractional t (Euler-type schedulers' spacing) reads sigma = sqrt((1 - abar) / abar) interpolated linearly
+        between the neighbouring timesteps, as those schedulers do.
+        """
+        t = float(t)
+        if t < 0:
+            abar = torch.ones((), dtype=self.dtype)
+        elif t.is_integer():
+            abar = self.abar[int(t)]
+        else:
+            lo = int(t)
+            sigmas = ((1 - self.abar[lo : lo + 2]) / self.abar[lo : lo + 2]).sqrt()
+            sigma = torch.lerp(sigmas[0], sigmas[1], t - lo)
+            abar = 1 / (1 + sigma**2)
         return abar.sqrt(), abar * self.stds**2 + 1 - abar
 
     def _log_joint_t(self, x, scale, var):

@@ -19,11 +19,12 @@ from dng.posterior import PosteriorTracker, gaussian_llr, mixture_llr
 
 @dataclass
 class Step:
-    """Where the sampler is: step index, timestep and the current sample x_t (unscaled)."""
+    """Where the sampler is: step index, timestep, the current sample x_t (unscaled) and its noise level sigma."""
 
     index: int
     t: torch.Tensor
     x: torch.Tensor
+    sigma: float = math.nan
 
 
 def check_scale(name: str, value: float) -> float:
@@ -51,6 +52,8 @@ class Guidance:
     """A rule over the branches; stateful rules reset in `start`."""
 
     tracks_posterior = False
+    # Rules that read where the chain is (Step.sigma) need the scheduler's kernel, so a stochastic scheduler.
+    needs_noise_levels = False
 
     def start(self, batch_size: int, num_negatives: int, device=None) -> None:
         if num_negatives < 1:
@@ -136,41 +139,47 @@ MODES = ("independent", "exclusive")
 KERNEL_VARIANCES = ("step", "forward")
 UPDATES = ("paper", "mixture")
 
+# Every DNG setting has one source: `DNG_PRESETS`. "default" is what DynamicNegativeGuidance() and every entry point
+# (pipelines, CLI, benches) use; the others are published settings. Noise levels are sigma = sqrt((1 - abar) / abar)
+# (`dng.kernels`), so a setting means the same on every schedule, scheduler and step count. `offset` is a drift of
+# log p per unit of log-SNR; `offset_per_step` is the published form, offset / (2 sigma_t^2) added once per step,
+# which holds only for the sampler and step count it was tuned on.
+DNG_PRESETS = {
+    "default": dict(scale=1.0, prior=0.1, temperature=1.0, offset=0.0, p_min=1e-6, p_max=0.95,
+                    late_boost=6.0, boost_sigma=0.72, sigma_min=0.0),
+    # Koulischer et al. 2025, class removal on CIFAR-10 with a 1000-step DDPM.
+    "paper-cifar10": dict(scale=5.0, prior=0.01, temperature=0.2, offset=0.0, offset_per_step=2e-4, p_min=1e-6,
+                          p_max=0.8, late_boost=1.0, boost_sigma=0.0, sigma_min=0.0),
+    # Koulischer et al. 2025, Stable Diffusion at CFG 7.5: lam0 12-27, temperature 0.2-0.3, offset 0.002-0.004.
+    "paper-sd": dict(scale=15.0, prior=0.01, temperature=0.25, offset=0.0, offset_per_step=0.003, p_min=1e-6,
+                     p_max=0.8, late_boost=1.0, boost_sigma=0.0, sigma_min=0.0),
+}
+_D = DNG_PRESETS["default"]
+
 
 class DynamicNegativeGuidance(Guidance):
     """DNG: eps = base - lam0 * p/(1-p) * (eps_n - eps_u) with p = p_t(c-|x_t) tracked per sample.
 
     Several negatives: "independent" concepts use lam_i = lam0 p_i/(1-p_i), mutually "exclusive" ones
-    (classes) lam_i = lam0 p_i/(1-sum_j p_j). `posterior=fn(x_t, t) -> p [batch, negatives]` replaces
-    tracking by a known posterior (the exact one on the Gaussian mixture).
+    (classes) lam_i = lam0 p_i/(1-sum_j p_j). lam0 is `scale`, times `late_boost` where the noise level sigma is
+    below `boost_sigma`; below `sigma_min` the rule neither guides nor tracks. `DynamicNegativeGuidance.preset(name)`
+    gives a named setting of `DNG_PRESETS`; the defaults are its "default".
 
-    Defaults come from the exact Gaussian-mixture bench (docs/GMM.md): temperature 1 is plain Bayes and lam0 = 1
-    is the exact score of p(x | not c-), which is what the rule uses while the timestep is at or above
-    `late_timestep`. Below it lam0 is `scale * late_boost`: late in the chain the tracked p of a sample heading
-    into the class trails the exact p (the equal-variance kernel misses a curvature term whose error piles up
-    there), and a constant lam0 large enough to catch those samples would also push every sample early, when p is
-    still near the prior for all of them, and drain the classes next to the removed one. At 100 DDPM steps the
-    boost (6 below t = 200) cuts the leak of the removed class 2-5x on the bench's mixtures with a lower class KL;
-    it costs sliced W2 only where the removed class overlaps its neighbour (the d = 16 mixture). `late_boost=1`
-    is the published rule with one lam0; the published CIFAR-10 setting is scale=5, prior=0.01,
-    temperature=0.2, offset=2e-4, p_max=0.8, late_boost=1.
-
-    `update` is how the tracker turns a step into evidence. "paper" (the default, as published): the unconditional
-    reverse kernel is one Gaussian N(mean_u, s^2). "mixture": it is p N(mean_n, s^2) + (1 - p) N(mean_rest, s^2)
-    with mean_rest = mean_u + p/(1-p) (mean_u - mean_n) (exclusive negatives: one categorical update over the
-    negatives and "none of them"), see `dng.posterior.mixture_llr`. Temperature scales every hypothesis's squared
-    distance and the offset adds offset/(2 s^2) to each negative's log-likelihood against the rest, so both mean
-    the same as in "paper" while p is small. "mixture" is near-exact where the classes are narrow against the
-    noise (two-class test: 8x smaller log-odds error) but on the bench's mixtures it does not beat "paper"
-    (docs/GMM.md), so it is not the default.
+    Research options (keywords only): `offset_per_step` (the published per-step offset), `kernel_variance`
+    ("step": the noise the step adds; "forward": the forward transition's), `update` ("paper": the unconditional
+    reverse kernel is one Gaussian, as published; "mixture": `dng.posterior.mixture_llr`) and `posterior`
+    (fn(x_t, t) -> p [batch, negatives] replacing tracking, e.g. the exact posterior of the Gaussian mixture).
     """
 
     tracks_posterior = True
+    needs_noise_levels = True
 
-    def __init__(self, scale: float = 1.0, prior=0.1, temperature: float = 1.0, offset: float = 0.0,
-                 p_min: float = 1e-6, p_max: float = 0.95, mode: str = "independent",
-                 kernel_variance: str = "step", update: str = "paper", late_boost: float = 6.0,
-                 late_timestep: int = 200, posterior: Callable | None = None):
+    def __init__(self, scale: float = _D["scale"], prior=_D["prior"], temperature: float = _D["temperature"],
+                 offset: float = _D["offset"], p_min: float = _D["p_min"], p_max: float = _D["p_max"],
+                 mode: str = "independent", late_boost: float = _D["late_boost"],
+                 boost_sigma: float = _D["boost_sigma"], sigma_min: float = _D["sigma_min"], *,
+                 offset_per_step: float = 0.0, kernel_variance: str = "step", update: str = "paper",
+                 posterior: Callable | None = None):
         if mode not in MODES:
             raise ConfigError(f"mode must be one of {MODES}, got {mode!r}")
         if kernel_variance not in KERNEL_VARIANCES:
@@ -181,17 +190,22 @@ class DynamicNegativeGuidance(Guidance):
         self.update = update
         self.scale = check_scale("scale", scale)
         self.late_boost = check_scale("late_boost", late_boost)
-        if isinstance(late_timestep, bool) or not isinstance(late_timestep, int) or late_timestep < 0:
-            raise ConfigError(f"late_timestep must be a timestep (an int >= 0), got {late_timestep!r}")
-        self.late_timestep = late_timestep
+        self.boost_sigma = check_scale("boost_sigma", boost_sigma)
+        self.sigma_min = check_scale("sigma_min", sigma_min)
         self.temperature = check_scale("temperature", temperature)
-        self.offset = float(offset)
-        if not math.isfinite(self.offset):
-            raise ConfigError(f"offset must be finite, got {offset}")
+        self.offset = _finite("offset", offset)
+        self.offset_per_step = _finite("offset_per_step", offset_per_step)
         self.mode = mode
         self.tracker = PosteriorTracker(prior, p_min, p_max, exclusive=mode == "exclusive")
         self.posterior_fn = posterior
         self.tracks_posterior = posterior is None
+
+    @classmethod
+    def preset(cls, name: str = "default", **overrides) -> DynamicNegativeGuidance:
+        """The named setting of `DNG_PRESETS`, with any argument overridden."""
+        if name not in DNG_PRESETS:
+            raise ConfigError(f"unknown DNG preset {name!r}; choose one of {', '.join(DNG_PRESETS)}")
+        return cls(**{**DNG_PRESETS[name], **overrides})
 
     def start(self, batch_size, num_negatives, device=None):
         super().start(batch_size, num_negatives, device)
@@ -202,9 +216,11 @@ class DynamicNegativeGuidance(Guidance):
             return self.tracker.p
         return self.posterior_fn(step.x, step.t).to(torch.float32).clamp(self.tracker.p_min, self.tracker.p_max)
 
-    def lam0(self, t) -> float:
-        """lam0 at timestep t: `scale`, times `late_boost` below `late_timestep`."""
-        return self.scale * self.late_boost if float(t) < self.late_timestep else self.scale
+    def lam0(self, sigma: float) -> float:
+        """lam0 at noise level sigma: `scale`, times `late_boost` below `boost_sigma`, 0 below `sigma_min`."""
+        if sigma < self.sigma_min:
+            return 0.0
+        return self.scale * self.late_boost if sigma < self.boost_sigma else self.scale
 
     def scales(self, p: torch.Tensor, lam0: float) -> torch.Tensor:
         rest = 1 - (p.sum(-1, keepdim=True) if self.mode == "exclusive" else p)
@@ -212,19 +228,32 @@ class DynamicNegativeGuidance(Guidance):
 
     def combine(self, eps_u, eps_n, step, eps_p=None, cfg_scale=1.0):
         p = self.posterior(step)
-        scale = self.scales(p, self.lam0(step.t))
+        scale = self.scales(p, self.lam0(step.sigma))
         return _push(base_prediction(eps_u, eps_p, cfg_scale), eps_u, eps_n, scale), scale, p
 
-    def observe(self, x_prev, moments) -> torch.Tensor:
+    def observe(self, x_prev, moments) -> torch.Tensor | None:
         """Bayes update from the drawn x_{t-1} and the step's kernels (`dng.kernels.BranchMoments`); returns the
-        step's llr."""
+        step's llr, or None where the rule does not track (below `sigma_min`)."""
+        if moments.sigma < self.sigma_min:
+            return None
         kernel_std = moments.std if self.kernel_variance == "step" else moments.forward_std
+        # Both offsets as one per-step offset o, which the updates add as o / (2 s^2).
+        offset = self.offset_per_step
+        if self.offset and moments.sigma_next > 0:
+            offset += self.offset * 4 * math.log(moments.sigma / moments.sigma_next) * kernel_std**2
         exclusive = self.mode == "exclusive"
         if self.update == "paper":
-            llr = gaussian_llr(*moments.statistics(x_prev), kernel_std, self.temperature, self.offset)
+            llr = gaussian_llr(*moments.statistics(x_prev), kernel_std, self.temperature, offset)
         else:
             rd, dd = moments.statistics(x_prev, gram=exclusive)
-            llr = mixture_llr(rd, dd, kernel_std, self.tracker.log_p, self.temperature, self.offset,
+            llr = mixture_llr(rd, dd, kernel_std, self.tracker.log_p, self.temperature, offset,
                               exclusive=exclusive, p_max=self.tracker.p_max)
         self.tracker.update(llr)
         return llr
+
+
+def _finite(name: str, value: float) -> float:
+    value = float(value)
+    if not math.isfinite(value):
+        raise ConfigError(f"{name} must be finite, got {value}")
+    return value

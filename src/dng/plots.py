@@ -45,17 +45,28 @@ def tradeoff(rows: list[dict], path, x: str = "class_kl", y: str = "forbidden_ra
 
 
 def trajectories(trace, path, max_lines: int = 40, title: str = "DNG along the sampling chain") -> Path:
-    """p_t and the applied scale of the first negative per sample against the step (like the paper's Figure 2)."""
-    steps = range(len(trace.timesteps))
+    """p_t and the applied scale of the first negative per sample along the chain (like the paper's Figure 2).
+
+    Against the noise level sigma (high noise on the left) where the trace has it, else against the step.
+    """
+    sigma = None if trace.sigma is None else trace.sigma[:, 0].numpy()
+    x = range(len(trace.timesteps)) if sigma is None else sigma
     fig, (ax_p, ax_s) = plt.subplots(1, 2, figsize=(10, 3.8))
     for i in range(min(max_lines, trace.p.shape[1])):
-        ax_p.plot(steps, trace.p[:, i, 0].numpy(), lw=0.8, alpha=0.7)
-        ax_s.plot(steps, trace.scale[:, i, 0].numpy(), lw=0.8, alpha=0.7)
+        ax_p.plot(x, trace.p[:, i, 0].numpy(), lw=0.8, alpha=0.7)
+        ax_s.plot(x, trace.scale[:, i, 0].numpy(), lw=0.8, alpha=0.7)
     ax_p.set_ylabel("posterior p_t(c- | x_t)")
     ax_s.set_ylabel("applied scale")
     ax_p.set_yscale("log")
+    # The scale spans orders of magnitude and is 0 where the rule is off: logarithmic above 0.01.
+    ax_s.set_yscale("symlog", linthresh=1e-2)
     for ax in (ax_p, ax_s):
-        ax.set_xlabel("step")
+        if sigma is None:
+            ax.set_xlabel("step")
+        else:
+            ax.set_xscale("log")
+            ax.invert_xaxis()
+            ax.set_xlabel("noise level sigma")
         ax.grid(alpha=0.3)
     fig.suptitle(title)
     return _save(fig, path)

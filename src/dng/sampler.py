@@ -22,13 +22,15 @@ class Trace:
     """Per step and sample: the timestep, p_t(c-|x_t) used, the applied scale and the step's log-likelihood ratio.
 
     `p`, `scale` and `llr` have shape [steps, batch, negatives]; `p` and `llr` are NaN for rules without a
-    tracked posterior, `llr` is NaN where a step added no noise.
+    tracked posterior, `llr` is NaN where a step was not tracked (no noise added, or below the rule's sigma_min).
+    `sigma` [steps, 2] holds each step's noise levels before and after it (NaN where the rule needs none).
     """
 
     timesteps: torch.Tensor
     p: torch.Tensor
     scale: torch.Tensor
     llr: torch.Tensor
+    sigma: torch.Tensor | None = None
 
 
 @dataclass
@@ -79,7 +81,7 @@ def sample(
     if int(num_inference_steps) < 1:
         raise ConfigError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
     tracking = guidance is not None and guidance.tracks_posterior
-    kernel = reverse_kernel(scheduler, eta) if tracking else None
+    kernel = reverse_kernel(scheduler, eta) if guidance is not None and guidance.needs_noise_levels else None
     batch = noise.shape[0]
     n_pos = 0 if cfg_scale is None else 1
     n_branches = 1 + n_pos + num_negatives
@@ -102,15 +104,16 @@ def sample(
         eps_u = branches[0]
         eps_p = branches[1] if n_pos else None
         info = {}
+        # Before the step: Euler-type kernels read the step index that the step advances.
+        levels = kernel.noise_levels(t) if kernel is not None else (float("nan"),) * 2
         if guidance is None:
             eps = base_prediction(eps_u, eps_p, cfg_scale or 1.0)
         else:
             eps_n = branches[1 + n_pos:]
-            eps, scale, p = guidance.combine(eps_u, eps_n, Step(i, t, x), eps_p, cfg_scale or 1.0)
+            eps, scale, p = guidance.combine(eps_u, eps_n, Step(i, t, x, levels[0]), eps_p, cfg_scale or 1.0)
             info = {"p": p, "scale": scale}
             if tracking:
-                # Without a positive branch, u and the negatives are already contiguous: no copy. Before the
-                # step: Euler's kernel reads the step index that the step advances.
+                # Without a positive branch, u and the negatives are already contiguous: no copy.
                 tracked = branches if not n_pos else torch.cat([eps_u[None], eps_n])
                 moments = kernel.branch_moments(t, x, tracked)
         x_prev = scheduler.step(eps, t, x, **kwargs).prev_sample
@@ -118,7 +121,7 @@ def sample(
         if tracking and moments.std > MIN_TRACKING_STD:
             llr = guidance.observe(x_prev, moments)
         if return_trace and guidance is not None:
-            records.append((info["p"], info["scale"], llr))
+            records.append((info["p"], info["scale"], llr, levels))
         if callback is not None:
             callback(i, t, x_prev, info)
         x = x_prev
@@ -134,4 +137,5 @@ def _trace(timesteps, records, batch, num_negatives) -> Trace:
     if not records:
         empty = torch.empty(len(timesteps), batch, 0)
         return Trace(timesteps.cpu(), empty, empty, empty)
-    return Trace(timesteps.cpu(), stack(0), stack(1), stack(2))
+    sigma = torch.tensor([r[3] for r in records], dtype=torch.float64)
+    return Trace(timesteps.cpu(), stack(0), stack(1), stack(2), sigma)

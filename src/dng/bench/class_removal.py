@@ -17,7 +17,7 @@ import torch
 
 from dng import metrics
 from dng.errors import ConfigError
-from dng.guidance import SLD_PRESETS, check_scale
+from dng.guidance import DNG_PRESETS, SLD_PRESETS, check_scale
 from dng.io import write_atomic, write_json
 from dng.sampler import Trace
 from dng.vision import generate
@@ -28,7 +28,6 @@ from dng.vision.models import default_weights, load_calibration, load_classifier
 # the FID reference, so the train split keeps the two sets apart).
 METHODS = ("data", "none", "np", "sld", "dng")
 NP_SCALES = (0.5, 1.0, 2.0)
-DNG_SCALES = (1.0, 3.0, 6.0)
 METRICS = ("forbidden_rate", "class_kl", "unguided_kl", "fid", "precision", "recall", "seconds")
 GRID_IMAGES = 64
 TRACE_SAMPLES = 40
@@ -55,12 +54,13 @@ def parse_scales(text: str, option: str) -> tuple[float, ...]:
     return scales
 
 
-def configs(methods: list[str], dng: dict, np_scales=NP_SCALES, dng_scales=DNG_SCALES, dng_late=None
-            ) -> list[tuple[str, dict, object]]:
+def configs(methods: list[str], dng: dict, np_scales=NP_SCALES, dng_preset: str = "default",
+            dng_set: dict | None = None, dng_scales=None) -> list[tuple[str, dict, object]]:
     """(method, params, guidance factory or None) of every cell the methods ask for, for one removed class.
 
-    `dng` holds DNG's other parameters for that class (`generate.dng_settings`); each scale is one cell.
-    `dng_late` ({"late_boost": b, "late_timestep": t}) multiplies lam0 by b below timestep t; None: one lam0.
+    DNG is the preset `dng_preset` with the removed class's calibration `dng` (`generate.dng_settings`) and the
+    user's settings `dng_set` over it: one cell, or one per lam0 in `dng_scales`. A DNG cell's params hold the
+    preset and what the user set ("set"), which name the cell, and every parameter the rule ran with.
     """
     cells = []
     for method in methods:
@@ -71,20 +71,25 @@ def configs(methods: list[str], dng: dict, np_scales=NP_SCALES, dng_scales=DNG_S
         elif method == "np":
             cells += [(method, {"scale": s}, generate.guidance_factory("np", scale=s)) for s in np_scales]
         elif method == "sld":
-            cells += [(method, {"preset": name, **preset}, generate.guidance_factory("sld", preset=name))
+            cells += [(method, {"preset": name, **preset}, generate.guidance_factory("sld", sld_preset=name))
                       for name, preset in SLD_PRESETS.items()]
         else:
-            for s in dng_scales:
-                params = {**dng, "scale": s, **(dng_late or {})}
-                cells.append((method, params, generate.guidance_factory("dng", **params)))
+            for scale in dng_scales or [None]:
+                user = {**(dng_set or {}), **({} if scale is None else {"scale": scale})}
+                rule = {**dng, **user}
+                # Every parameter the rule runs with: a changed preset then makes stored cells stale, not mixed.
+                params = {"preset": dng_preset, "set": user, **DNG_PRESETS[dng_preset], **rule}
+                cells.append((method, params, generate.guidance_factory("dng", dng_preset=dng_preset, **rule)))
     return cells
 
 
 def setting_label(method: str, params: dict) -> str:
-    """Short name of a setting: 'np 2.0', 'sld medium', 'dng 3.0'."""
-    if method == "dng" and params.get("late_boost", 1.0) != 1.0:
-        return f"dng {params['scale']} x{params['late_boost']:g} below {params['late_timestep']}"
-    if method in ("np", "dng"):
+    """Short name of a setting: 'np 2.0', 'sld medium', 'dng default', 'dng default scale=3'."""
+    if method == "dng":
+        user = "".join(f" {k}={v:g}" if isinstance(v, float) else f" {k}={v}"
+                       for k, v in params.get("set", {}).items())
+        return f"dng {params.get('preset', 'default')}{user}"
+    if method == "np":
         return f"{method} {params['scale']}"
     if method == "sld":
         return f"sld {params['preset']}"
@@ -140,7 +145,7 @@ class ClassRemovalBench:
         clf_path = Path(classifier) if classifier else default_weights("classifier")
         self.unet = load_generator(gen_path)
         self.reference = Reference(load_classifier(clf_path))
-        self.calibrations = load_calibration(gen_path)
+        self.calibration = load_calibration(gen_path)
         self.out = Path(out)
         # The calibration is not locked here: it only sets DNG's parameters, which every cell stores and `run`
         # checks, so NP and SLD cells stay valid when the generator is recalibrated.
@@ -197,9 +202,8 @@ class ClassRemovalBench:
         return images[np.sort(pick)]
 
     def dng_settings(self, klass: int) -> dict:
-        """DNG's parameters for removing `klass`: the generator's calibration if it matches the sampler."""
-        s = self.settings
-        return generate.dng_settings([klass], self.calibrations, s["scheduler"], s["steps"])[0]
+        """DNG's parameters for removing `klass` that the generator's calibration gives."""
+        return generate.dng_settings([klass], self.calibration)[0]
 
     def run_cell(self, klass: int, method: str, params: dict, factory) -> bool:
         """Sample and score one cell unless it is stored; True if it ran."""
@@ -219,20 +223,20 @@ class ClassRemovalBench:
                **self.reference.metrics([klass], pred, feats, self.settings["seed"]), "seconds": seconds}
         arrays = {"grid": images[:GRID_IMAGES]}
         if trace is not None:
-            arrays.update(timesteps=trace.timesteps.numpy(), p=trace.p[:, :TRACE_SAMPLES, 0].numpy(),
-                          scale=trace.scale[:, :TRACE_SAMPLES, 0].numpy())
+            arrays.update(timesteps=trace.timesteps.numpy(), sigma=trace.sigma[:, 0].numpy(),
+                          p=trace.p[:, :TRACE_SAMPLES, 0].numpy(), scale=trace.scale[:, :TRACE_SAMPLES, 0].numpy())
         write_atomic(path.with_suffix(".npz"), generate.npz_bytes(**arrays))
         counts = np.bincount(pred, minlength=NUM_CLASSES).tolist()
         write_json(path, {"row": row, "counts": counts})
         return True
 
-    def run(self, classes: list[int], methods: list[str], np_scales=NP_SCALES, dng_scales=DNG_SCALES,
-            dng_late=None) -> int:
+    def run(self, classes: list[int], methods: list[str], np_scales=NP_SCALES, dng_preset: str = "default",
+            dng_set: dict | None = None, dng_scales=None) -> int:
         """Run every missing cell; returns how many ran."""
         from tqdm.auto import tqdm
 
         cells = [(k, *c) for k in classes
-                 for c in configs(methods, self.dng_settings(k), np_scales, dng_scales, dng_late)]
+                 for c in configs(methods, self.dng_settings(k), np_scales, dng_preset, dng_set, dng_scales)]
         todo, stale = [], []
         for cell in cells:
             path = self.out / "cells" / f"{cell_key(*cell[:3])}.json"
@@ -273,11 +277,11 @@ def load_cells(out) -> list[dict]:
     return sorted(cells, key=lambda c: (c["row"]["class"], *setting_order(c["row"]["method"], c["row"]["params"])))
 
 
-def setting_order(method: str, params: dict) -> tuple[int, float]:
+def setting_order(method: str, params: dict) -> tuple[int, float, str]:
     """Sort key of a setting: by method, then by scale (SLD: weak to max), whichever sweep made the cell."""
     if method == "sld":
-        return METHODS.index(method), list(SLD_PRESETS).index(params["preset"])
-    return METHODS.index(method), params.get("scale", 0.0)
+        return METHODS.index(method), list(SLD_PRESETS).index(params["preset"]), ""
+    return METHODS.index(method), params.get("scale", 0.0), setting_label(method, params)
 
 
 def comparable(rows: list[dict]) -> list[dict]:
@@ -343,8 +347,9 @@ def write_results(out) -> dict[str, Path]:
             with np.load(out / "cells" / f"{key}.npz") as f:
                 generate.save_png(generate.grid(f["grid"]), figures / "grids" / f"{key}.png")
                 if "p" in f:
+                    sigma = torch.from_numpy(f["sigma"])[:, None].expand(-1, 2) if "sigma" in f else None
                     trace = Trace(torch.from_numpy(f["timesteps"]), torch.from_numpy(f["p"])[..., None],
-                                  torch.from_numpy(f["scale"])[..., None], torch.empty(0))
+                                  torch.from_numpy(f["scale"])[..., None], torch.empty(0), sigma)
                     files[f"trajectories_{klass}"] = plots.trajectories(
                         trace, figures / "trajectories" / f"{key}.png",
                         title=f"DNG removing {CLASS_NAMES[klass]}: posterior and scale per sample")

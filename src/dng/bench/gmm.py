@@ -16,6 +16,7 @@ from dng.errors import ConfigError
 from dng.gmm import GaussianMixture, default_mixture_config
 from dng.guidance import SLD_PRESETS, DynamicNegativeGuidance, NegativePrompt, SafeLatentDiffusion
 from dng.sampler import sample
+from dng.samplers import named_scheduler
 
 METHODS = ("none", "np", "sld", "dng", "dng-oracle", "target")
 # fixed_large (sigma_t^2 = beta_t) is the default: at 100 steps its unguided and exact-posterior samples sit within
@@ -97,14 +98,17 @@ def _logit(p: torch.Tensor) -> torch.Tensor:
 class GMMBench:
     """One mixture, one scheduler, exact reference samples; `run(method)` returns a result row."""
 
-    def __init__(self, config: dict, steps: int, num_samples: int, seed: int, variance: str = VARIANCES[0]):
+    def __init__(self, config: dict, steps: int, num_samples: int, seed: int, variance: str = VARIANCES[0],
+                 scheduler: str = "ddpm"):
         if steps < 1 or num_samples < 2:
             raise ConfigError(f"need --steps >= 1 and --num-samples >= 2, got {steps} and {num_samples}")
         if variance not in VARIANCES:
             raise ConfigError(f"unknown sampler variance {variance!r}; choose one of {', '.join(VARIANCES)}")
         self.variance = variance
-        self.spec = (config, steps, num_samples, seed, variance)
-        self.scheduler = DDPMScheduler(num_train_timesteps=1000, clip_sample=False, variance_type=variance)
+        self.spec = (config, steps, num_samples, seed, variance, scheduler)
+        # The DDPM step's variance is the bench's `variance`; other samplers take only its training schedule.
+        training = DDPMScheduler(num_train_timesteps=1000, clip_sample=False, variance_type=variance)
+        self.scheduler, self.eta = named_scheduler(scheduler, training.config)
         self.gmm = GaussianMixture(config["means"], config["stds"], config["weights"],
                                    self.scheduler.alphas_cumprod, dtype=torch.float32)
         self.remove = list(config["remove"])
@@ -115,7 +119,8 @@ class GMMBench:
         self.prior = float(self.gmm.weights[self.remove].sum())
 
     def exact_posterior(self, x, t):
-        return self.gmm.posterior(x, t)[:, self.remove]
+        # The sampler's x is the scheduler's own sample space (scaled by sqrt(1 + sigma^2) on Euler-type ones).
+        return self.gmm.posterior(self.scheduler.scale_model_input(x, t), t)[:, self.remove]
 
     def configs(self, methods):
         """(method, params, guidance factory) for every row the methods ask for."""
@@ -129,10 +134,13 @@ class GMMBench:
                 for name, preset in SLD_PRESETS.items():
                     yield method, {"preset": name, **preset}, lambda name=name: SafeLatentDiffusion.preset(name)
             elif method == "dng":
-                params = {"prior": self.prior / len(self.remove), "mode": "exclusive"}
-                yield method, params, lambda params=params: DynamicNegativeGuidance(**params)
+                # The library default, told the true prior of the removed classes.
+                rule = {"prior": self.prior / len(self.remove), "mode": "exclusive"}
+                yield method, {"preset": "default", **rule}, lambda rule=rule: DynamicNegativeGuidance.preset(**rule)
             elif method == "dng-oracle":
-                oracle = {"scale": 1.0, "late_boost": 1.0, "p_min": 1e-6, "p_max": 1 - 1e-6, "mode": "exclusive"}
+                # The exact rule: lam0 = 1 everywhere on the exact posterior is the score of the target.
+                oracle = {"scale": 1.0, "late_boost": 1.0, "sigma_min": 0.0, "p_min": 1e-6, "p_max": 1 - 1e-6,
+                          "mode": "exclusive"}
                 yield method, {**oracle, "posterior": "exact"}, lambda oracle=oracle: DynamicNegativeGuidance(
                     **oracle, posterior=self.exact_posterior)
             elif method == "target":
@@ -169,7 +177,7 @@ class GMMBench:
                 current[0] = x_prev
 
             out = sample(self.gmm.branch_model(negatives), self.scheduler, guidance, noise=noise,
-                         num_inference_steps=self.steps, num_negatives=len(negatives), generator=g,
+                         num_inference_steps=self.steps, num_negatives=len(negatives), eta=self.eta, generator=g,
                          callback=measure, progress=progress, return_trace=guidance is not None)
             x, trace = out.samples, out.trace
             mae = float(torch.stack(errors).mean()) if errors else None
@@ -201,7 +209,7 @@ def format_table(rows: list[dict]) -> str:
     lines = [header, "-" * len(header)]
     for r in rows:
         params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                           for k, v in r["params"].items() if k in ("scale", "preset", "prior"))
+                           for k, v in r["params"].items() if k in ("scale", "preset", "prior") and v != "default")
         mae = "" if r["posterior_logit_mae"] is None else f"{r['posterior_logit_mae']:.3f}"
         lines.append(f"{r['method']:<11} {params:<28} {r['forbidden_rate']:>9.4f} {r['class_kl']:>9.4f} "
                      f"{r['target_log_density']:>9.2f} {r['sliced_w2']:>8.4f} {mae:>6} {r['seconds']:>6.1f}")

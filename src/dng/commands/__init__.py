@@ -8,26 +8,40 @@ def add_dtype_argument(parser) -> None:
                              "with AMX or AVX512-BF16, slower on others; outputs and tracking stay float32)")
 
 
-def add_late_boost_arguments(parser, boost: float = 1.0, timestep: int = 500) -> None:
-    """--dng-late-boost / --dng-late-timestep of the Fashion-MNIST commands (`late_settings` reads them)."""
-    parser.add_argument("--dng-late-boost", type=float, default=boost,
-                        help=f"multiply DNG's lam0 by this below --dng-late-timestep (default {boost:g}; 1 is one "
-                             "lam0 for the whole chain, as published)")
-    parser.add_argument("--dng-late-timestep", type=int, default=timestep,
-                        help=f"timestep below which --dng-late-boost applies (default {timestep}, measured on the "
-                             "shipped generator)")
+def add_dng_arguments(parser) -> None:
+    """--dng-preset and --dng NAME=VALUE of the commands that run DNG (`dng_overrides` reads them)."""
+    from dng.guidance import DNG_PRESETS
+
+    parser.add_argument("--dng-preset", default="default",
+                        help=f"DNG's named setting: {', '.join(DNG_PRESETS)} (default: default)")
+    parser.add_argument("--dng", action="append", default=[], metavar="NAME=VALUE",
+                        help="set one parameter of DNG over the preset (and the generator's calibration), e.g. "
+                             f"--dng scale=2 --dng sigma_min=0.1; names: {', '.join(DNG_PARAMETERS)}")
 
 
-def late_settings(args) -> dict:
-    """DynamicNegativeGuidance arguments of --dng-late-boost / --dng-late-timestep; none for a boost of 1."""
+# The DynamicNegativeGuidance parameters the command line may set (a prior may list one value per concept).
+DNG_PARAMETERS = ("scale", "prior", "temperature", "offset", "p_min", "p_max", "late_boost", "boost_sigma",
+                  "sigma_min", "offset_per_step")
+
+
+def dng_overrides(args) -> dict:
+    """The --dng NAME=VALUE settings as DynamicNegativeGuidance arguments, checked against the preset."""
     from dng.errors import ConfigError
     from dng.guidance import DynamicNegativeGuidance
 
-    if args.dng_late_boost == 1.0:
-        return {}
-    late = {"late_boost": args.dng_late_boost, "late_timestep": args.dng_late_timestep}
+    overrides = {}
+    for item in args.dng:
+        name, sep, value = item.partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep or name not in DNG_PARAMETERS:
+            raise ConfigError(f"--dng {item!r}: write NAME=VALUE with NAME one of {', '.join(DNG_PARAMETERS)}")
+        try:
+            values = [float(v) for v in value.split(",")]
+        except ValueError:
+            raise ConfigError(f"--dng {item!r}: {value!r} is not a number") from None
+        overrides[name] = values[0] if len(values) == 1 else values
     try:
-        DynamicNegativeGuidance(**late)
+        DynamicNegativeGuidance.preset(args.dng_preset, **overrides)
     except ConfigError as err:
-        raise ConfigError(f"--dng-late-boost / --dng-late-timestep: {err}") from None
-    return late
+        raise ConfigError(f"--dng-preset / --dng: {err}") from None
+    return overrides

@@ -8,7 +8,8 @@ from dng.errors import ConfigError
 def register(groups) -> None:
     p = groups["bench"].add_parser("gmm", help="guidance rules against the exact target on a Gaussian mixture")
     p.add_argument("--config", help="mixture JSON: means, stds, weights, remove (default: built-in d=64, K=10)")
-    p.add_argument("--steps", type=int, default=100, help="sampling steps (DDPM, 1000 training steps)")
+    p.add_argument("--steps", type=int, default=100, help="sampling steps (1000 training steps, linear betas)")
+    p.add_argument("--scheduler", default="ddpm", help="sampler: ddpm (default), euler-a, dpmpp-2m-sde, ddim")
     p.add_argument("--variance", default="fixed_large", choices=("fixed_large", "fixed_small"),
                    help="the DDPM sampler's step variance: beta_t (default) or the posterior's beta_tilde_t")
     p.add_argument("--num-samples", type=int, default=4000)
@@ -39,14 +40,15 @@ def run(args) -> int:
     if not methods:
         raise ConfigError("--methods is empty; give e.g. none,np,dng")
     config = load_config(args.config)
-    bench = GMMBench(config, args.steps, args.num_samples, args.seed, args.variance)
+    bench = GMMBench(config, args.steps, args.num_samples, args.seed, args.variance, args.scheduler)
     cells = list(bench.configs(methods))  # validates the methods before any sampling
     keep = {"dng"} if args.plot else set()
     with tqdm(total=len(cells), desc="bench gmm", disable=None) as bar:
         results = run_rows(bench, methods, args.jobs, args.threads, keep_traces=keep, on_row=lambda: bar.update())
     rows = [row for row, _ in results]
     print(format_table(rows))
-    result = {"config": config, "steps": args.steps, "variance": args.variance, "num_samples": args.num_samples,
+    result = {"config": config, "steps": args.steps, "scheduler": args.scheduler, "variance": args.variance,
+              "num_samples": args.num_samples,
               "seed": args.seed, "rows": rows}
     if args.out:
         print(f"wrote {write_json(args.out, result)}")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dng.commands import add_dtype_argument, add_late_boost_arguments, late_settings
+from dng.commands import add_dng_arguments, add_dtype_argument, dng_overrides
 
 
 def register(groups) -> None:
@@ -12,12 +12,11 @@ def register(groups) -> None:
                    help="comma-separated: data (real kept-class train images: the metrics' floor), none, np, sld, dng")
     p.add_argument("--np-scales", default=None, help="NP's scales, comma-separated (default 0.5,1,2)")
     p.add_argument("--dng-scales", default=None,
-                   help="DNG's scales lam0, comma-separated (default 1,3,6; the other parameters come from the "
-                        "generator's calibration)")
-    add_late_boost_arguments(p)
+                   help="a sweep of DNG's lam0, comma-separated (default: one cell, the preset's own)")
+    add_dng_arguments(p)
     p.add_argument("--num-samples", type=int, default=500, help="samples per cell")
-    p.add_argument("--steps", type=int, default=50, help="sampling steps")
-    p.add_argument("--scheduler", default="ddpm", help="ddpm, euler-a or ddim (eta 1)")
+    p.add_argument("--steps", type=int, default=25, help="sampling steps (default 25)")
+    p.add_argument("--scheduler", default="euler-a", help="sampler (default euler-a; see dng.samplers)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="sweep folder: cells, results.json, results.csv, figures")
     p.add_argument("--generator", default=None, help="generator safetensors (default: the shipped one)")
@@ -33,7 +32,6 @@ def run(args) -> int:
     import torch
 
     from dng.bench.class_removal import (
-        DNG_SCALES,
         NP_SCALES,
         ClassRemovalBench,
         parse_methods,
@@ -46,10 +44,11 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     classes, methods = parse_classes(args.classes), parse_methods(args.methods)
     np_scales = parse_scales(args.np_scales, "--np-scales") if args.np_scales else NP_SCALES
-    dng_scales = parse_scales(args.dng_scales, "--dng-scales") if args.dng_scales else DNG_SCALES
+    dng_scales = parse_scales(args.dng_scales, "--dng-scales") if args.dng_scales else None
+    dng_set = dng_overrides(args)
     bench = ClassRemovalBench(args.out, args.steps, args.num_samples, args.scheduler, args.seed, args.generator,
                               args.classifier, args.batch_size, args.progress, args.dtype)
-    ran = bench.run(classes, methods, np_scales, dng_scales, late_settings(args))
+    ran = bench.run(classes, methods, np_scales, args.dng_preset, dng_set, dng_scales)
     files = write_results(args.out)
     print((bench.out / "summary.md").read_text())
     print(f"ran {ran} cell(s); wrote {files['results']}, {files['csv']} and figures in {bench.out / 'figures'}")

@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-from dng.commands import add_dtype_argument, add_late_boost_arguments, late_settings
+from dng.commands import add_dng_arguments, add_dtype_argument, dng_overrides
 
 # A distinctive silhouette the shipped generator makes often (about 11 % of its unguided samples).
 DEFAULT_REMOVE = "Bag"
-# Over the ten classes of the class-removal bench at 150 steps (docs/RESULTS.md, shipped weights and their 150-step
-# calibration) NP at 1 removes nearly everything and bends the kept classes (class KL 0.31, FID 2.6x unguided). DNG
-# with lam0 1.5, boosted 8x below t = 500, leaves 0.7 % at 0.62x the unguided FID and class KL 0.033; one lam0 (5)
-# needs twice the class imbalance for that leak, because it pushes every sample early, while p is still the prior.
-# At 50 steps the tracker knows later; the demo pays for the three times longer sampling (62 s on 2 cores).
+# NP at 1 removes nearly everything and bends the kept classes (docs/RESULTS.md); DNG runs the library default.
 NP_SCALE = 1.0
-DNG_SCALE = 1.5
-DNG_LATE_BOOST, DNG_LATE_TIMESTEP = 8.0, 500
-STEPS = 150
+STEPS, SCHEDULER = 25, "euler-a"
 # 64 samples cannot resolve FID finer than 2000 reference images do; the whole test split costs ~10 s more.
 REFERENCE_IMAGES = 2000
 
@@ -23,11 +17,10 @@ def register(groups) -> None:
     p = groups["top"].add_parser("demo", help="remove one class with no guidance, NP and DNG; grids and a report")
     p.add_argument("--remove", default=DEFAULT_REMOVE, help=f"class name or index (default {DEFAULT_REMOVE})")
     p.add_argument("--num-images", type=int, default=40, help="per method (default 40: under 2 minutes on 2 cores)")
-    p.add_argument("--steps", type=int, default=STEPS,
-                   help=f"DDPM steps (default {STEPS}; the generator is calibrated for 50 and 150)")
+    p.add_argument("--steps", type=int, default=STEPS, help=f"sampling steps (default {STEPS})")
+    p.add_argument("--scheduler", default=SCHEDULER, help=f"sampler (default {SCHEDULER}; see dng.samplers)")
     p.add_argument("--np-scale", type=float, default=NP_SCALE, help=f"NP's scale (default {NP_SCALE:g})")
-    p.add_argument("--dng-scale", type=float, default=DNG_SCALE, help=f"DNG's base scale lam0 (default {DNG_SCALE:g})")
-    add_late_boost_arguments(p, DNG_LATE_BOOST, DNG_LATE_TIMESTEP)
+    add_dng_arguments(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/demo", help="folder for the grids, figures and report")
     p.add_argument("--generator", default=None, help="generator safetensors (default: the shipped one)")
@@ -61,22 +54,21 @@ def run(args) -> int:
         raise ConfigError(f"need --num-images >= 4 and --steps >= 1, got {args.num_images} and {args.steps}")
     # Checked before any sampling, with the option's name: the rules themselves are built only at their turn.
     check_scale("--np-scale", args.np_scale)
-    check_scale("--dng-scale", args.dng_scale)
+    generate.make_scheduler(args.scheduler)
+    overrides = dng_overrides(args)
     generate.check_dtype(args.dtype)
     out = Path(args.out)
     unet, classifier = load_generator(args.generator), load_classifier(args.classifier)
     reference = Reference(classifier, REFERENCE_IMAGES)
     noise = torch.randn(args.num_images, 1, 28, 28, generator=torch.Generator().manual_seed(args.seed))
-    dng, dng_source = generate.dng_settings([klass], load_calibration(args.generator), "ddpm", args.steps,
-                                            scale=args.dng_scale)
-    dng.update(late_settings(args))
-    methods = {"none": {}, "np": {"scale": args.np_scale}, "dng": dng}
+    dng, dng_source = generate.dng_settings([klass], load_calibration(args.generator), **overrides)
+    methods = {"none": {}, "np": {"scale": args.np_scale}, "dng": {"dng_preset": args.dng_preset, **dng}}
     results, grids, trace = {}, {}, None
     for name, params in methods.items():
         t0 = time.perf_counter()
         factory = generate.guidance_factory(name, **params)
-        x, tr = generate.generate(unet, "ddpm", factory, [klass], noise, args.steps, args.seed, progress=args.progress,
-                                  dtype=args.dtype)
+        x, tr = generate.generate(unet, args.scheduler, factory, [klass], noise, args.steps, args.seed,
+                                  progress=args.progress, dtype=args.dtype)
         images = generate.to_uint8(x)
         pred, feats = generate.classify(classifier, images)
         results[name] = {"params": params, **reference.metrics([klass], pred, feats, args.seed),
@@ -91,7 +83,7 @@ def run(args) -> int:
         **{f"grid_{name}": out / f"grid_{name}.png" for name in methods},
     }
     report = {"removed": klass, "removed_name": CLASS_NAMES[klass], "num_images": args.num_images,
-              "steps": args.steps, "seed": args.seed, "scheduler": "ddpm", "dtype": args.dtype,
+              "steps": args.steps, "seed": args.seed, "scheduler": args.scheduler, "dtype": args.dtype,
               "dng_settings_from": dng_source,
               "methods": results,
               "seconds": time.perf_counter() - started}
@@ -126,11 +118,12 @@ def format_report(report: dict) -> str:
         f"{m['recall']:.2f} | {m['seconds']:.1f} |"
         for name, m in report["methods"].items()
     )
-    dng = ", ".join(f"{k} {v:.3g}" for k, v in report["methods"]["dng"]["params"].items())
+    dng = ", ".join(f"{k} {v}" if isinstance(v, str) else f"{k} {v:.3g}"
+                    for k, v in report["methods"]["dng"]["params"].items())
     return f"""# dng demo: removing {report["removed_name"]} (class {report["removed"]})
 
-{report["num_images"]} images per method, {report["steps"]} DDPM steps, seed {report["seed"]}; every method starts
-from the same noise. Metrics from the shipped classifier against the kept classes' images among the first
+{report["num_images"]} images per method, {report["steps"]} {report["scheduler"]} steps, seed {report["seed"]}; every
+method starts from the same noise. Metrics from the shipped classifier against the kept classes' images among the first
 {REFERENCE_IMAGES} test images.
 
 | method | forbidden rate | class KL | FID | precision | recall | seconds |

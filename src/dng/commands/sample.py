@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dng.commands import add_dtype_argument, add_late_boost_arguments, late_settings
+from dng.commands import add_dng_arguments, add_dtype_argument, dng_overrides
 from dng.errors import ConfigError
 
 
@@ -12,14 +12,12 @@ def register(groups) -> None:
     p.add_argument("--remove", default=None, help="classes to remove: names or indices, comma-separated")
     p.add_argument("--class", dest="klass", default=None, help="class-conditional sampling (CFG) of this class")
     p.add_argument("--cfg-scale", type=float, default=2.0, help="CFG scale with --class")
-    p.add_argument("--scale", type=float, default=1.0, help="NP scale, or DNG's base scale")
+    p.add_argument("--scale", type=float, default=1.0, help="NP's scale (default 1)")
     p.add_argument("--preset", default="medium", help="SLD preset: weak, medium, strong, max")
-    p.add_argument("--prior", type=float, default=None,
-                   help="DNG prior per removed class (default: the generator's calibration, else 0.1)")
-    add_late_boost_arguments(p)
+    add_dng_arguments(p)
     p.add_argument("--num-images", type=int, default=64)
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--scheduler", default="ddpm", help="ddpm, euler-a or ddim (eta 1)")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--scheduler", default="euler-a", help="sampler (default euler-a; see dng.samplers)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="PNG grid; the .npz (images, predicted labels) goes beside it")
     p.add_argument("--generator", default=None, help="generator safetensors (default: the shipped one)")
@@ -47,13 +45,13 @@ def run(args) -> int:
     method = (args.method or ("dng" if removed else "none")).strip().lower()
     if method in generate.GUIDED and not removed:
         raise ConfigError(f"--method {method} needs --remove (a class name or index, e.g. Trouser)")
-    params = {"scale": args.scale}
+    params = {"scale": args.scale} if method == "np" else {}
+    generate.make_scheduler(args.scheduler)
     if method == "dng":
-        params, source = generate.dng_settings(removed, load_calibration(args.generator), args.scheduler,
-                                               args.steps, args.scale, args.prior)
-        params.update(late_settings(args))
-        print(f"DNG settings ({source}): {params}")
-    factory = generate.guidance_factory(method, preset=args.preset, exclusive=len(removed) > 1, **params)
+        params, source = generate.dng_settings(removed, load_calibration(args.generator), **dng_overrides(args))
+        print(f"DNG {args.dng_preset} ({source}): {params}")
+        params["dng_preset"] = args.dng_preset
+    factory = generate.guidance_factory(method, sld_preset=args.preset, exclusive=len(removed) > 1, **params)
     positive = generate.parse_class(args.klass) if args.klass is not None else None
     if positive in removed:
         raise ConfigError(f"--class {CLASS_NAMES[positive]} is also removed")

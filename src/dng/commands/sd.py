@@ -23,12 +23,15 @@ def register(groups) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--images", type=int, default=1, help="images per prompt")
     p.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale")
+    p.add_argument("--dng-preset", default="default",
+                   help="dng: the named setting (dng.guidance.DNG_PRESETS: default, paper-sd, paper-cifar10)")
     p.add_argument("--scale", type=float, default=None,
-                   help="dng: lam0 (default 15); np: the constant scale (default cfg - 1, diffusers' negative prompt)")
-    p.add_argument("--prior", type=float, default=0.01, help="dng: p_t at the first step (published: 0.01)")
-    p.add_argument("--temperature", type=float, default=0.25, help="dng: damping of the update (published: 0.2-0.3)")
-    p.add_argument("--offset", type=float, default=0.003, help="dng: drift of log p (published: 0.002-0.004)")
-    p.add_argument("--p-max", type=float, default=0.8, help="dng: upper clamp of p_t, caps the scale")
+                   help="dng: lam0 (default: the preset's); np: the constant scale (default cfg - 1, diffusers' "
+                        "negative prompt)")
+    p.add_argument("--prior", type=float, default=None, help="dng: p_t at the first step (default: the preset's)")
+    p.add_argument("--temperature", type=float, default=None, help="dng: weight of each step's evidence")
+    p.add_argument("--offset", type=float, default=None, help="dng: drift of log p per unit of log-SNR")
+    p.add_argument("--p-max", type=float, default=None, help="dng: upper clamp of p_t, caps the scale")
     p.add_argument("--mode", choices=("independent", "exclusive"), default="independent")
     p.add_argument("--sld-preset", choices=("weak", "medium", "strong", "max"), default="medium")
     p.add_argument("--height", type=int, default=None)
@@ -60,13 +63,12 @@ def _pipeline_class(model: Path):
 
 
 def _guidance(args):
-    from dng.guidance import DynamicNegativeGuidance, NegativePrompt, SafeLatentDiffusion
-    from dng.pipelines.common import DNG_P_MIN, DNG_SCALE
+    from dng.guidance import NegativePrompt, SafeLatentDiffusion
+    from dng.pipelines.common import make_guidance
 
     if args.method == "dng":
-        return DynamicNegativeGuidance(scale=DNG_SCALE if args.scale is None else args.scale, prior=args.prior,
-                                       temperature=args.temperature, offset=args.offset, p_min=DNG_P_MIN,
-                                       p_max=args.p_max, mode=args.mode)
+        return make_guidance("dng", args.cfg, args.dng_preset, scale=args.scale, prior=args.prior,
+                             temperature=args.temperature, offset=args.offset, p_max=args.p_max, mode=args.mode)
     if args.method == "np":
         return NegativePrompt(max(args.cfg - 1, 0.0) if args.scale is None else args.scale)
     return SafeLatentDiffusion.preset(args.sld_preset)

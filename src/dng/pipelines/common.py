@@ -9,9 +9,6 @@ from dng.guidance import DynamicNegativeGuidance, Guidance, NegativePrompt, Safe
 from dng.kernels import reverse_kernel
 from dng.sampler import sample
 
-# Inside the published SD ranges (lam0 12-27, prior 0.01, temperature 0.2-0.3, offset 0.002-0.004), lam0 on the
-# mild side; the core's own defaults are tuned for class removal instead.
-DNG_SCALE, DNG_PRIOR, DNG_TEMPERATURE, DNG_OFFSET, DNG_P_MIN, DNG_P_MAX = 15.0, 0.01, 0.25, 0.003, 1e-6, 0.8
 METHODS = ("dng", "np", "sld")
 SWITCH = "pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)"
 
@@ -36,16 +33,13 @@ def concept_prompts(negative_prompt, negative_concepts, batch_size: int) -> list
     return prompts
 
 
-def make_guidance(method, guidance_scale: float, dng_scale, dng_prior, dng_temperature, dng_offset, dng_p_min,
-                  dng_p_max, dng_mode) -> Guidance:
-    """The rule named by `negative_guidance`, or the Guidance object itself."""
+def make_guidance(method, guidance_scale: float, dng_preset: str = "default", **dng) -> Guidance:
+    """The rule named by `negative_guidance`, or the Guidance object itself; `dng` overrides the DNG preset where
+    not None."""
     if isinstance(method, Guidance):
         return method
     if method == "dng":
-        # One lam0 throughout, as published: the late boost is measured on the exact mixture, not on these models.
-        return DynamicNegativeGuidance(scale=dng_scale, prior=dng_prior, temperature=dng_temperature,
-                                       offset=dng_offset, p_min=dng_p_min, p_max=dng_p_max, mode=dng_mode,
-                                       late_boost=1.0)
+        return DynamicNegativeGuidance.preset(dng_preset, **{k: v for k, v in dng.items() if v is not None})
     if method == "np":
         # With the empty prompt as the unconditional branch, diffusers' negative prompt is NP at scale w - 1.
         return NegativePrompt(max(guidance_scale - 1.0, 0.0))

@@ -61,12 +61,13 @@ class StableDiffusionDNGPipeline(StableDiffusionPipeline):
         *,
         negative_concepts: list[str | list[str]] | None = None,
         negative_guidance="dng",
-        dng_scale: float = common.DNG_SCALE,
-        dng_prior: float | list[float] = common.DNG_PRIOR,
-        dng_temperature: float = common.DNG_TEMPERATURE,
-        dng_offset: float = common.DNG_OFFSET,
-        dng_p_min: float = common.DNG_P_MIN,
-        dng_p_max: float = common.DNG_P_MAX,
+        dng_preset: str = "default",
+        dng_scale: float | None = None,
+        dng_prior: float | list[float] | None = None,
+        dng_temperature: float | None = None,
+        dng_offset: float | None = None,
+        dng_p_min: float | None = None,
+        dng_p_max: float | None = None,
         dng_mode: str = "independent",
         return_trace: bool = False,
         **kwargs,
@@ -74,8 +75,9 @@ class StableDiffusionDNGPipeline(StableDiffusionPipeline):
         """The parent's call; `negative_prompt` is one concept, `negative_concepts` several, each tracked on its own.
 
         `negative_guidance` is "dng", "np" (constant scale guidance_scale - 1, which is diffusers' negative prompt),
-        "sld" (the medium preset) or a `dng.guidance.Guidance`. `dng_*` set DNG's lam0, prior, temperature, offset,
-        posterior clamp and combination mode ("independent" or "exclusive"). `return_trace=True` adds `trace`.
+        "sld" (the medium preset) or a `dng.guidance.Guidance`. DNG is `DynamicNegativeGuidance.preset(dng_preset)`;
+        the other `dng_*` set its lam0, prior, temperature, offset and posterior clamp where given, and the
+        combination mode ("independent" or "exclusive"). `return_trace=True` adds `trace`.
         """
         if negative_concepts is None and negative_prompt is None and negative_prompt_embeds is None:
             if return_trace:
@@ -96,8 +98,9 @@ class StableDiffusionDNGPipeline(StableDiffusionPipeline):
                           ip_adapter_image, ip_adapter_image_embeds, callback_on_step_end_tensor_inputs)
         if negative_prompt_embeds is not None and negative_concepts is not None:
             raise ConfigError("give negative_prompt_embeds (one concept) or negative_concepts, not both")
-        guidance = common.make_guidance(negative_guidance, guidance_scale, dng_scale, dng_prior, dng_temperature,
-                                        dng_offset, dng_p_min, dng_p_max, dng_mode)
+        guidance = common.make_guidance(negative_guidance, guidance_scale, dng_preset, scale=dng_scale,
+                                        prior=dng_prior, temperature=dng_temperature, offset=dng_offset,
+                                        p_min=dng_p_min, p_max=dng_p_max, mode=dng_mode)
         common.check_pipeline(self, guidance, eta, timesteps=timesteps, sigmas=sigmas,
                               ip_adapter_image=ip_adapter_image, ip_adapter_image_embeds=ip_adapter_image_embeds,
                               guidance_rescale=guidance_rescale, **kwargs)

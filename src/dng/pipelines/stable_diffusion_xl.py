@@ -72,12 +72,13 @@ class StableDiffusionXLDNGPipeline(StableDiffusionXLPipeline):
         *,
         negative_concepts: list[str | list[str]] | None = None,
         negative_guidance="dng",
-        dng_scale: float = common.DNG_SCALE,
-        dng_prior: float | list[float] = common.DNG_PRIOR,
-        dng_temperature: float = common.DNG_TEMPERATURE,
-        dng_offset: float = common.DNG_OFFSET,
-        dng_p_min: float = common.DNG_P_MIN,
-        dng_p_max: float = common.DNG_P_MAX,
+        dng_preset: str = "default",
+        dng_scale: float | None = None,
+        dng_prior: float | list[float] | None = None,
+        dng_temperature: float | None = None,
+        dng_offset: float | None = None,
+        dng_p_min: float | None = None,
+        dng_p_max: float | None = None,
         dng_mode: str = "independent",
         return_trace: bool = False,
         **kwargs,
@@ -110,8 +111,9 @@ class StableDiffusionXLDNGPipeline(StableDiffusionXLPipeline):
             raise ConfigError("give negative_prompt_embeds (one concept) or negative_concepts, not both")
         if negative_prompt_2 is not None and negative_prompt is None:
             raise ConfigError("negative_prompt_2 is the second encoder's text of negative_prompt; give both")
-        guidance = common.make_guidance(negative_guidance, guidance_scale, dng_scale, dng_prior, dng_temperature,
-                                        dng_offset, dng_p_min, dng_p_max, dng_mode)
+        guidance = common.make_guidance(negative_guidance, guidance_scale, dng_preset, scale=dng_scale,
+                                        prior=dng_prior, temperature=dng_temperature, offset=dng_offset,
+                                        p_min=dng_p_min, p_max=dng_p_max, mode=dng_mode)
         common.check_pipeline(self, guidance, eta, timesteps=timesteps, sigmas=sigmas, denoising_end=denoising_end,
                               ip_adapter_image=ip_adapter_image, ip_adapter_image_embeds=ip_adapter_image_embeds,
                               guidance_rescale=guidance_rescale, **kwargs)

@@ -13,11 +13,6 @@ from dng.sampler import Trace, sample
 from dng.vision.data import CLASS_NAMES, NUM_CLASSES
 from dng.vision.models import NULL_LABEL
 
-SCHEDULERS = ("ddpm", "euler-a", "ddim")
-# DDIM with eta = 1 adds DDPM-like noise: the posterior tracker needs a stochastic step.
-DDIM_ETA = 1.0
-
-
 # The UNet's arithmetic: float32, or bfloat16 autocast (about twice as fast on CPUs with AMX or AVX512-BF16, slower
 # on CPUs without). Its outputs are float32 either way, so the scheduler and the tracker work in float32.
 DTYPES = ("float32", "bfloat16")
@@ -45,19 +40,11 @@ class ClassBranches:
 
 
 def make_scheduler(name: str = "ddpm"):
-    """The sampling scheduler `name`, built from the generator's training schedule; with the eta it needs."""
-    from diffusers import DDIMScheduler, EulerAncestralDiscreteScheduler
-
+    """The sampler `name` (`dng.samplers.SAMPLERS`) on the generator's training schedule, with the eta it needs."""
+    from dng.samplers import named_scheduler
     from dng.vision.train import make_scheduler as training_scheduler
 
-    base = training_scheduler()
-    if name == "ddpm":
-        return base, 0.0
-    if name == "euler-a":
-        return EulerAncestralDiscreteScheduler.from_config(base.config), 0.0
-    if name == "ddim":
-        return DDIMScheduler.from_config(base.config), DDIM_ETA
-    raise ConfigError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
+    return named_scheduler(name, training_scheduler().config)
 
 
 def parse_class(text: str) -> int:
@@ -84,58 +71,46 @@ def parse_classes(text: str) -> list[int]:
 
 
 GUIDED = ("np", "sld", "dng")
-# DNG's prior without a calibration: one class among ten equally likely ones.
-DEFAULT_PRIOR = 0.1
 
 
-def guidance_factory(method: str, scale: float = 1.0, preset: str = "medium", prior=DEFAULT_PRIOR,
+def guidance_factory(method: str, *, sld_preset: str = "medium", dng_preset: str = "default",
                      exclusive: bool = False, **dng):
-    """A fresh-rule factory for 'np', 'sld' or 'dng' (None for 'none'); `exclusive` for several removed classes.
+    """A fresh-rule factory for 'np' (at `scale`, default 1), 'sld' or 'dng' (None for 'none').
 
-    `dng` passes further DynamicNegativeGuidance arguments (temperature, offset, p_max, late_boost, ...). Unless
-    `late_boost` is given, lam0 is one scale for the whole chain (the published rule), not the core's late boost:
-    that default was chosen on the exact mixture, and its switch timestep does not carry over to this generator.
+    DNG is `DynamicNegativeGuidance.preset(dng_preset, **dng)`: `dng` overrides the preset's parameters (prior,
+    scale, temperature, ...); `exclusive` for several removed classes.
     """
     if method == "none":
         return None
     if method == "np":
+        scale = dng.get("scale", 1.0)
         NegativePrompt(scale)  # validates now rather than mid-run
         return lambda: NegativePrompt(scale)
     if method == "sld":
-        SafeLatentDiffusion.preset(preset)
-        return lambda: SafeLatentDiffusion.preset(preset)
+        SafeLatentDiffusion.preset(sld_preset)
+        return lambda: SafeLatentDiffusion.preset(sld_preset)
     if method == "dng":
-        dng = {"late_boost": 1.0, **dng}
-        mode = "exclusive" if exclusive else "independent"
-        DynamicNegativeGuidance(scale, prior, mode=mode, **dng)
-        return lambda: DynamicNegativeGuidance(scale, prior, mode=mode, **dng)
+        dng = {"mode": "exclusive" if exclusive else "independent", **dng}
+        DynamicNegativeGuidance.preset(dng_preset, **dng)
+        return lambda: DynamicNegativeGuidance.preset(dng_preset, **dng)
     raise ConfigError(f"unknown method {method!r}; choose from none, {', '.join(GUIDED)}")
 
 
-def dng_settings(removed: Sequence[int], calibrations: Sequence[dict], scheduler: str, steps: int,
-                 scale: float = 1.0, prior: float | None = None) -> tuple[dict, str]:
-    """DNG's parameters for removing `removed` from a generator, and where they came from.
+def dng_settings(removed: Sequence[int], calibration: dict | None, **overrides) -> tuple[dict, str]:
+    """DNG's parameters for removing `removed` from a generator (over the preset), and where they came from.
 
-    The generator's calibration for this scheduler and step count (`load_calibration`; its offset is per step, so
-    it does not transfer to other step counts) gives a prior per class, the temperature and the offset; without
-    one, the core's defaults with DEFAULT_PRIOR. A given prior wins over both.
+    The generator's calibration (`load_calibration`) gives a prior per class, the temperature and the offset, which
+    mean the same on every sampler and step count; given `overrides` win over it.
     """
-    calibration = next((c for c in calibrations if (c["scheduler"], c["steps"]) == (scheduler, steps)), None)
+    settings, source = {}, "library defaults (no calibration)"
     if calibration:
-        priors = [calibration["priors"].get(k, DEFAULT_PRIOR) for k in removed]
-        settings = {"scale": scale, "prior": priors[0] if len(priors) == 1 else priors,
-                    "temperature": calibration["temperature"], "offset": calibration["offset"],
-                    "p_max": calibration["p_max"]}
-        source = f"calibrated for {scheduler} with {steps} steps"
-    else:
-        settings = {"scale": scale, "prior": DEFAULT_PRIOR}
-        source = "library defaults (no calibration for these settings)"
-        if calibrations:
-            have = ", ".join(f"{c['scheduler']} with {c['steps']} steps" for c in calibrations)
-            source = (f"library defaults: the generator is calibrated for {have}, not {scheduler} with {steps} "
-                      f"(benchmarks/calibrate_dng.py --scheduler {scheduler} --steps {steps} adds one)")
-    if prior is not None:
-        settings["prior"] = prior
+        priors = [calibration["priors"].get(k) for k in removed]
+        if None not in priors:
+            settings["prior"] = priors[0] if len(priors) == 1 else priors
+        settings.update(temperature=calibration["temperature"], offset=calibration["offset"],
+                        p_max=calibration["p_max"])
+        source = "the generator's calibration"
+    settings.update(overrides)
     return settings, source
 
 
@@ -185,9 +160,8 @@ def generate(
         traces.append(out.trace)
     trace = None
     if guided:
-        trace = Trace(
-            traces[0].timesteps, *(torch.cat([getattr(tr, f) for tr in traces], 1) for f in ("p", "scale", "llr"))
-        )
+        trace = Trace(traces[0].timesteps, *(torch.cat([getattr(tr, f) for tr in traces], 1)
+                                             for f in ("p", "scale", "llr")), traces[0].sigma)
     return torch.cat(samples).clamp(-1, 1), trace
 
 

@@ -169,53 +169,49 @@ def calibration_path(generator=None) -> Path:
 
 
 def save_calibration(path, fits: dict, classes: list[int], settings: dict) -> Path:
-    """Add calibration fits (name -> dng.calibration.Calibration; "all" is the joint one that sampling uses).
+    """Write a calibration (fits: name -> dng.calibration.Calibration; "all" is the joint one that sampling uses).
 
-    `settings` must hold the scheduler, steps and p_max the fit was made with. The file keeps one calibration per
-    (scheduler, steps), since the offset is per step: this one replaces an earlier one of the same sampler only.
+    `settings` says what the fit was made from and must hold its p_max. The offset is a rate per unit of log-SNR,
+    so one fit serves every sampler and step count.
     """
     from dng.io import write_json
     from dng.vision.data import CLASS_NAMES
 
-    missing = {"scheduler", "steps", "p_max"} - set(settings)
-    if missing or "all" not in fits:
-        raise ConfigError(f"a calibration needs the joint fit 'all' and settings scheduler, steps, p_max; "
-                          f"missing {sorted(missing) or ['all']}")
+    if "p_max" not in settings or "all" not in fits:
+        raise ConfigError("a calibration needs the joint fit 'all' and the p_max it was made with")
     if len(fits["all"].priors) != len(classes):
         raise ConfigError(f"the joint fit has {len(fits['all'].priors)} priors for {len(classes)} classes")
-    path = Path(path)
-    sampler = (settings["scheduler"], settings["steps"])
-    kept = [entry for entry, c in _read_calibrations(path) if (c["scheduler"], c["steps"]) != sampler]
-    entry = {"settings": settings, "classes": [CLASS_NAMES[k] for k in classes],
+    entry = {"offset_unit": OFFSET_UNIT, "settings": settings, "classes": [CLASS_NAMES[k] for k in classes],
              "fits": {name: fit.as_dict() for name, fit in fits.items()}}
-    entries = sorted([*kept, entry], key=lambda c: (c["settings"]["scheduler"], c["settings"]["steps"]))
-    return write_json(path, {"calibrations": entries})
+    return write_json(Path(path), entry)
 
 
-def _read_calibrations(path: Path) -> list[tuple[dict, dict]]:
-    """(file entry, what sampling needs of it) per calibration in the file, checked; [] if there is no file."""
+# The unit of the offset, written into every calibration file so that one of another unit is never misread.
+OFFSET_UNIT = "per unit of log-SNR"
+
+
+def load_calibration(generator=None) -> dict | None:
+    """The generator's fitted DNG tracker (`dng calibrate`), or None if it has none.
+
+    {"priors": {class index: prior}, "temperature", "offset", "p_max"}.
+    """
     from dng.vision.data import CLASS_NAMES
 
+    path = calibration_path(generator)
     if not path.is_file():
-        return []
+        return None
     try:
-        out = []
-        for entry in json.loads(path.read_text())["calibrations"]:
-            fit, settings = entry["fits"]["all"], entry["settings"]
-            priors = {CLASS_NAMES.index(name): p for name, p in zip(entry["classes"], fit["priors"], strict=True)}
-            out.append((entry, {"priors": priors, "temperature": fit["temperature"], "offset": fit["offset"],
-                                "p_max": settings["p_max"], "scheduler": settings["scheduler"],
-                                "steps": settings["steps"]}))
-        return out
-    except (ValueError, KeyError, TypeError) as err:
-        raise ConfigError(f"{path} is not a calibration file written by benchmarks/calibrate_dng.py ({err!r}); "
+        entry = json.loads(path.read_text())
+    except ValueError as err:
+        raise ConfigError(f"{path} is not valid JSON ({err}); delete it or rerun `dng calibrate`") from err
+    if not isinstance(entry, dict) or entry.get("offset_unit") != OFFSET_UNIT:
+        raise ConfigError(f"{path} is not a calibration whose offset is {OFFSET_UNIT} (an older per-step fit?); "
+                          "delete it or rerun `dng calibrate`")
+    try:
+        fit = entry["fits"]["all"]
+        priors = {CLASS_NAMES.index(name): p for name, p in zip(entry["classes"], fit["priors"], strict=True)}
+        return {"priors": priors, "temperature": float(fit["temperature"]), "offset": float(fit["offset"]),
+                "p_max": float(entry["settings"]["p_max"])}
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise ConfigError(f"{path} is not a calibration file written by `dng calibrate` ({err!r}); "
                           "delete it or rerun the calibration") from err
-
-
-def load_calibration(generator=None) -> list[dict]:
-    """The generator's fitted DNG trackers (save_calibration; benchmarks/calibrate_dng.py), one per sampler.
-
-    Each is {"priors": {class index: prior}, "temperature", "offset", "p_max", "scheduler", "steps"}; an empty list
-    if the generator has none.
-    """
-    return [parsed for _, parsed in _read_calibrations(calibration_path(generator))]

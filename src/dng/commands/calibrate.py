@@ -1,0 +1,87 @@
+"""`dng calibrate`: fit DNG's tracker (prior per class, temperature, offset) to the Fashion-MNIST generator."""
+
+from __future__ import annotations
+
+from dng.commands import add_dtype_argument
+
+
+def register(groups) -> None:
+    p = groups["top"].add_parser(
+        "calibrate", help="fit DNG's prior, temperature and offset to the generator's own unguided chains",
+        description="Samples unguided chains that track every class at once, labels the finished samples with the "
+                    "classifier and fits the tracker by maximum likelihood (dng.calibration). Writes the fit beside "
+                    "the generator (or --out); dng sample, demo and bench class-removal use it on every sampler "
+                    "and step count, since its offset is a rate per unit of log-SNR.")
+    p.add_argument("--classes", default="all", help="'all' or comma-separated indices or names")
+    p.add_argument("--num-samples", type=int, default=300, help="unguided chains (default 300)")
+    p.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
+    p.add_argument("--scheduler", default="ddpm", help="sampler the chains are drawn with (default ddpm)")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--p-max", type=float, default=0.95, help="the tracker's upper clamp the fit assumes")
+    p.add_argument("--generator", default=None, help="generator safetensors (default: the shipped one)")
+    p.add_argument("--classifier", default=None, help="classifier safetensors (default: the shipped one)")
+    add_dtype_argument(p)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--out", default=None, help="calibration file (default: beside the generator)")
+    p.set_defaults(func=run)
+
+
+def tracking_only():
+    """Scale 0 leaves the chain unguided; temperature 1 and offset 0 make the trace's llr the raw log-ratio."""
+    from dng.guidance import DynamicNegativeGuidance
+
+    return DynamicNegativeGuidance(0.0, 0.5, temperature=1.0, offset=0.0, p_min=1e-30, p_max=1 - 1e-6,
+                                   sigma_min=0.0)
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    import numpy as np
+    import torch
+
+    from dng import calibration
+    from dng.errors import ConfigError
+    from dng.posterior import check_probability
+    from dng.vision.data import CLASS_NAMES
+    from dng.vision.generate import check_dtype, classify, generate, make_scheduler, parse_classes, to_uint8
+    from dng.vision.models import calibration_path, load_classifier, load_generator, save_calibration
+
+    if args.num_samples < 10 or args.steps < 2:
+        raise ConfigError(f"need --num-samples >= 10 and --steps >= 2, got {args.num_samples} and {args.steps}")
+    check_probability("--p-max", args.p_max)
+    check_dtype(args.dtype)
+    make_scheduler(args.scheduler)
+    classes = parse_classes(args.classes)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    unet, classifier = load_generator(args.generator), load_classifier(args.classifier)
+    out = Path(args.out or calibration_path(args.generator))
+    noise = torch.randn(args.num_samples, 1, 28, 28, generator=torch.Generator().manual_seed(args.seed))
+    # One unguided chain tracks every class at once: each negative branch has its own llr in the trace.
+    x, trace = generate(unet, args.scheduler, tracking_only, classes, noise, args.steps, args.seed, progress=True,
+                        dtype=args.dtype)
+    labels, _ = classify(classifier, to_uint8(x))
+    gains = calibration.log_snr_gains(trace.sigma)
+    outcome = torch.from_numpy(labels[:, None] == np.array(classes)[None])
+    # A class the generator (almost) never makes has no outcomes to fit: it keeps the preset's prior.
+    enough = [j for j in range(len(classes)) if 5 <= int(outcome[:, j].sum()) <= len(labels) - 5]
+    for j in sorted(set(range(len(classes))) - set(enough)):
+        print(f"{CLASS_NAMES[classes[j]]}: {int(outcome[:, j].sum())} of {len(labels)} samples, too few to fit; left "
+              "out")
+    if not enough:
+        raise ConfigError("no class has 5 samples of each outcome; draw more --num-samples")
+    fits = {"all": calibration.fit(trace.llr[:, :, enough], gains, outcome[:, enough], p_max=args.p_max)}
+    fits.update({CLASS_NAMES[classes[j]]: calibration.fit(trace.llr[:, :, [j]], gains, outcome[:, [j]],
+                                                          p_max=args.p_max) for j in enough})
+    print(f"{'class':<12} {'share':>6} {'prior':>7} {'temp':>6} {'offset':>9} {'nll/base':>8}  AUC at "
+          + " ".join(f"{q:.0%}" for q in calibration.REPORT_AT))
+    for name, fit in fits.items():
+        aucs = " ".join(f"{np.mean(a):.2f}" for a in fit.auc.values())
+        print(f"{name:<12} {np.mean(fit.positives) / fit.samples:6.3f} {np.mean(fit.priors):7.3f} "
+              f"{fit.temperature:6.3f} {fit.offset:9.2e} {fit.nll / fit.baseline_nll:8.3f}  {aucs}")
+    made_from = {k: getattr(args, k) for k in ("classes", "num_samples", "steps", "scheduler", "seed", "p_max",
+                                               "generator", "dtype")}
+    save_calibration(out, fits, [classes[j] for j in enough], made_from)
+    print(f"wrote {out}")
+    return 0
