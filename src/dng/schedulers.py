@@ -1,0 +1,98 @@
+"""The stochastic sibling of a diffusers scheduler: the one-line switch from a sampler DNG cannot track to one it can.
+
+    scheduler = dng.schedulers.stochastic(pipe.scheduler)   # e.g. DPM++ 2M Karras -> DPM++ 2M SDE Karras
+    eta = 1.0 if dng.schedulers.needs_eta(scheduler) else 0.0
+
+The sibling is built from the same config (betas, training steps, prediction type, sigma spacing), so it samples
+the same model on the same schedule; only the step's noise differs.
+"""
+
+from __future__ import annotations
+
+import diffusers
+
+from dng.errors import ConfigError
+from dng.kernels import reverse_kernel
+
+_SDE = {"algorithm_type": "sde-dpmsolver++"}
+_ANCESTRAL = ("EulerAncestralDiscreteScheduler", {})
+# Sigma spacings Euler ancestral lacks: a scheduler using one goes to DPM++ 2M SDE, which keeps it.
+_SPACINGS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
+
+# Scheduler class -> (class of its stochastic sibling, config changes).
+SIBLINGS = {
+    "DPMSolverMultistepScheduler": ("DPMSolverMultistepScheduler", _SDE),
+    "DPMSolverSinglestepScheduler": ("DPMSolverSinglestepScheduler", _SDE),
+    "EDMDPMSolverMultistepScheduler": ("EDMDPMSolverMultistepScheduler", _SDE),
+    "EDMEulerScheduler": ("EDMDPMSolverMultistepScheduler", _SDE),
+    "FlowMatchEulerDiscreteScheduler": ("FlowMatchEulerDiscreteScheduler", {"stochastic_sampling": True}),
+    "FlowMatchHeunDiscreteScheduler": ("FlowMatchEulerDiscreteScheduler", {"stochastic_sampling": True}),
+    "LTXEulerAncestralRFScheduler": ("LTXEulerAncestralRFScheduler", {"eta": 1.0}),
+    "KDPM2DiscreteScheduler": ("KDPM2AncestralDiscreteScheduler", {}),
+    "EulerDiscreteScheduler": _ANCESTRAL,
+    "HeunDiscreteScheduler": _ANCESTRAL,
+    "LMSDiscreteScheduler": _ANCESTRAL,
+    "PNDMScheduler": _ANCESTRAL,
+    # Multistep exponential integrators with DPM-Solver's config keys (solver order, Karras / flow sigmas, final
+    # sigma), which Euler ancestral would drop; likewise DPM++ SDE (whose Brownian-tree noise DNG cannot track) and
+    # SA-Solver.
+    "UniPCMultistepScheduler": ("DPMSolverMultistepScheduler", _SDE),
+    "DEISMultistepScheduler": ("DPMSolverMultistepScheduler", _SDE),
+    "DPMSolverSDEScheduler": ("DPMSolverMultistepScheduler", _SDE),
+    "SASolverScheduler": ("DPMSolverMultistepScheduler", _SDE),
+}
+# Stochastic through the `eta` their step takes (DDIM's eta, TCD's gamma): the sampler's eta must be > 0.
+ETA_STEPS = ("DDIMScheduler", "TCDScheduler")
+
+
+def _sibling(scheduler) -> tuple[str, dict]:
+    target, changes = SIBLINGS.get(type(scheduler).__name__, _ANCESTRAL)
+    if target == _ANCESTRAL[0] and any(scheduler.config.get(key) for key in _SPACINGS):
+        target, changes = SIBLINGS["DPMSolverMultistepScheduler"]
+    if target == "EDMDPMSolverMultistepScheduler" and scheduler.config.get("solver_order", 2) > 2:
+        # EDM's third-order update has no SDE form.
+        changes = {**changes, "solver_order": 2}
+    return target, changes
+
+
+def needs_eta(scheduler) -> bool:
+    """Whether the scheduler's noise is the `eta` given to its step (DDIM, TCD): sample with eta > 0."""
+    return type(scheduler).__name__ in ETA_STEPS
+
+
+def switch(scheduler) -> str:
+    """The one-line switch to the stochastic sibling, as code a user can paste."""
+    name = type(scheduler).__name__
+    if name == "DDIMScheduler":
+        return "pass eta > 0 to the sampler (DDIM's eta; eta = 1 is DDPM-like)"
+    if name == "TCDScheduler":
+        return "pass eta > 0 to the sampler (TCD's gamma, which its step takes as eta; 0.3 is TCD's default)"
+    target, changes = _sibling(scheduler)
+    args = "".join(f", {key}={value!r}" for key, value in changes.items())
+    code = f"{target}.from_config(scheduler.config{args})"
+    return (code if name in SIBLINGS else f"e.g. {code}") + " (dng.schedulers.stochastic(scheduler) builds it)"
+
+
+def stochastic(scheduler, **config):
+    """The stochastic sibling of `scheduler` from the same config (with `config` changes); itself if already tracked.
+
+    DDIM and TCD come back as they are: their noise is the sampler's `eta`, which must be > 0 (`needs_eta`).
+    Raises ConfigError where no sibling is known or the sibling still cannot be tracked (e.g. a learned variance).
+    """
+    name = type(scheduler).__name__
+    try:
+        reverse_kernel(scheduler, 1.0)
+    except ConfigError:
+        if name not in SIBLINGS:
+            raise
+        target, changes = _sibling(scheduler)
+    else:
+        if not config:
+            return scheduler
+        target, changes = name, {}
+    # Every value the scheduler runs with, also those its constructor defaulted: from_config would otherwise give
+    # them the sibling class's defaults (Heun's default betas are not Euler ancestral's).
+    same = {key: value for key, value in scheduler.config.items() if key != "_use_default_values"}
+    sibling = getattr(diffusers, target).from_config(same, **{**changes, **config})
+    reverse_kernel(sibling, 1.0)
+    return sibling

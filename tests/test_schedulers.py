@@ -1,0 +1,94 @@
+"""Stochastic siblings: built from the same config, and trackable."""
+
+import pytest
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DEISMultistepScheduler,
+    DPMSolverMultistepScheduler,
+    DPMSolverSinglestepScheduler,
+    EDMDPMSolverMultistepScheduler,
+    EDMEulerScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FlowMatchHeunDiscreteScheduler,
+    HeunDiscreteScheduler,
+    KDPM2DiscreteScheduler,
+    LCMScheduler,
+    LTXEulerAncestralRFScheduler,
+    PNDMScheduler,
+    SASolverScheduler,
+    TCDScheduler,
+    UniPCMultistepScheduler,
+)
+
+from dng.errors import ConfigError
+from dng.kernels import reverse_kernel
+from dng.schedulers import needs_eta, stochastic, switch
+
+SD = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", prediction_type="v_prediction",
+          num_train_timesteps=1100)
+SDE = "sde-dpmsolver++"
+
+
+@pytest.mark.parametrize("scheduler,sibling,settings", [
+    (EulerDiscreteScheduler(**SD), EulerAncestralDiscreteScheduler, {}),
+    (EulerDiscreteScheduler(**SD, use_karras_sigmas=True), DPMSolverMultistepScheduler,
+     {"algorithm_type": SDE, "use_karras_sigmas": True}),
+    (HeunDiscreteScheduler(), EulerAncestralDiscreteScheduler, {}),  # Heun's default betas are not Euler-a's
+    (PNDMScheduler(**SD), EulerAncestralDiscreteScheduler, {}),
+    (KDPM2DiscreteScheduler(**SD), "KDPM2AncestralDiscreteScheduler", {}),
+    (DPMSolverMultistepScheduler(**SD, use_karras_sigmas=True, solver_order=3), DPMSolverMultistepScheduler,
+     {"algorithm_type": SDE, "use_karras_sigmas": True, "solver_order": 3}),
+    (DPMSolverSinglestepScheduler(**SD), DPMSolverSinglestepScheduler, {"algorithm_type": SDE}),
+    (UniPCMultistepScheduler(**SD, use_karras_sigmas=True), DPMSolverMultistepScheduler,
+     {"algorithm_type": SDE, "use_karras_sigmas": True}),
+    (DEISMultistepScheduler(**SD), DPMSolverMultistepScheduler, {"algorithm_type": SDE}),
+    (SASolverScheduler(**SD), DPMSolverMultistepScheduler, {"algorithm_type": SDE}),
+    (EDMDPMSolverMultistepScheduler(solver_order=3, sigma_max=120.0, prediction_type="v_prediction"),
+     EDMDPMSolverMultistepScheduler, {"algorithm_type": SDE, "solver_order": 2, "sigma_max": 120.0}),
+    (EDMEulerScheduler(sigma_data=0.6), EDMDPMSolverMultistepScheduler, {"algorithm_type": SDE, "sigma_data": 0.6}),
+    (FlowMatchEulerDiscreteScheduler(shift=3.0), FlowMatchEulerDiscreteScheduler,
+     {"stochastic_sampling": True, "shift": 3.0}),
+    (FlowMatchHeunDiscreteScheduler(shift=3.0), FlowMatchEulerDiscreteScheduler,
+     {"stochastic_sampling": True, "shift": 3.0}),
+    (LTXEulerAncestralRFScheduler(eta=0.0), LTXEulerAncestralRFScheduler, {"eta": 1.0}),
+], ids=lambda v: type(v).__name__ if not isinstance(v, (type, str, dict)) else "")
+def test_sibling_is_trackable_and_built_from_the_same_config(scheduler, sibling, settings):
+    result = stochastic(scheduler)
+    name = sibling if isinstance(sibling, str) else sibling.__name__
+    assert type(result).__name__ == name
+    reverse_kernel(result, 1.0)
+    for key in ("num_train_timesteps", "prediction_type", "sigma_min", "sigma_max"):
+        if key in scheduler.config and key in result.config:
+            assert result.config[key] == scheduler.config[key], key
+    if hasattr(scheduler, "betas"):
+        assert torch.equal(result.betas, scheduler.betas)
+    for key, value in settings.items():
+        assert result.config[key] == value, key
+    assert str(switch(scheduler)).startswith(f"{name}.from_config(scheduler.config")
+
+
+@pytest.mark.parametrize("scheduler", [
+    DDPMScheduler(), EulerAncestralDiscreteScheduler(), DPMSolverMultistepScheduler(algorithm_type=SDE),
+    LCMScheduler(), DDIMScheduler(), TCDScheduler(),
+], ids=lambda s: type(s).__name__)
+def test_a_tracked_scheduler_is_its_own_sibling(scheduler):
+    assert stochastic(scheduler) is scheduler
+    assert needs_eta(scheduler) == isinstance(scheduler, (DDIMScheduler, TCDScheduler))
+
+
+def test_config_changes_apply_to_the_sibling():
+    result = stochastic(DPMSolverMultistepScheduler(), use_karras_sigmas=True)
+    assert result.config.algorithm_type == SDE and result.config.use_karras_sigmas
+    again = stochastic(result, solver_order=3)
+    assert again is not result and again.config.solver_order == 3 and again.config.use_karras_sigmas
+
+
+def test_untrackable_without_a_sibling_is_refused():
+    with pytest.raises(ConfigError, match="variance_type"):
+        stochastic(DDPMScheduler(variance_type="learned_range"))
+    with pytest.raises(ConfigError, match="variance_type"):
+        stochastic(DPMSolverMultistepScheduler(variance_type="learned_range"))
