@@ -3,7 +3,7 @@
 Prints seconds per image of each, the class-removal metrics of each, how often the classifier gives both samples of
 one noise the same label, and how far the tracked log-odds of the two runs drift apart (mid-chain and last step).
 
-Run: .venv/bin/python benchmarks/bench_dtype.py [--remove Shirt] [--scale 6] [--num-images 100] [--threads 1]
+Run: .venv/bin/python benchmarks/bench_dtype.py [--remove Shirt] [--scale LAM0] [--num-images 100] [--threads 1]
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def logit(p: torch.Tensor) -> torch.Tensor:
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--remove", default="Shirt")
-    parser.add_argument("--scale", type=float, default=6.0)
+    parser.add_argument("--scale", type=float, default=None, help="DNG lam0 (default: the preset's)")
     parser.add_argument("--num-images", type=int, default=100)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
@@ -36,7 +36,8 @@ def main():
     klass = generate.parse_class(args.remove)
     unet, classifier = load_generator(), load_classifier()
     reference = Reference(classifier)
-    params, _ = generate.dng_settings([klass], load_calibration(None), "ddpm", args.steps, args.scale)
+    params, _ = generate.dng_settings([klass], load_calibration(None),
+                                      **({} if args.scale is None else {"scale": args.scale}))
     noise = torch.randn(args.num_images, 1, 28, 28, generator=torch.Generator().manual_seed(args.seed))
     runs = {}
     for dtype in generate.DTYPES:

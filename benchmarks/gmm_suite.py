@@ -40,6 +40,7 @@ SUITE = {
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--scheduler", default="ddpm", help="ddpm, euler-a, dpmpp-2m-sde or ddim")
     parser.add_argument("--num-samples", type=int, default=4000)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--variance", default="fixed_large", choices=("fixed_large", "fixed_small"))
@@ -49,11 +50,13 @@ def main():
     torch.set_num_threads(args.threads)
     results = {}
     for name, config in SUITE.items():
-        bench = GMMBench(config, args.steps, args.num_samples, seed=0, variance=args.variance)
+        bench = GMMBench(config, args.steps, args.num_samples, seed=0, variance=args.variance,
+                         scheduler=args.scheduler)
         cells = list(bench.configs(["none", "np", "sld", "dng", "dng-oracle", "target"]))
         if args.temperature is not None:
-            cells = [(m, {**p, "temperature": args.temperature}, lambda p=p: DynamicNegativeGuidance(
-                **{**p, "temperature": args.temperature})) if m == "dng" else (m, p, f) for m, p, f in cells]
+            cells = [(m, {**p, "temperature": args.temperature}, lambda p=p: DynamicNegativeGuidance.preset(
+                **{k: v for k, v in p.items() if k != "preset"}, temperature=args.temperature))
+                     if m == "dng" else (m, p, f) for m, p, f in cells]
         rows = [bench.run(m, p, f)[0] for m, p, f in cells]
         results[name] = rows
         by = {r["method"]: r for r in rows if r["method"] in ("none", "dng", "dng-oracle", "target")}
@@ -65,8 +68,8 @@ def main():
               f"sW2 {oracle['sliced_w2']:.4f} | dng forb {dng['forbidden_rate']:.4f} kl {dng['class_kl']:.4f} "
               f"sW2 {dng['sliced_w2']:.4f} mae {dng['posterior_logit_mae']:.3f} | np/sld better on both: "
               f"{len(dominated)}", flush=True)
-    write_json(args.out, {"steps": args.steps, "variance": args.variance, "num_samples": args.num_samples,
-                          "temperature": args.temperature, "results": results})
+    write_json(args.out, {"steps": args.steps, "scheduler": args.scheduler, "variance": args.variance,
+                          "num_samples": args.num_samples, "temperature": args.temperature, "results": results})
 
 
 if __name__ == "__main__":

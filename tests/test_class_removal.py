@@ -11,9 +11,9 @@ import torch
 from dng import calibration, cli
 from dng.bench import class_removal
 from dng.commands.demo import DEFAULT_REMOVE
-from dng.guidance import DNG_PRESETS
 from dng.errors import ConfigError
-from dng.samplers import SAMPLERS
+from dng.guidance import DNG_PRESETS
+from dng.schedulers import SAMPLERS
 from dng.vision import generate, models
 
 TINY_UNET = dict(models.GENERATOR_CONFIG, block_out_channels=[8, 8, 16], norm_num_groups=8, attention_head_dim=8)

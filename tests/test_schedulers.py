@@ -92,3 +92,15 @@ def test_untrackable_without_a_sibling_is_refused():
         stochastic(DDPMScheduler(variance_type="learned_range"))
     with pytest.raises(ConfigError, match="variance_type"):
         stochastic(DPMSolverMultistepScheduler(variance_type="learned_range"))
+
+
+def test_the_command_line_names_every_sampler():
+    from dng.commands import SAMPLER_NAMES
+    from dng.schedulers import SAMPLERS, named
+
+    assert SAMPLER_NAMES == tuple(SAMPLERS)
+    base = DDPMScheduler(beta_schedule="scaled_linear", prediction_type="v_prediction").config
+    for name in SAMPLERS:
+        scheduler, eta = named(name, base)
+        reverse_kernel(scheduler, eta)  # each one can be tracked as built
+        assert scheduler.config.prediction_type == "v_prediction" and scheduler.config.beta_schedule == "scaled_linear"

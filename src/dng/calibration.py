@@ -95,8 +95,9 @@ def fit(llr: torch.Tensor, gains: torch.Tensor, outcome: torch.Tensor, p_min: fl
                           "at least 5 of each outcome per concept; draw more samples")
     check_probability("p_min", p_min)
     check_probability("p_max", p_max)
-    keep = ~llr.isnan().flatten(1).any(1)
-    llr, gains = llr[keep], torch.as_tensor(gains, dtype=torch.float64)[keep, None, None]
+    gains = torch.as_tensor(gains, dtype=torch.float64)
+    keep = ~llr.isnan().flatten(1).any(1) & torch.isfinite(gains)
+    llr, gains = llr[keep], gains[keep, None, None]
     # Fit the total drift over the chain, whose scale is that of the llr, rather than the rate.
     unit = float(gains.sum())
     y = outcome.double()[None].expand_as(llr)

@@ -239,7 +239,8 @@ class DynamicNegativeGuidance(Guidance):
         kernel_std = moments.std if self.kernel_variance == "step" else moments.forward_std
         # Both offsets as one per-step offset o, which the updates add as o / (2 s^2).
         offset = self.offset_per_step
-        if self.offset and moments.sigma_next > 0:
+        # A step from infinite noise (flow matching's first) or onto clean data has no finite log-SNR gain.
+        if self.offset and 0 < moments.sigma_next < moments.sigma < math.inf:
             offset += self.offset * 4 * math.log(moments.sigma / moments.sigma_next) * kernel_std**2
         exclusive = self.mode == "exclusive"
         if self.update == "paper":

@@ -96,3 +96,21 @@ def stochastic(scheduler, **config):
     sibling = getattr(diffusers, target).from_config(same, **{**changes, **config})
     reverse_kernel(sibling, 1.0)
     return sibling
+
+
+# The samplers the command line and the benches name, each built on a model's training schedule:
+# name -> (scheduler class, config changes, the eta its step needs).
+SAMPLERS = {
+    "ddpm": ("DDPMScheduler", {}, 0.0),
+    "euler-a": ("EulerAncestralDiscreteScheduler", {"timestep_spacing": "trailing"}, 0.0),
+    "dpmpp-2m-sde": ("DPMSolverMultistepScheduler", {**_SDE, "solver_order": 2, "use_karras_sigmas": True}, 0.0),
+    "ddim": ("DDIMScheduler", {}, 1.0),  # eta 1: DDPM-like noise, which the tracker needs
+}
+
+
+def named(name: str, config) -> tuple:
+    """(scheduler, eta) of the sampler `name` (`SAMPLERS`) on the training schedule `config`."""
+    if name not in SAMPLERS:
+        raise ConfigError(f"unknown scheduler {name!r}; choose one of {', '.join(SAMPLERS)}")
+    cls, changes, eta = SAMPLERS[name]
+    return getattr(diffusers, cls).from_config(config, **changes), eta

@@ -16,7 +16,7 @@ from dng.errors import ConfigError
 from dng.gmm import GaussianMixture, default_mixture_config
 from dng.guidance import SLD_PRESETS, DynamicNegativeGuidance, NegativePrompt, SafeLatentDiffusion
 from dng.sampler import sample
-from dng.samplers import named_scheduler
+from dng.schedulers import named as named_scheduler
 
 METHODS = ("none", "np", "sld", "dng", "dng-oracle", "target")
 # fixed_large (sigma_t^2 = beta_t) is the default: at 100 steps its unguided and exact-posterior samples sit within

@@ -1,6 +1,16 @@
 """Subcommands of the `dng` command; each module has `register(groups)` and imports heavy modules lazily."""
 
 
+# The names of `dng.schedulers.SAMPLERS`, written out so that building the parser need not import diffusers.
+SAMPLER_NAMES = ("ddpm", "euler-a", "dpmpp-2m-sde", "ddim")
+
+
+def add_scheduler_argument(parser, default: str) -> None:
+    parser.add_argument("--scheduler", default=default,
+                        help=f"sampler: {', '.join(SAMPLER_NAMES)} (DPM++ 2M SDE Karras; DDIM with eta 1); "
+                             f"default {default}")
+
+
 def add_dtype_argument(parser) -> None:
     """--dtype of the sampling commands (`dng.vision.generate.DTYPES`)."""
     parser.add_argument("--dtype", default="float32",

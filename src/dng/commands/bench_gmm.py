@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dng.commands import add_scheduler_argument
 from dng.errors import ConfigError
 
 
@@ -9,7 +10,7 @@ def register(groups) -> None:
     p = groups["bench"].add_parser("gmm", help="guidance rules against the exact target on a Gaussian mixture")
     p.add_argument("--config", help="mixture JSON: means, stds, weights, remove (default: built-in d=64, K=10)")
     p.add_argument("--steps", type=int, default=100, help="sampling steps (1000 training steps, linear betas)")
-    p.add_argument("--scheduler", default="ddpm", help="sampler: ddpm (default), euler-a, dpmpp-2m-sde, ddim")
+    add_scheduler_argument(p, "ddpm")
     p.add_argument("--variance", default="fixed_large", choices=("fixed_large", "fixed_small"),
                    help="the DDPM sampler's step variance: beta_t (default) or the posterior's beta_tilde_t")
     p.add_argument("--num-samples", type=int, default=4000)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dng.commands import add_dng_arguments, add_dtype_argument, dng_overrides
+from dng.commands import add_dng_arguments, add_dtype_argument, add_scheduler_argument, dng_overrides
 
 
 def register(groups) -> None:
@@ -16,7 +16,7 @@ def register(groups) -> None:
     add_dng_arguments(p)
     p.add_argument("--num-samples", type=int, default=500, help="samples per cell")
     p.add_argument("--steps", type=int, default=25, help="sampling steps (default 25)")
-    p.add_argument("--scheduler", default="euler-a", help="sampler (default euler-a; see dng.samplers)")
+    add_scheduler_argument(p, "euler-a")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="sweep folder: cells, results.json, results.csv, figures")
     p.add_argument("--generator", default=None, help="generator safetensors (default: the shipped one)")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dng.commands import add_dng_arguments, add_dtype_argument, dng_overrides
+from dng.commands import add_dng_arguments, add_dtype_argument, add_scheduler_argument, dng_overrides
 
 # A distinctive silhouette the shipped generator makes often (about 11 % of its unguided samples).
 DEFAULT_REMOVE = "Bag"
@@ -18,7 +18,7 @@ def register(groups) -> None:
     p.add_argument("--remove", default=DEFAULT_REMOVE, help=f"class name or index (default {DEFAULT_REMOVE})")
     p.add_argument("--num-images", type=int, default=40, help="per method (default 40: under 2 minutes on 2 cores)")
     p.add_argument("--steps", type=int, default=STEPS, help=f"sampling steps (default {STEPS})")
-    p.add_argument("--scheduler", default=SCHEDULER, help=f"sampler (default {SCHEDULER}; see dng.samplers)")
+    add_scheduler_argument(p, SCHEDULER)
     p.add_argument("--np-scale", type=float, default=NP_SCALE, help=f"NP's scale (default {NP_SCALE:g})")
     add_dng_arguments(p)
     p.add_argument("--seed", type=int, default=0)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dng.commands import add_dng_arguments, add_dtype_argument, dng_overrides
+from dng.commands import add_dng_arguments, add_dtype_argument, add_scheduler_argument, dng_overrides
 from dng.errors import ConfigError
 
 
@@ -17,7 +17,7 @@ def register(groups) -> None:
     add_dng_arguments(p)
     p.add_argument("--num-images", type=int, default=64)
     p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--scheduler", default="euler-a", help="sampler (default euler-a; see dng.samplers)")
+    add_scheduler_argument(p, "euler-a")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="PNG grid; the .npz (images, predicted labels) goes beside it")
     p.add_argument("--generator", default=None, help="generator safetensors (default: the shipped one)")
