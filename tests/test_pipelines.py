@@ -8,15 +8,21 @@ import pytest
 import torch
 from diffusers import (
     DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    DPMSolverSinglestepScheduler,
     EulerAncestralDiscreteScheduler,
+    KDPM2AncestralDiscreteScheduler,
+    LCMScheduler,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
+    TCDScheduler,
 )
 from pipeline_fixtures import sd_components, sdxl_components
 
 from dng.commands import sd as sd_command
 from dng.errors import ConfigError
-from dng.guidance import NegativePrompt
+from dng.guidance import DNG_PRESETS, DynamicNegativeGuidance, NegativePrompt
 from dng.pipelines import StableDiffusionDNGPipeline, StableDiffusionXLDNGPipeline
 
 CALL = dict(prompt=["a cat", "a dog"], num_inference_steps=3, height=16, width=16, output_type="np")
@@ -67,8 +73,8 @@ def test_zero_scale_equals_parent_plain_cfg(pair, request):
 def test_frozen_posterior_equals_three_branch_np(pair, request):
     _, pipe = request.getfixturevalue(pair)
     lam0, prior = 12.0, 0.05
-    frozen = pipe(**CALL, negative_prompt="red", dng_scale=lam0, dng_prior=prior, dng_temperature=0.0,
-                  dng_offset=0.0, generator=_seed(), return_trace=True)
+    rule = DynamicNegativeGuidance(scale=lam0, prior=prior, temperature=0.0, offset=0.0, late_boost=1.0)
+    frozen = pipe(**CALL, negative_prompt="red", negative_guidance=rule, generator=_seed(), return_trace=True)
     np_out = pipe(**CALL, negative_prompt="red", negative_guidance=NegativePrompt(lam0 * prior / (1 - prior)),
                   generator=_seed(), return_trace=True)
     np.testing.assert_allclose(frozen.images, np_out.images, atol=1e-6)
@@ -93,12 +99,18 @@ def test_several_negatives_trace(sd_pair):
     assert out.images.shape == (4, 16, 16, 3) and np.isfinite(out.images).all()
     assert trace.p.shape == trace.scale.shape == trace.llr.shape == (3, 4, 3)
     assert trace.p.dtype == torch.float32 and len(trace.timesteps) == 3
-    torch.testing.assert_close(trace.p[0], torch.full((4, 3), 0.01))
+    torch.testing.assert_close(trace.p[0], torch.full((4, 3), DNG_PRESETS["default"]["prior"]))
     assert torch.all((trace.p >= 1e-6 * (1 - 1e-5)) & (trace.p <= 0.5 * (1 + 1e-5)))
-    torch.testing.assert_close(trace.scale, 15.0 * trace.p / (1 - trace.p))
+    torch.testing.assert_close(trace.scale, default_lam0(trace) * trace.p / (1 - trace.p))
     # The last Euler step adds no noise, so it carries no likelihood ratio.
     assert torch.isfinite(trace.llr[:-1]).all() and torch.isnan(trace.llr[-1]).all()
-    assert not torch.all(trace.p[1:] == 0.01)
+    assert not torch.all(trace.p[1:] == DNG_PRESETS["default"]["prior"])
+
+
+def default_lam0(trace) -> torch.Tensor:
+    """The library default's lam0 at each step of a trace, [steps, 1, 1]."""
+    rule = DynamicNegativeGuidance()
+    return torch.tensor([rule.lam0(float(s)) for s in trace.sigma[:, 0]])[:, None, None]
 
 
 def test_exclusive_mode_and_tuple_output(sd_pair):
@@ -106,7 +118,7 @@ def test_exclusive_mode_and_tuple_output(sd_pair):
     images, nsfw, trace = pipe(**CALL, negative_concepts=["cat", "dog"], dng_mode="exclusive", return_dict=False,
                                return_trace=True)
     p = trace.p
-    torch.testing.assert_close(trace.scale, 15.0 * p / (1 - p.sum(-1, keepdim=True)))
+    torch.testing.assert_close(trace.scale, default_lam0(trace) * p / (1 - p.sum(-1, keepdim=True)))
     assert images.shape[0] == 2 and nsfw is None
 
 
@@ -120,8 +132,11 @@ def test_sdxl_runs_every_method(sdxl_pair, method):
 
 def test_deterministic_schedulers_are_refused(sd_parent):
     pipe = _quiet(StableDiffusionDNGPipeline.from_pipe(sd_parent))
-    with pytest.raises(ConfigError, match=r"EulerAncestralDiscreteScheduler\.from_config\(pipe\.scheduler\.config\)"):
+    with pytest.raises(ConfigError, match=r"dng\.schedulers\.stochastic\(pipe\.scheduler\), or pass dng_stochastic"):
         pipe(**CALL, negative_prompt="red")
+    with pytest.warns(UserWarning, match="PNDMScheduler was replaced by its sibling EulerAncestralDiscreteScheduler"):
+        assert np.isfinite(pipe(**CALL, negative_prompt="red", dng_stochastic=True).images).all()
+    assert type(pipe.scheduler) is EulerAncestralDiscreteScheduler
     pipe.scheduler = DDIMScheduler.from_config(sd_parent.scheduler.config)
     with pytest.raises(ConfigError, match="eta"):
         pipe(**CALL, negative_prompt="red")
@@ -192,7 +207,7 @@ def test_posterior_stays_float32_under_bfloat16(tmp_path):
                generator=_seed(), return_trace=True)
     assert out.images.dtype == torch.bfloat16
     assert out.trace.p.dtype == torch.float32 and torch.isfinite(out.trace.llr[:-1]).all()
-    assert torch.all((out.trace.p > 0) & (out.trace.p <= 0.8 + 1e-6))
+    assert torch.all((out.trace.p > 0) & (out.trace.p <= DNG_PRESETS["default"]["p_max"] + 1e-6))
 
 
 def _sd_command(argv):
@@ -213,6 +228,11 @@ def test_sd_command_writes_images_trace_and_plot(sd_parent, tmp_path):
         rows = list(csv.DictReader(f))
     assert len(rows) == 3 * 2 * 2 and {r["concept"] for r in rows} == {"red", "dog"}
     assert all(0 < float(r["p"]) < 1 for r in rows)
+    # The command applies the library default, as the pipelines and the Python class do.
+    rule = DynamicNegativeGuidance()
+    for r in rows:
+        odds = float(r["p"]) / (1 - float(r["p"]))
+        assert float(r["scale"]) == pytest.approx(rule.lam0(float(r["sigma"])) * odds, rel=1e-4)
 
 
 @pytest.mark.parametrize("make,match", [
@@ -223,3 +243,25 @@ def test_sd_command_writes_images_trace_and_plot(sd_parent, tmp_path):
 def test_sd_command_explains_bad_model_folders(tmp_path, make, match):
     with pytest.raises(ConfigError, match=match):
         _sd_command(["--model", str(make(tmp_path)), "--prompt", "a", "--negative", "b", "--out", str(tmp_path)])
+
+
+@pytest.mark.parametrize("make, eta", [
+    (lambda c: DPMSolverMultistepScheduler.from_config(c, algorithm_type="sde-dpmsolver++", use_karras_sigmas=True),
+     0.0),
+    (lambda c: DPMSolverSinglestepScheduler.from_config(c, algorithm_type="sde-dpmsolver++"), 0.0),
+    (lambda c: KDPM2AncestralDiscreteScheduler.from_config(c), 0.0),
+    (lambda c: TCDScheduler.from_config(c), 0.3),
+    (lambda c: LCMScheduler.from_config(c), 0.0),
+    (lambda c: DDPMScheduler.from_config(c), 0.0),
+])
+def test_dng_at_scale_zero_is_plain_cfg_on_every_stochastic_scheduler(sd_parent, make, eta):
+    parent = _quiet(StableDiffusionPipeline.from_pipe(sd_parent))
+    parent.scheduler = make(sd_parent.scheduler.config)
+    pipe = _quiet(StableDiffusionDNGPipeline.from_pipe(parent))
+    call = {**CALL, "num_inference_steps": 4, "eta": eta}
+    expected = parent(**call, generator=_seed()).images
+    out = pipe(**call, negative_prompt="red", dng_scale=0.0, generator=_seed(), return_trace=True)
+    np.testing.assert_array_equal(out.images, expected)
+    assert torch.isfinite(out.trace.llr).any()  # the tracker read the steps
+    guided = pipe(**call, negative_prompt="red", generator=_seed(), return_trace=True)
+    assert np.isfinite(guided.images).all() and (guided.trace.scale > 0).any()

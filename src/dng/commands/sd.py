@@ -79,9 +79,9 @@ def run(args) -> int:
         raise ConfigError("--steps and --images must be at least 1")
     cls = _pipeline_class(args.model)  # checks the folder before the slow imports below
     import torch
-    from diffusers import EulerAncestralDiscreteScheduler
 
     from dng.pipelines.report import plot_trace, write_trace_csv
+    from dng.schedulers import needs_eta, stochastic
 
     guidance = _guidance(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -90,10 +90,15 @@ def run(args) -> int:
         pipe = cls.from_pretrained(args.model, dtype=dtype, local_files_only=True)
     except (OSError, ValueError, KeyError) as err:
         raise ConfigError(f"could not load {args.model} as {cls.__name__}: {err}") from None
-    # DNG needs a stochastic sampler; every method uses the same one so that their images compare at one seed.
-    pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
+    # DNG needs a stochastic sampler: the folder's own, or its stochastic sibling on the same schedule. Every method
+    # uses the same one so that their images compare at one seed.
+    old = type(pipe.scheduler).__name__
+    pipe.scheduler = stochastic(pipe.scheduler)
+    if type(pipe.scheduler).__name__ != old:
+        print(f"sampling with {type(pipe.scheduler).__name__}, the stochastic sibling of the folder's {old}")
+    eta = 1.0 if needs_eta(pipe.scheduler) else 0.0  # DDIM's eta, TCD's gamma: the step's noise
     pipe.to(device)
-    out = pipe(args.prompt, height=args.height, width=args.width, num_inference_steps=args.steps,
+    out = pipe(args.prompt, height=args.height, width=args.width, num_inference_steps=args.steps, eta=eta,
                guidance_scale=args.cfg, num_images_per_prompt=args.images, negative_concepts=args.negative,
                negative_guidance=guidance, generator=torch.Generator(device).manual_seed(args.seed),
                return_trace=True)

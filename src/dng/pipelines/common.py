@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import warnings
+
 from diffusers.utils.torch_utils import randn_tensor
 
+from dng import schedulers
 from dng.errors import ConfigError
 from dng.guidance import DynamicNegativeGuidance, Guidance, NegativePrompt, SafeLatentDiffusion
 from dng.kernels import reverse_kernel
 from dng.sampler import sample
 
 METHODS = ("dng", "np", "sld")
-SWITCH = "pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)"
 
 
 def concept_prompts(negative_prompt, negative_concepts, batch_size: int) -> list[list[str]]:
@@ -48,18 +50,27 @@ def make_guidance(method, guidance_scale: float, dng_preset: str = "default", **
     raise ConfigError(f"negative_guidance must be one of {METHODS} or a dng.guidance.Guidance, got {method!r}")
 
 
-def check_pipeline(pipe, guidance: Guidance, eta: float, **unsupported) -> None:
-    """Refuse what the DNG loop cannot honour before any model runs."""
+def check_pipeline(pipe, guidance: Guidance, eta: float, stochastic: bool = False, **unsupported) -> None:
+    """Refuse what the DNG loop cannot honour before any model runs; with `stochastic`, switch a scheduler DNG
+    cannot track to its stochastic sibling (`dng.schedulers.stochastic`) and say so."""
     for name, value in unsupported.items():
         if value is not None and not (isinstance(value, (int, float)) and value == 0):
             raise ConfigError(f"{name} is not supported together with negative concepts; leave it unset")
     if pipe.unet.config.time_cond_proj_dim is not None:
         raise ConfigError("this UNet embeds the guidance scale (LCM-style) and has no unconditional branch to guide")
-    if guidance.tracks_posterior:
-        try:
-            reverse_kernel(pipe.scheduler, eta)
-        except ConfigError as err:
-            raise ConfigError(f"{err} On a pipeline: {SWITCH}") from None
+    if not guidance.needs_noise_levels:
+        return
+    try:
+        reverse_kernel(pipe.scheduler, eta)
+        return
+    except ConfigError as err:
+        if not stochastic or schedulers.needs_eta(pipe.scheduler):
+            raise ConfigError(f"{err} On a pipeline: pipe.scheduler = dng.schedulers.stochastic(pipe.scheduler), "
+                              "or pass dng_stochastic=True") from None
+    old = type(pipe.scheduler).__name__
+    pipe.scheduler = schedulers.stochastic(pipe.scheduler)
+    warnings.warn(f"dng_stochastic=True: DNG needs a stochastic sampler; {old} was replaced by its sibling "
+                  f"{type(pipe.scheduler).__name__} from the same config", stacklevel=3)
 
 
 def initial_noise(pipe, batch: int, height: int, width: int, dtype, device, generator, latents):

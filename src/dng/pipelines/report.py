@@ -9,16 +9,19 @@ from dng.sampler import Trace
 
 
 def write_trace_csv(trace: Trace, path: Path, concepts: list[str]) -> None:
-    """One row per step, image and negative concept: timestep, p (empty without a posterior), scale, llr."""
+    """One row per step, image and negative concept: timestep, noise level sigma (empty where the rule read none),
+    p (empty without a posterior), scale, llr."""
     steps, images, negatives = trace.scale.shape
+    sigma = [float("nan")] * steps if trace.sigma is None else trace.sigma[:, 0].tolist()
     with open(path, "w", newline="") as f:
         out = csv.writer(f)
-        out.writerow(["step", "timestep", "image", "concept", "p", "scale", "llr"])
+        out.writerow(["step", "timestep", "sigma", "image", "concept", "p", "scale", "llr"])
         for s in range(steps):
             for i in range(images):
                 for k in range(negatives):
                     p, scale, llr = (float(v[s, i, k]) for v in (trace.p, trace.scale, trace.llr))
-                    out.writerow([s, float(trace.timesteps[s]), i, concepts[k], _num(p), _num(scale), _num(llr)])
+                    out.writerow([s, float(trace.timesteps[s]), _num(sigma[s]), i, concepts[k], _num(p), _num(scale),
+                                  _num(llr)])
 
 
 def _num(value: float) -> str:

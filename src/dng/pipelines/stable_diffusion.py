@@ -69,6 +69,7 @@ class StableDiffusionDNGPipeline(StableDiffusionPipeline):
         dng_p_min: float | None = None,
         dng_p_max: float | None = None,
         dng_mode: str = "independent",
+        dng_stochastic: bool = False,
         return_trace: bool = False,
         **kwargs,
     ):
@@ -77,7 +78,8 @@ class StableDiffusionDNGPipeline(StableDiffusionPipeline):
         `negative_guidance` is "dng", "np" (constant scale guidance_scale - 1, which is diffusers' negative prompt),
         "sld" (the medium preset) or a `dng.guidance.Guidance`. DNG is `DynamicNegativeGuidance.preset(dng_preset)`;
         the other `dng_*` set its lam0, prior, temperature, offset and posterior clamp where given, and the
-        combination mode ("independent" or "exclusive"). `return_trace=True` adds `trace`.
+        combination mode ("independent" or "exclusive"). `dng_stochastic=True` replaces a scheduler DNG cannot track
+        by its stochastic sibling (`dng.schedulers.stochastic`, with a warning). `return_trace=True` adds `trace`.
         """
         if negative_concepts is None and negative_prompt is None and negative_prompt_embeds is None:
             if return_trace:
@@ -101,7 +103,7 @@ class StableDiffusionDNGPipeline(StableDiffusionPipeline):
         guidance = common.make_guidance(negative_guidance, guidance_scale, dng_preset, scale=dng_scale,
                                         prior=dng_prior, temperature=dng_temperature, offset=dng_offset,
                                         p_min=dng_p_min, p_max=dng_p_max, mode=dng_mode)
-        common.check_pipeline(self, guidance, eta, timesteps=timesteps, sigmas=sigmas,
+        common.check_pipeline(self, guidance, eta, dng_stochastic, timesteps=timesteps, sigmas=sigmas,
                               ip_adapter_image=ip_adapter_image, ip_adapter_image_embeds=ip_adapter_image_embeds,
                               guidance_rescale=guidance_rescale, **kwargs)
         self._guidance_scale, self._guidance_rescale, self._clip_skip = guidance_scale, 0.0, clip_skip

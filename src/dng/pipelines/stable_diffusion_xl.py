@@ -80,6 +80,7 @@ class StableDiffusionXLDNGPipeline(StableDiffusionXLPipeline):
         dng_p_min: float | None = None,
         dng_p_max: float | None = None,
         dng_mode: str = "independent",
+        dng_stochastic: bool = False,
         return_trace: bool = False,
         **kwargs,
     ):
@@ -114,7 +115,8 @@ class StableDiffusionXLDNGPipeline(StableDiffusionXLPipeline):
         guidance = common.make_guidance(negative_guidance, guidance_scale, dng_preset, scale=dng_scale,
                                         prior=dng_prior, temperature=dng_temperature, offset=dng_offset,
                                         p_min=dng_p_min, p_max=dng_p_max, mode=dng_mode)
-        common.check_pipeline(self, guidance, eta, timesteps=timesteps, sigmas=sigmas, denoising_end=denoising_end,
+        common.check_pipeline(self, guidance, eta, dng_stochastic, timesteps=timesteps, sigmas=sigmas,
+                              denoising_end=denoising_end,
                               ip_adapter_image=ip_adapter_image, ip_adapter_image_embeds=ip_adapter_image_embeds,
                               guidance_rescale=guidance_rescale, **kwargs)
         self._guidance_scale, self._guidance_rescale, self._clip_skip = guidance_scale, 0.0, clip_skip
