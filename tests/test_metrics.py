@@ -98,3 +98,52 @@ def test_extract_features_accepts_any_callable_in_batches():
     assert feats[:, 1].tolist() == [2.0 * i for i in range(10)]
     numpy_feats = metrics.extract_features(lambda b: b.numpy().reshape(len(b), -1), images, batch_size=3)
     assert numpy_feats[:, 0].tolist() == list(range(10))
+
+
+def _garment():
+    """A 28x28 black image holding a textured square, a one-pixel strap and a dim patch, all of it object."""
+    image = np.zeros((28, 28), np.uint8)
+    image[4:14, 4:14] = np.where(np.indices((10, 10)).sum(0) % 2, 255, 40)  # hard checkerboard texture
+    image[16, 4:20] = 255  # a thin strap: the median filter alone would wipe it out
+    image[20:24, 4:8] = 20  # a dark garment part, just above OBJECT_LEVEL
+    return image
+
+
+def test_background_energy_counts_isolated_specks_not_garments():
+    clean = _garment()
+    assert metrics.median3x3(clean[None])[0, 16, 10] == 0  # the strap is high-frequency, yet no artifact
+    speckled = clean.copy()
+    speckled[[2, 25, 10, 22], [24, 25, 22, 15]] = 255  # four isolated white pixels on the background
+    speckled[25, 2] = 128
+    faint_pair = clean.copy()
+    faint_pair[8, 20:22] = 51  # two touching specks are still specks
+    textured = clean.copy()
+    textured[4:14, 4:14] = np.random.default_rng(0).integers(17, 256, (10, 10))
+    texture = textured[4:14, 4:14].astype(float) - metrics.median3x3(textured[None])[0, 4:14, 4:14]
+    assert ((texture / 255) ** 2).sum() > 5  # as high-frequency as five white specks, yet the garment's own
+    energy = metrics.background_energy(np.stack([clean, speckled, faint_pair, textured, np.zeros_like(clean)]))
+    assert energy.dtype == np.float64
+    np.testing.assert_allclose(energy, [0, 4 + (128 / 255) ** 2, 2 * 0.2**2, 0, 0], atol=1e-6)
+    touching = clean.copy()
+    touching[14, 14] = 255  # a speck touching the square is part of it: the detector is blind next to objects
+    assert metrics.background_energy(touching[None])[0] == 0
+    with pytest.raises(ValueError, match="uint8"):
+        metrics.background_energy(clean[None].astype(np.int64))
+
+
+def test_median3x3_matches_a_sort():
+    images = np.random.default_rng(0).integers(0, 256, (20, 9, 7)).astype(np.uint8)
+    padded = np.pad(images, ((0, 0), (1, 1), (1, 1)))
+    windows = np.stack([padded[:, i : i + 9, j : j + 7] for i in range(3) for j in range(3)])
+    np.testing.assert_array_equal(metrics.median3x3(images), np.median(windows, axis=0))
+
+
+def test_artifact_rate_is_the_share_above_the_real_quantile():
+    # One isolated pixel of brightness 1..200 per image: 200 distinct energies (v / 255)^2.
+    images = np.zeros((200, 28, 28), np.uint8)
+    images[:, 5, 5] = np.arange(1, 201)
+    threshold = metrics.artifact_threshold(images)
+    assert (198 / 255) ** 2 < threshold < (199 / 255) ** 2  # the two brightest are above it
+    assert metrics.artifact_rate(images, threshold) == 0.01
+    assert metrics.artifact_threshold(images, 0.5) == pytest.approx(((100 / 255) ** 2 + (101 / 255) ** 2) / 2)
+    assert metrics.artifact_rate(images[:100], metrics.artifact_threshold(images, 0.5)) == 0.0
