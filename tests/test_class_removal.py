@@ -1,5 +1,6 @@
 """Class-removal bench, `dng sample` and `dng demo` end to end on tiny random models and tiny data."""
 
+import csv
 import gzip
 import json
 import math
@@ -18,7 +19,8 @@ from dng.vision import generate, models
 
 TINY_UNET = dict(models.GENERATOR_CONFIG, block_out_channels=[8, 8, 16], norm_num_groups=8, attention_head_dim=8)
 TINY_CLASSIFIER = dict(channels=[4, 8, 8], convs=[1, 1, 1], features=16, num_classes=10, dropout=0.0)
-ROW_KEYS = {"class", "method", "params", "forbidden_rate", "class_kl", "fid", "precision", "recall", "seconds"}
+ROW_KEYS = {"class", "method", "params", "forbidden_rate", "class_kl", "fid", "precision", "recall", "artifact_rate",
+            "seconds"}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -60,6 +62,7 @@ def test_bench_writes_rows_csv_figures_and_resumes(tiny, tmp_path, monkeypatch):
     assert [(r["class"], r["method"]) for r in rows] == [(1, "none"), (1, "dng")]
     for r in rows:
         assert ROW_KEYS <= set(r) and 0 <= r["forbidden_rate"] <= 1 and r["class_kl"] >= 0 and r["fid"] >= 0
+        assert 0 <= r["artifact_rate"] <= 1
     assert rows[1]["params"]["prior"] == 0.1
     counts = {c["row"]["method"]: c["counts"] for c in class_removal.load_cells(out)}
     assert rows[1]["unguided_kl"] == pytest.approx(class_removal.unguided_kl(counts["dng"], counts["none"], 1))
@@ -139,6 +142,30 @@ def test_summary_compares_settings_on_the_same_classes():
     rows = [row(1, "none", 0.2), row(1, "np", 0.0), row(3, "none", 0.4)]  # class 3's np cell is not done yet
     summary = {s["method"]: s for s in class_removal.summarize(class_removal.comparable(rows))}
     assert summary["none"]["forbidden_rate"] == 0.2 and summary["none"]["classes"] == 1
+
+
+def test_cells_stored_before_the_artifact_rate_still_load_and_summarise(tmp_path, monkeypatch):
+    for figure in ("tradeoff", "class_histogram"):  # the figures do not read it: spare the test their drawing
+        monkeypatch.setattr(class_removal, figure, lambda summary, path, *args: path)
+    cells = tmp_path / "cells"
+    cells.mkdir()
+    counts = [0, 10, 10, 0, 0, 0, 0, 0, 0, 0]
+    measures = {"forbidden_rate": 0.0, "class_kl": 0.1, "fid": 2.0, "precision": 0.5, "recall": 0.5, "seconds": 1.0}
+    old = {"class": 1, "method": "np", "params": {"scale": 1.0}, **measures}
+    new = {"class": 1, "method": "none", "params": {}, **measures, "artifact_rate": 0.05}
+    for row in (old, new):
+        key = class_removal.cell_key(1, row["method"], row["params"])
+        (cells / f"{key}.json").write_text(json.dumps({"row": row, "counts": counts}))
+        np.savez(cells / f"{key}.npz", grid=np.zeros((4, 28, 28), np.uint8))
+    class_removal.write_results(tmp_path)
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert [(r["method"], r["artifact_rate"]) for r in result["rows"]] == [("none", 0.05), ("np", None)]
+    assert [(s["method"], s["artifact_rate"]) for s in result["summary"]] == [("none", 0.05), ("np", None)]
+    table = (tmp_path / "summary.md").read_text().splitlines()
+    column = table[0].split(" | ").index("artifacts")
+    assert [line.split(" | ")[column] for line in table[2:]] == ["0.0500 ± 0.0000", "-"]
+    with open(tmp_path / "results.csv", newline="") as f:
+        assert [r["artifact_rate"] for r in csv.DictReader(f)] == ["0.05", ""]
 
 
 def test_unguided_kl_by_hand():

@@ -28,7 +28,7 @@ from dng.vision.models import default_weights, load_calibration, load_classifier
 # the FID reference, so the train split keeps the two sets apart).
 METHODS = ("data", "none", "np", "sld", "dng")
 NP_SCALES = (0.5, 1.0, 2.0)
-METRICS = ("forbidden_rate", "class_kl", "unguided_kl", "fid", "precision", "recall", "seconds")
+METRICS = ("forbidden_rate", "class_kl", "unguided_kl", "fid", "precision", "recall", "artifact_rate", "seconds")
 GRID_IMAGES = 64
 TRACE_SAMPLES = 40
 
@@ -109,10 +109,13 @@ class Reference:
         images, labels = images[:limit], labels[:limit]
         self.labels = labels
         _, self.features = generate.classify(classifier, images)
+        self.artifact_threshold = metrics.artifact_threshold(images)
         self._stats: dict[tuple, tuple] = {}
 
-    def metrics(self, removed: list[int], pred: np.ndarray, feats: np.ndarray, seed: int = 0) -> dict:
-        """forbidden_rate, class_kl, fid, precision and recall of samples (predicted labels, features)."""
+    def metrics(self, removed: list[int], images: np.ndarray, pred: np.ndarray, feats: np.ndarray,
+                seed: int = 0) -> dict:
+        """forbidden_rate, class_kl, fid, precision, recall and artifact_rate of uint8 samples, with their
+        predicted labels and features."""
         kept = [c for c in range(NUM_CLASSES) if c not in removed]
         mask = np.isin(self.labels, kept)
         key = tuple(removed)
@@ -128,6 +131,7 @@ class Reference:
             "fid": metrics.frechet_distance(*metrics.gaussian_stats(feats), *self._stats[key]),
             "precision": precision,
             "recall": recall,
+            "artifact_rate": metrics.artifact_rate(images, self.artifact_threshold),
         }
 
 
@@ -220,7 +224,7 @@ class ClassRemovalBench:
             images, trace, seconds = self.sample(factory, [klass])
         pred, feats = generate.classify(self.reference.classifier, images)
         row = {"class": klass, "method": method, "params": params,
-               **self.reference.metrics([klass], pred, feats, self.settings["seed"]), "seconds": seconds}
+               **self.reference.metrics([klass], images, pred, feats, self.settings["seed"]), "seconds": seconds}
         arrays = {"grid": images[:GRID_IMAGES]}
         if trace is not None:
             arrays.update(timesteps=trace.timesteps.numpy(), sigma=trace.sigma[:, 0].numpy(),
@@ -272,6 +276,7 @@ def load_cells(out) -> list[dict]:
     # Computed here rather than stored: a cell finished before its class's unguided cell gets it too.
     unguided = {c["row"]["class"]: c["counts"] for c in cells if c["row"]["method"] == "none"}
     for c in cells:
+        c["row"].setdefault("artifact_rate", None)  # cells stored before it was measured
         klass = c["row"]["class"]
         c["row"]["unguided_kl"] = unguided_kl(c["counts"], unguided[klass], klass) if klass in unguided else None
     return sorted(cells, key=lambda c: (c["row"]["class"], *setting_order(c["row"]["method"], c["row"]["params"])))
@@ -409,8 +414,8 @@ def class_histogram(cells: list[dict], path) -> Path:
 
 def format_summary(summary: list[dict]) -> str:
     """Markdown table: mean ± std over removed classes per setting."""
-    lines = ["| setting | classes | forbidden rate | class KL | KL to unguided | FID | precision | recall | seconds |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| setting | classes | forbidden rate | class KL | KL to unguided | FID | precision | recall | artifacts "
+             "| seconds |", "|---|---|---|---|---|---|---|---|---|---|"]
     for s in summary:
         cols = " | ".join("-" if s[m] is None else f"{s[m]:.0f}" if m == "seconds" else
                           f"{s[m]:.4f} ± {s[m + '_std']:.4f}" for m in METRICS)

@@ -71,7 +71,7 @@ def run(args) -> int:
                                   progress=args.progress, dtype=args.dtype)
         images = generate.to_uint8(x)
         pred, feats = generate.classify(classifier, images)
-        results[name] = {"params": params, **reference.metrics([klass], pred, feats, args.seed),
+        results[name] = {"params": params, **reference.metrics([klass], images, pred, feats, args.seed),
                          "seconds": time.perf_counter() - t0}
         grids[name] = generate.grid(images)
         generate.save_png(grids[name], out / f"grid_{name}.png")
@@ -115,7 +115,7 @@ def side_by_side(grids: dict, results: dict, class_name: str, path):
 def format_report(report: dict) -> str:
     rows = "\n".join(
         f"| {name} | {m['forbidden_rate']:.3f} | {m['class_kl']:.4f} | {m['fid']:.2f} | {m['precision']:.2f} | "
-        f"{m['recall']:.2f} | {m['seconds']:.1f} |"
+        f"{m['recall']:.2f} | {m['artifact_rate']:.3f} | {m['seconds']:.1f} |"
         for name, m in report["methods"].items()
     )
     dng = ", ".join(f"{k} {v}" if isinstance(v, str) else f"{k} {v:.3g}"
@@ -126,8 +126,8 @@ def format_report(report: dict) -> str:
 method starts from the same noise. Metrics from the shipped classifier against the kept classes' images among the first
 {REFERENCE_IMAGES} test images.
 
-| method | forbidden rate | class KL | FID | precision | recall | seconds |
-|---|---|---|---|---|---|---|
+| method | forbidden rate | class KL | FID | precision | recall | artifacts | seconds |
+|---|---|---|---|---|---|---|---|
 {rows}
 
 - forbidden rate: share of images classified as {report["removed_name"]} (0 is the goal).
