@@ -118,12 +118,15 @@ def test_background_energy_counts_isolated_specks_not_garments():
     faint_pair = clean.copy()
     faint_pair[8, 20:22] = 51  # two touching specks are still specks
     textured = clean.copy()
-    textured[4:14, 4:14] = np.random.default_rng(0).integers(17, 256, (10, 10))
+    rng = np.random.default_rng(0)
+    textured[4:14, 4:14] = rng.integers(17, 256, (10, 10))
     texture = textured[4:14, 4:14].astype(float) - metrics.median3x3(textured[None])[0, 4:14, 4:14]
     assert ((texture / 255) ** 2).sum() > 5  # as high-frequency as five white specks, yet the garment's own
-    energy = metrics.background_energy(np.stack([clean, speckled, faint_pair, textured, np.zeros_like(clean)]))
+    hazy = np.where(clean == 0, rng.integers(0, metrics.NOISE_LEVEL + 1, clean.shape), clean).astype(np.uint8)
+    energy = metrics.background_energy(np.stack([clean, speckled, faint_pair, textured, hazy, np.zeros_like(clean)]))
     assert energy.dtype == np.float64
-    np.testing.assert_allclose(energy, [0, 4 + (128 / 255) ** 2, 2 * 0.2**2, 0, 0], atol=1e-6)
+    speck = [((v - metrics.NOISE_LEVEL) / 255) ** 2 for v in (255, 128, 51)]
+    np.testing.assert_allclose(energy, [0, 4 * speck[0] + speck[1], 2 * speck[2], 0, 0, 0], atol=1e-6)
     touching = clean.copy()
     touching[14, 14] = 255  # a speck touching the square is part of it: the detector is blind next to objects
     assert metrics.background_energy(touching[None])[0] == 0
@@ -139,9 +142,9 @@ def test_median3x3_matches_a_sort():
 
 
 def test_artifact_rate_is_the_share_above_the_real_quantile():
-    # One isolated pixel of brightness 1..200 per image: 200 distinct energies (v / 255)^2.
+    # One isolated pixel v = 1..200 grey levels above the noise per image: 200 distinct energies (v / 255)^2.
     images = np.zeros((200, 28, 28), np.uint8)
-    images[:, 5, 5] = np.arange(1, 201)
+    images[:, 5, 5] = np.arange(1, 201) + metrics.NOISE_LEVEL
     threshold = metrics.artifact_threshold(images)
     assert (198 / 255) ** 2 < threshold < (199 / 255) ** 2  # the two brightest are above it
     assert metrics.artifact_rate(images, threshold) == 0.01

@@ -130,6 +130,9 @@ def precision_recall(real_features, fake_features, k: int = 3) -> tuple[float, f
 # Grey level above which a pixel can belong to an object: above the shipped generator's faint background noise
 # (99.5 % of its pixels away from the garment are 6 or less), below all but the faintest parts of dark garments.
 OBJECT_LEVEL = 16
+# Grey levels of each pixel's difference to its neighbourhood that do not count: real backgrounds are exactly 0, a
+# generator's hover at 1-4 (invisible), and summed over a whole background that noise would outweigh a speck.
+NOISE_LEVEL = 4
 
 
 def _triples(a: np.ndarray, axis: int) -> list[np.ndarray]:
@@ -161,18 +164,19 @@ def _box3(mask: np.ndarray) -> np.ndarray:
 
 
 def background_energy(images) -> np.ndarray:
-    """Per image [N, H, W] (uint8, black background): sum over the background of ((x - median3x3(x)) / 255)^2.
+    """Per image [N, H, W] (uint8, black background): sum over the background of (max(|x - median3x3(x)| -
+    NOISE_LEVEL, 0) / 255)^2.
 
     The background is every pixel not next to an object pixel, one brighter than OBJECT_LEVEL with at least two such
-    neighbours (so thin straps and soles count as object, an isolated bright pixel does not): one white speck adds 1,
-    a garment's own texture nothing.
+    neighbours (so thin straps and soles count as object, an isolated bright pixel does not): one white speck adds
+    about 1, a garment's own texture nothing.
     """
     x = np.asarray(images)
     if x.ndim != 3 or x.dtype != np.uint8:
         raise ValueError(f"background_energy takes uint8 images [N, H, W], got {x.dtype} {x.shape}")
     bright = x > OBJECT_LEVEL
     background = _box3(bright & (_box3(bright) >= 3)) == 0
-    residual = (x.astype(np.float32) - median3x3(x)) / 255
+    residual = np.maximum(np.abs(x.astype(np.float32) - median3x3(x)) - NOISE_LEVEL, 0) / 255
     return np.where(background, residual**2, 0).sum((1, 2), dtype=np.float64)
 
 
