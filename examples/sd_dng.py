@@ -4,17 +4,17 @@
         --negative "cars" --negative "people" --out sd_dng_out
 
 Writes np.png (NP at scale cfg - 1 per concept; for one concept exactly diffusers' negative prompt), dng.png (same
-seed, DNG with the published SD settings), trace.csv and trace.png (p_t and the scale per step and concept).
+seed, DNG with the library default), trace.csv and trace.png (p_t and the scale per step and concept).
 """
 
 import argparse
 from pathlib import Path
 
 import torch
-from diffusers import EulerAncestralDiscreteScheduler
 
 from dng.pipelines import StableDiffusionDNGPipeline, StableDiffusionXLDNGPipeline
 from dng.pipelines.report import plot_trace, write_trace_csv
+from dng.schedulers import stochastic
 
 
 def main() -> None:
@@ -33,14 +33,13 @@ def main() -> None:
     cls = StableDiffusionXLDNGPipeline if args.xl else StableDiffusionDNGPipeline
     pipe = cls.from_pretrained(args.model, dtype=dtype, local_files_only=True).to(device)
     # SD ships PNDM, which adds no noise: the posterior update needs a stochastic sampler.
-    pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.scheduler = stochastic(pipe.scheduler)
     args.out.mkdir(parents=True, exist_ok=True)
 
     common = dict(prompt=args.prompt, negative_concepts=args.negative, num_inference_steps=args.steps,
                   guidance_scale=7.5)
     baseline = pipe(**common, negative_guidance="np", generator=torch.Generator(device).manual_seed(args.seed))
     baseline.images[0].save(args.out / "np.png")
-    # The pipeline's DNG defaults are the published SD settings: lam0 15, prior 0.01, temperature 0.25, offset 0.003.
     out = pipe(**common, negative_guidance="dng", return_trace=True,
                generator=torch.Generator(device).manual_seed(args.seed))
     out.images[0].save(args.out / "dng.png")

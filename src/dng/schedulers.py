@@ -103,7 +103,9 @@ def stochastic(scheduler, **config):
 SAMPLERS = {
     "ddpm": ("DDPMScheduler", {}, 0.0),
     "euler-a": ("EulerAncestralDiscreteScheduler", {"timestep_spacing": "trailing"}, 0.0),
-    "dpmpp-2m-sde": ("DPMSolverMultistepScheduler", {**_SDE, "solver_order": 2, "use_karras_sigmas": True}, 0.0),
+    # variance_type is DDPM's step variance in a DDPM config, but a learned-variance flag to DPM-Solver.
+    "dpmpp-2m-sde": ("DPMSolverMultistepScheduler",
+                     {**_SDE, "solver_order": 2, "use_karras_sigmas": True, "variance_type": None}, 0.0),
     "ddim": ("DDIMScheduler", {}, 1.0),  # eta 1: DDPM-like noise, which the tracker needs
 }
 
