@@ -1,5 +1,7 @@
 """Guidance rules against hand computations and diffusers' own SLD."""
 
+import math
+
 import pytest
 import torch
 from diffusers.pipelines.deprecated.stable_diffusion_safe.pipeline_stable_diffusion_safe import (
@@ -153,3 +155,17 @@ def test_sld_matches_diffusers_safe_pipeline(name):
 def test_bad_guidance_settings_are_refused(make, message):
     with pytest.raises(ConfigError, match=message):
         make()
+
+
+def test_push_cap_bounds_scale_times_the_steps_log_snr_gain():
+    dng = DynamicNegativeGuidance(scale=2.0, prior=0.5, late_boost=1.0, push_cap=4.0)
+    dng.start(2, 1)
+    eps_u, eps_n, _ = _branches()
+    small = Step(0, torch.tensor(0), eps_u, 1.0, 0.9)  # gain 2 log(1/0.9) = 0.21: the cap (19) does not bind
+    big = Step(0, torch.tensor(0), eps_u, 1.0, 0.5)  # gain 1.39: the cap 2.89 is above the scale 2
+    huge = Step(0, torch.tensor(0), eps_u, 1.0, 0.1)  # gain 4.61: cap 0.87
+    assert float(dng.combine(eps_u, eps_n, small)[1][0, 0]) == pytest.approx(2.0)
+    assert float(dng.combine(eps_u, eps_n, big)[1][0, 0]) == pytest.approx(2.0)
+    assert float(dng.combine(eps_u, eps_n, huge)[1][0, 0]) == pytest.approx(4.0 / (2 * math.log(10)))
+    onto_clean = Step(0, torch.tensor(0), eps_u, 0.1, 0.0)  # no finite gain: not capped
+    assert float(dng.combine(eps_u, eps_n, onto_clean)[1][0, 0]) == pytest.approx(2.0)

@@ -73,7 +73,7 @@ def test_zero_scale_equals_parent_plain_cfg(pair, request):
 def test_frozen_posterior_equals_three_branch_np(pair, request):
     _, pipe = request.getfixturevalue(pair)
     lam0, prior = 12.0, 0.05
-    rule = DynamicNegativeGuidance(scale=lam0, prior=prior, temperature=0.0, offset=0.0, late_boost=1.0)
+    rule = DynamicNegativeGuidance(scale=lam0, prior=prior, temperature=0.0, offset=0.0, late_boost=1.0, push_cap=0.0)
     frozen = pipe(**CALL, negative_prompt="red", negative_guidance=rule, generator=_seed(), return_trace=True)
     np_out = pipe(**CALL, negative_prompt="red", negative_guidance=NegativePrompt(lam0 * prior / (1 - prior)),
                   generator=_seed(), return_trace=True)

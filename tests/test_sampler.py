@@ -9,7 +9,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, EulerAncestralDiscreteSchedu
 from dng.bench.gmm import GMMBench
 from dng.errors import ConfigError
 from dng.gmm import default_mixture_config
-from dng.guidance import DynamicNegativeGuidance, NegativePrompt, SafeLatentDiffusion
+from dng.guidance import DynamicNegativeGuidance, NegativePrompt, SafeLatentDiffusion, log_snr_gain
 from dng.sampler import sample
 
 
@@ -33,7 +33,8 @@ def run(guidance, scheduler=None, n_neg=1, steps=10, cfg=None, **kw):
 
 
 def test_full_loop_regression_is_pinned():
-    out = run(DynamicNegativeGuidance(scale=2.0, prior=0.3, temperature=1.2, late_boost=1.0), return_trace=True)
+    out = run(DynamicNegativeGuidance(scale=2.0, prior=0.3, temperature=1.2, late_boost=1.0, push_cap=0.0),
+              return_trace=True)
     # Pinned from this implementation (torch 2.13 CPU); a change here means the loop's numbers changed.
     assert float(out.samples.sum()) == pytest.approx(PINNED["sum"], abs=1e-3)
     assert float(out.samples.abs().mean()) == pytest.approx(PINNED["abs_mean"], abs=1e-5)
@@ -45,7 +46,8 @@ PINNED = {"sum": 8.156938552856445, "abs_mean": 0.6739828586578369, "p_final": 0
 
 def test_frozen_posterior_is_exactly_negative_prompting():
     lam0, prior = 3.0, 0.2
-    frozen = run(DynamicNegativeGuidance(scale=lam0, prior=prior, temperature=0.0, offset=0.0, late_boost=1.0),
+    frozen = run(DynamicNegativeGuidance(scale=lam0, prior=prior, temperature=0.0, offset=0.0, late_boost=1.0,
+                                         push_cap=0.0),
                  return_trace=True)
     np_out = run(NegativePrompt(lam0 * prior / (1 - prior)))
     torch.testing.assert_close(frozen.samples, np_out.samples)
@@ -65,8 +67,10 @@ def test_trace_shapes_and_ranges():
     assert tr.p.shape == tr.scale.shape == tr.llr.shape == (8, 3, 2)
     assert tr.timesteps.shape == (8,)
     assert ((tr.p >= 1e-3 - 1e-7) & (tr.p <= 0.9 + 1e-7)).all()
-    lam0 = torch.where(tr.timesteps < 200, 6.0, 1.0)[:, None, None]  # the default late boost
-    torch.testing.assert_close(tr.scale, lam0 * tr.p / (1 - tr.p))
+    rule = DynamicNegativeGuidance()  # the default lam0 schedule and push cap, read from the trace's noise levels
+    lam0 = torch.tensor([rule.lam0(float(s)) for s in tr.sigma[:, 0]])[:, None, None]
+    cap = torch.tensor([rule.push_cap / g if (g := log_snr_gain(*map(float, s))) else math.inf for s in tr.sigma])
+    torch.testing.assert_close(tr.scale, torch.minimum(lam0 * tr.p / (1 - tr.p), cap[:, None, None].float()))
     assert torch.isnan(tr.llr[-1]).all() and torch.isfinite(tr.llr[:-1]).all()
     np_trace = run(NegativePrompt(2.0), steps=4, return_trace=True).trace
     assert torch.isnan(np_trace.p).all() and (np_trace.scale == 2.0).all()

@@ -19,12 +19,14 @@ from dng.posterior import PosteriorTracker, gaussian_llr, mixture_llr
 
 @dataclass
 class Step:
-    """Where the sampler is: step index, timestep, the current sample x_t (unscaled) and its noise level sigma."""
+    """Where the sampler is: step index, timestep, the current sample x_t (unscaled), and the noise levels sigma
+    of x_t and of the step's result."""
 
     index: int
     t: torch.Tensor
     x: torch.Tensor
     sigma: float = math.nan
+    sigma_next: float = math.nan
 
 
 def check_scale(name: str, value: float) -> float:
@@ -146,13 +148,13 @@ UPDATES = ("paper", "mixture")
 # which holds only for the sampler and step count it was tuned on.
 DNG_PRESETS = {
     "default": dict(scale=1.0, prior=0.1, temperature=1.0, offset=0.0, p_min=1e-6, p_max=0.95,
-                    late_boost=6.0, boost_sigma=0.72, sigma_min=0.0),
+                    late_boost=6.0, boost_sigma=0.72, sigma_min=0.0, push_cap=4.0),
     # Koulischer et al. 2025, class removal on CIFAR-10 with a 1000-step DDPM.
     "paper-cifar10": dict(scale=5.0, prior=0.01, temperature=0.2, offset=0.0, offset_per_step=2e-4, p_min=1e-6,
-                          p_max=0.8, late_boost=1.0, boost_sigma=0.0, sigma_min=0.0),
+                          p_max=0.8, late_boost=1.0, boost_sigma=0.0, sigma_min=0.0, push_cap=0.0),
     # Koulischer et al. 2025, Stable Diffusion at CFG 7.5: lam0 12-27, temperature 0.2-0.3, offset 0.002-0.004.
     "paper-sd": dict(scale=15.0, prior=0.01, temperature=0.25, offset=0.0, offset_per_step=0.003, p_min=1e-6,
-                     p_max=0.8, late_boost=1.0, boost_sigma=0.0, sigma_min=0.0),
+                     p_max=0.8, late_boost=1.0, boost_sigma=0.0, sigma_min=0.0, push_cap=0.0),
 }
 _D = DNG_PRESETS["default"]
 
@@ -162,8 +164,11 @@ class DynamicNegativeGuidance(Guidance):
 
     Several negatives: "independent" concepts use lam_i = lam0 p_i/(1-p_i), mutually "exclusive" ones
     (classes) lam_i = lam0 p_i/(1-sum_j p_j). lam0 is `scale`, times `late_boost` where the noise level sigma is
-    below `boost_sigma`; below `sigma_min` the rule neither guides nor tracks. `DynamicNegativeGuidance.preset(name)`
-    gives a named setting of `DNG_PRESETS`; the defaults are its "default".
+    below `boost_sigma`; below `sigma_min` the rule neither guides nor tracks. `push_cap` (0: none) bounds each
+    applied scale by push_cap / (the step's log-SNR gain): a large scale applied over one large step overshoots
+    where the posterior would have fallen within it, which many small steps do not (on the exact mixtures at 25
+    steps the boost alone distorted the kept classes up to 4.6x the exact rule's sliced W2; capped, 1.25x).
+    `DynamicNegativeGuidance.preset(name)` gives a named setting of `DNG_PRESETS`; the defaults are its "default".
 
     Research options (keywords only): `offset_per_step` (the published per-step offset), `kernel_variance`
     ("step": the noise the step adds; "forward": the forward transition's), `update` ("paper": the unconditional
@@ -177,7 +182,8 @@ class DynamicNegativeGuidance(Guidance):
     def __init__(self, scale: float = _D["scale"], prior=_D["prior"], temperature: float = _D["temperature"],
                  offset: float = _D["offset"], p_min: float = _D["p_min"], p_max: float = _D["p_max"],
                  mode: str = "independent", late_boost: float = _D["late_boost"],
-                 boost_sigma: float = _D["boost_sigma"], sigma_min: float = _D["sigma_min"], *,
+                 boost_sigma: float = _D["boost_sigma"], sigma_min: float = _D["sigma_min"],
+                 push_cap: float = _D["push_cap"], *,
                  offset_per_step: float = 0.0, kernel_variance: str = "step", update: str = "paper",
                  posterior: Callable | None = None):
         if mode not in MODES:
@@ -192,6 +198,7 @@ class DynamicNegativeGuidance(Guidance):
         self.late_boost = check_scale("late_boost", late_boost)
         self.boost_sigma = check_scale("boost_sigma", boost_sigma)
         self.sigma_min = check_scale("sigma_min", sigma_min)
+        self.push_cap = check_scale("push_cap", push_cap)
         self.temperature = check_scale("temperature", temperature)
         self.offset = _finite("offset", offset)
         self.offset_per_step = _finite("offset_per_step", offset_per_step)
@@ -229,6 +236,9 @@ class DynamicNegativeGuidance(Guidance):
     def combine(self, eps_u, eps_n, step, eps_p=None, cfg_scale=1.0):
         p = self.posterior(step)
         scale = self.scales(p, self.lam0(step.sigma))
+        gain = log_snr_gain(step.sigma, step.sigma_next)
+        if self.push_cap and gain:
+            scale = scale.clamp(max=self.push_cap / gain)
         return _push(base_prediction(eps_u, eps_p, cfg_scale), eps_u, eps_n, scale), scale, p
 
     def observe(self, x_prev, moments) -> torch.Tensor | None:
@@ -238,10 +248,8 @@ class DynamicNegativeGuidance(Guidance):
             return None
         kernel_std = moments.std if self.kernel_variance == "step" else moments.forward_std
         # Both offsets as one per-step offset o, which the updates add as o / (2 s^2).
-        offset = self.offset_per_step
-        # A step from infinite noise (flow matching's first) or onto clean data has no finite log-SNR gain.
-        if self.offset and 0 < moments.sigma_next < moments.sigma < math.inf:
-            offset += self.offset * 4 * math.log(moments.sigma / moments.sigma_next) * kernel_std**2
+        gain = log_snr_gain(moments.sigma, moments.sigma_next)
+        offset = self.offset_per_step + self.offset * gain * 2 * kernel_std**2
         exclusive = self.mode == "exclusive"
         if self.update == "paper":
             llr = gaussian_llr(*moments.statistics(x_prev), kernel_std, self.temperature, offset)
@@ -251,6 +259,14 @@ class DynamicNegativeGuidance(Guidance):
                               exclusive=exclusive, p_max=self.tracker.p_max)
         self.tracker.update(llr)
         return llr
+
+
+def log_snr_gain(sigma: float, sigma_next: float) -> float:
+    """log-SNR gained by a step from noise level sigma to sigma_next, 2 log(sigma / sigma_next); 0 where it is not
+    finite (a step from infinite noise, flow matching's first, or onto clean data) or not known."""
+    if 0 < sigma_next < sigma < math.inf:
+        return 2 * math.log(sigma / sigma_next)
+    return 0.0
 
 
 def _finite(name: str, value: float) -> float:

@@ -110,7 +110,7 @@ def sample(
             eps = base_prediction(eps_u, eps_p, cfg_scale or 1.0)
         else:
             eps_n = branches[1 + n_pos:]
-            eps, scale, p = guidance.combine(eps_u, eps_n, Step(i, t, x, levels[0]), eps_p, cfg_scale or 1.0)
+            eps, scale, p = guidance.combine(eps_u, eps_n, Step(i, t, x, *levels), eps_p, cfg_scale or 1.0)
             info = {"p": p, "scale": scale}
             if tracking:
                 # Without a positive branch, u and the negatives are already contiguous: no copy.

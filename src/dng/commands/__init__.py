@@ -31,7 +31,7 @@ def add_dng_arguments(parser) -> None:
 
 # The DynamicNegativeGuidance parameters the command line may set (a prior may list one value per concept).
 DNG_PARAMETERS = ("scale", "prior", "temperature", "offset", "p_min", "p_max", "late_boost", "boost_sigma",
-                  "sigma_min", "offset_per_step")
+                  "sigma_min", "push_cap", "offset_per_step")
 
 
 def dng_overrides(args) -> dict:
