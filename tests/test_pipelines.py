@@ -22,7 +22,7 @@ from pipeline_fixtures import sd_components, sdxl_components
 
 from dng.commands import sd as sd_command
 from dng.errors import ConfigError
-from dng.guidance import DNG_PRESETS, DynamicNegativeGuidance, NegativePrompt
+from dng.guidance import DNG_PRESETS, DynamicNegativeGuidance, NegativePrompt, log_snr_gain
 from dng.pipelines import StableDiffusionDNGPipeline, StableDiffusionXLDNGPipeline
 
 CALL = dict(prompt=["a cat", "a dog"], num_inference_steps=3, height=16, width=16, output_type="np")
@@ -101,16 +101,22 @@ def test_several_negatives_trace(sd_pair):
     assert trace.p.dtype == torch.float32 and len(trace.timesteps) == 3
     torch.testing.assert_close(trace.p[0], torch.full((4, 3), DNG_PRESETS["default"]["prior"]))
     assert torch.all((trace.p >= 1e-6 * (1 - 1e-5)) & (trace.p <= 0.5 * (1 + 1e-5)))
-    torch.testing.assert_close(trace.scale, default_lam0(trace) * trace.p / (1 - trace.p))
+    torch.testing.assert_close(trace.scale, default_scale(trace, trace.p / (1 - trace.p)))
     # The last Euler step adds no noise, so it carries no likelihood ratio.
     assert torch.isfinite(trace.llr[:-1]).all() and torch.isnan(trace.llr[-1]).all()
     assert not torch.all(trace.p[1:] == DNG_PRESETS["default"]["prior"])
 
 
-def default_lam0(trace) -> torch.Tensor:
-    """The library default's lam0 at each step of a trace, [steps, 1, 1]."""
+def default_scale(trace, odds) -> torch.Tensor:
+    """The library default's scale lam0(sigma) * odds, capped at push_cap / (log-SNR gain), at each step of a trace."""
+    return torch.stack([_default_scale(*map(float, levels), o) for levels, o in zip(trace.sigma, odds, strict=True)])
+
+
+def _default_scale(sigma, sigma_next, odds):
     rule = DynamicNegativeGuidance()
-    return torch.tensor([rule.lam0(float(s)) for s in trace.sigma[:, 0]])[:, None, None]
+    gain = log_snr_gain(sigma, sigma_next)
+    scale = rule.lam0(sigma) * odds
+    return scale.clamp(max=rule.push_cap / gain) if gain else scale
 
 
 def test_exclusive_mode_and_tuple_output(sd_pair):
@@ -118,7 +124,7 @@ def test_exclusive_mode_and_tuple_output(sd_pair):
     images, nsfw, trace = pipe(**CALL, negative_concepts=["cat", "dog"], dng_mode="exclusive", return_dict=False,
                                return_trace=True)
     p = trace.p
-    torch.testing.assert_close(trace.scale, default_lam0(trace) * p / (1 - p.sum(-1, keepdim=True)))
+    torch.testing.assert_close(trace.scale, default_scale(trace, p / (1 - p.sum(-1, keepdim=True))))
     assert images.shape[0] == 2 and nsfw is None
 
 
@@ -229,10 +235,12 @@ def test_sd_command_writes_images_trace_and_plot(sd_parent, tmp_path):
     assert len(rows) == 3 * 2 * 2 and {r["concept"] for r in rows} == {"red", "dog"}
     assert all(0 < float(r["p"]) < 1 for r in rows)
     # The command applies the library default, as the pipelines and the Python class do.
-    rule = DynamicNegativeGuidance()
+    sigmas = sorted({float(r["sigma"]) for r in rows}, reverse=True) + [0.0]
     for r in rows:
-        odds = float(r["p"]) / (1 - float(r["p"]))
-        assert float(r["scale"]) == pytest.approx(rule.lam0(float(r["sigma"])) * odds, rel=1e-4)
+        odds = torch.tensor(float(r["p"]) / (1 - float(r["p"])))
+        sigma = float(r["sigma"])
+        expected = _default_scale(sigma, sigmas[sigmas.index(sigma) + 1], odds)
+        assert float(r["scale"]) == pytest.approx(float(expected), rel=1e-4)
 
 
 @pytest.mark.parametrize("make,match", [
