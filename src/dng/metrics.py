@@ -130,8 +130,8 @@ def precision_recall(real_features, fake_features, k: int = 3) -> tuple[float, f
 # Grey level above which a pixel can belong to an object: above the shipped generator's faint background noise
 # (99.5 % of its pixels away from the garment are 6 or less), below all but the faintest parts of dark garments.
 OBJECT_LEVEL = 16
-# Grey levels of each pixel's difference to its neighbourhood that do not count: real backgrounds are exactly 0, a
-# generator's hover at 1-4 (invisible), and summed over a whole background that noise would outweigh a speck.
+# Differences to the neighbourhood up to this many grey levels are noise, not specks: real backgrounds are exactly 0,
+# the generator's sit at 1-4 (invisible), a haze that summed over a whole background would outweigh a real speck.
 NOISE_LEVEL = 4
 
 
