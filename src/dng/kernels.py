@@ -520,7 +520,19 @@ class DPMSolverKernel(_PastKernel):
         return tuple(_level(alpha, sigma) for alpha, sigma in self._alphas_sigmas(t))
 
 
-class FlowMatchEulerKernel(_Kernel):
+class _FlowKernel(_Kernel):
+    """Rectified-flow schedulers: x_s = (1 - s) x0 + s n, with the step's flow sigmas s read from the scheduler."""
+
+    def _sigmas(self, t):
+        s = self.scheduler
+        i = _step_index(s, t)
+        return s.sigmas[i], s.sigmas[i + 1]
+
+    def noise_levels(self, t):
+        return tuple(_level(1 - sigma, sigma) for sigma in self._sigmas(t))
+
+
+class FlowMatchEulerKernel(_FlowKernel):
     """Stochastic flow matching: the x0 estimate moved to the next sigma with fresh noise, (1 - s') x0 + s' z."""
 
     def __init__(self, scheduler: FlowMatchEulerDiscreteScheduler):
@@ -528,21 +540,13 @@ class FlowMatchEulerKernel(_Kernel):
         if not scheduler.config.stochastic_sampling:
             raise _unsupported(scheduler, "stochastic_sampling=False is a deterministic Euler ODE step")
 
-    def _sigmas(self, t):
-        s = self.scheduler
-        i = _step_index(s, t)
-        return s.sigmas[i], s.sigmas[i + 1]
-
-    def noise_levels(self, t):
-        return tuple(_level(1 - sigma, sigma) for sigma in self._sigmas(t))
-
     def moments(self, t, x, out):
         sigma, sigma_next = self._sigmas(t)
         mean = (1.0 - sigma_next) * (x - sigma * out)
         return mean, float(sigma_next), _forward_std(1 - sigma, sigma, 1 - sigma_next, sigma_next)
 
 
-class LTXEulerAncestralKernel(_Kernel):
+class LTXEulerAncestralKernel(_FlowKernel):
     """Euler ancestral for rectified flow (ComfyUI's RF variant), noise scaled by the config's eta and s_noise."""
 
     def __init__(self, scheduler: LTXEulerAncestralRFScheduler):
@@ -550,14 +554,6 @@ class LTXEulerAncestralKernel(_Kernel):
         cfg = scheduler.config
         if not (cfg.eta > 0 and cfg.s_noise > 0):
             raise _unsupported(scheduler, f"eta = {cfg.eta}, s_noise = {cfg.s_noise} add no noise")
-
-    def _sigmas(self, t):
-        s = self.scheduler
-        i = _step_index(s, t)
-        return s.sigmas[i], s.sigmas[i + 1]
-
-    def noise_levels(self, t):
-        return tuple(_level(1 - sigma, sigma) for sigma in self._sigmas(t))
 
     def moments(self, t, x, out):
         cfg = self.scheduler.config
