@@ -139,8 +139,8 @@ class GMMBench:
                 yield method, {"preset": "default", **rule}, lambda rule=rule: DynamicNegativeGuidance.preset(**rule)
             elif method == "dng-oracle":
                 # The exact rule: lam0 = 1 everywhere on the exact posterior is the score of the target.
-                oracle = {"scale": 1.0, "late_boost": 1.0, "sigma_min": 0.0, "p_min": 1e-6, "p_max": 1 - 1e-6,
-                          "mode": "exclusive"}
+                oracle = {"scale": 1.0, "late_boost": 1.0, "sigma_min": 0.0, "push_cap": 0.0, "p_min": 1e-6,
+                          "p_max": 1 - 1e-6, "mode": "exclusive"}
                 yield method, {**oracle, "posterior": "exact"}, lambda oracle=oracle: DynamicNegativeGuidance(
                     **oracle, posterior=self.exact_posterior)
             elif method == "target":

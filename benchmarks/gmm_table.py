@@ -1,0 +1,56 @@
+"""Markdown table of tracked DNG against the exact target and the exact-posterior rule, from gmm_suite.py results.
+
+Run: for s in ddpm euler-a dpmpp-2m-sde; do for n in 25 50 100; do
+         .venv/bin/python benchmarks/gmm_suite.py --scheduler $s --steps $n --out runs/gmm-suite-$s-$n.json; done; done
+     .venv/bin/python benchmarks/gmm_table.py runs/gmm-suite-*.json
+
+Per mixture: forbidden rate (target / exact-posterior DNG / tracked DNG), class KL and sliced W2 of tracked DNG as a
+ratio to the target row's and to the exact-posterior row's. A mixture passes against a reference row when tracked DNG
+has sW2 <= 1.3x its sW2, forbidden <= its forbidden + max(1 point, 3 standard errors), class KL <= 0.03, and no NP or
+SLD row is at least as good on both forbidden and class KL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+
+def passes(dng: dict, ref: dict, rows: list[dict], n: int) -> bool:
+    se = math.sqrt(max(ref["forbidden_rate"], 1 / n) * (1 - ref["forbidden_rate"]) / n)
+    dominated = any(r["method"] in ("np", "sld") and r["forbidden_rate"] <= dng["forbidden_rate"]
+                    and r["class_kl"] <= dng["class_kl"] for r in rows)
+    return (dng["sliced_w2"] <= 1.3 * ref["sliced_w2"] and dng["class_kl"] <= 0.03 and not dominated
+            and dng["forbidden_rate"] <= ref["forbidden_rate"] + max(0.01, 3 * se))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("results", nargs="+", help="gmm_suite.py JSON files")
+    args = parser.parse_args()
+    print("| sampler | steps | mixture | forbidden: target / exact-posterior / DNG | class KL | sW2 / target | "
+          "sW2 / exact-posterior | passes vs target, vs exact-posterior |")
+    print("|---|---|---|---|---|---|---|---|")
+    totals = {}
+    for path in args.results:
+        data = json.load(open(path))
+        n, key = data["num_samples"], (data.get("scheduler", "ddpm"), data["steps"])
+        for name, rows in data["results"].items():
+            by = {r["method"]: r for r in rows if r["method"] in ("dng", "dng-oracle", "target")}
+            dng, oracle, target = by["dng"], by["dng-oracle"], by["target"]
+            ok = (passes(dng, target, rows, n), passes(dng, oracle, rows, n))
+            totals.setdefault(key, []).append(ok)
+            print(f"| {key[0]} | {key[1]} | {name} | {100 * target['forbidden_rate']:.2f} / "
+                  f"{100 * oracle['forbidden_rate']:.2f} / {100 * dng['forbidden_rate']:.2f} % | "
+                  f"{dng['class_kl']:.4f} | {dng['sliced_w2'] / target['sliced_w2']:.2f} | "
+                  f"{dng['sliced_w2'] / oracle['sliced_w2']:.2f} | {'yes' if ok[0] else 'no'}, "
+                  f"{'yes' if ok[1] else 'no'} |")
+    print("\n| sampler | steps | mixtures passing vs target | vs exact-posterior |\n|---|---|---|---|")
+    for (sampler, steps), oks in sorted(totals.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+        print(f"| {sampler} | {steps} | {sum(a for a, _ in oks)} / {len(oks)} | "
+              f"{sum(b for _, b in oks)} / {len(oks)} |")
+
+
+if __name__ == "__main__":
+    main()
