@@ -1,6 +1,6 @@
 """`dng bench gmm` over a family of mixtures; prints one summary line per mixture and writes the rows.
 
-Run: .venv/bin/python benchmarks/gmm_suite.py --steps 100 --out runs/gmm-suite.json
+Run: .venv/bin/python benchmarks/gmm_suite.py [--steps 100] [--scheduler ddpm] [--dng late_boost=1] --out runs/gmm-suite.json
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import argparse
 import torch
 
 from dng.bench.gmm import GMMBench
+from dng.commands import dng_overrides
 from dng.gmm import default_mixture_config
 from dng.guidance import DynamicNegativeGuidance
 from dng.io import write_json
@@ -44,18 +45,20 @@ def main():
     parser.add_argument("--num-samples", type=int, default=4000)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--variance", default="fixed_large", choices=("fixed_large", "fixed_small"))
-    parser.add_argument("--temperature", type=float, default=None, help="DNG temperature (default: the library's)")
+    parser.add_argument("--dng", action="append", default=[], metavar="NAME=VALUE",
+                        help="set a parameter of the DNG row over the default preset, e.g. --dng late_boost=1")
     parser.add_argument("--out", default="runs/gmm-suite.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    overrides = dng_overrides(argparse.Namespace(dng=args.dng, dng_preset="default"))
     results = {}
     for name, config in SUITE.items():
         bench = GMMBench(config, args.steps, args.num_samples, seed=0, variance=args.variance,
                          scheduler=args.scheduler)
         cells = list(bench.configs(["none", "np", "sld", "dng", "dng-oracle", "target"]))
-        if args.temperature is not None:
-            cells = [(m, {**p, "temperature": args.temperature}, lambda p=p: DynamicNegativeGuidance.preset(
-                **{k: v for k, v in p.items() if k != "preset"}, temperature=args.temperature))
+        if overrides:
+            cells = [(m, {**p, **overrides}, lambda p=p: DynamicNegativeGuidance.preset(
+                **{k: v for k, v in p.items() if k != "preset"}, **overrides))
                      if m == "dng" else (m, p, f) for m, p, f in cells]
         rows = [bench.run(m, p, f)[0] for m, p, f in cells]
         results[name] = rows
@@ -69,7 +72,7 @@ def main():
               f"sW2 {dng['sliced_w2']:.4f} mae {dng['posterior_logit_mae']:.3f} | np/sld better on both: "
               f"{len(dominated)}", flush=True)
     write_json(args.out, {"steps": args.steps, "scheduler": args.scheduler, "variance": args.variance,
-                          "num_samples": args.num_samples, "temperature": args.temperature, "results": results})
+                          "num_samples": args.num_samples, "dng": overrides, "results": results})
 
 
 if __name__ == "__main__":
