@@ -1,6 +1,7 @@
 """`dng bench gmm` over a family of mixtures; prints one summary line per mixture and writes the rows.
 
-Run: .venv/bin/python benchmarks/gmm_suite.py [--steps 100] [--scheduler ddpm] [--dng late_boost=1] --out runs/gmm-suite.json
+Run: .venv/bin/python benchmarks/gmm_suite.py [--steps 100] [--scheduler ddpm] [--dng late_boost=1] \
+         --out runs/gmm-suite.json
 """
 
 from __future__ import annotations
