@@ -6,9 +6,10 @@ keeps from earlier steps (a multistep solver's earlier outputs, a two-stage solv
 starting sample; nothing for DDPM-like steps). The posterior tracker needs `mean` for
 several model outputs at the same `x` and past, and the `std` of the noise the step adds.
 Without clipping or thresholding the mean is affine in the output, a x + b out + c with
-c from the past: `branch_moments` reads a, b and c off the kernel's formula, which for the
-DPM-Solver family is the scheduler's own update called on the stored outputs (read, never
-written: the sampler asks before it steps).
+c from the past: `branch_moments` reads a, b and c off the kernel's formula (read, never
+written: the sampler asks before it steps). A multistep solver's past holds model outputs,
+which differ per branch: its kernel (one per chain) records every branch's outputs as it
+reads them, so that m_u - m_n reads each branch's own.
 Kernels also give `forward_std`, the std of the forward transition between the
 step's two noise levels (sqrt(beta_t) in DDPM terms) in the same sample space: the
 true reverse kernel's spread lies between the two, nearer the forward one at low noise.
@@ -142,13 +143,13 @@ class AffineBranchMoments(BranchMoments):
 
     d_i = b (out_u - out_n_i) comes from one subtraction (no cancellation between nearly equal means) and
     r = x_prev - a x - b out_u - c; two full-size passes fewer than building the means, which is visible on a model
-    as cheap as the update (the exact mixture). `offset` c is what a multistep solver's earlier outputs add (None
-    where the step reads no past).
+    as cheap as the update (the exact mixture). `offset` c is what the step's stored past adds (None where the step
+    reads no past); `diff` is d given whole, where it also reads each branch's own past (None: b (out_u - out_n_i)).
     """
 
     def __init__(self, x, outs, a: float, b: float, std: float, forward_std: float,
-                 levels=(float("nan"), float("nan")), offset=None):
-        self.x, self.outs, self.a, self.b, self.offset = x, outs, a, b, offset
+                 levels=(float("nan"), float("nan")), offset=None, diff=None):
+        self.x, self.outs, self.a, self.b, self.offset, self._diff = x, outs, a, b, offset, diff
         self.std, self.forward_std = std, forward_std
         self.sigma, self.sigma_next = levels
 
@@ -159,13 +160,15 @@ class AffineBranchMoments(BranchMoments):
 
     @property
     def diff(self):
-        return self.b * (self.outs[:1] - self.outs[1:])
+        return self.b * (self.outs[:1] - self.outs[1:]) if self._diff is None else self._diff
 
     def statistics(self, x_prev, gram: bool = False):
         residual = torch.add(x_prev.to(torch.float32), self.x, alpha=-self.a).add_(self.outs[0], alpha=-self.b)
         if self.offset is not None:
             residual.sub_(self.offset)
-        return self._inner(residual, self.outs[:1] - self.outs[1:], gram, self.b)
+        if self._diff is None:
+            return self._inner(residual, self.outs[:1] - self.outs[1:], gram, self.b)
+        return self._inner(residual, self._diff, gram, 1.0)
 
 
 class _Kernel:
@@ -441,10 +444,16 @@ class KDPM2AncestralKernel(_PastKernel):
 
 
 class DPMSolverKernel(_PastKernel):
-    """DPM-Solver(++) in SDE form, multistep, singlestep or EDM's: the scheduler's own update on its stored outputs.
+    """DPM-Solver(++) in SDE form, multistep, singlestep or EDM's: the scheduler's own update.
 
-    The mean for an output is the update the step would take with that output as this step's, the earlier
-    (guided) outputs as stored, and (singlestep, order > 1) the sample its stage started from.
+    The mean for an output is the update the step would take with that output as this step's, the earlier outputs
+    as stored (the guided ones) and (singlestep, order > 1) the sample its stage started from, the chain's.
+    The hypothesis "the chain samples c" is the chain run with c's outputs at every step, so m_u - m_n reads each
+    branch's own earlier outputs, which `branch_moments` records as it reads each step (one kernel per chain). m_u
+    itself keeps the stored history: the residual x_prev - m_u is then this step's push and noise, as for a one-step
+    kernel. With m_u on u's own history it would also hold the echo of the last push (2M weighs the previous step's
+    output by -1/(2r)): evidence against c- at a push, cut short by the tracker's p_min clamp, then for c- at the
+    next step. On the exact mixture at 25-100 steps that loop blew up 4-10 of 2000 chains.
     """
 
     def __init__(self, scheduler):
@@ -460,6 +469,49 @@ class DPMSolverKernel(_PastKernel):
         if cfg.get("variance_type") is not None:
             raise _unsupported(scheduler, f"variance_type {cfg.variance_type!r} needs an output wider than the sample")
         self.affine = not cfg.thresholding
+        # Step index -> this chain's converted outputs at that step, unconditional minus each negative.
+        self._gaps = {}
+
+    def branch_moments(self, t, x, outs) -> BranchMoments:
+        """m_u from the stored (guided) history; m_u - m_n_i from each branch's own outputs at every step."""
+        x, outs = _upcast(x), _upcast(outs)
+        s = self.scheduler
+        order, _ = self._plan(t)
+        i = s.step_index
+        gap = self._gap(x, outs)
+        past = [self._gaps.get(j) for j in range(i - order + 1, i)]
+        if any(g is None or g.shape != gap.shape for g in past):
+            raise ConfigError(f"step {i} of {type(s).__name__} is of order {order}: its branch means need the same "
+                              f"branches' outputs at the {order - 1} step(s) before it. Read branch_moments at every "
+                              "step of the chain, with the same branches and batch, on a kernel made for this chain")
+        self._gaps = {j: g for j, g in self._gaps.items() if i - s.config.solver_order < j < i} | {i: gap}
+        # The update is linear in its outputs: weighted as there, the gaps sum to m_u - m_n_i.
+        *weights, weight = self._weights(order)
+        diff = gap * weight
+        for w, g in zip(weights, past, strict=True):
+            diff.add_(g, alpha=w)
+        if self.affine:
+            a, b, c, std, forward_std = self._coefficients(t, x)
+            return AffineBranchMoments(x, outs, a, b, std, forward_std, self.noise_levels(t), c, diff)
+        return BranchMoments(self._mean(t, x, outs[0], self._stored(t)), diff, *self._stds(t), self.noise_levels(t))
+
+    def _gap(self, x, outs):
+        """This step's converted outputs, unconditional minus each negative ([negatives, batch, ...])."""
+        convert = self.scheduler.convert_model_output
+        if self.affine:
+            # Without thresholding the conversion is affine in the output: the gap is its slope times the outputs'
+            # difference, exact where the branches nearly agree.
+            one, zero = torch.ones((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+            return float(convert(one, sample=zero)) * (outs[:1] - outs[1:])
+        converted = _each_branch(lambda o: convert(o, sample=x), x, outs)
+        return converted[:1] - converted[1:]
+
+    def _weights(self, order):
+        """The update's coefficient on each of its outputs, oldest first."""
+        def unit(j):
+            return [torch.tensor(float(j == k), dtype=torch.float64) for k in range(order)]
+
+        return [float(self._update(order, unit(j), torch.zeros((), dtype=torch.float64), 0.0)) for j in range(order)]
 
     def _plan(self, t):
         """(order, whether the update starts from the stored stage sample) as the scheduler's step() picks them."""
