@@ -21,6 +21,7 @@ on where the chain is read it.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -366,7 +367,8 @@ class LCMKernel(_VPKernel):
 
     def moments(self, t, x, out):
         abar_t, abar_prev, last = self._schedule(t)
-        c_skip, c_out = self.scheduler.get_scalings_for_boundary_condition_discrete(t)
+        # On a shallow copy: diffusers' method sets `sigma_data` on the scheduler it is called on.
+        c_skip, c_out = copy.copy(self.scheduler).get_scalings_for_boundary_condition_discrete(t)
         denoised = c_out * self._x0_and_eps(x, out, abar_t)[0] + c_skip * x
         if last:
             return denoised, 0.0, _vp_forward_std(abar_t, 1.0)
