@@ -364,3 +364,15 @@ def test_data_row_scores_real_kept_class_images(tiny, tmp_path):
     code = cli.main(["bench", "class-removal", "--classes", "2", "--methods", "data", "--num-samples", "28",
                      "--out", str(tmp_path / "big"), *tiny])
     assert code == 2
+
+
+def test_trajectory_figure_reads_sigma_when_the_rule_has_one(tmp_path):
+    from dng import plots
+    from dng.sampler import Trace
+
+    p = torch.rand(4, 3, 1)
+    with_levels = torch.tensor([[10.0, 1.0], [1.0, 0.1], [0.1, 0.01], [0.01, 0.0]], dtype=torch.float64)
+    without = torch.full((4, 2), float("nan"), dtype=torch.float64)  # NP and SLD read no noise level
+    for name, sigma in (("dng", with_levels), ("np", without), ("old", None)):
+        path = plots.trajectories(Trace(torch.arange(4), p, p, p, sigma), tmp_path / f"{name}.png")
+        assert path.read_bytes()[:4] == b"\x89PNG"

@@ -50,6 +50,8 @@ def trajectories(trace, path, max_lines: int = 40, title: str = "DNG along the s
     Against the noise level sigma (high noise on the left) where the trace has it, else against the step.
     """
     sigma = None if trace.sigma is None else trace.sigma[:, 0].numpy()
+    if sigma is not None and not (sigma > 0).any():
+        sigma = None  # a rule that reads no noise level (NP, SLD) leaves it NaN
     x = range(len(trace.timesteps)) if sigma is None else sigma
     fig, (ax_p, ax_s) = plt.subplots(1, 2, figsize=(10, 3.8))
     for i in range(min(max_lines, trace.p.shape[1])):
