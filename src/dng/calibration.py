@@ -45,9 +45,11 @@ class Calibration:
 
 
 def log_snr_gains(sigma: torch.Tensor) -> torch.Tensor:
-    """lambda_{s+1} - lambda_s = 2 log(sigma_s / sigma_{s+1}) of every step, from a trace's `sigma` [steps, 2]."""
-    sigma = torch.as_tensor(sigma, dtype=torch.float64)
-    return 2 * (sigma[:, 0].log() - sigma[:, 1].log())
+    """Every step's log-SNR gain as the tracker adds the offset over it (`dng.guidance.log_snr_gain`: 0 where it is
+    not finite), from a trace's `sigma` [steps, 2]."""
+    from dng.guidance import log_snr_gain
+
+    return torch.tensor([log_snr_gain(*map(float, levels)) for levels in sigma], dtype=torch.float64)
 
 
 def _auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
@@ -95,9 +97,8 @@ def fit(llr: torch.Tensor, gains: torch.Tensor, outcome: torch.Tensor, p_min: fl
                           "at least 5 of each outcome per concept; draw more samples")
     check_probability("p_min", p_min)
     check_probability("p_max", p_max)
-    gains = torch.as_tensor(gains, dtype=torch.float64)
-    keep = ~llr.isnan().flatten(1).any(1) & torch.isfinite(gains)
-    llr, gains = llr[keep], gains[keep, None, None]
+    keep = ~llr.isnan().flatten(1).any(1)
+    llr, gains = llr[keep], torch.as_tensor(gains, dtype=torch.float64)[keep, None, None]
     # Fit the total drift over the chain, whose scale is that of the llr, rather than the rate.
     unit = float(gains.sum())
     y = outcome.double()[None].expand_as(llr)
