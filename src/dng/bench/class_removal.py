@@ -1,7 +1,8 @@
 """`dng bench class-removal`: remove one Fashion-MNIST class at a time from the unconditional generator.
 
 Every finished cell (class, method, params) is a JSON file under DIR/cells (plus an .npz of its sample grid and
-DNG trace), written atomically and skipped on rerun; results.json, the CSV and the figures are rebuilt from them.
+DNG trace), scored from the sample sets of `dng.bench.sweep`; results.json, the CSV and the figures are rebuilt
+from the cells.
 """
 
 from __future__ import annotations
@@ -9,13 +10,14 @@ from __future__ import annotations
 import csv
 import io
 import json
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from dng import metrics
+from dng.bench.sweep import SampleSet, Sweep, read_json, read_npz, readable
+from dng.distributed import World
 from dng.errors import ConfigError
 from dng.guidance import DNG_PRESETS, SLD_PRESETS, check_scale
 from dng.io import write_atomic, write_json
@@ -136,64 +138,31 @@ class Reference:
 
 
 class ClassRemovalBench:
-    """One generator, classifier, scheduler and seed; `run(classes, methods)` fills DIR/cells."""
+    """One generator, classifier, scheduler and seed; `run(classes, methods)` fills DIR (`dng.bench.sweep`)."""
 
     def __init__(self, out, steps: int = 50, num_samples: int = 500, scheduler: str = "ddpm", seed: int = 0,
                  generator=None, classifier=None, batch_size: int = 128, progress: bool = True,
-                 dtype: str = "float32"):
-        if steps < 1 or num_samples < 4:
-            raise ConfigError(f"need --steps >= 1 and --num-samples >= 4, got {steps} and {num_samples}")
+                 dtype: str = "float32", world: World | None = None):
+        if steps < 1 or num_samples < 4 or batch_size < 1:
+            raise ConfigError(f"need --steps >= 1, --num-samples >= 4 and --batch-size >= 1, got {steps}, "
+                              f"{num_samples} and {batch_size}")
         generate.make_scheduler(scheduler)  # fails early on an unknown name
         generate.check_dtype(dtype)
         gen_path = Path(generator) if generator else default_weights("generator")
         clf_path = Path(classifier) if classifier else default_weights("classifier")
-        self.unet = load_generator(gen_path)
         self.reference = Reference(load_classifier(clf_path))
         self.calibration = load_calibration(gen_path)
-        self.out = Path(out)
-        # The calibration is not locked here: it only sets DNG's parameters, which every cell stores and `run`
-        # checks, so NP and SLD cells stay valid when the generator is recalibrated.
-        self.settings = {
+        # The calibration is not in the settings: it only sets DNG's parameters, which every cell stores and `run`
+        # checks, so NP and SLD cells stay valid when the generator is recalibrated. The batch size is: the UNet's
+        # arithmetic depends on the batch it runs in (in its last bits, and more under bfloat16).
+        settings = {
             "steps": steps, "num_samples": num_samples, "scheduler": scheduler, "seed": seed, "dtype": dtype,
+            "batch_size": batch_size,
             "generator_weights_sha256": weights_sha256(gen_path, "generator"),
             "classifier_weights_sha256": weights_sha256(clf_path, "classifier"),
         }
-        self._check_settings()
-        self.batch_size, self.progress = batch_size, progress
-
-    def _check_settings(self) -> None:
-        # Cells from other settings or weights would mix silently into the table: refuse instead.
-        path = self.out / "settings.json"
-        if path.is_file():
-            old = json.loads(path.read_text())
-            if old != self.settings:
-                diff = ", ".join(f"{k}: {old.get(k)} -> {v}" for k, v in self.settings.items() if old.get(k) != v)
-                raise ConfigError(f"{self.out} holds a sweep with other settings ({diff}); choose another --out")
-        else:
-            write_json(path, self.settings)
-
-    def noise(self) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.settings["seed"])
-        return torch.randn(self.settings["num_samples"], 1, 28, 28, generator=g)
-
-    def sample(self, factory, negatives) -> tuple[np.ndarray, Trace | None, float]:
-        """uint8 images, trace and seconds of the sweep's noise sampled with a guidance factory (None: unguided)."""
-        s = self.settings
-        start = time.perf_counter()
-        x, trace = generate.generate(self.unet, s["scheduler"], factory, negatives, self.noise(), s["steps"],
-                                     s["seed"], chunk=self.batch_size, progress=self.progress,
-                                     dtype=s["dtype"])
-        return generate.to_uint8(x), trace, time.perf_counter() - start
-
-    def unguided(self) -> tuple[np.ndarray, float]:
-        """The unguided samples, which no removed class changes: drawn once and kept in DIR/samples."""
-        path = self.out / "samples" / "none.npz"
-        if path.is_file():
-            with np.load(path) as f:
-                return f["images"], float(f["seconds"])
-        images, _, seconds = self.sample(None, [])
-        write_atomic(path, generate.npz_bytes(images=images, seconds=np.float64(seconds)))
-        return images, seconds
+        self.sweep = Sweep(out, settings, load_generator(gen_path), world, progress)
+        self.out, self.settings = self.sweep.out, self.sweep.settings
 
     def real_images(self, klass: int) -> np.ndarray:
         """`num_samples` train images of the classes other than `klass`, drawn with the sweep's seed."""
@@ -209,53 +178,55 @@ class ClassRemovalBench:
         """DNG's parameters for removing `klass` that the generator's calibration gives."""
         return generate.dng_settings([klass], self.calibration)[0]
 
-    def run_cell(self, klass: int, method: str, params: dict, factory) -> bool:
-        """Sample and score one cell unless it is stored; True if it ran."""
+    def score_cell(self, klass: int, method: str, params: dict) -> None:
+        """Score one cell from its stored sample set (real images for 'data') into DIR/cells."""
         key = cell_key(klass, method, params)
-        path = self.out / "cells" / f"{key}.json"
-        if path.is_file():
-            return False
-        trace = None
-        if factory == "data":
+        arrays = {}
+        if method == "data":
             images, seconds = self.real_images(klass), 0.0
-        elif factory is None:
-            images, seconds = self.unguided()
         else:
-            images, trace, seconds = self.sample(factory, [klass])
+            stored = self.sweep.load(sample_set_key(klass, method, params))
+            images, seconds = stored["images"], float(stored["seconds"])
+            if "p" in stored:
+                arrays.update(timesteps=stored["timesteps"], sigma=stored["sigma"],
+                              p=stored["p"][:, :TRACE_SAMPLES, 0], scale=stored["scale"][:, :TRACE_SAMPLES, 0])
         pred, feats = generate.classify(self.reference.classifier, images)
         row = {"class": klass, "method": method, "params": params,
                **self.reference.metrics([klass], images, pred, feats, self.settings["seed"]), "seconds": seconds}
-        arrays = {"grid": images[:GRID_IMAGES]}
-        if trace is not None:
-            arrays.update(timesteps=trace.timesteps.numpy(), sigma=trace.sigma[:, 0].numpy(),
-                          p=trace.p[:, :TRACE_SAMPLES, 0].numpy(), scale=trace.scale[:, :TRACE_SAMPLES, 0].numpy())
-        write_atomic(path.with_suffix(".npz"), generate.npz_bytes(**arrays))
+        write_atomic(self.sweep.cell_path(key).with_suffix(".npz"),
+                     generate.npz_bytes(grid=images[:GRID_IMAGES], **arrays))
         counts = np.bincount(pred, minlength=NUM_CLASSES).tolist()
-        write_json(path, {"row": row, "counts": counts})
-        return True
+        write_json(self.sweep.cell_path(key), {"row": row, "counts": counts})
 
     def run(self, classes: list[int], methods: list[str], np_scales=NP_SCALES, dng_preset: str = "default",
             dng_set: dict | None = None, dng_scales=None) -> int:
-        """Run every missing cell; returns how many ran."""
-        from tqdm.auto import tqdm
-
+        """Draw and score every missing cell, split over the ranks; returns how many cells were missing."""
         cells = [(k, *c) for k in classes
                  for c in configs(methods, self.dng_settings(k), np_scales, dng_preset, dng_set, dng_scales)]
-        todo, stale = [], []
-        for cell in cells:
-            path = self.out / "cells" / f"{cell_key(*cell[:3])}.json"
-            if not path.is_file():
-                todo.append(cell)
-            elif json.loads(path.read_text())["row"]["params"] != cell[2]:
-                stale.append(path.stem)
+        stale = None
+        if self.sweep.world.main:  # one rank reads (and clears unreadable cells), so the ranks agree
+            stale = [path.stem for k, method, params, _ in cells
+                     if (path := self.sweep.cell_path(cell_key(k, method, params))).is_file() and readable(path)
+                     and read_json(path)["row"]["params"] != params]
+        stale = self.sweep.world.all_gather(stale)[0]
         if stale:
             raise ConfigError(f"{self.out} holds {', '.join(stale)} with other parameters (was the generator "
                               f"recalibrated?); delete those cells/<name>.json and .npz files or choose another --out")
-        bar = tqdm(todo, desc="class-removal", disable=not self.progress or None)
-        for klass, method, params, factory in bar:
-            bar.set_postfix_str(f"class {klass} {setting_label(method, params)}")
-            self.run_cell(klass, method, params, factory)
-        return len(todo)
+        sets = {}
+        for k, method, params, factory in cells:
+            if method != "data":
+                key = sample_set_key(k, method, params)
+                sets[key] = SampleSet(key, factory, () if factory is None else (k,))
+        missing = [c for c in cells if not self.sweep.cell_path(cell_key(*c[:3])).is_file()]
+        self.sweep.draw([sets[sample_set_key(*c[:3])] for c in missing if c[1] != "data"])
+        by_key = {cell_key(*c[:3]): c for c in cells}
+        self.sweep.score(list(by_key), lambda key: self.score_cell(*by_key[key][:3]))
+        return len(missing)
+
+
+def sample_set_key(klass: int, method: str, params: dict) -> str:
+    """The sample set a cell scores: the unguided samples are shared by every removed class."""
+    return "none" if method == "none" else cell_key(klass, method, params)
 
 
 def unguided_kl(counts, unguided_counts, klass: int) -> float:
@@ -272,7 +243,7 @@ def unguided_kl(counts, unguided_counts, klass: int) -> float:
 
 def load_cells(out) -> list[dict]:
     """Every stored cell of DIR, ordered by class, method and setting."""
-    cells = [json.loads(p.read_text()) for p in sorted((Path(out) / "cells").glob("*.json"))]
+    cells = [read_json(p) for p in sorted((Path(out) / "cells").glob("*.json"))]
     # Computed here rather than stored: a cell finished before its class's unguided cell gets it too.
     unguided = {c["row"]["class"]: c["counts"] for c in cells if c["row"]["method"] == "none"}
     for c in cells:
@@ -349,15 +320,15 @@ def write_results(out) -> dict[str, Path]:
         files[f"histogram_{klass}"] = class_histogram(mine, figures / "histograms" / f"class{klass}.png")
         for c in mine:
             key = cell_key(klass, c["row"]["method"], c["row"]["params"])
-            with np.load(out / "cells" / f"{key}.npz") as f:
-                generate.save_png(generate.grid(f["grid"]), figures / "grids" / f"{key}.png")
-                if "p" in f:
-                    sigma = torch.from_numpy(f["sigma"])[:, None].expand(-1, 2) if "sigma" in f else None
-                    trace = Trace(torch.from_numpy(f["timesteps"]), torch.from_numpy(f["p"])[..., None],
-                                  torch.from_numpy(f["scale"])[..., None], torch.empty(0), sigma)
-                    files[f"trajectories_{klass}"] = plots.trajectories(
-                        trace, figures / "trajectories" / f"{key}.png",
-                        title=f"DNG removing {CLASS_NAMES[klass]}: posterior and scale per sample")
+            f = read_npz(out / "cells" / f"{key}.npz")
+            generate.save_png(generate.grid(f["grid"]), figures / "grids" / f"{key}.png")
+            if "p" in f:
+                sigma = torch.from_numpy(f["sigma"])[:, None].expand(-1, 2)
+                trace = Trace(torch.from_numpy(f["timesteps"]), torch.from_numpy(f["p"])[..., None],
+                              torch.from_numpy(f["scale"])[..., None], torch.empty(0), sigma)
+                files[f"trajectories_{klass}"] = plots.trajectories(
+                    trace, figures / "trajectories" / f"{key}.png",
+                    title=f"DNG removing {CLASS_NAMES[klass]}: posterior and scale per sample")
     return files
 
 

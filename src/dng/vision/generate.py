@@ -34,7 +34,7 @@ class ClassBranches:
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        labels = self.labels.repeat_interleave(x.shape[0] // len(self.labels))
+        labels = self.labels.repeat_interleave(x.shape[0] // len(self.labels)).to(x.device)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             return self.unet(x, t, class_labels=labels).sample.float()
 
@@ -114,6 +114,36 @@ def dng_settings(removed: Sequence[int], calibration: dict | None, **overrides) 
     return settings, source
 
 
+# torch's CPU generator keeps only the low 32 bits of a seed: per-sample seeds are offsets from a mixed base in
+# that range, so the samples of one run never share a stream and nearby run seeds still give unrelated streams.
+_SEED_MASK = 0xFFFFFFFF
+
+
+def _mix(seed: int) -> int:
+    """splitmix64's finaliser of `seed`, to 32 bits."""
+    z = (int(seed) + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (z ^ (z >> 31)) & _SEED_MASK
+
+
+def sample_generators(seed: int, start: int, count: int, stream: int) -> list[torch.Generator]:
+    """One generator per sample `start .. start+count-1` of a run: stream 0 draws x_T, stream 1 the step noise.
+
+    A sample's noise then depends on the seed and its index only, never on the batch it was drawn in or on the
+    process that drew it.
+    """
+    base = _mix(seed)
+    return [torch.Generator().manual_seed((base + 2 * i + stream) & _SEED_MASK) for i in range(start, start + count)]
+
+
+def initial_noise(seed: int, start: int, count: int, shape=(1, 28, 28)) -> torch.Tensor:
+    """x_T of samples `start .. start+count-1` of a run with `seed`, [count, *shape]."""
+    if count < 1:
+        return torch.empty(0, *shape)
+    return torch.cat([torch.randn(1, *shape, generator=g) for g in sample_generators(seed, start, count, 0)])
+
+
 def generate(
     unet,
     scheduler_name: str,
@@ -127,11 +157,13 @@ def generate(
     chunk: int = 128,
     progress: bool = False,
     dtype: str = "float32",
+    first_index: int = 0,
 ) -> tuple[torch.Tensor, Trace | None]:
     """Samples in [-1, 1] from `noise` [N, 1, 28, 28], `chunk` images per sampler run; trace if guided.
 
-    The same seed and noise give the same step noise for every method (one draw per step and image). `dtype`
-    'bfloat16' runs the UNet under bfloat16 autocast (`DTYPES`).
+    Sample j's step noise comes from its own generator (`sample_generators`, index `first_index + j`), so the same
+    seed and index give the same step noise for every method, batch size and process. `dtype` 'bfloat16' runs the
+    UNet under bfloat16 autocast (`DTYPES`).
     """
     guided = guidance_factory is not None
     if guided and not negatives:
@@ -140,19 +172,19 @@ def generate(
     labels = [NULL_LABEL] + ([positive] if positive is not None else []) + negatives
     model = ClassBranches(unet, labels, dtype)
     scheduler, eta = make_scheduler(scheduler_name)
-    generator = torch.Generator().manual_seed(seed)
     samples, traces = [], []
     for start in range(0, len(noise), chunk):
+        x_T = noise[start : start + chunk]
         out = sample(
             model,
             scheduler,
             guidance_factory() if guided else None,
-            noise=noise[start : start + chunk],
+            noise=x_T,
             num_inference_steps=steps,
             num_negatives=len(negatives),
             cfg_scale=cfg_scale if positive is not None else None,
             eta=eta,
-            generator=generator,
+            generator=sample_generators(seed, first_index + start, len(x_T), 1),
             progress=progress,
             return_trace=guided,
         )

@@ -1,0 +1,186 @@
+"""The storage and work split the Fashion-MNIST benches share: a locked folder of sample sets and scored cells.
+
+A *sample set* is the sweep's noise sampled with one rule. It is drawn in shards of `batch_size` samples
+(DIR/shards/KEY/START-STOP.npz), each a function of the seed and its samples' indices only, so any number of
+ranks (`dng.distributed`) draws the same shards; when every shard is there they are merged into
+DIR/samples/KEY.npz. A *cell* scores one or two sample sets into a row (DIR/cells/KEY.json). Every file is written
+atomically and skipped on rerun, so an interrupted run resumes, with any number of ranks, where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import warnings
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dng.distributed import World, rounds
+from dng.errors import ConfigError
+from dng.io import write_atomic, write_json
+from dng.vision import generate
+
+# Recorded in every sweep's settings: folders whose noise was drawn another way are refused, not mixed.
+NOISE = "per-sample generators (dng.vision.generate.sample_generators)"
+
+
+@dataclass(frozen=True)
+class SampleSet:
+    """The sweep's noise sampled with one rule: `factory` (None: no negative) against `negatives`, with
+    classifier-free guidance on `positive` at `cfg_scale` when given."""
+
+    key: str
+    factory: Callable | None = None
+    negatives: tuple[int, ...] = ()
+    positive: int | None = None
+    cfg_scale: float | None = None
+
+
+def read_npz(path: Path) -> dict[str, np.ndarray]:
+    """Every array of an .npz, or a ConfigError naming the file if it cannot be read."""
+    try:
+        with np.load(path) as f:
+            return {k: f[k] for k in f.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise ConfigError(f"{path} is unreadable ({type(err).__name__}: {err}); delete it to recompute it") from None
+
+
+def read_json(path: Path):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{path} is unreadable ({type(err).__name__}: {err}); delete it to recompute it") from None
+
+
+def readable(path: Path) -> bool:
+    """Whether a stored result can be read; an unreadable one is removed with a warning, to be recomputed."""
+    try:
+        read_npz(path) if path.suffix == ".npz" else read_json(path)
+        return True
+    except ConfigError:
+        warnings.warn(f"{path} is unreadable (a crash of another program, or a disk fault); recomputing it",
+                      stacklevel=2)
+        path.unlink()
+        return False
+
+
+class Sweep:
+    """A folder bound to `settings` (everything that changes the samples), drawn with the generator `unet`."""
+
+    def __init__(self, out, settings: dict, unet, world: World | None = None, progress: bool = True):
+        self.out = Path(out)
+        self.settings = {**settings, "noise": NOISE}
+        self.world = world or World()
+        self.unet = unet.to(self.world.device)
+        self.progress = progress
+        self.world.check_same(self.settings, "the sweep's settings")
+        if self.out.exists() and not self.out.is_dir():
+            raise ConfigError(f"--out {self.out} is a file; give a folder (new or holding a sweep of these settings)")
+        self._lock()
+
+    def _lock(self) -> None:
+        # Results of other settings or weights would mix silently into the table: refuse them. A folder that holds
+        # no result (a run that failed before its first one) is taken over, so its corrected retry is not refused.
+        path = self.out / "settings.json"
+        if path.is_file():
+            old = read_json(path)
+            if old != self.settings and self.holds_results():
+                diff = ", ".join(f"{k}: {old.get(k)} -> {v}" for k, v in self.settings.items() if old.get(k) != v)
+                raise ConfigError(f"{self.out} holds a sweep with other settings ({diff}); choose another --out")
+        self.world.barrier()
+        if self.world.main:
+            write_json(path, self.settings)
+        self.world.barrier()
+
+    def holds_results(self) -> bool:
+        return any(any((self.out / d).glob("**/*.*")) for d in ("shards", "samples", "cells"))
+
+    def shards(self) -> list[tuple[int, int]]:
+        n, size = self.settings["num_samples"], self.settings["batch_size"]
+        return [(start, min(start + size, n)) for start in range(0, n, size)]
+
+    def sample_path(self, key: str) -> Path:
+        return self.out / "samples" / f"{key}.npz"
+
+    def shard_path(self, key: str, start: int, stop: int) -> Path:
+        return self.out / "shards" / key / f"{start:07d}-{stop:07d}.npz"
+
+    def draw(self, sets: list[SampleSet]) -> None:
+        """Draw and merge every sample set not yet stored, split over the ranks (a set listed twice is drawn once)."""
+        by_key = {s.key: s for s in sets}
+        sets = list(by_key.values())
+        self.world.barrier()
+        plan = None
+        if self.world.main:
+            missing = [s.key for s in sets if not (self.sample_path(s.key).is_file()
+                                                   and readable(self.sample_path(s.key)))]
+            todo = [(key, *shard) for key in missing for shard in self.shards()
+                    if not (self.shard_path(key, *shard).is_file() and readable(self.shard_path(key, *shard)))]
+            plan = (missing, todo)
+        # Rank 0's view of the folder, so that no rank plans from a folder another rank is already writing to.
+        missing, todo = self.world.all_gather(plan)[0]
+        rounds(todo, lambda item: self._draw_shard(by_key[item[0]], *item[1:]), self.world, "sampling",
+               self.progress)
+        self.world.barrier()
+        rounds(missing, self._merge, self.world, "merging", progress=False)
+        self.world.barrier()
+
+    def _draw_shard(self, sample_set: SampleSet, start: int, stop: int) -> None:
+        s = self.settings
+        begin = time.perf_counter()
+        x, trace = generate.generate(
+            self.unet, s["scheduler"], sample_set.factory, list(sample_set.negatives),
+            generate.initial_noise(s["seed"], start, stop - start).to(self.world.device), s["steps"], s["seed"],
+            positive=sample_set.positive, cfg_scale=sample_set.cfg_scale, chunk=s["batch_size"],
+            dtype=s["dtype"], first_index=start)
+        arrays = {"images": generate.to_uint8(x.cpu()), "seconds": np.float64(time.perf_counter() - begin)}
+        if trace is not None:
+            arrays.update(timesteps=trace.timesteps.numpy(), sigma=trace.sigma[:, 0].numpy(),
+                          p=trace.p.numpy(), scale=trace.scale.numpy())
+        write_atomic(self.shard_path(sample_set.key, start, stop), generate.npz_bytes(**arrays))
+
+    def _merge(self, key: str) -> None:
+        parts = [read_npz(self.shard_path(key, *shard)) for shard in self.shards()]
+        merged = {"images": np.concatenate([p["images"] for p in parts]),
+                  "seconds": np.float64(sum(float(p["seconds"]) for p in parts))}
+        if "p" in parts[0]:
+            merged.update(timesteps=parts[0]["timesteps"], sigma=parts[0]["sigma"],
+                          p=np.concatenate([p["p"] for p in parts], 1),
+                          scale=np.concatenate([p["scale"] for p in parts], 1))
+        write_atomic(self.sample_path(key), generate.npz_bytes(**merged))
+        shutil.rmtree(self.out / "shards" / key)
+
+    def load(self, key: str) -> dict[str, np.ndarray]:
+        """A merged sample set: images [N, 28, 28] uint8, seconds, and for a guided set timesteps, sigma [steps],
+        p and scale [steps, N, negatives]."""
+        return read_npz(self.sample_path(key))
+
+    def cell_path(self, key: str) -> Path:
+        return self.out / "cells" / f"{key}.json"
+
+    def score(self, keys: list[str], work: Callable[[str], None]) -> None:
+        """Run `work(key)` for every cell whose file is not stored (or unreadable), split over the ranks."""
+        self.world.barrier()
+        todo = None
+        if self.world.main:
+            todo = [k for k in keys if not (self.cell_path(k).is_file() and readable(self.cell_path(k)))]
+        todo = self.world.all_gather(todo)[0]
+        rounds(todo, work, self.world, "scoring", progress=False)
+        self.world.barrier()
+
+
+def threads_per_rank(world: World, threads: int | None) -> None:
+    """torch threads: the user's number, else the cores shared among the ranks of this machine."""
+    import os
+
+    if threads is None and world.size > 1 and world.device.type == "cpu":
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world.size))
+        threads = max(1, (os.cpu_count() or 1) // local)
+    if threads is not None:
+        torch.set_num_threads(threads)
