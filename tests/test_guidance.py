@@ -90,6 +90,34 @@ def test_several_negatives_exclusive_and_independent_by_hand():
     torch.testing.assert_close(eps, expected)
 
 
+def test_one_exclusive_prior_is_checked_for_every_class_it_serves():
+    rule = DynamicNegativeGuidance(prior=0.3, mode="exclusive")
+    rule.check(3)  # 0.9 <= p_max 0.95
+    # Five classes at 0.3 each sum to 1.5: the clamp would cap them at p_max without a word.
+    with pytest.raises(ConfigError, match=r"5 priors sum to 1.5: lower them, e.g. 0.19 each, or raise p_max"):
+        rule.check(5)
+    with pytest.raises(ConfigError, match="5 priors sum to 1.5"):
+        rule.start(2, 5)
+    DynamicNegativeGuidance(prior=0.3, mode="independent").check(5)  # independent priors need no sum
+
+
+@pytest.mark.parametrize("p_max", [0.95, 1 - 1e-12])
+def test_ten_priors_of_a_tenth_are_refused_whatever_the_rounding_of_their_sum(p_max):
+    # Their float sum is 0.9999999999999999, which a plain "< 1" let through: 1 - sum must be >= MIN_REST.
+    for prior in ([0.1] * 10, 0.1):
+        with pytest.raises(ConfigError, match="summing to at most p_max"):
+            DynamicNegativeGuidance(prior=prior, p_max=p_max, mode="exclusive").check(10)
+    # A sum at p_max up to rounding passes: ten of 0.095 add up to 0.95 plus a few ulps.
+    DynamicNegativeGuidance(prior=[0.095] * 10, p_max=0.95, mode="exclusive").check(10)
+
+
+@pytest.mark.parametrize("mode", ["independent", "exclusive"])
+def test_a_prior_above_p_max_is_refused_not_clamped(mode):
+    with pytest.raises(ConfigError, match=r"prior 0.97 lies outside \[p_min, p_max\] = \[1e-06, 0.95\]"):
+        DynamicNegativeGuidance(prior=0.97, mode=mode)
+    DynamicNegativeGuidance(prior=0.97, p_max=0.98, mode=mode)
+
+
 def test_oracle_posterior_replaces_tracking():
     dng = DynamicNegativeGuidance(scale=1.0, posterior=lambda x, t: torch.full((x.shape[0], 1), 0.5))
     assert not dng.tracks_posterior
@@ -150,6 +178,7 @@ def test_sld_matches_diffusers_safe_pipeline(name):
         (lambda: SafeLatentDiffusion.preset("extreme"), "preset"),
         (lambda: SafeLatentDiffusion(warmup_steps=-1), "warmup_steps"),
         (lambda: SafeLatentDiffusion(momentum_beta=2.0), "momentum_beta"),
+        (lambda: SafeLatentDiffusion(threshold=float("nan")), "threshold must be finite"),
     ],
 )
 def test_bad_guidance_settings_are_refused(make, message):

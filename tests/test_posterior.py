@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from dng.errors import ConfigError
+from dng.errors import ConfigError, NonFiniteError
 from dng.gmm import GaussianMixture, default_mixture_config
 from dng.guidance import NegativePrompt
 from dng.kernels import BranchMoments
@@ -77,13 +77,15 @@ def test_gaussian_llr_matches_the_plain_formula_and_is_stable_in_float32():
     assert (naive.double() - reference).abs().max() > 100 * (ours.double() - reference).abs().max()
 
 
-def test_update_clamps_and_never_yields_nan():
+def test_update_clamps_and_refuses_a_nan_ratio():
     tracker = PosteriorTracker(0.2, p_min=1e-4, p_max=0.9)
     tracker.start(4, 1)
-    tracker.update(torch.tensor([[100.0], [-100.0], [float("nan")], [math.log(2.0)]]))
+    tracker.update(torch.tensor([[100.0], [-100.0], [float("inf")], [math.log(2.0)]]))
     p = tracker.p[:, 0]
-    assert torch.isfinite(p).all()
-    torch.testing.assert_close(p, torch.tensor([0.9, 1e-4, 0.2, 0.4]))
+    torch.testing.assert_close(p, torch.tensor([0.9, 1e-4, 0.9, 0.4]))
+    # A NaN ratio comes from a NaN sample or model output: it is an error, not "no information".
+    with pytest.raises(NonFiniteError, match="NaN log-likelihood ratio for 1 of 4 samples"):
+        tracker.update(torch.tensor([[0.0], [float("nan")], [0.0], [0.0]]))
 
 
 def test_exclusive_concepts_keep_their_total_below_p_max():
@@ -107,7 +109,9 @@ def test_exclusive_concepts_keep_their_total_below_p_max():
         ({"prior": float("nan")}, "prior"),
         ({"p_min": 0.5, "p_max": 0.4}, "p_min"),
         ({"p_max": 1.0}, "p_max"),
-        ({"prior": [0.6, 0.5], "exclusive": True}, "summing below 1"),
+        ({"prior": [0.6, 0.5], "exclusive": True}, "summing to at most p_max"),
+        ({"prior": 0.995, "p_max": 0.99}, "outside \\[p_min, p_max\\]"),
+        ({"prior": 1e-7, "p_min": 1e-6}, "outside"),
     ],
 )
 def test_bad_tracker_settings_are_refused(kwargs, message):
@@ -178,13 +182,13 @@ def test_mixture_update_reduces_to_the_gaussian_ratio_at_small_p():
     torch.testing.assert_close(mixture_llr(*step, 0.5, log_p, 0.8, 0.002), ratio, rtol=1e-4, atol=1e-4)
 
 
-def test_mixture_update_keeps_exclusive_total_below_p_max_and_never_nan():
+def test_mixture_update_keeps_exclusive_total_below_p_max_and_refuses_nan():
     x, mu_u, mu_n, p = _tiny_example(seed=2)
     tracker = PosteriorTracker([0.3, 0.4], p_max=0.9, exclusive=True)
     tracker.start(5, 2)
     # Overwhelming evidence for both negatives (tiny std), then for none, then garbage: p stays a distribution.
     for step_x, std in ((mu_n.mean(0), 1e-3), (mu_n[0], 1e-4), (mu_u + 50 * (mu_u - mu_n[1]), 1e-3),
-                        (torch.full_like(x, float("nan")), 0.1), (torch.full_like(x, 1e20), 1e-3)):
+                        (torch.full_like(x, 1e20), 1e-3)):
         tracker.update(mixture_llr(*stats(step_x, mu_u, mu_u - mu_n, gram=True), std, tracker.log_p,
                                        exclusive=True, p_max=0.9))
         p = tracker.p
@@ -192,11 +196,18 @@ def test_mixture_update_keeps_exclusive_total_below_p_max_and_never_nan():
         # The exclusive clamp floors at p_min and then rescales the total down to p_max.
         assert (p >= 1e-6 * 0.9 * (1 - 1e-5)).all()
         assert (p.sum(-1) <= 0.9 * (1 + 1e-5)).all()
+    # A NaN sample is not evidence either way: the update refuses it rather than keep p.
+    with pytest.raises(NonFiniteError):
+        tracker.update(mixture_llr(*stats(torch.full_like(x, float("nan")), mu_u, mu_u - mu_n, gram=True), 0.1,
+                                   tracker.log_p, exclusive=True, p_max=0.9))
     independent = PosteriorTracker(0.5, p_max=0.99)
     independent.start(5, 2)
-    for step_x in (mu_n[0], mu_u + 50 * (mu_u - mu_n[0]), torch.full_like(x, float("inf"))):
+    for step_x in (mu_n[0], mu_u + 50 * (mu_u - mu_n[0]), torch.full_like(x, 1e20)):
         independent.update(mixture_llr(*stats(step_x, mu_u, mu_u - mu_n), 1e-3, independent.log_p, p_max=0.99))
         assert torch.isfinite(independent.p).all() and (independent.p <= 0.99 * (1 + 1e-6)).all()
+    with pytest.raises(NonFiniteError):
+        infinite = torch.full_like(x, float("inf"))
+        independent.update(mixture_llr(*stats(infinite, mu_u, mu_u - mu_n), 1e-3, independent.log_p, p_max=0.99))
 
 
 def test_mixture_update_tracks_two_narrow_classes_better_than_the_gaussian_ratio():

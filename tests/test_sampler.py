@@ -7,7 +7,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
 
 from dng.bench.gmm import GMMBench
-from dng.errors import ConfigError
+from dng.errors import ConfigError, NonFiniteError
 from dng.gmm import default_mixture_config
 from dng.guidance import DynamicNegativeGuidance, NegativePrompt, SafeLatentDiffusion, log_snr_gain
 from dng.sampler import sample
@@ -117,6 +117,73 @@ def test_bad_loop_input_is_refused():
         sample(dummy_model(2), DDPMScheduler(), None, noise=torch.randn(2, 3), num_negatives=1, progress=False)
     with pytest.raises(ConfigError, match="num_inference_steps"):
         run(NegativePrompt(), steps=0)
+
+
+@pytest.mark.parametrize("scheduler", [DDPMScheduler(num_train_timesteps=20), EulerAncestralDiscreteScheduler(20)])
+def test_more_steps_than_training_timesteps_are_refused(scheduler):
+    # DDPM's own refusal is a diffusers ValueError; Euler ancestral would silently repeat timesteps.
+    with pytest.raises(ConfigError, match="more than the scheduler's 20 training timesteps"):
+        run(None, scheduler=scheduler, n_neg=0, steps=21)
+    assert run(None, scheduler=scheduler, n_neg=0, steps=20).samples.shape == (3, 2, 4, 4)
+
+
+def test_cfg_scale_zero_is_the_unconditional_sampler():
+    unconditional = run(None, n_neg=0)
+    assert torch.equal(run(None, n_neg=0, cfg=0.0).samples, unconditional.samples)
+    assert not torch.allclose(run(None, n_neg=0, cfg=1.0).samples, unconditional.samples)
+    # With a negative too: the positive branch sits between u and the negative, so the model keys on position.
+    noise = torch.randn(3, 2, generator=torch.Generator().manual_seed(0))
+
+    def model(shifts):
+        return lambda x, t: torch.tanh(x) + torch.tensor(shifts).repeat_interleave(len(noise))[:, None]
+
+    def guided(shifts, cfg):
+        return sample(model(shifts), DDPMScheduler(), NegativePrompt(2.0), noise=noise, num_inference_steps=5,
+                      num_negatives=1, cfg_scale=cfg, generator=torch.Generator().manual_seed(1),
+                      progress=False).samples
+
+    assert torch.equal(guided([0.0, 0.5, 0.2], 0.0), guided([0.0, 0.2], None))
+
+
+@pytest.mark.parametrize("cfg", [float("nan"), float("inf")])
+def test_non_finite_cfg_scale_is_refused(cfg):
+    with pytest.raises(ConfigError, match="cfg_scale must be finite"):
+        run(None, n_neg=0, cfg=cfg)
+
+
+def nan_at(step, branch, n_branches):
+    """dummy_model whose `branch` returns NaN for sample 1 from the `step`-th call on."""
+    model, calls = dummy_model(n_branches), []
+
+    def broken(x, t):
+        out = model(x, t)
+        calls.append(t)
+        if len(calls) > step:
+            out.unflatten(0, (n_branches, -1))[branch, 1] = float("nan")
+        return out
+
+    return broken
+
+
+@pytest.mark.parametrize("step, branch, name", [(0, 0, "unconditional"), (3, 1, "positive"), (5, 3, "negative 2")])
+def test_nan_model_output_is_an_error_naming_the_step_and_branch(step, branch, name):
+    noise = torch.randn(3, 2, generator=torch.Generator().manual_seed(0))
+    rule = DynamicNegativeGuidance(prior=0.2, mode="exclusive")
+    with pytest.raises(NonFiniteError, match=rf"step {step + 1} of 8 .* in the {name} branch for 1 of 3 samples"):
+        sample(nan_at(step, branch, 4), DDPMScheduler(), rule, noise=noise, num_inference_steps=8,
+               num_negatives=2, cfg_scale=2.0, progress=False)
+
+
+def test_non_finite_noise_and_overflowing_samples_are_errors():
+    noise = torch.randn(3, 2)
+    noise[0, 0] = float("inf")
+    with pytest.raises(NonFiniteError, match="noise"):
+        sample(dummy_model(1), DDPMScheduler(), noise=noise, num_inference_steps=2, progress=False)
+    # Every output finite (their float32 sum overflows), but the step's arithmetic does not stay finite.
+    huge = lambda x, t: torch.full_like(x, 3e38)  # noqa: E731
+    with pytest.raises(NonFiniteError, match="3 of 3 samples are NaN or inf after the last step"):
+        sample(huge, DDPMScheduler(clip_sample=False), noise=torch.randn(3, 2), num_inference_steps=2,
+               progress=False)
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,10 @@
-"""The error type for bad input: its message says what to change."""
+"""The error types for bad input: their messages say what to change."""
 
 
 class ConfigError(ValueError):
     """Invalid arguments, configuration or files given by the user."""
+
+
+class NonFiniteError(ConfigError):
+    """A model output, a tracked posterior or a sample that is NaN or infinite: it names where, and the likely
+    cause (NaN weights, a scale too large for the model's range)."""

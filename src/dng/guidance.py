@@ -36,6 +36,13 @@ def check_scale(name: str, value: float) -> float:
     return value
 
 
+def check_finite(name: str, value: float) -> float:
+    value = float(value)
+    if not math.isfinite(value):
+        raise ConfigError(f"{name} must be finite, got {value}")
+    return value
+
+
 def base_prediction(eps_u, eps_p=None, cfg_scale: float = 1.0):
     """Unconditional epsilon, or classifier-free guidance eps_u + w (eps_p - eps_u) with a positive branch."""
     return eps_u if eps_p is None else eps_u + cfg_scale * (eps_p - eps_u)
@@ -57,9 +64,13 @@ class Guidance:
     # Rules that read where the chain is (Step.sigma) need the scheduler's kernel, so a stochastic scheduler.
     needs_noise_levels = False
 
-    def start(self, batch_size: int, num_negatives: int, device=None) -> None:
+    def check(self, num_negatives: int) -> None:
+        """Refuse a rule that cannot run with this many negatives, before any sampling."""
         if num_negatives < 1:
             raise ConfigError(f"{type(self).__name__} needs at least one negative branch")
+
+    def start(self, batch_size: int, num_negatives: int, device=None) -> None:
+        self.check(num_negatives)
 
     def combine(self, eps_u, eps_n, step: Step, eps_p=None, cfg_scale: float = 1.0):
         """(epsilon, scale [batch, negatives], posterior [batch, negatives] or None)."""
@@ -97,7 +108,7 @@ class SafeLatentDiffusion(Guidance):
             raise ConfigError(f"warmup_steps must be a whole number >= 0, got {warmup_steps}")
         self.warmup_steps = int(warmup_steps)
         self.scale = check_scale("scale", scale)
-        self.threshold = float(threshold)
+        self.threshold = check_finite("threshold", threshold)
         self.momentum_scale = check_scale("momentum_scale", momentum_scale)
         self.momentum_beta = check_scale("momentum_beta", momentum_beta)
         if self.momentum_beta > 1:
@@ -200,8 +211,8 @@ class DynamicNegativeGuidance(Guidance):
         self.sigma_min = check_scale("sigma_min", sigma_min)
         self.push_cap = check_scale("push_cap", push_cap)
         self.temperature = check_scale("temperature", temperature)
-        self.offset = _finite("offset", offset)
-        self.offset_per_step = _finite("offset_per_step", offset_per_step)
+        self.offset = check_finite("offset", offset)
+        self.offset_per_step = check_finite("offset_per_step", offset_per_step)
         self.mode = mode
         self.tracker = PosteriorTracker(prior, p_min, p_max, exclusive=mode == "exclusive")
         self.posterior_fn = posterior
@@ -213,6 +224,10 @@ class DynamicNegativeGuidance(Guidance):
         if name not in DNG_PRESETS:
             raise ConfigError(f"unknown DNG preset {name!r}; choose one of {', '.join(DNG_PRESETS)}")
         return cls(**{**DNG_PRESETS[name], **overrides})
+
+    def check(self, num_negatives):
+        super().check(num_negatives)
+        self.tracker.priors_for(num_negatives)
 
     def start(self, batch_size, num_negatives, device=None):
         super().start(batch_size, num_negatives, device)
@@ -267,10 +282,3 @@ def log_snr_gain(sigma: float, sigma_next: float) -> float:
     if 0 < sigma_next < sigma < math.inf:
         return 2 * math.log(sigma / sigma_next)
     return 0.0
-
-
-def _finite(name: str, value: float) -> float:
-    value = float(value)
-    if not math.isfinite(value):
-        raise ConfigError(f"{name} must be finite, got {value}")
-    return value

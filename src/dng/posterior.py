@@ -6,7 +6,12 @@ import math
 
 import torch
 
-from dng.errors import ConfigError
+from dng.errors import ConfigError, NonFiniteError
+
+# Exclusive concepts share 1 - sum_i p_i as the denominator of every scale: their priors must leave at least this.
+MIN_REST = 1e-6
+# Float rounding of a sum of priors (ten of 0.095 add up to 0.95 plus a few ulps), not a real excess over p_max.
+SUM_TOLERANCE = 1e-9
 
 
 def check_probability(name: str, value: float) -> float:
@@ -80,18 +85,36 @@ class PosteriorTracker:
         self.p_max = check_probability("p_max", p_max)
         if self.p_min >= self.p_max:
             raise ConfigError(f"p_min ({p_min}) must be smaller than p_max ({p_max})")
-        if exclusive and sum(self.priors) >= 1.0:
-            raise ConfigError(f"exclusive concepts need priors summing below 1, got {sum(self.priors)}")
+        # The clamp would move such a prior before the first step: say so instead of changing it silently.
+        outside = [p for p in self.priors if not self.p_min <= p <= self.p_max]
+        if outside:
+            raise ConfigError(f"prior {outside[0]} lies outside [p_min, p_max] = [{self.p_min}, {self.p_max}]; give a "
+                              f"prior inside it or move p_min / p_max")
         self.exclusive = exclusive
         self.dtype = dtype
         self.log_p = None
+        if len(self.priors) > 1:
+            self.priors_for(len(self.priors))
 
-    def start(self, batch_size: int, num_concepts: int, device=None) -> None:
+    def priors_for(self, num_concepts: int) -> list[float]:
+        """The prior of each of `num_concepts` concepts (one prior given serves them all), checked: exclusive
+        concepts need priors summing to at most p_max and to at most 1 - MIN_REST, which the tracker's clamp keeps
+        their total below afterwards."""
         priors = self.priors * num_concepts if len(self.priors) == 1 else self.priors
         if len(priors) != num_concepts:
             raise ConfigError(f"{len(self.priors)} priors given for {num_concepts} negative concepts; give one or "
                               f"one per concept")
-        log_prior = torch.tensor([math.log(p) for p in priors], dtype=self.dtype, device=device)
+        total = math.fsum(priors)
+        if self.exclusive and (total > self.p_max + SUM_TOLERANCE or 1 - total < MIN_REST):
+            most = min(self.p_max, 1 - MIN_REST)
+            raise ConfigError(f"exclusive concepts need priors summing to at most p_max = {self.p_max} (and below 1 by "
+                              f"{MIN_REST:g}); {num_concepts} priors sum to {total:.6g}: lower them, e.g. "
+                              f"{most / num_concepts:.3g} each, or raise p_max")
+        return priors
+
+    def start(self, batch_size: int, num_concepts: int, device=None) -> None:
+        log_prior = torch.tensor([math.log(p) for p in self.priors_for(num_concepts)], dtype=self.dtype,
+                                 device=device)
         self.log_p = self._clamp(log_prior.expand(batch_size, num_concepts).clone())
 
     @property
@@ -100,8 +123,15 @@ class PosteriorTracker:
         return self.log_p.exp()
 
     def update(self, llr: torch.Tensor) -> None:
-        """Bayes step log p += llr, then the clamp; a NaN ratio (no information) leaves p unchanged."""
-        llr = torch.nan_to_num(llr.to(self.dtype), nan=0.0, posinf=1e30, neginf=-1e30)
+        """Bayes step log p += llr, then the clamp. An infinite ratio is overwhelming evidence, which the clamp
+        bounds; a NaN ratio comes from a non-finite sample or branch mean and is refused, never read as no
+        information."""
+        llr = llr.to(self.dtype)
+        if torch.isnan(llr).any():
+            raise NonFiniteError(f"the posterior update got a NaN log-likelihood ratio for "
+                                 f"{int(torch.isnan(llr).any(-1).sum())} of {len(llr)} samples: the step's sample or "
+                                 "branch means are not finite (NaN model weights, or a guidance scale too large)")
+        llr = llr.clamp(-1e30, 1e30)
         self.log_p = self._clamp(self.log_p + llr)
 
     def _clamp(self, log_p: torch.Tensor) -> torch.Tensor:

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from dng.errors import ConfigError
-from dng.guidance import Guidance, Step, base_prediction
+from dng.errors import ConfigError, NonFiniteError
+from dng.guidance import Guidance, Step, base_prediction, check_finite
 from dng.kernels import reverse_kernel
 
 # A step with (almost) no noise carries no usable likelihood ratio: the update would divide by ~0.
@@ -50,6 +50,35 @@ def step_kwargs(scheduler, eta: float, generator) -> dict:
     return kwargs
 
 
+def check_steps(steps: int, scheduler, name: str = "num_inference_steps") -> int:
+    """`steps` as a step count for `scheduler`: a whole number from 1 to its `num_train_timesteps` (more steps than
+    the schedule has timesteps repeat timesteps, which DDPM and DDIM refuse and Euler-type samplers silently run)."""
+    if int(steps) != steps or steps < 1:
+        raise ConfigError(f"{name} must be a whole number >= 1, got {steps}")
+    most = scheduler.config.get("num_train_timesteps")
+    if most is not None and steps > most:
+        raise ConfigError(f"{name} {steps} is more than the scheduler's {most} training timesteps; give at most {most}")
+    return int(steps)
+
+
+def _check_finite_output(out, batch, i, t, steps, n_pos, num_negatives) -> None:
+    # One float32 sum per step: NaN or inf anywhere makes it non-finite, and float32 keeps fp16 outputs from
+    # overflowing it. Only then is the output searched, so that the message can name the branch.
+    if torch.isfinite(out.sum(dtype=torch.float32)):
+        return
+    bad = ~torch.isfinite(out.unflatten(0, (-1, batch))).flatten(2).all(-1)
+    if not bad.any():
+        return  # finite values whose float32 sum overflowed
+    branches = ["unconditional"] + ["positive"] * n_pos + [f"negative {k + 1}" for k in range(num_negatives)]
+    names = [name for name, row in zip(branches, bad, strict=True) if row.any()]
+    cause = ("NaN or inf weights in the model, or an input it cannot handle" if i == 0 else
+             "NaN or inf weights in the model, or a sample that the earlier steps' guidance pushed out of the "
+             "model's range (lower the guidance scale)")
+    raise NonFiniteError(f"the model returned NaN or inf at step {i + 1} of {steps} (timestep {float(t):g}) in the "
+                         f"{', '.join(names)} branch{'es' * (len(names) > 1)} for {int(bad.any(0).sum())} of {batch} "
+                         f"samples; likely cause: {cause}")
+
+
 def sample(
     model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     scheduler,
@@ -78,8 +107,11 @@ def sample(
         raise ConfigError(f"{num_negatives} negative branches were given but no guidance rule to use them")
     if guidance is not None and num_negatives < 1:
         raise ConfigError(f"{type(guidance).__name__} needs num_negatives >= 1 (one branch per negative concept)")
-    if int(num_inference_steps) < 1:
-        raise ConfigError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+    steps = check_steps(num_inference_steps, scheduler)
+    # cfg_scale None means no positive branch; combine then ignores the scale.
+    w = 1.0 if cfg_scale is None else check_finite("cfg_scale", cfg_scale)
+    if not torch.isfinite(noise).all():
+        raise NonFiniteError("noise holds NaN or inf; draw it from a normal distribution")
     tracking = guidance is not None and guidance.tracks_posterior
     kernel = reverse_kernel(scheduler, eta) if guidance is not None and guidance.needs_noise_levels else None
     batch = noise.shape[0]
@@ -88,7 +120,11 @@ def sample(
     if guidance is not None:
         guidance.start(batch, num_negatives, noise.device)
 
-    scheduler.set_timesteps(int(num_inference_steps), device=noise.device)
+    try:
+        scheduler.set_timesteps(steps, device=noise.device)
+    except ValueError as err:
+        # e.g. LCM's step count bound: restated with the argument's name rather than as a traceback.
+        raise ConfigError(f"{type(scheduler).__name__} refused num_inference_steps={steps}: {err}") from None
     kwargs = step_kwargs(scheduler, eta, generator)
     # Flow-matching schedulers start from unit noise and take the model input as it is.
     x = noise * getattr(scheduler, "init_noise_sigma", 1.0)
@@ -100,6 +136,7 @@ def sample(
         if out.shape[0] != n_branches * batch or out.shape[1:] != x.shape[1:]:
             raise ConfigError(f"the model returned shape {tuple(out.shape)}; expected "
                               f"{(n_branches * batch,) + tuple(x.shape[1:])} ({n_branches} branches of {batch})")
+        _check_finite_output(out, batch, i, t, steps, n_pos, num_negatives)
         branches = out.unflatten(0, (n_branches, batch))
         eps_u = branches[0]
         eps_p = branches[1] if n_pos else None
@@ -107,10 +144,10 @@ def sample(
         # Before the step: Euler-type kernels read the step index that the step advances.
         levels = kernel.noise_levels(t) if kernel is not None else (float("nan"),) * 2
         if guidance is None:
-            eps = base_prediction(eps_u, eps_p, cfg_scale or 1.0)
+            eps = base_prediction(eps_u, eps_p, w)
         else:
             eps_n = branches[1 + n_pos:]
-            eps, scale, p = guidance.combine(eps_u, eps_n, Step(i, t, x, *levels), eps_p, cfg_scale or 1.0)
+            eps, scale, p = guidance.combine(eps_u, eps_n, Step(i, t, x, *levels), eps_p, w)
             info = {"p": p, "scale": scale}
             if tracking:
                 # Without a positive branch, u and the negatives are already contiguous: no copy.
@@ -125,6 +162,10 @@ def sample(
         if callback is not None:
             callback(i, t, x_prev, info)
         x = x_prev
+    if not torch.isfinite(x).all():
+        raise NonFiniteError(f"{int((~torch.isfinite(x)).flatten(1).any(1).sum())} of {batch} samples are NaN or inf "
+                             "after the last step although every model output was finite: the guidance or the "
+                             "scheduler step overflowed (lower the guidance scale)")
     return SampleOutput(x, _trace(scheduler.timesteps, records, batch, num_negatives) if return_trace else None)
 
 
