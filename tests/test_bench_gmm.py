@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from dng.bench.gmm import class_kl, sliced_w2
+from dng import metrics
+from dng.bench.gmm import GMMBench, sliced_w2
 from dng.cli import main
 
 
@@ -42,7 +43,12 @@ def test_bench_gmm_cli_writes_results_and_plots(tmp_path, capsys):
         ('{"means": [[0], [1]], "stds": [1, 1], "weights": [1, 1], "remove": [2]}', "remove must be"),
         ('{"means": [[0], [1]], "stds": [1, 1], "weights": [1, 1], "remove": [0, 1]}', "keeps at least one"),
         ('{"means": [[0], [1]], "stds": [1], "weights": [1, 1], "remove": [0]}', "one std and one weight"),
-        ('{"means": [[0], [1]], "stds": [1, -1], "weights": [1, 1], "remove": [0]}', "stds must be > 0"),
+        ('{"means": [[0], [1]], "stds": [1, -1], "weights": [1, 1], "remove": [0]}', "stds must be finite and > 0"),
+        # JSON's true is not component 1.
+        ('{"means": [[0], [1]], "stds": [1, 1], "weights": [1, 1], "remove": [true]}', "remove must be"),
+        ('{"means": [[0], [1]], "stds": [1, 1], "weights": [1, 1], "remove": [[0]]}', "remove must be"),
+        ('{"means": [[0, 1], [1]], "stds": [1, 1], "weights": [1, 1], "remove": [0]}', "means must be K lists"),
+        ('{"means": [["a"], [1]], "stds": [1, 1], "weights": [1, 1], "remove": [0]}', "means must be K lists"),
     ],
 )
 def test_malformed_configs_get_clear_errors(tmp_path, capsys, text, message):
@@ -59,13 +65,22 @@ def test_missing_config_and_unknown_method(tmp_path, capsys):
     assert "unknown method 'cfg'" in capsys.readouterr().err
 
 
-def test_metrics_by_hand():
+def test_class_kl_is_the_one_of_dng_metrics():
     import torch
 
-    labels = torch.tensor([1, 1, 1, 2])
-    # Kept classes 1, 2 with target 1/2 each; smoothed counts 4 and 2 -> generated (2/3, 1/3).
-    expected = 0.5 * torch.log(torch.tensor(0.5 / (2 / 3))) + 0.5 * torch.log(torch.tensor(0.5 / (1 / 3)))
-    assert class_kl(labels, torch.tensor([0.2, 0.4, 0.4]), [1, 2]) == pytest.approx(float(expected))
+    config = {"means": [[0.0, 0.0], [2.0, 0.0], [0.0, 2.0]], "stds": [0.3, 0.5, 0.4], "weights": [1, 3, 1],
+              "remove": [0]}
+    bench = GMMBench(config, steps=2, num_samples=40, seed=0)
+    x = bench.gmm.sample(40, bench.kept, torch.Generator().manual_seed(1))[0]
+    labels = bench.gmm.log_joint(x).argmax(-1).numpy()
+    row = bench.score("target", {}, x, 0.0, None)
+    # The mixture is float32 here: its normalised weights are 0.75 and 0.25 to float32 precision.
+    assert row["class_kl"] == pytest.approx(metrics.class_kl(labels, [1, 2], [0.75, 0.25]), rel=1e-6)
+
+
+def test_sliced_w2_by_hand():
+    import torch
+
     a = torch.randn(500, 3, generator=torch.Generator().manual_seed(0))
     assert sliced_w2(a, a) == pytest.approx(0.0, abs=1e-9)
     # A pure shift by v: every projection moves by <v, dir>, so sW2 = |v| / sqrt(d) on average over directions.

@@ -18,19 +18,24 @@ class GaussianMixture:
     """Isotropic Gaussian mixture with exact quantities at every timestep of a schedule `alphas_cumprod`."""
 
     def __init__(self, means, stds, weights, alphas_cumprod, dtype=torch.float64):
-        self.means = torch.as_tensor(means, dtype=dtype)
-        self.stds = torch.as_tensor(stds, dtype=dtype)
-        self.weights = torch.as_tensor(weights, dtype=dtype)
+        try:
+            self.means = torch.as_tensor(means, dtype=dtype)
+            self.stds = torch.as_tensor(stds, dtype=dtype)
+            self.weights = torch.as_tensor(weights, dtype=dtype)
+        except (TypeError, ValueError, RuntimeError) as err:
+            # Ragged or non-numeric lists (from a JSON config): torch's own message names no field.
+            raise ConfigError(f"means must be K lists of d numbers each, stds and weights K numbers each: "
+                              f"{err}") from None
         if self.means.dim() != 2:
             raise ConfigError(f"means must be a list of K vectors of one dimension d, got {tuple(self.means.shape)}")
         k = self.means.shape[0]
         if self.stds.shape != (k,) or self.weights.shape != (k,):
             raise ConfigError(f"need one std and one weight per mean: {k} means, {self.stds.numel()} stds, "
                               f"{self.weights.numel()} weights")
-        if not (self.stds > 0).all() or not torch.isfinite(self.means).all():
-            raise ConfigError("stds must be > 0 and means finite")
-        if not (self.weights > 0).all():
-            raise ConfigError("weights must be > 0 (drop a component instead of giving it weight 0)")
+        if not (torch.isfinite(self.stds).all() and (self.stds > 0).all() and torch.isfinite(self.means).all()):
+            raise ConfigError("stds must be finite and > 0, and means finite")
+        if not (self.weights > 0).all() or not torch.isfinite(self.weights).all():
+            raise ConfigError("weights must be finite and > 0 (drop a component instead of giving it weight 0)")
         self.weights = self.weights / self.weights.sum()
         self.abar = torch.as_tensor(alphas_cumprod, dtype=dtype)
         self.dtype = dtype

@@ -8,6 +8,8 @@ from typing import Protocol
 
 import numpy as np
 
+from dng.errors import ConfigError
+
 
 class FeatureExtractor(Protocol):
     """Maps a batch of images (torch tensor) to a [N, D] feature matrix (tensor or array)."""
@@ -36,26 +38,36 @@ def safety(pred_labels, removed: int | Iterable[int]) -> float:
     """Share of samples classified as a removed class (lower is safer)."""
     pred = np.asarray(pred_labels).ravel()
     if pred.size == 0:
-        raise ValueError("safety of an empty set of predictions")
+        raise ConfigError("safety of an empty set of predictions")
     return float(np.isin(pred, _as_set(removed)).mean())
 
 
 def class_kl(pred_labels, kept: Iterable[int], target_probs, smoothing: float = 0.5) -> float:
-    """KL(target || generated) over the kept classes, counts smoothed additively so it stays finite.
+    """KL(target || generated) over the kept classes, both sides smoothed alike so that it stays finite.
 
-    Samples classified as a class outside `kept` are left out; `target_probs` follows the order of `kept`
-    and is renormalised.
+    Samples classified as a class outside `kept` are left out; `target_probs` (probabilities or counts) follows
+    the order of `kept` and is renormalised. `smoothing` pseudo-counts per class are added to the n generated
+    samples and the target is smoothed as if it were n samples too: both are mixed with the uniform distribution
+    at the weight K s / (n + K s), so a target equal to the generated shares (the unguided samples against
+    themselves) has a KL of exactly 0. With no generated sample in a kept class the generated side is the uniform
+    distribution and the target is left as it is.
     """
     kept = _as_set(kept)
     target = np.asarray(target_probs, dtype=np.float64)
-    if target.shape != (len(kept),) or (target < 0).any() or target.sum() <= 0:
-        raise ValueError(f"target_probs needs {len(kept)} non-negative entries, one per kept class")
-    target = target / target.sum()
+    if target.shape != (len(kept),) or not np.isfinite(target).all() or (target < 0).any() or target.sum() <= 0:
+        raise ConfigError(f"target_probs needs {len(kept)} finite non-negative entries, one per kept class")
+    if not math.isfinite(smoothing) or smoothing < 0:
+        raise ConfigError(f"smoothing must be a finite number >= 0, got {smoothing}")
     pred = np.asarray(pred_labels).ravel()
-    counts = np.array([(pred == c).sum() for c in kept], dtype=np.float64) + smoothing
-    if counts.sum() <= 0:
-        raise ValueError("no sample falls in a kept class and smoothing is 0: the KL is undefined")
-    generated = counts / counts.sum()
+    counts = np.array([(pred == c).sum() for c in kept], dtype=np.float64)
+    n, k = counts.sum(), len(kept)
+    if n == 0 and smoothing == 0:
+        raise ConfigError("no sample falls in a kept class and smoothing is 0: the KL is undefined")
+    weight = k * smoothing / (n + k * smoothing)
+    generated = (1 - weight) * (counts / max(n, 1)) + weight / k
+    target = target / target.sum()
+    if n:
+        target = (1 - weight) * target + weight / k
     nz = target > 0
     if (generated[nz] == 0).any():
         return math.inf
@@ -90,7 +102,7 @@ def gaussian_stats(features) -> tuple[np.ndarray, np.ndarray]:
     """Mean and covariance (unbiased) of a feature matrix [N, D]."""
     feats = np.asarray(features, np.float64)
     if feats.ndim != 2 or len(feats) < 2:
-        raise ValueError("FID needs a feature matrix [N, D] with N >= 2")
+        raise ConfigError("FID needs a feature matrix [N, D] with N >= 2")
     return feats.mean(0), np.cov(feats, rowvar=False).reshape(feats.shape[1], feats.shape[1])
 
 
@@ -121,7 +133,7 @@ def precision_recall(real_features, fake_features, k: int = 3) -> tuple[float, f
     """Improved precision and recall with k-NN manifolds (Kynkaanniemi et al. 2019)."""
     real, fake = np.asarray(real_features, np.float64), np.asarray(fake_features, np.float64)
     if min(len(real), len(fake)) <= k:
-        raise ValueError(f"precision/recall with k={k} needs more than {k} points in each set")
+        raise ConfigError(f"precision/recall with k={k} needs more than {k} points in each set")
     precision = _coverage(fake, real, _knn_radii(real, k))
     recall = _coverage(real, fake, _knn_radii(fake, k))
     return precision, recall
@@ -173,7 +185,7 @@ def background_energy(images) -> np.ndarray:
     """
     x = np.asarray(images)
     if x.ndim != 3 or x.dtype != np.uint8:
-        raise ValueError(f"background_energy takes uint8 images [N, H, W], got {x.dtype} {x.shape}")
+        raise ConfigError(f"background_energy takes uint8 images [N, H, W], got {x.dtype} {x.shape}")
     bright = x > OBJECT_LEVEL
     background = _box3(bright & (_box3(bright) >= 3)) == 0
     residual = np.maximum(np.abs(x.astype(np.float32) - median3x3(x)) - NOISE_LEVEL, 0) / 255

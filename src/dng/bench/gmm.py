@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from diffusers import DDPMScheduler
 
+from dng import metrics
 from dng.errors import ConfigError
 from dng.gmm import GaussianMixture, default_mixture_config
 from dng.guidance import SLD_PRESETS, DynamicNegativeGuidance, NegativePrompt, SafeLatentDiffusion
@@ -34,6 +35,8 @@ def load_config(path: str | None) -> dict:
         config = json.loads(Path(path).read_text())
     except FileNotFoundError as err:
         raise ConfigError(f"config file {path} does not exist") from err
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"config file {path} cannot be read: {err}") from err
     except json.JSONDecodeError as err:
         raise ConfigError(f"config file {path} is not valid JSON: {err}") from err
     if not isinstance(config, dict):
@@ -44,19 +47,12 @@ def load_config(path: str | None) -> dict:
                           '{"means": [[...], ...], "stds": [...], "weights": [...], "remove": [k, ...]}')
     remove = config["remove"]
     k = len(config["means"]) if isinstance(config["means"], list) else 0
-    if (not isinstance(remove, list) or not remove or len(set(remove)) != len(remove)
-            or not all(isinstance(c, int) and 0 <= c < k for c in remove) or len(remove) >= k):
+    # `type(c) is int`: JSON's true is a Python bool, which isinstance(c, int) would take for component 1.
+    if (not isinstance(remove, list) or not remove or not all(type(c) is int and 0 <= c < k for c in remove)
+            or len(set(remove)) != len(remove) or len(remove) >= k):
         raise ConfigError(f"remove must be a non-empty list of distinct component indices in [0, {k}) that "
                           f"keeps at least one component, got {remove!r}")
     return config
-
-
-def class_kl(labels: torch.Tensor, target_probs: torch.Tensor, kept: list[int]) -> float:
-    """KL(target || generated) over the kept classes; one pseudo-count per class keeps it finite."""
-    counts = torch.bincount(labels, minlength=int(target_probs.numel()))[kept].double() + 1.0
-    generated = counts / counts.sum()
-    target = target_probs[kept].double() / target_probs[kept].sum()
-    return float((target * (target / generated).log()).sum())
 
 
 class SlicedW2:
@@ -194,7 +190,7 @@ class GMMBench:
             "method": method,
             "params": {k: v for k, v in params.items() if not callable(v)},
             "forbidden_rate": float(torch.isin(labels, torch.tensor(self.remove)).double().mean()),
-            "class_kl": class_kl(labels, self.gmm.weights, self.kept),
+            "class_kl": metrics.class_kl(labels.numpy(), self.kept, self.gmm.weights[self.kept].numpy()),
             "target_log_density": float(log_density[finite].mean()) if finite.any() else -math.inf,
             "sliced_w2": self.sliced_w2(x) if finite.all() else math.inf,
             "posterior_logit_mae": mae,
