@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from dng.errors import ConfigError
-from dng.vision import data, models, train
+from dng.vision import checkpoint, data, models, train
+from dng.vision.export import export
 
 TINY_UNET = dict(models.GENERATOR_CONFIG, block_out_channels=[8, 8, 16], norm_num_groups=8, attention_head_dim=8)
 
@@ -111,18 +112,18 @@ def test_generator_training_resumes_exactly(fmnist, tmp_path):
     straight = train.train_generator(tmp_path / "b", steps=4, **common)
     assert resumed["step"] == straight["step"] == 4 and len(resumed["commands"]) == 2
     for module in ("model", "ema"):
-        a, _ = train.read_checkpoint(tmp_path / "a", module)
-        b, _ = train.read_checkpoint(tmp_path / "b", module)
+        a, _ = checkpoint.read_checkpoint(tmp_path / "a", module)
+        b, _ = checkpoint.read_checkpoint(tmp_path / "b", module)
         assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     init = models.make_generator(TINY_UNET).state_dict()
     assert not all(torch.equal(a[k], init[k]) for k in a)  # it did train
-    steps = [line.split(",")[0] for line in (tmp_path / "a" / train.LOG).read_text().splitlines()[1:]]
+    steps = [line.split(",")[0] for line in (tmp_path / "a" / checkpoint.LOG).read_text().splitlines()[1:]]
     assert steps == ["1", "2", "3", "4"]
     with pytest.raises(ConfigError, match="already holds a checkpoint"):
         train.train_generator(tmp_path / "a", steps=5, resume=False, **common)
 
     weights = tmp_path / "weights"
-    path = train.export(tmp_path / "a", "generator", weights_dir=weights, data_root=fmnist)
+    path = export(tmp_path / "a", "generator", weights_dir=weights, data_root=fmnist).weights
     card = (weights / "generator.md").read_text()
     assert "steps: 4" in card and "seed: 3" in card and "test_denoising_loss" in card
     assert "# steps 0-2\n" in card and "# steps 2-4\n" in card  # which command trained which steps
@@ -133,17 +134,17 @@ def test_generator_run_starts_from_exported_weights(fmnist, tmp_path):
     """--init: a new run whose model and EMA start as the given weights (lr 0 keeps them there)."""
     common = dict(batch_size=16, seed=3, data_root=fmnist, progress=False)
     train.train_generator(tmp_path / "a", steps=2, config=TINY_UNET, **common)
-    weights = train.export(tmp_path / "a", "generator", weights_dir=tmp_path / "w", data_root=fmnist)
+    weights = export(tmp_path / "a", "generator", weights_dir=tmp_path / "w", data_root=fmnist).weights
     start, config, _ = models.read_model_file(weights, "generator")
     scalars = train.train_generator(tmp_path / "b", steps=1, lr=0.0, init=weights, **common)
     assert scalars["config"] == config and scalars["init"]["path"] == str(weights)
     for module in ("model", "ema"):
-        state, _ = train.read_checkpoint(tmp_path / "b", module)
+        state, _ = checkpoint.read_checkpoint(tmp_path / "b", module)
         assert all(torch.equal(state[k], start[k]) for k in start)
     first_card = weights.with_suffix(".md").read_text()
     # Exported over the weights it started from, as when the shipped generator is trained on: the history stays.
-    card = train.export(tmp_path / "b", "generator", weights_dir=tmp_path / "w", data_root=fmnist)
-    card = card.with_suffix(".md").read_text()
+    card = export(tmp_path / "b", "generator", weights_dir=tmp_path / "w", data_root=fmnist, force=True)
+    card = card.card.read_text()
     assert f"started from: {weights}" in card and "in all, with earlier training: 3 steps" in card
     earlier = card.split("## Earlier training")[1]
     assert "2 steps (batch 16, seed 3)" in earlier and first_card.split("```")[1].strip() in earlier
@@ -160,7 +161,7 @@ def test_resume_keeps_the_runs_hyperparameters_unless_given(fmnist, tmp_path):
     assert (kept["batch_size"], kept["seed"], kept["label_dropout"], kept["lr"]) == (16, 5, 0.5, 5e-4)
     assert kept["config"] == TINY_UNET  # not the library's default architecture, which would not load
     changed = train.train_generator(tmp_path / "r", steps=3, label_dropout=0.3, **common)
-    assert changed["label_dropout"] == 0.3 and train.read_scalars(tmp_path / "r")["label_dropout"] == 0.3
+    assert changed["label_dropout"] == 0.3 and checkpoint.read_scalars(tmp_path / "r")["label_dropout"] == 0.3
     new = train.train_generator(tmp_path / "n", steps=1, batch_size=16, **common)
     assert new["label_dropout"] == train.GENERATOR_DEFAULTS["label_dropout"] and new["seed"] == 0
 
@@ -184,7 +185,7 @@ def test_sigterm_stops_generator_training_at_a_checkpoint(fmnist, tmp_path, monk
         train.train_generator(tmp_path / "run", steps=10, batch_size=16, config=TINY_UNET, data_root=fmnist,
                               progress=False)
     assert signal.getsignal(signal.SIGTERM) is before
-    _, scalars = train.read_checkpoint(tmp_path / "run", "ema")
+    _, scalars = checkpoint.read_checkpoint(tmp_path / "run", "ema")
     assert 2 <= scalars["step"] <= 3
 
 
@@ -194,11 +195,11 @@ def test_classifier_training_resumes_and_exports(fmnist, tmp_path):
     assert first["step"] == 4 and 0 <= first["test_accuracy"] <= 1
     second = train.train_classifier(tmp_path / "c", epochs=2, **common)
     assert second["step"] == 8
-    epochs = [line.split(",")[1] for line in (tmp_path / "c" / train.LOG).read_text().splitlines()[1:]]
+    epochs = [line.split(",")[1] for line in (tmp_path / "c" / checkpoint.LOG).read_text().splitlines()[1:]]
     assert epochs == ["1", "2"]
-    path = train.export(
+    path = export(
         tmp_path / "c", "classifier", weights_dir=tmp_path / "w", data_root=fmnist, metrics={"note": "extra"}
-    )
+    ).weights
     assert isinstance(models.load_classifier(path), models.Classifier)
     card = (tmp_path / "w" / "classifier.md").read_text()
     assert "test_accuracy" in card and "- note: extra" in card
@@ -222,3 +223,84 @@ def test_cli_parses_train_commands(tmp_path):
     assert args.func is command.run_generator and args.minutes == 2 and args.steps is None and args.resume
     args = top._name_parser_map["export"].parse_args(["--run", str(tmp_path), "--kind", "classifier"])
     assert args.func is command.run_export
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generator", "--steps", "-1"], "--steps -1: give an integer of at least 1"),
+    (["generator", "--minutes", "nan"], "--minutes nan: give a finite number above 0"),
+    (["generator", "--steps", "2", "--label-dropout", "1.5"], "--label-dropout 1.5: give a finite number of at least 0 "
+                                                              "and at most 1"),
+    (["generator", "--steps", "2", "--ema-decay", "-0.1"], "--ema-decay -0.1"),
+    (["generator", "--steps", "2", "--warmup-steps", "-1"], "--warmup-steps -1"),
+    (["generator", "--steps", "2", "--lr", "nan"], "--lr nan"),
+    (["generator", "--steps", "2", "--batch-size", "0"], "--batch-size 0"),
+    (["generator", "--steps", "2", "--threads", "-2"], "--threads -2"),
+    (["generator", "--steps", "2", "--checkpoint-minutes", "-1"], "--checkpoint-minutes -1"),
+    (["classifier", "--epochs", "-1"], "--epochs -1: give an integer of at least 1"),
+    (["classifier", "--lr", "nan"], "--lr nan"),
+    (["classifier", "--batch-size", "0"], "--batch-size 0"),
+    (["classifier", "--threads", "-2"], "--threads -2"),
+])
+def test_bad_training_options_are_refused_before_any_work(tmp_path, monkeypatch, capsys, argv, message):
+    from dng import cli
+
+    monkeypatch.setenv("DNG_DATA_DIR", str(tmp_path / "no-data"))  # reading data first would fail differently
+    run = tmp_path / "run"
+    assert cli.main(["train", *argv, "--out", str(run), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.splitlines()) == 1
+    assert not run.exists()
+
+
+@pytest.mark.parametrize("bad, message", [({"log_every": 0}, "log_every 0"), ({"limit": 0}, "limit 0"),
+                                          ({"steps": 2.5}, "--steps 2.5"), ({"batch_size": True}, "--batch-size True")])
+def test_bad_training_arguments_from_python(tmp_path, bad, message):
+    with pytest.raises(ConfigError, match=message):
+        train.train_generator(tmp_path / "run", **{"steps": 2, **bad})
+    assert not (tmp_path / "run").exists()
+
+
+def test_runs_record_the_command_line_or_the_python_call(fmnist, tmp_path, monkeypatch):
+    from dng import cli
+
+    monkeypatch.setenv("DNG_DATA_DIR", str(fmnist))
+    run = tmp_path / "cli"
+    assert cli.main(["train", "classifier", "--out", str(run), "--epochs", "1", "--batch-size", "32",
+                     "--no-progress"]) == 0
+    assert checkpoint.read_scalars(run)["commands"] == [f"dng train classifier --out {run} --epochs 1 --batch-size 32"]
+    train.train_classifier(tmp_path / "py", epochs=1, batch_size=32, data_root=fmnist, progress=False)
+    assert checkpoint.read_scalars(tmp_path / "py")["commands"] == [
+        f"dng.vision.train.train_classifier(out={str(tmp_path / 'py')!r}, epochs=1, batch_size=32, "
+        f"data_root={str(fmnist)!r})"]
+
+
+def test_export_refuses_another_kind_and_existing_weights_and_keeps_what_it_replaces(fmnist, tmp_path, monkeypatch,
+                                                                                      capsys):
+    from dng import cli
+
+    monkeypatch.setenv("DNG_DATA_DIR", str(fmnist))
+    common = dict(steps=1, batch_size=16, config=TINY_UNET, data_root=fmnist, progress=False)
+    train.train_generator(tmp_path / "a", **common)
+    train.train_generator(tmp_path / "b", seed=1, **common)
+    w = tmp_path / "w"
+    argv = ["train", "export", "--run", str(tmp_path / "b"), "--weights-dir", str(w)]
+    assert cli.main([*argv, "--kind", "classifier"]) == 2
+    assert "is a generator run: export it with --kind generator" in capsys.readouterr().err and not w.exists()
+
+    first = export(tmp_path / "a", "generator", weights_dir=w, data_root=fmnist)
+    assert first.backups == []
+    old = first.weights.read_bytes()
+    assert cli.main([*argv, "--kind", "generator"]) == 2
+    assert "pass --force to replace it" in capsys.readouterr().err and first.weights.read_bytes() == old
+
+    again = export(tmp_path / "a", "generator", weights_dir=w, data_root=fmnist, force=True)
+    assert [p.read_bytes() for p in again.backups] == [old, (w / "generator.md").read_bytes()]
+
+    assert cli.main([*argv, "--kind", "generator", "--force"]) == 0
+    out = capsys.readouterr().out
+    assert "kept the replaced files" in out
+    backups = list(w.glob("generator.safetensors.*.bak"))
+    assert len(backups) == 2 and again.backups[0] in backups  # a second backup in the same second is numbered
+    state, _ = checkpoint.read_checkpoint(tmp_path / "b", "ema")
+    assert all(torch.allclose(state[k], v, atol=1e-3) for k, v in models.read_model_file(first.weights,
+                                                                                           "generator")[0].items())

@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 
 from dng.errors import ConfigError
+
+# The options each command records on the model card: those that change what is trained (thread counts may change
+# float rounding), not how often it checkpoints or shows progress.
+GENERATOR_OPTIONS = ("out", "init", "minutes", "steps", "batch_size", "lr", "seed", "ema_decay", "label_dropout",
+                     "warmup_steps", "threads")
+CLASSIFIER_OPTIONS = ("out", "epochs", "batch_size", "lr", "seed", "threads")
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -48,7 +55,19 @@ def register(groups: dict) -> None:
     exp.add_argument(
         "--metric", action="append", default=[], metavar="NAME=VALUE", help="extra figure for the model card"
     )
+    exp.add_argument("--force", action="store_true",
+                     help="replace existing weights; the old weights and card are kept as <name>.<UTC time>.bak")
     exp.set_defaults(func=run_export)
+
+
+def command_line(kind: str, args, options) -> str:
+    """The `dng train` command that trains what this one does: the given `options` with the values in effect."""
+    words = ["dng", "train", kind]
+    for name in options:
+        value = getattr(args, name)
+        if value is not None:
+            words += [f"--{name.replace('_', '-')}", str(value)]
+    return shlex.join(words)
 
 
 def run_generator(args) -> int:
@@ -69,6 +88,7 @@ def run_generator(args) -> int:
         checkpoint_minutes=args.checkpoint_minutes,
         progress=args.progress,
         init=args.init,
+        command=command_line("generator", args, GENERATOR_OPTIONS),
     )
     print(f"generator: {scalars['step']} steps, {scalars['seconds'] / 60:.1f} min; checkpoint in {args.out}")
     return 0
@@ -86,13 +106,14 @@ def run_classifier(args) -> int:
         resume=args.resume,
         threads=args.threads,
         progress=args.progress,
+        command=command_line("classifier", args, CLASSIFIER_OPTIONS),
     )
     print(f"classifier: test accuracy {scalars['test_accuracy']:.4f} after {scalars['step']} steps")
     return 0
 
 
 def run_export(args) -> int:
-    from dng.vision.train import export
+    from dng.vision.export import export
 
     metrics = {}
     for item in args.metric:
@@ -100,6 +121,8 @@ def run_export(args) -> int:
         if not sep or not name:
             raise ConfigError(f"--metric {item!r}: write NAME=VALUE")
         metrics[name] = value
-    path = export(args.run, args.kind, weights_dir=args.weights_dir, metrics=metrics)
-    print(f"wrote {path} and {path.with_suffix('.md')}")
+    exported = export(args.run, args.kind, weights_dir=args.weights_dir, metrics=metrics, force=args.force)
+    print(f"wrote {exported.weights} and {exported.card}")
+    if exported.backups:
+        print(f"kept the replaced files as {', '.join(map(str, exported.backups))}")
     return 0

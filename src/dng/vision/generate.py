@@ -42,7 +42,7 @@ class ClassBranches:
 def make_scheduler(name: str = "ddpm"):
     """The sampler `name` (`dng.schedulers.SAMPLERS`) on the generator's training schedule, with the eta it needs."""
     from dng.schedulers import named as named_scheduler
-    from dng.vision.train import make_scheduler as training_scheduler
+    from dng.vision.models import make_scheduler as training_scheduler
 
     return named_scheduler(name, training_scheduler().config)
 

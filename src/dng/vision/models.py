@@ -43,6 +43,14 @@ def make_generator(config: dict | None = None):
     return UNet2DModel(**(config or GENERATOR_CONFIG))
 
 
+def make_scheduler():
+    """The generator's DDPM training schedule, which sampling reads too: 1000 steps, linear betas (diffusers
+    defaults)."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=1000)
+
+
 def _conv(c_in: int, c_out: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU())
 

@@ -1,17 +1,16 @@
-"""Seeded, resumable CPU training of the generator and the classifier, and export to shipped weights."""
+"""Seeded, resumable CPU training of the generator and the classifier: one loop, the per-model parts passed in."""
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import json
 import math
-import shlex
+import numbers
 import signal
-import sys
 import threading
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,99 +18,75 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from dng.errors import ConfigError
-from dng.io import write_atomic
 from dng.vision import data, models
+from dng.vision.checkpoint import CHECKPOINT, RunLog, load_checkpoint, read_scalars, save_checkpoint
 
-CHECKPOINT = "checkpoint.safetensors"
-LOG = "log.csv"
-
-
-# ---- checkpoints: one safetensors file whose metadata carries the scalars, so a single os.replace is atomic
-
-
-def _flatten_optimizer(state: dict) -> dict[str, torch.Tensor]:
-    return {f"optim.{i}.{k}": v for i, s in state["state"].items() for k, v in s.items()}
+GENERATOR_DEFAULTS = {"batch_size": 128, "lr": 5e-4, "seed": 0, "ema_decay": 0.999, "label_dropout": 0.15,
+                      "warmup_steps": 100}
+CLASSIFIER_DEFAULTS = {"batch_size": 128, "lr": 2e-3, "seed": 0}
 
 
-def _unflatten_optimizer(tensors: dict[str, torch.Tensor], groups: list) -> dict:
-    state: dict = {}
-    for name, value in tensors.items():
-        _, i, key = name.split(".", 2)
-        state.setdefault(int(i), {})[key] = value
-    return {"state": state, "param_groups": groups}
+# ---- checks and set-up, before any data is read
 
 
-def save_checkpoint(run: Path, modules: dict, optimizer, rng: torch.Generator, scalars: dict) -> None:
-    """Write modules, optimizer, RNG state and scalars to run/checkpoint.safetensors atomically."""
-    from safetensors.torch import save
-
-    tensors = {f"{name}.{k}": v.detach().contiguous() for name, m in modules.items() for k, v in m.state_dict().items()}
-    opt = optimizer.state_dict()
-    tensors.update(_flatten_optimizer(opt))
-    tensors["rng"] = rng.get_state()
-    meta = {"scalars": json.dumps(scalars), "param_groups": json.dumps(opt["param_groups"])}
-    write_atomic(run / CHECKPOINT, save(tensors, metadata=meta))
-
-
-def load_checkpoint(run: Path, modules: dict, optimizer, rng: torch.Generator) -> dict:
-    """Restore modules, optimizer and RNG from run/checkpoint.safetensors; return its scalars."""
-    from safetensors import safe_open
-
-    with safe_open(str(run / CHECKPOINT), framework="pt") as f:
-        meta = f.metadata()
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    for name, m in modules.items():
-        prefix = name + "."
-        m.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
-    optim = {k: v for k, v in tensors.items() if k.startswith("optim.")}
-    optimizer.load_state_dict(_unflatten_optimizer(optim, json.loads(meta["param_groups"])))
-    rng.set_state(tensors["rng"])
-    return json.loads(meta["scalars"])
+def _check(option: str, value, low: float, high: float = math.inf, integer: bool = False, above: bool = False):
+    """ConfigError naming `option` unless `value` is None or a finite number from `low` (excluded if `above`)
+    to `high`."""
+    if value is None:
+        return
+    kind = numbers.Integral if integer else numbers.Real
+    ok = (isinstance(value, kind) and not isinstance(value, bool) and math.isfinite(value)
+          and (value > low if above else value >= low) and value <= high)
+    if not ok:
+        want = f"{'an integer' if integer else 'a finite number'} {'above' if above else 'of at least'} {low:g}"
+        raise ConfigError(f"{option} {value!r}: give {want}" + (f" and at most {high:g}" if high < math.inf else ""))
 
 
-def read_scalars(run: Path) -> dict:
-    """The scalars (step, hyperparameters, commands) of a run's checkpoint, without loading its tensors."""
-    from safetensors import safe_open
-
-    with safe_open(str(Path(run) / CHECKPOINT), framework="pt") as f:
-        return json.loads(f.metadata()["scalars"])
-
-
-def read_checkpoint(run: Path, module: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """State dict of one module (e.g. 'ema') and the scalars of a run's checkpoint."""
-    from safetensors import safe_open
-
-    path = Path(run) / CHECKPOINT
-    if not path.is_file():
-        raise ConfigError(f"no checkpoint at {path}: train first with `dng train ... --out {run}`")
-    with safe_open(str(path), framework="pt") as f:
-        prefix = module + "."
-        state = {k[len(prefix) :]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
-        scalars = json.loads(f.metadata()["scalars"])
-    return state, scalars
+def _check_common(batch_size, lr, threads, checkpoint_minutes) -> None:
+    _check("--batch-size", batch_size, 1, integer=True)
+    _check("--lr", lr, 0)
+    _check("--threads", threads, 1, integer=True)
+    _check("--checkpoint-minutes", checkpoint_minutes, 0)
 
 
-# ---- shared loop pieces
+def _python_call(function: str, **arguments) -> str:
+    """How a run started from Python is recorded among its commands: the call with the arguments it was given."""
+    given = (f"{k}={str(v)!r}" if isinstance(v, Path) else f"{k}={v!r}" for k, v in arguments.items() if v is not None)
+    return f"dng.vision.train.{function}({', '.join(given)})"
 
 
-class _Log:
-    """Appends rows to run/log.csv, dropping rows newer than the checkpoint a run resumes from."""
+def _resolve(run: Path, given: dict, defaults: dict) -> dict:
+    """Hyperparameters in effect: given values win; otherwise a resumed run keeps its own, a new run the defaults.
 
-    def __init__(self, run: Path, fields: list[str], resume_step: int):
-        self.path = run / LOG
-        rows = []
-        if resume_step and self.path.is_file():
-            with open(self.path, newline="") as f:
-                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
-        with open(self.path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fields)
-            writer.writeheader()
-            writer.writerows(rows)
-        self.fields = fields
+    Falling back to the defaults on resume would silently change a run started with other values.
+    """
+    saved = read_scalars(run) if (run / CHECKPOINT).exists() else {}
+    return {k: given[k] if given.get(k) is not None else saved.get(k, defaults[k]) for k in given}
 
-    def write(self, **row) -> None:
-        with open(self.path, "a", newline="") as f:
-            csv.DictWriter(f, self.fields).writerow(row)
+
+def _start(run, threads: int | None, resume: bool) -> Path:
+    run = Path(run)
+    if not resume and (run / CHECKPOINT).exists():
+        raise ConfigError(f"{run} already holds a checkpoint: resume (the default) or choose another --out")
+    run.mkdir(parents=True, exist_ok=True)
+    if threads:
+        torch.set_num_threads(threads)
+    return run
+
+
+def _open(run: Path, modules: dict, optimizer, rng: torch.Generator, hyper: dict, command: str) -> dict:
+    """The run's scalars: a new run's, or the checkpoint's it resumes (restoring modules, optimizer and RNG)."""
+    scalars = {"step": 0, "seconds": 0.0, "commands": []}
+    if (run / CHECKPOINT).exists():
+        scalars = load_checkpoint(run, modules, optimizer, rng)
+    scalars.update(hyper)
+    scalars["commands"].append(command)
+    # The step each command started from, so the card can say how to replay a run whose settings changed.
+    scalars.setdefault("started_at", []).append(scalars["step"])
+    return scalars
+
+
+# ---- the shared loop
 
 
 def _batch_indices(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor:
@@ -134,8 +109,19 @@ def _augment(x: torch.Tensor, gen: torch.Generator, shift: int = 2) -> torch.Ten
     return padded[torch.arange(n)[:, None, None], 0, rows, cols].unsqueeze(1)
 
 
-def _command() -> str:
-    return shlex.join(["dng", *sys.argv[1:]]) if Path(sys.argv[0]).name in ("dng", "cli.py") else shlex.join(sys.argv)
+def _lr(step: int, base: float, warmup: int, total: int | None) -> float:
+    """Linear warmup, then cosine decay to 10 % when the total is known, else constant."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    if not total:
+        return base
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
+
+
+def _set_lr(optimizer, rate: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = rate
 
 
 @contextmanager
@@ -155,38 +141,58 @@ def _sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
-GENERATOR_DEFAULTS = {"batch_size": 128, "lr": 5e-4, "seed": 0, "ema_decay": 0.999, "label_dropout": 0.15,
-                      "warmup_steps": 100}
-CLASSIFIER_DEFAULTS = {"batch_size": 128, "lr": 2e-3, "seed": 0}
+@dataclass
+class Trainee:
+    """What differs between the models' training; `_train` is the loop they share."""
+
+    name: str  # of the progress bar
+    modules: dict  # checkpointed under these names
+    optimizer: torch.optim.Optimizer
+    step: Callable[[int], tuple[float, float]]  # takes optimizer step number `step`: (loss, learning rate)
+    log_fields: list[str]
+    log_every: int
+    report: Callable[[int, float, float, float], dict]  # (step, mean loss, lr, seconds) -> the log row
+    checkpoint_at_report: bool = False
+    progress_scalars: Callable[[int], dict] = lambda step: {}  # kept current in the checkpoint
 
 
-def _resolve(run: Path, given: dict, defaults: dict) -> dict:
-    """Hyperparameters in effect: given values win; otherwise a resumed run keeps its own, a new run the defaults.
+def _train(run: Path, trainee: Trainee, rng: torch.Generator, scalars: dict, total: int | None,
+           minutes: float | None, checkpoint_minutes: float, progress: bool) -> dict:
+    """Steps until `total` steps or `minutes` of wall time (both over all resumes), checkpointing on a timer, at
+    the end and on an interrupt."""
+    log = RunLog(run, trainee.log_fields, scalars["step"])
+    step, started, last_save = scalars["step"], time.monotonic() - scalars["seconds"], time.monotonic()
+    budget = 60 * minutes if minutes else math.inf
+    bar = tqdm(total=total, initial=step, desc=trainee.name, disable=not progress, dynamic_ncols=True)
+    running = []
 
-    Falling back to the defaults on resume would silently change a run started with other values.
-    """
-    saved = read_scalars(run) if (run / CHECKPOINT).exists() else {}
-    return {k: given[k] if given.get(k) is not None else saved.get(k, defaults[k]) for k in given}
+    def checkpoint():
+        scalars.update(step=step, seconds=time.monotonic() - started, **trainee.progress_scalars(step))
+        save_checkpoint(run, trainee.modules, trainee.optimizer, rng, scalars)
 
-
-def _start(run, threads: int | None, resume: bool) -> Path:
-    run = Path(run)
-    run.mkdir(parents=True, exist_ok=True)
-    if threads:
-        torch.set_num_threads(threads)
-    if not resume and (run / CHECKPOINT).exists():
-        raise ConfigError(f"{run} already holds a checkpoint: resume (the default) or choose another --out")
-    return run
-
-
-def _lr(step: int, base: float, warmup: int, total: int | None) -> float:
-    """Linear warmup, then cosine decay to 10 % when the total is known, else constant."""
-    if step < warmup:
-        return base * (step + 1) / warmup
-    if not total:
-        return base
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return base * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
+    with _sigterm_as_interrupt():
+        try:
+            while (total is None or step < total) and time.monotonic() - started < budget:
+                loss, rate = trainee.step(step)
+                step += 1
+                running.append(loss)
+                bar.update(1)
+                bar.set_postfix(loss=f"{sum(running) / len(running):.4f}")
+                reported = step % trainee.log_every == 0
+                if reported:
+                    log.write(**trainee.report(step, sum(running) / len(running), rate, time.monotonic() - started))
+                    running = []
+                due = time.monotonic() - last_save > 60 * checkpoint_minutes
+                if due or (reported and trainee.checkpoint_at_report):
+                    checkpoint()
+                    last_save = time.monotonic()
+            checkpoint()
+        except KeyboardInterrupt:
+            checkpoint()
+            raise
+        finally:
+            bar.close()
+    return scalars
 
 
 # ---- classifier
@@ -215,11 +221,18 @@ def train_classifier(
     data_root=None,
     limit: int | None = None,
     progress: bool = True,
+    command: str | None = None,
 ) -> dict:
     """Train the classifier with flips and shifts; returns the run's scalars (test accuracy included).
 
-    Hyperparameters left as None take the resumed run's values, or CLASSIFIER_DEFAULTS for a new run.
+    Hyperparameters left as None take the resumed run's values, or CLASSIFIER_DEFAULTS for a new run. `command`
+    is recorded on the model card (the `dng` command line; by default this call).
     """
+    _check("--epochs", epochs, 1, integer=True)
+    _check_common(batch_size, lr, threads, checkpoint_minutes)
+    _check("limit", limit, 1, integer=True)
+    command = command or _python_call("train_classifier", out=out, epochs=epochs, batch_size=batch_size, lr=lr,
+                                      seed=seed, threads=threads, data_root=data_root, limit=limit)
     run = _start(out, threads, resume)
     given = dict(batch_size=batch_size, lr=lr, seed=seed)
     hyper = _resolve(run, given, CLASSIFIER_DEFAULTS)
@@ -228,86 +241,45 @@ def train_classifier(
     xt, yt = data.load_tensors("test", data_root)
     if limit:
         x, y, xt, yt = x[:limit], y[:limit], xt[:limit], yt[:limit]
+    per_epoch = len(x) // batch_size
+    if per_epoch == 0:
+        raise ConfigError(f"--batch-size {batch_size} is larger than the {len(x)} training images")
     torch.manual_seed(seed)
     model = models.make_classifier()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=5e-4)
     rng = torch.Generator().manual_seed(seed)
-    per_epoch = len(x) // batch_size
-    if per_epoch == 0:
-        raise ConfigError(f"batch size {batch_size} is larger than the {len(x)} training images")
+    data_dir = str(data.data_dir() if data_root is None else data_root)
+    hyper.update(config=models.CLASSIFIER_CONFIG, epochs=epochs, data=data_dir)
+    scalars = _open(run, {"model": model}, optimizer, rng, hyper, command)
     total = epochs * per_epoch
-    scalars = {
-        "step": 0,
-        "seconds": 0.0,
-        "seed": seed,
-        "batch_size": batch_size,
-        "lr": lr,
-        "config": models.CLASSIFIER_CONFIG,
-        "commands": [],
-    }
-    if (run / CHECKPOINT).exists():
-        scalars = load_checkpoint(run, {"model": model}, optimizer, rng)
-    scalars.update(hyper)
-    scalars["commands"].append(_command())
-    # The step each command started from, so the card can say how to replay a run whose settings changed.
-    scalars.setdefault("started_at", []).append(scalars["step"])
-    scalars.update(epochs=epochs, data=str(data.data_dir() if data_root is None else data_root))
-    log = _Log(run, ["step", "epoch", "loss", "lr", "test_accuracy", "seconds"], scalars["step"])
-    step, started, last_save = scalars["step"], time.monotonic() - scalars["seconds"], time.monotonic()
-    bar = tqdm(total=total, initial=step, desc="classifier", disable=not progress, dynamic_ncols=True)
-    running = []
-    with _sigterm_as_interrupt():
-        try:
-            while step < total:
-                model.train()
-                idx = _batch_indices(len(x), batch_size, seed, step)
-                rate = _lr(step, lr, per_epoch // 4, total)
-                for group in optimizer.param_groups:
-                    group["lr"] = rate
-                loss = F.cross_entropy(model(_augment(x[idx], rng)), y[idx], label_smoothing=0.05)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                step += 1
-                running.append(loss.item())
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.3f}")
-                if step % per_epoch == 0:
-                    scalars["test_accuracy"] = evaluate_classifier(model, xt, yt)
-                    scalars["seconds"] = time.monotonic() - started
-                    log.write(
-                        step=step,
-                        epoch=step // per_epoch,
-                        loss=sum(running) / len(running),
-                        lr=rate,
-                        test_accuracy=scalars["test_accuracy"],
-                        seconds=round(scalars["seconds"], 1),
-                    )
-                    bar.write(f"epoch {step // per_epoch}: test accuracy {scalars['test_accuracy']:.4f}")
-                    running = []
-                if step % per_epoch == 0 or time.monotonic() - last_save > 60 * checkpoint_minutes or step == total:
-                    scalars.update(step=step, seconds=time.monotonic() - started)
-                    save_checkpoint(run, {"model": model}, optimizer, rng, scalars)
-                    last_save = time.monotonic()
-        except KeyboardInterrupt:
-            scalars.update(step=step, seconds=time.monotonic() - started)
-            save_checkpoint(run, {"model": model}, optimizer, rng, scalars)
-            raise
-        finally:
-            bar.close()
+
+    def step(i: int) -> tuple[float, float]:
+        model.train()
+        idx = _batch_indices(len(x), batch_size, seed, i)
+        rate = _lr(i, lr, per_epoch // 4, total)
+        _set_lr(optimizer, rate)
+        loss = F.cross_entropy(model(_augment(x[idx], rng)), y[idx], label_smoothing=0.05)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss.item(), rate
+
+    def report(i: int, loss: float, rate: float, seconds: float) -> dict:
+        scalars["test_accuracy"] = evaluate_classifier(model, xt, yt)
+        tqdm.write(f"epoch {i // per_epoch}: test accuracy {scalars['test_accuracy']:.4f}")
+        return dict(step=i, epoch=i // per_epoch, loss=loss, lr=rate, test_accuracy=scalars["test_accuracy"],
+                    seconds=round(seconds, 1))
+
+    trainee = Trainee("classifier", {"model": model}, optimizer, step,
+                      ["step", "epoch", "loss", "lr", "test_accuracy", "seconds"], per_epoch, report,
+                      checkpoint_at_report=True)
+    scalars = _train(run, trainee, rng, scalars, total, None, checkpoint_minutes, progress)
     if "test_accuracy" not in scalars:
         scalars["test_accuracy"] = evaluate_classifier(model, xt, yt)
     return scalars
 
 
 # ---- generator
-
-
-def make_scheduler():
-    """The DDPM training schedule: 1000 steps, linear betas (diffusers defaults)."""
-    from diffusers import DDPMScheduler
-
-    return DDPMScheduler(num_train_timesteps=1000)
 
 
 def denoising_loss(model, scheduler, x0, labels, gen: torch.Generator) -> torch.Tensor:
@@ -323,7 +295,7 @@ def evaluate_generator(model, images, labels, seed: int = 0, batch_size: int = 5
     """Mean denoising loss on fixed noise and timesteps: comparable across checkpoints and precisions."""
     model.eval()
     gen = torch.Generator().manual_seed(seed)
-    scheduler = make_scheduler()
+    scheduler = models.make_scheduler()
     losses = [
         denoising_loss(model, scheduler, images[i : i + batch_size], labels[i : i + batch_size], gen).item()
         for i in range(0, len(images), batch_size)
@@ -350,15 +322,29 @@ def train_generator(
     config: dict | None = None,
     progress: bool = True,
     init=None,
+    command: str | None = None,
 ) -> dict:
     """DDPM epsilon training with label dropout and EMA until `minutes` of wall time or `steps` (totals).
 
     Hyperparameters left as None take the resumed run's values, or GENERATOR_DEFAULTS for a new run. `init`, a
     generator file written by `export` (the shipped weights, say), starts a new run from those weights (model and
-    EMA, with a fresh optimizer): runs/ does not outlive a machine, the shipped weights do.
+    EMA, with a fresh optimizer): runs/ does not outlive a machine, the shipped weights do. `command` is recorded on
+    the model card (the `dng` command line; by default this call).
     """
-    if not minutes and not steps:
+    _check("--minutes", minutes, 0, above=True)
+    _check("--steps", steps, 1, integer=True)
+    _check_common(batch_size, lr, threads, checkpoint_minutes)
+    _check("--ema-decay", ema_decay, 0, 1)
+    _check("--label-dropout", label_dropout, 0, 1)
+    _check("--warmup-steps", warmup_steps, 0, integer=True)
+    _check("log_every", log_every, 1, integer=True)
+    _check("limit", limit, 1, integer=True)
+    if minutes is None and steps is None:
         raise ConfigError("give --minutes or --steps (totals over all resumes of the run)")
+    command = command or _python_call(
+        "train_generator", out=out, minutes=minutes, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+        ema_decay=ema_decay, label_dropout=label_dropout, warmup_steps=warmup_steps, threads=threads,
+        data_root=data_root, limit=limit, config=config, init=init)
     run = _start(out, threads, resume)
     init_state = init_card = None
     if init is not None:
@@ -377,7 +363,7 @@ def train_generator(
     if limit:
         x, y = x[:limit], y[:limit]
     if len(x) < batch_size:
-        raise ConfigError(f"batch size {batch_size} is larger than the {len(x)} training images")
+        raise ConfigError(f"--batch-size {batch_size} is larger than the {len(x)} training images")
     torch.manual_seed(seed)
     model = models.make_generator(config)
     if init_state is not None:
@@ -386,223 +372,38 @@ def train_generator(
     ema.load_state_dict(model.state_dict())
     ema.requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    scheduler = make_scheduler()
+    scheduler = models.make_scheduler()
     rng = torch.Generator().manual_seed(seed)
-    scalars = {
-        "step": 0,
-        "seconds": 0.0,
-        "seed": seed,
-        "batch_size": batch_size,
-        "lr": lr,
-        "ema_decay": ema_decay,
-        "label_dropout": label_dropout,
-        "warmup_steps": warmup_steps,
-        "config": config,
-        "commands": [],
-    }
+    hyper["data"] = str(data.data_dir() if data_root is None else data_root)
+    modules = {"model": model, "ema": ema}
+    scalars = _open(run, modules, optimizer, rng, hyper, command)
     if init is not None:
         # The init file's own card travels with the run: the file it names may be overwritten by this run's export.
         scalars["init"] = {"path": str(init), "sha256": hashlib.sha256(Path(init).read_bytes()).hexdigest(),
                            "card": init_card or None}
-    if (run / CHECKPOINT).exists():
-        scalars = load_checkpoint(run, {"model": model, "ema": ema}, optimizer, rng)
-    scalars.update(hyper)
-    scalars["commands"].append(_command())
-    # The step each command started from, so the card can say how to replay a run whose settings changed.
-    scalars.setdefault("started_at", []).append(scalars["step"])
-    scalars["data"] = str(data.data_dir() if data_root is None else data_root)
-    log = _Log(run, ["step", "epoch", "loss", "lr", "seconds"], scalars["step"])
-    step, started, last_save = scalars["step"], time.monotonic() - scalars["seconds"], time.monotonic()
-    budget = 60 * minutes if minutes else math.inf
-    bar = tqdm(total=steps, initial=step, desc="generator", disable=not progress, dynamic_ncols=True)
-    running = []
 
-    def checkpoint():
-        scalars.update(step=step, seconds=time.monotonic() - started, epochs=step * batch_size / len(x))
-        save_checkpoint(run, {"model": model, "ema": ema}, optimizer, rng, scalars)
+    def step(i: int) -> tuple[float, float]:
+        idx = _batch_indices(len(x), batch_size, seed, i)
+        labels = torch.where(torch.rand(batch_size, generator=rng) < label_dropout, models.NULL_LABEL, y[idx])
+        rate = _lr(i, lr, warmup_steps, None)
+        _set_lr(optimizer, rate)
+        loss = denoising_loss(model, scheduler, x[idx], labels, rng)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        # Warm-up of the EMA so early checkpoints are not dominated by the random init.
+        decay = min(ema_decay, (2 + i) / (11 + i))
+        with torch.no_grad():
+            for p_ema, p in zip(ema.parameters(), model.parameters(), strict=True):
+                p_ema.lerp_(p, 1 - decay)
+        return loss.item(), rate
+
+    def report(i: int, loss: float, rate: float, seconds: float) -> dict:
+        return dict(step=i, epoch=round(i * batch_size / len(x), 3), loss=round(loss, 5), lr=rate,
+                    seconds=round(seconds, 1))
 
     model.train()
-    with _sigterm_as_interrupt():
-        try:
-            while (steps is None or step < steps) and time.monotonic() - started < budget:
-                idx = _batch_indices(len(x), batch_size, seed, step)
-                labels = torch.where(torch.rand(batch_size, generator=rng) < label_dropout, models.NULL_LABEL, y[idx])
-                rate = _lr(step, lr, warmup_steps, None)
-                for group in optimizer.param_groups:
-                    group["lr"] = rate
-                loss = denoising_loss(model, scheduler, x[idx], labels, rng)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                optimizer.step()
-                step += 1
-                # Warm-up of the EMA so early checkpoints are not dominated by the random init.
-                decay = min(ema_decay, (1 + step) / (10 + step))
-                with torch.no_grad():
-                    for p_ema, p in zip(ema.parameters(), model.parameters(), strict=True):
-                        p_ema.lerp_(p, 1 - decay)
-                running.append(loss.item())
-                bar.update(1)
-                if step % log_every == 0:
-                    mean = sum(running) / len(running)
-                    bar.set_postfix(loss=f"{mean:.4f}")
-                    log.write(
-                        step=step,
-                        epoch=round(step * batch_size / len(x), 3),
-                        loss=round(mean, 5),
-                        lr=rate,
-                        seconds=round(time.monotonic() - started, 1),
-                    )
-                    running = []
-                if time.monotonic() - last_save > 60 * checkpoint_minutes:
-                    checkpoint()
-                    last_save = time.monotonic()
-            checkpoint()
-        except KeyboardInterrupt:
-            checkpoint()
-            raise
-        finally:
-            bar.close()
-    return scalars
-
-
-# ---- export
-
-
-def export(
-    run, kind: str, weights_dir=None, data_root=None, half: bool | None = None, metrics: dict | None = None
-) -> Path:
-    """Write a run's final weights (the EMA for the generator) and model card to the shipped weights.
-
-    `metrics` adds figures measured elsewhere (e.g. class-conditional sample accuracy) to the card.
-    """
-    if kind not in models.KINDS:
-        raise ConfigError(f"unknown model kind {kind!r}: use one of {', '.join(models.KINDS)}")
-    run = Path(run)
-    weights_dir = Path(weights_dir) if weights_dir else models.WEIGHTS_DIR
-    state, scalars = read_checkpoint(run, "ema" if kind == "generator" else "model")
-    xt, yt = data.load_tensors("test", data_root)
-    if kind == "generator":
-        config = scalars["config"]
-        model = models.make_generator(config)
-
-        def score(m):
-            return evaluate_generator(m, xt[:2000], yt[:2000])
-
-        metric = "test_denoising_loss"
-    else:
-        config = scalars.get("config", models.CLASSIFIER_CONFIG)
-        model = models.make_classifier(config)
-
-        def score(m):
-            return evaluate_classifier(m, xt, yt)
-
-        metric = "test_accuracy"
-    model.load_state_dict(state)
-    full = score(model)
-    model.load_state_dict({k: v.half().float() if v.is_floating_point() else v for k, v in state.items()})
-    halved = score(model)
-    if half is None:
-        # fp16 is kept when it moves the metric by under 0.2 % (relative).
-        half = abs(halved - full) <= 0.002 * abs(full)
-    model.load_state_dict(state)
-    card = {
-        "kind": kind,
-        "commands": scalars["commands"],
-        "started_at": scalars.get("started_at"),
-        "seed": scalars["seed"],
-        "data": f"Fashion-MNIST train split ({scalars.get('data', data.DEFAULT_DATA_DIR)})",
-        "wall_time_minutes": round(scalars["seconds"] / 60, 1),
-        "steps": scalars["step"],
-        "init": scalars.get("init"),
-        "batch_size": scalars["batch_size"],
-        "dtype": "float16" if half else "float32",
-        "metrics": {metric: round(halved if half else full, 5), f"{metric}_float32": round(full, 5), **(metrics or {})},
-        "hyperparameters": {
-            k: scalars[k] for k in ("lr", "ema_decay", "label_dropout", "warmup_steps", "epochs") if k in scalars
-        },
-    }
-    path = weights_dir / f"{kind}.safetensors"
-    models.save_model(model, path, kind, config, card, half=half)
-    _write_card(weights_dir / f"{kind}.md", card)
-    return path
-
-
-def _commands(card: dict) -> tuple[str, str]:
-    """A card's commands, each with its step range where known, and how to replay them."""
-    starts = card.get("started_at")
-    if starts and len(starts) == len(card["commands"]):
-        ends = [*starts[1:], card["steps"]]
-        commands = "\n".join(f"# steps {a}-{b}\n{c}" for a, b, c in zip(starts, ends, card["commands"], strict=True))
-        replay = ("Each `--minutes` budget stopped at a machine-dependent step: to replay the run, give each command\n"
-                  "`--steps` with the last step of its range in place of `--minutes`")
-    else:
-        commands = "\n".join(card["commands"])
-        replay = ("A `--minutes` budget stops at a machine-dependent step: the same weights come back from the first "
-                  f"command with\n`--steps {card['steps']}` in its place")
-    return commands, replay
-
-
-def _ancestors(card: dict) -> list[dict]:
-    """Cards of the weights a run started from (`--init`), nearest first, as far back as they were recorded."""
-    found = []
-    while (card.get("init") or {}).get("card"):
-        card = card["init"]["card"]
-        found.append(card)
-    return found
-
-
-def _bullets(values: dict) -> str:
-    return "\n".join(f"- {k}: {v}" for k, v in values.items())
-
-
-def _write_card(path: Path, card: dict) -> None:
-    metrics, hyper = _bullets(card["metrics"]), _bullets(card["hyperparameters"])
-    commands, replay = _commands(card)
-    init, earlier = card.get("init"), _ancestors(card)
-    origin = ""
-    if init:
-        told = "its training is under \"Earlier training\"" if earlier else "whose own card tells how it was trained"
-        origin = (f"- started from: {init['path']} (sha256 {init['sha256'][:16]}...), {told}; the steps below come "
-                  "on top\n")
-    history = ""
-    if earlier:
-        total_steps = card["steps"] + sum(c["steps"] for c in earlier)
-        total_minutes = card["wall_time_minutes"] + sum(c["wall_time_minutes"] for c in earlier)
-        origin += f"- in all, with earlier training: {total_steps} steps, {round(total_minutes, 1)} minutes\n"
-        parts = []
-        for c in earlier:
-            cmds, how = _commands(c)
-            dropout = c.get("hyperparameters", {}).get("label_dropout")
-            parts.append(f"{c['steps']} steps (batch {c['batch_size']}, seed {c['seed']}), {c['wall_time_minutes']} "
-                         f"minutes, label dropout {dropout} at the end; its metrics:\n\n"
-                         + _bullets(c["metrics"])
-                         + f"\n\n```\n{cmds}\n```\n\n{how}.\n")
-        history = "\n## Earlier training (nearest first)\n\n" + "\n".join(parts)
-    text = f"""# Fashion-MNIST {card["kind"]}
-
-Trained on CPU by `dng train {card["kind"]}`; weights exported with `dng train export`.
-
-{origin}- data: {card["data"]}
-- seed: {card["seed"]}
-- steps: {card["steps"]} (batch {card["batch_size"]})
-- wall time: {card["wall_time_minutes"]} minutes
-- stored as: {card["dtype"]}
-
-## Metrics (Fashion-MNIST test split)
-
-{metrics}
-
-## Hyperparameters (as of the last command)
-
-{hyper}
-
-## Commands (the first started the run, the others resumed it)
-
-```
-{commands}
-```
-
-{replay} (thread counts may change float rounding).
-{history}"""
-    write_atomic(path, text)
+    trainee = Trainee("generator", modules, optimizer, step, ["step", "epoch", "loss", "lr", "seconds"], log_every,
+                      report, progress_scalars=lambda i: {"epochs": i * batch_size / len(x)})
+    return _train(run, trainee, rng, scalars, steps, minutes, checkpoint_minutes, progress)
