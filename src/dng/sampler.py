@@ -99,7 +99,8 @@ def sample(
     `model(x, t)` evaluates every branch in one call: `x` stacks copies of the scaled sample along the
     batch axis in the order [unconditional, positive (if cfg_scale is given), negative 1..K] and the
     model returns epsilon (or whatever the scheduler's prediction_type is) in the same layout.
-    `callback(i, t, x_prev, info)` runs after every step; `info` holds "p" and "scale" when known. The progress bar
+    `callback(i, t, x_prev, info)` runs after every step; `info` holds "p" and "scale" when known; a callback that
+    returns True stops the loop after that step (diffusers' `pipe._interrupt`). The progress bar
     shows on a terminal only (tqdm's own rule), so logs of batch jobs stay readable.
     """
     num_negatives = int(num_negatives)
@@ -159,14 +160,15 @@ def sample(
             llr = guidance.observe(x_prev, moments)
         if return_trace and guidance is not None:
             records.append((info["p"], info["scale"], llr, levels))
-        if callback is not None:
-            callback(i, t, x_prev, info)
         x = x_prev
+        if callback is not None and callback(i, t, x_prev, info):
+            break
     if not torch.isfinite(x).all():
         raise NonFiniteError(f"{int((~torch.isfinite(x)).flatten(1).any(1).sum())} of {batch} samples are NaN or inf "
                              "after the last step although every model output was finite: the guidance or the "
                              "scheduler step overflowed (lower the guidance scale)")
-    return SampleOutput(x, _trace(scheduler.timesteps, records, batch, num_negatives) if return_trace else None)
+    trace = _trace(scheduler.timesteps[: i + 1], records, batch, num_negatives) if return_trace else None
+    return SampleOutput(x, trace)
 
 
 def _trace(timesteps, records, batch, num_negatives) -> Trace:
