@@ -1,6 +1,6 @@
 """Per-step wall time of DNG (3 branches) vs diffusers' own negative prompt (2 branches) vs NP with 3 branches.
 
-All three run in one process on the same small offline SD pipeline (tests/pipeline_fixtures.py), interleaved
+All three run in one process on the same small offline SD pipeline (dng.pipelines.tiny), interleaved
 round by round so that load from other processes hits them alike; a step's time is the gap between two
 consecutive callback_on_step_end calls, in wall time and in process CPU time (the steadier of the two when
 other jobs share the cores); reported is the median over all steps.
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,11 +20,9 @@ import torch
 from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionPipeline
 from diffusers.utils import logging
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from pipeline_fixtures import sd_components  # noqa: E402
-
-from dng.guidance import NegativePrompt  # noqa: E402
-from dng.pipelines import StableDiffusionDNGPipeline  # noqa: E402
+from dng.guidance import NegativePrompt
+from dng.pipelines import StableDiffusionDNGPipeline
+from dng.pipelines.tiny import sd_components
 
 
 def step_times(pipe, **kwargs) -> tuple[list[float], list[float]]:

@@ -2,6 +2,8 @@
 
 import argparse
 import csv
+import inspect
+import re
 
 import numpy as np
 import pytest
@@ -18,14 +20,19 @@ from diffusers import (
     StableDiffusionXLPipeline,
     TCDScheduler,
 )
-from pipeline_fixtures import sd_components, sdxl_components
 
+from dng import cli
 from dng.commands import sd as sd_command
 from dng.errors import ConfigError
 from dng.guidance import DNG_PRESETS, DynamicNegativeGuidance, NegativePrompt, log_snr_gain
 from dng.pipelines import StableDiffusionDNGPipeline, StableDiffusionXLDNGPipeline
+from dng.pipelines.report import summarize
+from dng.pipelines.tiny import sd_components, sdxl_components
+from dng.sampler import Trace
 
 CALL = dict(prompt=["a cat", "a dog"], num_inference_steps=3, height=16, width=16, output_type="np")
+PIPELINES = [(StableDiffusionDNGPipeline, StableDiffusionPipeline), (StableDiffusionXLDNGPipeline,
+                                                                     StableDiffusionXLPipeline)]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -163,11 +170,26 @@ def test_deterministic_schedulers_are_refused(sd_parent):
     (dict(negative_prompt="red", guidance_rescale=0.7), "guidance_rescale"),
     (dict(negative_prompt="red", timesteps=[999, 500]), "timesteps"),
     (dict(return_trace=True), "return_trace"),
+    (dict(negative_prompt="red", height=20), r"multiples of 8, got 20 x 16; e\.g\. 24 x 16"),
+    (dict(negative_prompt="red", width=-8), "positive multiples of 8"),
+    (dict(negative_prompt="red", guidance_scale=float("nan")), "guidance_scale must be a finite number"),
+    (dict(negative_prompt="red", callback_on_step_end_tensor_inputs=["noise"]), "callback_on_step_end_tensor_inputs"),
 ])
-def test_bad_inputs(sd_pair, kwargs, match):
-    _, pipe = sd_pair
+@pytest.mark.parametrize("pair", ["sd_pair", "sdxl_pair"])
+def test_bad_inputs(pair, request, kwargs, match, monkeypatch):
+    _, pipe = request.getfixturevalue(pair)
+    _no_model_may_run(pipe, monkeypatch)
     with pytest.raises(ConfigError, match=match):
-        pipe(**CALL, **kwargs)
+        pipe(**{**CALL, **kwargs})
+
+
+def _no_model_may_run(pipe, monkeypatch):
+    def run(*args, **kwargs):
+        raise AssertionError("a model ran before the inputs were checked")
+
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        if getattr(pipe, name, None) is not None:
+            monkeypatch.setattr(getattr(pipe, name), "forward", run)
 
 
 def test_mismatched_negative_embeds(sd_pair):
@@ -229,9 +251,22 @@ def test_sd_command_writes_images_trace_and_plot(sd_parent, tmp_path):
     assert _sd_command(["--model", str(tmp_path / "model"), "--prompt", "a cat", "--negative", "red", "--negative",
                         "dog", "--steps", "3", "--images", "2", "--height", "16", "--width", "16",
                         "--out", str(out)]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["image_0.png", "image_1.png", "trace.csv", "trace.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["image_0.png", "image_1.png", "summary.csv", "trace.csv",
+                                                     "trace.png"]
     with open(out / "trace.csv") as f:
         rows = list(csv.DictReader(f))
+    with open(out / "summary.csv") as f:
+        summary = list(csv.DictReader(f))
+    # The summary restates the trace per image and concept, with the evidence the prompted bench reports.
+    pairs = [(f"image_{i}.png", c) for i in (0, 1) for c in ("red", "dog")]
+    assert [(r["image"], r["concept"]) for r in summary] == pairs
+    for r in summary:
+        mine = [t for t in rows if f"image_{t['image']}.png" == r["image"] and t["concept"] == r["concept"]]
+        scales, ps = [float(t["scale"]) for t in mine], [float(t["p"]) for t in mine]
+        assert float(r["mean_scale"]) == pytest.approx(sum(scales) / 3, rel=1e-4)
+        assert float(r["max_scale"]) == pytest.approx(max(scales), rel=1e-5)
+        assert float(r["final_p"]) == pytest.approx(ps[-1], rel=1e-5)
+        assert r["activated"] == str(max(ps) >= 0.5).lower()
     assert len(rows) == 3 * 2 * 2 and {r["concept"] for r in rows} == {"red", "dog"}
     assert all(0 < float(r["p"]) < 1 for r in rows)
     # The command applies the library default, as the pipelines and the Python class do.
@@ -241,6 +276,73 @@ def test_sd_command_writes_images_trace_and_plot(sd_parent, tmp_path):
         sigma = float(r["sigma"])
         expected = _default_scale(sigma, sigmas[sigmas.index(sigma) + 1], odds)
         assert float(r["scale"]) == pytest.approx(float(expected), rel=1e-4)
+
+
+def test_summary_reads_activation_from_the_posterior():
+    # Image 0 stays near the prior; image 1's p crosses 1/2 at the second step; scales as lam0 p / (1 - p), lam0 2.
+    p = torch.tensor([[0.1, 0.1], [0.05, 0.6], [0.01, 0.3]])[:, :, None]
+    trace = Trace(torch.tensor([999, 500, 1]), p, 2 * p / (1 - p), torch.zeros_like(p))
+    rows = summarize(trace, ["red"], ["a.png", "b.png"])
+    assert [(r["image"], r["activated"]) for r in rows] == [("a.png", False), ("b.png", True)]
+    assert [(r["final_p"], r["max_p"]) for r in rows] == [pytest.approx((0.01, 0.1)), pytest.approx((0.3, 0.6))]
+    assert rows[1]["max_scale"] == pytest.approx(3.0)
+    assert rows[1]["mean_scale"] == pytest.approx((2 / 9 + 3 + 6 / 7) / 3)
+    # NP and SLD have no posterior: their scale is summarised, activation is left empty.
+    constant = Trace(trace.timesteps, torch.full_like(p, float("nan")), torch.full_like(p, 6.5), p)
+    assert [(r["mean_scale"], r["max_scale"], r["activated"], r["max_p"]) for r in summarize(constant, ["red"], ["a"])
+            ] == [(6.5, 6.5, None, None)]
+
+
+def _sd_folder(tmp_path, class_name="StableDiffusionPipeline"):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "model_index.json").write_text(f'{{"_class_name": "{class_name}"}}')
+    return tmp_path / "model"
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--height", "20"], r"--height must be a positive multiple of 8, got 20; e\.g\. 24"),
+    (["--width", "0"], "--width must be a positive multiple of 8"),
+    (["--cfg", "nan"], "--cfg must be a finite number"),
+    (["--cfg", "-2"], "--cfg must be a finite number >= 0"),
+    (["--steps", "0"], "--steps must be at least 1"),
+    (["--images", "0"], "--images must be at least 1"),
+    (["--negative", " "], "--negative is empty"),
+    (["--scale", "nan"], "scale must be a finite number"),
+    (["--prior", "1.5"], "prior"),
+    (["--method", "np", "--prior", "0.2"], "--prior applies to --method dng only"),
+    (["--method", "sld", "--scale", "3"], "--scale applies to --method dng and np"),
+    (["--method", "np", "--sld-preset", "max"], "--sld-preset applies to --method sld only"),
+    (["--device", "nonsense"], "--device nonsense is not usable here"),
+    (["--out", "{file}"], "is a file; give a folder"),
+    (["--out", "{file}/sub"], "is a file, so the folder cannot be made"),
+])
+def test_sd_command_refuses_bad_options_before_loading(tmp_path, argv, match, monkeypatch, capsys):
+    def load(*args, **kwargs):
+        raise AssertionError("loaded a model before checking the options")
+
+    monkeypatch.setattr(StableDiffusionDNGPipeline, "from_pretrained", load)
+    (tmp_path / "file").write_text("")
+    argv = [a.replace("{file}", str(tmp_path / "file")) for a in argv]
+    base = ["--model", str(_sd_folder(tmp_path)), "--prompt", "a cat", "--negative", "red", "--out", str(tmp_path)]
+    assert cli.main(["sd", *base, *argv]) == 2
+    err = capsys.readouterr().err
+    assert re.search(match, err) and err.count("\n") == 1, err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a torch build without CUDA")
+def test_sd_command_refuses_cuda_on_a_cpu_build(tmp_path, capsys):
+    base = ["--model", str(_sd_folder(tmp_path)), "--prompt", "a", "--negative", "b", "--out", str(tmp_path)]
+    assert cli.main(["sd", *base, "--device", "cuda"]) == 2
+    assert "--device cuda is not usable here (Torch not compiled with CUDA enabled); use --device cpu" in \
+        capsys.readouterr().err
+
+
+def test_sd_command_refuses_more_steps_than_the_schedule_has(sd_parent, tmp_path):
+    sd_parent.save_pretrained(tmp_path / "model")
+    with pytest.raises(ConfigError, match="--steps 1001 is more than the model's 1000 training timesteps"):
+        _sd_command(["--model", str(tmp_path / "model"), "--prompt", "a", "--negative", "b", "--steps", "1001",
+                     "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("make,match", [
@@ -273,3 +375,67 @@ def test_dng_at_scale_zero_is_plain_cfg_on_every_stochastic_scheduler(sd_parent,
     assert torch.isfinite(out.trace.llr).any()  # the tracker read the steps
     guided = pipe(**call, negative_prompt="red", generator=_seed(), return_trace=True)
     assert np.isfinite(guided.images).all() and (guided.trace.scale > 0).any()
+
+
+@pytest.mark.parametrize("cls,parent", PIPELINES)
+def test_takes_the_parents_arguments_and_forwards_them_by_keyword(cls, parent, monkeypatch):
+    params = [p for p in inspect.signature(parent.__call__).parameters.values() if p.kind is p.POSITIONAL_OR_KEYWORD]
+    ours = list(inspect.signature(cls.__call__).parameters.values())[:len(params)]
+    # Positional callers of the parent get the same call: same names, order and defaults.
+    assert [(p.name, p.default) for p in ours] == [(p.name, p.default) for p in params]
+    forwarded = {}
+
+    def keyword_only(self, **kwargs):
+        forwarded.update(kwargs)
+
+    monkeypatch.setattr(parent, "__call__", keyword_only)
+    # A distinct value per argument, so that a dropped, swapped or positional argument shows.
+    values = {p.name: object() for p in params[1:] if p.name not in ("negative_prompt", "negative_prompt_embeds")}
+    values["callback_steps"] = object()  # the parent's deprecated **kwargs pass through too
+    cls.__call__(cls.__new__(cls), **values)
+    assert forwarded == {**values, "negative_prompt": None, "negative_prompt_embeds": None}
+
+
+@pytest.mark.parametrize("pair", ["sd_pair", "sdxl_pair"])
+@pytest.mark.parametrize("scale", [0.0, 0.5, 1.0])
+def test_without_cfg_the_base_is_the_prompt_branch_as_in_the_parent(pair, scale, request):
+    parent, pipe = request.getfixturevalue(pair)
+    call = {**CALL, "guidance_scale": scale}
+    # The parent ignores its negative prompt without CFG; "np" is that negative prompt, DNG at lam0 0 adds nothing.
+    expected = parent(**call, negative_prompt="red", generator=_seed()).images
+    for rule in (dict(negative_guidance="np"), dict(dng_scale=0.0)):
+        np.testing.assert_allclose(pipe(**call, negative_prompt="red", **rule, generator=_seed()).images, expected,
+                                   atol=1e-5)
+    # DNG's term is against the unconditional branch, which the call still evaluates: it keeps working.
+    guided = pipe(**call, negative_prompt="red", generator=_seed(), return_trace=True)
+    assert (guided.trace.scale > 0).all() and np.abs(guided.images - expected).max() > 1e-3
+
+
+@pytest.mark.parametrize("pair", ["sd_pair", "sdxl_pair"])
+def test_interrupt_from_the_callback_stops_after_that_step_as_in_the_parent(pair, request):
+    parent, pipe = request.getfixturevalue(pair)
+    steps = []
+
+    def stop_after_first(p, i, t, tensors):
+        steps.append(i)
+        p._interrupt = True
+        return {}
+
+    call = {**CALL, "num_inference_steps": 4, "output_type": "latent", "callback_on_step_end": stop_after_first}
+    expected = parent(**call, generator=_seed()).images
+    out = pipe(**call, negative_prompt="red", dng_scale=0.0, generator=_seed(), return_trace=True)
+    assert steps == [0, 0]  # one step each
+    torch.testing.assert_close(out.images, expected, atol=1e-5, rtol=0)
+    assert out.trace.scale.shape[0] == len(out.trace.timesteps) == 1
+
+
+@pytest.mark.parametrize("cls,parent", PIPELINES)
+def test_docstring_example_runs(cls, parent, request, tmp_path, monkeypatch):
+    pipe = request.getfixturevalue("sd_pair" if cls is StableDiffusionDNGPipeline else "sdxl_pair")[1]
+    # The example as a user runs it, with the tiny pipeline standing in for the downloaded weights.
+    monkeypatch.setattr(cls, "from_pretrained", classmethod(lambda c, *args, **kwargs: c.from_pipe(pipe)))
+    monkeypatch.chdir(tmp_path)
+    code = "\n".join(re.findall(r"^\s*(?:>>>|\.\.\.) ?(.*)$", cls.__call__.__doc__, flags=re.M))
+    namespace = {}
+    exec(code.replace("num_inference_steps=30", "num_inference_steps=3"), namespace)
+    assert (tmp_path / "street.png").is_file() and namespace["final_p"].shape == (1, 2)

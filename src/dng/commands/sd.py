@@ -2,18 +2,28 @@
 
 from __future__ import annotations
 
+import io
 import json
+import math
+import os
 from pathlib import Path
 
 from dng.errors import ConfigError
 
 DTYPES = ("float32", "float16", "bfloat16")
+# Options that tune one method only, by the method they tune.
+METHOD_OPTIONS = {
+    "dng": ("dng_preset", "prior", "temperature", "offset", "p_max", "mode"),
+    "np": (),
+    "sld": ("sld_preset",),
+}
 
 
 def register(groups) -> None:
     p = groups["top"].add_parser("sd", help="generate images with Stable Diffusion (local weights) and DNG",
                                  description="Generate with a local diffusers Stable Diffusion folder; saves the "
-                                             "images, the trace as CSV and a plot of p_t and the scale per step.")
+                                             "images, the trace as CSV, a per-image summary of the guidance's "
+                                             "action (summary.csv) and a plot of p_t and the scale per step.")
     p.add_argument("--model", type=Path, required=True, help="local diffusers folder (with model_index.json)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative", action="append", required=True, metavar="TEXT",
@@ -22,8 +32,9 @@ def register(groups) -> None:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--images", type=int, default=1, help="images per prompt")
-    p.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale")
-    p.add_argument("--dng-preset", default="default",
+    p.add_argument("--cfg", type=float, default=7.5,
+                   help="classifier-free guidance scale; at most 1 turns CFG off, as in diffusers")
+    p.add_argument("--dng-preset", default=None,
                    help="dng: the named setting (dng.guidance.DNG_PRESETS: default, paper-sd, paper-cifar10)")
     p.add_argument("--scale", type=float, default=None,
                    help="dng: lam0 (default: the preset's); np: the constant scale (default cfg - 1, diffusers' "
@@ -32,14 +43,51 @@ def register(groups) -> None:
     p.add_argument("--temperature", type=float, default=None, help="dng: weight of each step's evidence")
     p.add_argument("--offset", type=float, default=None, help="dng: drift of log p per unit of log-SNR")
     p.add_argument("--p-max", type=float, default=None, help="dng: upper clamp of p_t, caps the scale")
-    p.add_argument("--mode", choices=("independent", "exclusive"), default="independent")
-    p.add_argument("--sld-preset", choices=("weak", "medium", "strong", "max"), default="medium")
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--mode", choices=("independent", "exclusive"), default=None,
+                   help="dng: how several concepts combine (default independent)")
+    p.add_argument("--sld-preset", choices=("weak", "medium", "strong", "max"), default=None,
+                   help="sld: the preset (default medium)")
+    p.add_argument("--height", type=int, default=None, help="a multiple of 8 (default: the model's)")
+    p.add_argument("--width", type=int, default=None, help="a multiple of 8 (default: the model's)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="default: float16 on cuda, float32 on cpu")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.set_defaults(func=run)
+
+
+def check_args(args) -> None:
+    """Refuse bad options before anything is loaded."""
+    for name in ("steps", "images"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if not math.isfinite(args.cfg) or args.cfg < 0:
+        raise ConfigError(f"--cfg must be a finite number >= 0, got {args.cfg} (at most 1 turns classifier-free "
+                          f"guidance off, as in diffusers)")
+    for name in ("height", "width"):
+        value = getattr(args, name)
+        if value is not None and (value <= 0 or value % 8):
+            raise ConfigError(f"--{name} must be a positive multiple of 8, got {value}; e.g. "
+                              f"{max(8, math.ceil(value / 8) * 8)}")
+    if not all(text.strip() for text in args.negative):
+        raise ConfigError("--negative is empty: give the concept's text (an empty prompt is the unconditional branch)")
+    if args.method == "sld" and args.scale is not None:
+        raise ConfigError("--scale applies to --method dng and np; SLD's strength is --sld-preset")
+    for method, names in METHOD_OPTIONS.items():
+        given = [f"--{n.replace('_', '-')}" for n in names if getattr(args, n) is not None]
+        if given and method != args.method:
+            raise ConfigError(f"{', '.join(given)} applies to --method {method} only, not {args.method}; drop it")
+    check_out(args.out)
+
+
+def check_out(out: Path) -> None:
+    """`out` is a folder, or can be made one, that we may write into."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a folder")
+    place = out if out.exists() else next(p for p in out.parents if p.exists())
+    if not place.is_dir():
+        raise ConfigError(f"--out {out}: {place} is a file, so the folder cannot be made; give another folder")
+    if not os.access(place, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {out}: {place} is not writable; give a folder you can write to")
 
 
 def _pipeline_class(model: Path):
@@ -67,29 +115,46 @@ def _guidance(args):
     from dng.pipelines.common import make_guidance
 
     if args.method == "dng":
-        return make_guidance("dng", args.cfg, args.dng_preset, scale=args.scale, prior=args.prior,
-                             temperature=args.temperature, offset=args.offset, p_max=args.p_max, mode=args.mode)
+        return make_guidance("dng", args.cfg, args.dng_preset or "default", scale=args.scale, prior=args.prior,
+                             temperature=args.temperature, offset=args.offset, p_max=args.p_max,
+                             mode=args.mode or "independent")
     if args.method == "np":
         return NegativePrompt(max(args.cfg - 1, 0.0) if args.scale is None else args.scale)
-    return SafeLatentDiffusion.preset(args.sld_preset)
+    return SafeLatentDiffusion.preset(args.sld_preset or "medium")
+
+
+def _device(name: str | None) -> str:
+    import torch
+
+    name = name or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        torch.empty(0, device=name)
+    except (RuntimeError, AssertionError) as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ConfigError(f"--device {name} is not usable here ({reason}); use --device cpu") from None
+    return name
 
 
 def run(args) -> int:
-    if args.steps < 1 or args.images < 1:
-        raise ConfigError("--steps and --images must be at least 1")
+    check_args(args)
     cls = _pipeline_class(args.model)  # checks the folder before the slow imports below
+    guidance = _guidance(args)
+    device = _device(args.device)
     import torch
 
-    from dng.pipelines.report import plot_trace, write_trace_csv
+    from dng.io import write_atomic
+    from dng.pipelines.report import plot_trace, summarize, write_summary_csv, write_trace_csv
     from dng.schedulers import needs_eta, stochastic
 
-    guidance = _guidance(args)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype or ("float16" if device.startswith("cuda") else "float32"))
     try:
         pipe = cls.from_pretrained(args.model, dtype=dtype, local_files_only=True)
     except (OSError, ValueError, KeyError) as err:
         raise ConfigError(f"could not load {args.model} as {cls.__name__}: {err}") from None
+    most = pipe.scheduler.config.num_train_timesteps
+    if args.steps > most:
+        raise ConfigError(f"--steps {args.steps} is more than the model's {most} training timesteps; give at most "
+                          f"{most}")
     # DNG needs a stochastic sampler: the folder's own, or its stochastic sibling on the same schedule. Every method
     # uses the same one so that their images compare at one seed.
     old = type(pipe.scheduler).__name__
@@ -102,10 +167,18 @@ def run(args) -> int:
                guidance_scale=args.cfg, num_images_per_prompt=args.images, negative_concepts=args.negative,
                negative_guidance=guidance, generator=torch.Generator(device).manual_seed(args.seed),
                return_trace=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    for i, image in enumerate(out.images):
-        image.save(args.out / f"image_{i}.png")
+    names = [f"image_{i}.png" for i in range(len(out.images))]
+    for name, image in zip(names, out.images, strict=True):
+        png = io.BytesIO()
+        image.save(png, format="PNG")
+        write_atomic(args.out / name, png.getvalue())
     write_trace_csv(out.trace, args.out / "trace.csv", args.negative)
+    rows = summarize(out.trace, args.negative, names)
+    write_summary_csv(rows, args.out / "summary.csv")
     plot_trace(out.trace, args.out / "trace.png", args.negative)
-    print(f"wrote {len(out.images)} image(s), trace.csv and trace.png to {args.out}")
+    for row in rows:
+        p = "" if row["final_p"] is None else (f", p_t max {row['max_p']:.3g}, final {row['final_p']:.3g}"
+                                              f"{', activated' if row['activated'] else ''}")
+        print(f"{row['image']} {row['concept']!r}: scale mean {row['mean_scale']:.3g}, max {row['max_scale']:.3g}{p}")
+    print(f"wrote {len(names)} image(s), trace.csv, summary.csv and trace.png to {args.out}")
     return 0

@@ -1,11 +1,20 @@
-"""A pipeline trace as CSV and as a plot of p_t and the applied scale over the steps (the paper's Figure 2)."""
+"""A pipeline trace as CSV, as a per-image summary of the guidance's action, and as a plot of p_t and the scale."""
 
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 
+from dng.io import write_atomic
 from dng.sampler import Trace
+
+# An image "activated" DNG when its tracked p_t reached 1/2 at some step: the concept had become more likely than
+# not, which is where the applied scale lam0 p/(1-p) reaches lam0 itself. The threshold reads p, not the scale, so
+# that it means the same whatever lam0, its late boost and its cap; from the default prior 0.1 it takes evidence
+# that multiplies the odds by 9.
+ACTIVATION_P = 0.5
+SUMMARY_COLUMNS = ["image", "concept", "mean_scale", "max_scale", "final_p", "max_p", "activated"]
 
 
 def write_trace_csv(trace: Trace, path: Path, concepts: list[str]) -> None:
@@ -13,15 +22,52 @@ def write_trace_csv(trace: Trace, path: Path, concepts: list[str]) -> None:
     p (empty without a posterior), scale, llr."""
     steps, images, negatives = trace.scale.shape
     sigma = [float("nan")] * steps if trace.sigma is None else trace.sigma[:, 0].tolist()
-    with open(path, "w", newline="") as f:
-        out = csv.writer(f)
-        out.writerow(["step", "timestep", "sigma", "image", "concept", "p", "scale", "llr"])
-        for s in range(steps):
-            for i in range(images):
-                for k in range(negatives):
-                    p, scale, llr = (float(v[s, i, k]) for v in (trace.p, trace.scale, trace.llr))
-                    out.writerow([s, float(trace.timesteps[s]), _num(sigma[s]), i, concepts[k], _num(p), _num(scale),
-                                  _num(llr)])
+    text = io.StringIO()
+    out = csv.writer(text)
+    out.writerow(["step", "timestep", "sigma", "image", "concept", "p", "scale", "llr"])
+    for s in range(steps):
+        for i in range(images):
+            for k in range(negatives):
+                p, scale, llr = (float(v[s, i, k]) for v in (trace.p, trace.scale, trace.llr))
+                out.writerow([s, float(trace.timesteps[s]), _num(sigma[s]), i, concepts[k], _num(p), _num(scale),
+                              _num(llr)])
+    write_atomic(path, text.getvalue())
+
+
+def summarize(trace: Trace, concepts: list[str], images: list[str]) -> list[dict]:
+    """Per image and concept, the guidance's action over the steps: mean and max applied scale, final and largest
+    p_t, and whether DNG activated (p_t reached ACTIVATION_P); p and activated are None for rules without a
+    posterior (NP, SLD)."""
+    rows = []
+    for i, image in enumerate(images):
+        for k, concept in enumerate(concepts):
+            scale, p = trace.scale[:, i, k], trace.p[:, i, k]
+            known = p[~p.isnan()]
+            tracked = len(known) > 0
+            rows.append({
+                "image": image, "concept": concept, "mean_scale": float(scale.mean()), "max_scale": float(scale.max()),
+                "final_p": float(known[-1]) if tracked else None, "max_p": float(known.max()) if tracked else None,
+                "activated": bool(known.max() >= ACTIVATION_P) if tracked else None,
+            })
+    return rows
+
+
+def write_summary_csv(rows: list[dict], path: Path) -> None:
+    """The rows of `summarize`; empty cells where a rule has no posterior."""
+    text = io.StringIO()
+    out = csv.writer(text)
+    out.writerow(SUMMARY_COLUMNS)
+    for row in rows:
+        out.writerow([_cell(row[c]) for c in SUMMARY_COLUMNS])
+    write_atomic(path, text.getvalue())
+
+
+def _cell(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return str(value).lower()
+    return _num(value) if isinstance(value, float) else str(value)
 
 
 def _num(value: float) -> str:
@@ -30,10 +76,7 @@ def _num(value: float) -> str:
 
 def plot_trace(trace: Trace, path: Path, concepts: list[str]) -> None:
     """p_t and the scale per step, one line per image and concept."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from dng.plots import _save, plt
 
     has_p = not bool(trace.p.isnan().all())
     fig, axes = plt.subplots(1, 2 if has_p else 1, figsize=(10 if has_p else 5, 3.5), squeeze=False)
@@ -48,5 +91,4 @@ def plot_trace(trace: Trace, path: Path, concepts: list[str]) -> None:
         ax.set_xlabel("step")
     axes[0][-1].legend(fontsize="small")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)

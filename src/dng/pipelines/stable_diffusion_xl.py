@@ -6,13 +6,35 @@ from dataclasses import dataclass
 
 import torch
 from diffusers import StableDiffusionXLPipeline
-from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.pipelines.stable_diffusion_xl import StableDiffusionXLPipelineOutput
+from diffusers.utils import replace_example_docstring
 from diffusers.utils.torch_utils import get_module_execution_device
 
 from dng.errors import ConfigError
 from dng.pipelines import common
 from dng.sampler import Trace
+
+EXAMPLE_DOC_STRING = """
+    Examples:
+        ```py
+        >>> import torch
+        >>> from dng.pipelines import StableDiffusionXLDNGPipeline
+        >>> from dng.schedulers import stochastic
+
+        >>> device = "cuda" if torch.cuda.is_available() else "cpu"
+        >>> dtype = torch.float16 if device == "cuda" else torch.float32
+        >>> pipe = StableDiffusionXLDNGPipeline.from_pretrained(
+        ...     "stabilityai/stable-diffusion-xl-base-1.0", dtype=dtype
+        ... ).to(device)
+        >>> # SDXL ships Euler, which adds no noise: DNG tracks its posterior through Euler ancestral.
+        >>> pipe.scheduler = stochastic(pipe.scheduler)
+
+        >>> out = pipe("a city street at night, photo", negative_concepts=["cars", "people"],
+        ...            num_inference_steps=30, generator=torch.Generator(device).manual_seed(0), return_trace=True)
+        >>> out.images[0].save("street.png")
+        >>> final_p = out.trace.p[-1]  # p_t(concept | x) at the last step, [images, concepts]
+        ```
+"""
 
 
 @dataclass
@@ -33,6 +55,7 @@ class StableDiffusionXLDNGPipeline(StableDiffusionXLPipeline):
     _callback_tensor_inputs = ["latents", "prompt_embeds", "add_text_embeds", "add_time_ids", "dng_p", "dng_scale"]
 
     @torch.no_grad()
+    @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(
         self,
         prompt: str | list[str] = None,
@@ -46,7 +69,7 @@ class StableDiffusionXLDNGPipeline(StableDiffusionXLPipeline):
         guidance_scale: float = 5.0,
         negative_prompt: str | list[str] | None = None,
         negative_prompt_2: str | list[str] | None = None,
-        num_images_per_prompt: int = 1,
+        num_images_per_prompt: int | None = 1,
         eta: float = 0.0,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
@@ -56,7 +79,7 @@ class StableDiffusionXLDNGPipeline(StableDiffusionXLPipeline):
         negative_pooled_prompt_embeds: torch.Tensor | None = None,
         ip_adapter_image=None,
         ip_adapter_image_embeds: list[torch.Tensor] | None = None,
-        output_type: str = "pil",
+        output_type: str | None = "pil",
         return_dict: bool = True,
         cross_attention_kwargs: dict | None = None,
         guidance_rescale: float = 0.0,
@@ -84,65 +107,93 @@ class StableDiffusionXLDNGPipeline(StableDiffusionXLPipeline):
         return_trace: bool = False,
         **kwargs,
     ):
-        """The parent's call with DNG; the extra arguments are those of `StableDiffusionDNGPipeline.__call__`.
+        r"""
+        The parent's call, with negative concepts applied by a guidance rule of their own.
 
-        `negative_prompt` (with `negative_prompt_2` for the second text encoder) or `negative_prompt_embeds` with
-        `negative_pooled_prompt_embeds` is one concept; `negative_concepts` gives several.
+        Every argument of [`~diffusers.StableDiffusionXLPipeline.__call__`] is accepted, in the same order; the
+        keyword-only ones and `guidance_scale`, `negative_prompt`, `negative_prompt_embeds` and `callback_on_step_end`
+        mean what they mean in [`StableDiffusionDNGPipeline.__call__`]. Besides:
+
+        Args:
+            negative_prompt_2 (`str` or `list[str]`, *optional*):
+                The second text encoder's text of `negative_prompt` (defaults to `negative_prompt`).
+            negative_pooled_prompt_embeds (`torch.Tensor`, *optional*):
+                The pooled embeddings that go with `negative_prompt_embeds`.
+            negative_original_size, negative_crops_coords_top_left, negative_target_size (*optional*):
+                Micro-conditioning of the unconditional branch, which every negative concept's branch shares.
+
+        Examples:
+
+        Returns:
+            [`StableDiffusionXLDNGPipelineOutput`] or `tuple`: the parent's output plus `trace`; as a tuple
+            `(images,)`, with the trace appended when `return_trace`.
         """
+        # 0. Without a negative concept the call is the parent's own.
         if negative_concepts is None and negative_prompt is None and negative_prompt_embeds is None:
             if return_trace:
                 raise ConfigError("return_trace needs a negative concept (negative_prompt or negative_concepts)")
             return super().__call__(
-                prompt, prompt_2, height, width, num_inference_steps, timesteps, sigmas, denoising_end,
-                guidance_scale, None, negative_prompt_2, num_images_per_prompt, eta, generator, latents,
-                prompt_embeds, None, pooled_prompt_embeds, negative_pooled_prompt_embeds, ip_adapter_image,
-                ip_adapter_image_embeds, output_type, return_dict, cross_attention_kwargs, guidance_rescale,
-                original_size, crops_coords_top_left, target_size, negative_original_size,
-                negative_crops_coords_top_left, negative_target_size, clip_skip, callback_on_step_end,
-                callback_on_step_end_tensor_inputs, **kwargs,
+                prompt=prompt, prompt_2=prompt_2, height=height, width=width,
+                num_inference_steps=num_inference_steps, timesteps=timesteps, sigmas=sigmas,
+                denoising_end=denoising_end, guidance_scale=guidance_scale, negative_prompt=negative_prompt,
+                negative_prompt_2=negative_prompt_2, num_images_per_prompt=num_images_per_prompt, eta=eta,
+                generator=generator, latents=latents, prompt_embeds=prompt_embeds,
+                negative_prompt_embeds=negative_prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
+                negative_pooled_prompt_embeds=negative_pooled_prompt_embeds, ip_adapter_image=ip_adapter_image,
+                ip_adapter_image_embeds=ip_adapter_image_embeds, output_type=output_type, return_dict=return_dict,
+                cross_attention_kwargs=cross_attention_kwargs, guidance_rescale=guidance_rescale,
+                original_size=original_size, crops_coords_top_left=crops_coords_top_left, target_size=target_size,
+                negative_original_size=negative_original_size,
+                negative_crops_coords_top_left=negative_crops_coords_top_left,
+                negative_target_size=negative_target_size, clip_skip=clip_skip,
+                callback_on_step_end=callback_on_step_end,
+                callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, **kwargs,
             )
+
+        # 1. Default height and width to the UNet's, as the parent does.
         height = height or self.default_sample_size * self.vae_scale_factor
         width = width or self.default_sample_size * self.vae_scale_factor
-        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
-            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-        self.check_inputs(prompt, prompt_2, height, width, None, negative_prompt, negative_prompt_2, prompt_embeds,
-                          negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds,
-                          ip_adapter_image, ip_adapter_image_embeds, callback_on_step_end_tensor_inputs)
-        if negative_prompt_embeds is not None and negative_concepts is not None:
-            raise ConfigError("give negative_prompt_embeds (one concept) or negative_concepts, not both")
+
+        # 2. Check every input before any model runs; build the guidance rule.
         if negative_prompt_2 is not None and negative_prompt is None:
             raise ConfigError("negative_prompt_2 is the second encoder's text of negative_prompt; give both")
-        guidance = common.make_guidance(negative_guidance, guidance_scale, dng_preset, scale=dng_scale,
-                                        prior=dng_prior, temperature=dng_temperature, offset=dng_offset,
-                                        p_min=dng_p_min, p_max=dng_p_max, mode=dng_mode)
-        common.check_pipeline(self, guidance, eta, dng_stochastic, timesteps=timesteps, sigmas=sigmas,
-                              denoising_end=denoising_end,
-                              ip_adapter_image=ip_adapter_image, ip_adapter_image_embeds=ip_adapter_image_embeds,
-                              guidance_rescale=guidance_rescale, **kwargs)
-        self._guidance_scale, self._guidance_rescale, self._clip_skip = guidance_scale, 0.0, clip_skip
-        self._cross_attention_kwargs, self._denoising_end, self._interrupt = cross_attention_kwargs, None, False
+        setup = common.set_up(
+            self, lambda tensor_inputs: self.check_inputs(
+                prompt, prompt_2, height, width, None, negative_prompt, negative_prompt_2, prompt_embeds,
+                negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds, ip_adapter_image,
+                ip_adapter_image_embeds, tensor_inputs),
+            prompt=prompt, prompt_embeds=prompt_embeds, height=height, width=width, guidance_scale=guidance_scale,
+            negative_prompt=negative_prompt, negative_concepts=negative_concepts,
+            negative_prompt_embeds=negative_prompt_embeds, num_images_per_prompt=num_images_per_prompt, eta=eta,
+            cross_attention_kwargs=cross_attention_kwargs, clip_skip=clip_skip,
+            callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            negative_guidance=negative_guidance, dng_preset=dng_preset,
+            dng=dict(scale=dng_scale, prior=dng_prior, temperature=dng_temperature, offset=dng_offset,
+                     p_min=dng_p_min, p_max=dng_p_max, mode=dng_mode),
+            dng_stochastic=dng_stochastic,
+            unsupported=dict(timesteps=timesteps, sigmas=sigmas, denoising_end=denoising_end,
+                             ip_adapter_image=ip_adapter_image, ip_adapter_image_embeds=ip_adapter_image_embeds,
+                             guidance_rescale=guidance_rescale, **kwargs),
+        )
+        self._denoising_end = None
+        images = setup.batch_size * num_images_per_prompt
+        second = common.concept_prompts(negative_prompt_2, None, setup.batch_size) or setup.concepts
 
-        batch_size = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else len(prompt_embeds)
-        images = batch_size * num_images_per_prompt
-        concepts = common.concept_prompts(negative_prompt, negative_concepts, batch_size)
-        second = common.concept_prompts(negative_prompt_2, None, batch_size) or concepts
-        device = self._execution_device
-        encode = dict(device=device, num_images_per_prompt=num_images_per_prompt,
-                      lora_scale=(cross_attention_kwargs or {}).get("scale"), clip_skip=clip_skip)
+        # 3. Encode the prompt, the unconditional branch and every negative concept with both text encoders.
         # do_classifier_free_guidance=True with no negative prompt gives the parent's unconditional branch.
         positive, uncond, pooled, uncond_pooled = self.encode_prompt(
             prompt, prompt_2, do_classifier_free_guidance=True, prompt_embeds=prompt_embeds,
-            pooled_prompt_embeds=pooled_prompt_embeds, **encode)
-        encoded = [self.encode_prompt(texts, texts_2, do_classifier_free_guidance=False, **encode)
-                   for texts, texts_2 in zip(concepts, second, strict=True)]
+            pooled_prompt_embeds=pooled_prompt_embeds, **setup.encode)
+        encoded = [self.encode_prompt(texts, texts_2, do_classifier_free_guidance=False, **setup.encode)
+                   for texts, texts_2 in zip(setup.concepts, second, strict=True)]
         if negative_prompt_embeds is not None:
-            if len(negative_prompt_embeds) != batch_size:
-                raise ConfigError(f"negative_prompt_embeds has {len(negative_prompt_embeds)} rows for {batch_size} "
-                                  f"prompts; give one per prompt")
             encoded.append(self.encode_prompt(None, do_classifier_free_guidance=False,
                                               prompt_embeds=negative_prompt_embeds,
-                                              pooled_prompt_embeds=negative_pooled_prompt_embeds, **encode))
+                                              pooled_prompt_embeds=negative_pooled_prompt_embeds, **setup.encode))
 
+        # 4. Micro-conditioning: the prompt's branch gets the call's sizes, the others the unconditional ones.
+        device = setup.encode["device"]
         projection_dim = (int(pooled.shape[-1]) if self.text_encoder_2 is None
                           else self.text_encoder_2.config.projection_dim)
         original_size, target_size = original_size or (height, width), target_size or (height, width)
@@ -158,17 +209,22 @@ class StableDiffusionXLDNGPipeline(StableDiffusionXLPipeline):
             "add_text_embeds": torch.cat([uncond_pooled, pooled, *(e[2] for e in encoded)]).to(device),
             "add_time_ids": torch.cat([uncond_time_ids, time_ids] + [uncond_time_ids] * len(encoded)),
         }
+
+        # 5. Draw the initial noise as the parent's prepare_latents does.
         noise = common.initial_noise(self, images, height, width, positive.dtype, device, generator, latents)
 
+        # 6. Denoising loop: every branch in one batched UNet call per step, the posterior update after each step.
         def unet(x, t):
             added = {"text_embeds": cond["add_text_embeds"], "time_ids": cond["add_time_ids"]}
             return self.unet(x, t, encoder_hidden_states=cond["prompt_embeds"], added_cond_kwargs=added,
                              cross_attention_kwargs=cross_attention_kwargs, return_dict=False)[0]
 
-        result = common.run(self, unet, cond, guidance, noise, num_inference_steps=num_inference_steps,
-                            num_negatives=len(encoded), guidance_scale=guidance_scale, eta=eta, generator=generator,
-                            callback_on_step_end=callback_on_step_end,
-                            tensor_inputs=callback_on_step_end_tensor_inputs, return_trace=return_trace)
+        result = common.run(self, unet, cond, setup.guidance, noise, num_inference_steps=num_inference_steps,
+                            num_negatives=len(encoded), eta=eta, generator=generator,
+                            callback_on_step_end=callback_on_step_end, tensor_inputs=setup.tensor_inputs,
+                            return_trace=return_trace)
+
+        # 7. Decode and postprocess, as the parent does.
         image = self._decode(result.samples, output_type)
         self.maybe_free_model_hooks()
         if not return_dict:

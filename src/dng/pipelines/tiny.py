@@ -1,4 +1,8 @@
-"""Tiny offline Stable Diffusion and SDXL pipelines built from small configs; nothing is downloaded."""
+"""Tiny randomly initialised Stable Diffusion and SDXL components, built offline from small configs.
+
+They show plumbing, not images: the tests and benchmarks run the pipelines on them, and they try the API without
+weights, e.g. `StableDiffusionDNGPipeline(**sd_components(Path("tiny")))`.
+"""
 
 from __future__ import annotations
 
