@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import sys
 
 from dng.errors import ConfigError
@@ -31,9 +32,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _draws_figures(args) -> bool:
+    """Whether the command writes figures, which need matplotlib (the `plots` extra); bench gmm only with --plot."""
+    if args.command == "bench" and args.bench == "gmm":
+        return args.plot is not None
+    return args.command in ("demo", "sd", "bench")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if _draws_figures(args) and importlib.util.find_spec("matplotlib") is None:
+            raise ConfigError(f"dng {args.command} writes figures with matplotlib, which is not installed: "
+                              f"pip install 'dng[plots]'")
         return int(args.func(args) or 0)
     except ConfigError as err:
         print(f"dng: error: {err}", file=sys.stderr)
