@@ -274,6 +274,14 @@ def test_runs_record_the_command_line_or_the_python_call(fmnist, tmp_path, monke
         f"data_root={str(fmnist)!r})"]
 
 
+def _fits(temperature=0.3):
+    from dng.calibration import Calibration
+
+    fit = Calibration(priors=[0.05, 0.2], temperature=temperature, offset=0.002, nll=0.4, baseline_nll=0.5, auc={},
+                      positives=[10, 10], samples=100)
+    return {"all": fit}
+
+
 def test_export_refuses_another_kind_and_existing_weights_and_keeps_what_it_replaces(fmnist, tmp_path, monkeypatch,
                                                                                       capsys):
     from dng import cli
@@ -288,19 +296,58 @@ def test_export_refuses_another_kind_and_existing_weights_and_keeps_what_it_repl
     assert "is a generator run: export it with --kind generator" in capsys.readouterr().err and not w.exists()
 
     first = export(tmp_path / "a", "generator", weights_dir=w, data_root=fmnist)
-    assert first.backups == []
+    assert first.backups == [] and first.stale_calibration is None
     old = first.weights.read_bytes()
+    calibration = models.save_calibration(models.calibration_path(first.weights), _fits(), [1, 3], {"p_max": 0.9})
     assert cli.main([*argv, "--kind", "generator"]) == 2
     assert "pass --force to replace it" in capsys.readouterr().err and first.weights.read_bytes() == old
 
+    # The same weights again (a new card): their calibration stays, the replaced files are kept.
     again = export(tmp_path / "a", "generator", weights_dir=w, data_root=fmnist, force=True)
+    assert again.stale_calibration is None and models.load_calibration(first.weights)["temperature"] == 0.3
     assert [p.read_bytes() for p in again.backups] == [old, (w / "generator.md").read_bytes()]
 
     assert cli.main([*argv, "--kind", "generator", "--force"]) == 0
     out = capsys.readouterr().out
-    assert "kept the replaced files" in out
+    assert "kept the replaced files" in out and "moved the calibration fitted to the old weights" in out
+    assert not calibration.exists() and len(list(w.glob("generator.calibration.json.*.bak"))) == 1
     backups = list(w.glob("generator.safetensors.*.bak"))
     assert len(backups) == 2 and again.backups[0] in backups  # a second backup in the same second is numbered
     state, _ = checkpoint.read_checkpoint(tmp_path / "b", "ema")
     assert all(torch.allclose(state[k], v, atol=1e-3) for k, v in models.read_model_file(first.weights,
                                                                                            "generator")[0].items())
+
+
+def test_a_calibration_is_applied_to_the_weights_it_was_fitted_to_only(tmp_path):
+    import json
+    import warnings
+
+    gen = tmp_path / "g.safetensors"
+    model = models.make_generator(TINY_UNET)
+    models.save_model(model, gen, "generator", TINY_UNET, {})
+    path = models.save_calibration(models.calibration_path(gen), _fits(), [1, 3], {"p_max": 0.9})
+    models.save_model(model, gen, "generator", TINY_UNET, {"note": "a new card"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert models.load_calibration(gen)["priors"] == {1: 0.05, 3: 0.2}
+
+    with torch.no_grad():
+        next(model.parameters()).add_(1e-3)
+    models.save_model(model, gen, "generator", TINY_UNET, {})
+    with pytest.warns(UserWarning, match=r"fitted to other weights, so it is not applied .* `dng calibrate`"):
+        assert models.load_calibration(gen) is None
+    entry = json.loads(path.read_text())
+    del entry["generator_sha256"]
+    path.write_text(json.dumps(entry))
+    with pytest.warns(UserWarning, match="records no weights it was fitted to"):
+        assert models.load_calibration(gen) is None
+    with pytest.raises(ConfigError, match="name the weights it was fitted to"):
+        models.save_calibration(tmp_path / "x.calibration.json", _fits(), [1, 3], {"p_max": 0.9})
+
+
+def test_the_shipped_calibration_is_that_of_the_shipped_generator():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert models.load_calibration() is not None

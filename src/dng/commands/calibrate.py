@@ -46,7 +46,7 @@ def run(args) -> int:
     from dng.posterior import check_probability
     from dng.vision.data import CLASS_NAMES
     from dng.vision.generate import check_dtype, classify, generate, make_scheduler, parse_classes, to_uint8
-    from dng.vision.models import calibration_path, load_classifier, load_generator, save_calibration
+    from dng.vision.models import calibration_path, default_weights, load_classifier, load_generator, save_calibration
 
     if args.num_samples < 10 or args.steps < 2:
         raise ConfigError(f"need --num-samples >= 10 and --steps >= 2, got {args.num_samples} and {args.steps}")
@@ -83,6 +83,7 @@ def run(args) -> int:
               f"{fit.temperature:6.3f} {fit.offset:9.2e} {fit.nll / fit.baseline_nll:8.3f}  {aucs}")
     made_from = {k: getattr(args, k) for k in ("classes", "num_samples", "steps", "scheduler", "seed", "p_max",
                                                "generator", "dtype")}
-    save_calibration(out, fits, [classes[j] for j in enough], made_from)
+    save_calibration(out, fits, [classes[j] for j in enough], made_from,
+                     generator=args.generator or default_weights("generator"))
     print(f"wrote {out}")
     return 0

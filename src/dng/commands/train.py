@@ -48,7 +48,10 @@ def register(groups: dict) -> None:
     clf.add_argument("--lr", type=float, default=None, help="default 2e-3")
     clf.set_defaults(func=run_classifier)
 
-    exp = train.add_parser("export", help="write a run's weights and model card to the package's weights/")
+    exp = train.add_parser("export", help="write a run's weights and model card to the package's weights/",
+                           description="Writes a run's weights and model card. Existing weights are replaced only "
+                                       "with --force and then kept as <name>.<UTC time>.bak; a generator calibration "
+                                       "fitted to other weights than the new ones is moved aside the same way.")
     exp.add_argument("--run", required=True, help="run directory given as --out to training")
     exp.add_argument("--kind", required=True, choices=["generator", "classifier"])
     exp.add_argument("--weights-dir", default=None, help="destination (default: the package's weights/)")
@@ -125,4 +128,7 @@ def run_export(args) -> int:
     print(f"wrote {exported.weights} and {exported.card}")
     if exported.backups:
         print(f"kept the replaced files as {', '.join(map(str, exported.backups))}")
+    if exported.stale_calibration:
+        print(f"moved the calibration fitted to the old weights to {exported.stale_calibration}: run `dng calibrate` "
+              "to fit one to the new weights")
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -16,11 +17,12 @@ from dng.vision.train import evaluate_classifier, evaluate_generator
 
 @dataclass
 class Exported:
-    """What an export wrote, and where it kept the files it replaced."""
+    """What an export wrote, and where it kept the files it replaced or retired."""
 
     weights: Path
     card: Path
     backups: list[Path] = field(default_factory=list)  # of the replaced weights and card
+    stale_calibration: Path | None = None  # where the calibration fitted to other weights went
 
 
 def backup_path(path: Path, stamp: str) -> Path:
@@ -39,7 +41,8 @@ def export(
     """Write a run's final weights (the EMA for the generator) and model card to the shipped weights.
 
     Existing weights are replaced only with `force`, and then kept (with their card) as `<name>.<UTC time>.bak`.
-    `metrics` adds figures measured elsewhere (e.g. class-conditional sample accuracy) to
+    A generator's calibration fitted to other weights than the new ones is moved aside the same way, so it is
+    never applied to them. `metrics` adds figures measured elsewhere (e.g. class-conditional sample accuracy) to
     the card.
     """
     if kind not in models.KINDS:
@@ -103,6 +106,12 @@ def export(
                 exported.backups.append(Path(shutil.copy2(old, backup_path(old, stamp))))
     models.save_model(model, path, kind, config, card, half=half)
     write_atomic(card_path, render_card(card))
+    calibration = models.calibration_path(path)
+    # Re-exported weights keep their calibration: weights_sha256 leaves the card out.
+    if (kind == "generator" and calibration.exists()
+            and models.calibration_sha256(calibration) != models.weights_sha256(path, kind)):
+        exported.stale_calibration = backup_path(calibration, stamp)
+        os.replace(calibration, exported.stale_calibration)
     return exported
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -170,17 +171,31 @@ def default_weights(kind: str) -> Path:
     return path
 
 
+CALIBRATION_SUFFIX = ".calibration.json"
+
+
 def calibration_path(generator=None) -> Path:
     """Where the DNG calibration of a generator file lives: beside it, as <name>.calibration.json."""
     path = Path(generator) if generator else WEIGHTS_DIR / "generator.safetensors"
-    return path.with_name(path.stem + ".calibration.json")
+    return path.with_name(path.stem + CALIBRATION_SUFFIX)
 
 
-def save_calibration(path, fits: dict, classes: list[int], settings: dict) -> Path:
+def calibration_sha256(path) -> str | None:
+    """The `weights_sha256` a calibration file records of the generator it was fitted to; None if it has none."""
+    try:
+        entry = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return entry.get("generator_sha256") if isinstance(entry, dict) else None
+
+
+def save_calibration(path, fits: dict, classes: list[int], settings: dict, generator=None) -> Path:
     """Write a calibration (fits: name -> dng.calibration.Calibration; "all" is the joint one that sampling uses).
 
     `settings` says what the fit was made from and must hold its p_max. The offset is a rate per unit of log-SNR,
-    so one fit serves every sampler and step count.
+    so one fit serves every sampler and step count. The file records the `weights_sha256` of `generator`, the
+    weights it was fitted to (default: the generator file `path` is the calibration of), and is applied to those
+    weights only.
     """
     from dng.io import write_json
     from dng.vision.data import CLASS_NAMES
@@ -189,9 +204,16 @@ def save_calibration(path, fits: dict, classes: list[int], settings: dict) -> Pa
         raise ConfigError("a calibration needs the joint fit 'all' and the p_max it was made with")
     if len(fits["all"].priors) != len(classes):
         raise ConfigError(f"the joint fit has {len(fits['all'].priors)} priors for {len(classes)} classes")
-    entry = {"offset_unit": OFFSET_UNIT, "settings": settings, "classes": [CLASS_NAMES[k] for k in classes],
+    path = Path(path)
+    if generator is None:
+        generator = path.with_name(path.name.removesuffix(CALIBRATION_SUFFIX) + ".safetensors")
+    if not Path(generator).is_file():
+        raise ConfigError(f"no generator file {generator} for the calibration {path}: name the weights it was fitted "
+                          "to (--generator)")
+    entry = {"offset_unit": OFFSET_UNIT, "generator_sha256": weights_sha256(generator, "generator"),
+             "settings": settings, "classes": [CLASS_NAMES[k] for k in classes],
              "fits": {name: fit.as_dict() for name, fit in fits.items()}}
-    return write_json(Path(path), entry)
+    return write_json(path, entry)
 
 
 # The unit of the offset, written into every calibration file so that one of another unit is never misread.
@@ -201,11 +223,13 @@ OFFSET_UNIT = "per unit of log-SNR"
 def load_calibration(generator=None) -> dict | None:
     """The generator's fitted DNG tracker (`dng calibrate`), or None if it has none.
 
-    {"priors": {class index: prior}, "temperature", "offset", "p_max"}.
+    {"priors": {class index: prior}, "temperature", "offset", "p_max"}. A calibration fitted to other weights (its
+    recorded `weights_sha256` differs from the generator's, or it records none) is not applied: a warning says so.
     """
     from dng.vision.data import CLASS_NAMES
 
-    path = calibration_path(generator)
+    weights = Path(generator) if generator else WEIGHTS_DIR / "generator.safetensors"
+    path = calibration_path(weights)
     if not path.is_file():
         return None
     try:
@@ -218,8 +242,15 @@ def load_calibration(generator=None) -> dict | None:
     try:
         fit = entry["fits"]["all"]
         priors = {CLASS_NAMES.index(name): p for name, p in zip(entry["classes"], fit["priors"], strict=True)}
-        return {"priors": priors, "temperature": float(fit["temperature"]), "offset": float(fit["offset"]),
-                "p_max": float(entry["settings"]["p_max"])}
+        calibration = {"priors": priors, "temperature": float(fit["temperature"]), "offset": float(fit["offset"]),
+                       "p_max": float(entry["settings"]["p_max"])}
     except (ValueError, KeyError, TypeError, AttributeError) as err:
         raise ConfigError(f"{path} is not a calibration file written by `dng calibrate` ({err!r}); "
                           "delete it or rerun the calibration") from err
+    recorded = entry.get("generator_sha256")
+    if recorded != weights_sha256(weights, "generator"):
+        fitted = "records no weights it was fitted to" if recorded is None else "was fitted to other weights"
+        warnings.warn(f"{path} {fitted}, so it is not applied to {weights}: rerun `dng calibrate` for them",
+                      stacklevel=2)
+        return None
+    return calibration
