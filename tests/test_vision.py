@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dng.errors import ConfigError
-from dng.vision import checkpoint, data, models, train
+from dng.vision import batches, checkpoint, data, models, train
 from dng.vision.export import export
 
 TINY_UNET = dict(models.GENERATOR_CONFIG, block_out_channels=[8, 8, 16], norm_num_groups=8, attention_head_dim=8)
@@ -208,7 +208,7 @@ def test_classifier_training_resumes_and_exports(fmnist, tmp_path):
 def test_augment_keeps_shape_and_moves_pixels():
     x = torch.zeros(8, 1, 28, 28) - 1
     x[:, :, 10:18, 4:9] = 1
-    out = train._augment(x, torch.Generator().manual_seed(0))
+    out = batches.augment(x, torch.Generator().manual_seed(0))
     assert out.shape == x.shape
     assert torch.equal(out.sum(dim=(1, 2, 3)), x.sum(dim=(1, 2, 3)))  # shifts of 2 px keep the blob in frame
     assert not torch.equal(out, x)

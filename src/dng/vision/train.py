@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from dng.errors import ConfigError
 from dng.vision import data, models
+from dng.vision.batches import augment, batch_indices
 from dng.vision.checkpoint import CHECKPOINT, RunLog, load_checkpoint, read_scalars, save_checkpoint
 
 GENERATOR_DEFAULTS = {"batch_size": 128, "lr": 5e-4, "seed": 0, "ema_decay": 0.999, "label_dropout": 0.15,
@@ -87,26 +88,6 @@ def _open(run: Path, modules: dict, optimizer, rng: torch.Generator, hyper: dict
 
 
 # ---- the shared loop
-
-
-def _batch_indices(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor:
-    """Indices of batch `step`: a fresh permutation per epoch, a function of (seed, epoch) so resumes agree."""
-    per_epoch = n // batch_size
-    epoch, pos = divmod(step, per_epoch)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-    return perm[pos * batch_size : (pos + 1) * batch_size]
-
-
-def _augment(x: torch.Tensor, gen: torch.Generator, shift: int = 2) -> torch.Tensor:
-    """Random horizontal flips and shifts up to `shift` pixels (background padded)."""
-    n, _, h, w = x.shape
-    flip = torch.rand(n, generator=gen) < 0.5
-    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-    padded = F.pad(x, (shift,) * 4, value=-1.0)
-    dy, dx = (torch.randint(0, 2 * shift + 1, (2, n), generator=gen)).unbind(0)
-    rows = (dy[:, None] + torch.arange(h))[:, :, None]
-    cols = (dx[:, None] + torch.arange(w))[:, None, :]
-    return padded[torch.arange(n)[:, None, None], 0, rows, cols].unsqueeze(1)
 
 
 def _lr(step: int, base: float, warmup: int, total: int | None) -> float:
@@ -255,10 +236,10 @@ def train_classifier(
 
     def step(i: int) -> tuple[float, float]:
         model.train()
-        idx = _batch_indices(len(x), batch_size, seed, i)
+        idx = batch_indices(len(x), batch_size, seed, i)
         rate = _lr(i, lr, per_epoch // 4, total)
         _set_lr(optimizer, rate)
-        loss = F.cross_entropy(model(_augment(x[idx], rng)), y[idx], label_smoothing=0.05)
+        loss = F.cross_entropy(model(augment(x[idx], rng)), y[idx], label_smoothing=0.05)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -383,7 +364,7 @@ def train_generator(
                            "card": init_card or None}
 
     def step(i: int) -> tuple[float, float]:
-        idx = _batch_indices(len(x), batch_size, seed, i)
+        idx = batch_indices(len(x), batch_size, seed, i)
         labels = torch.where(torch.rand(batch_size, generator=rng) < label_dropout, models.NULL_LABEL, y[idx])
         rate = _lr(i, lr, warmup_steps, None)
         _set_lr(optimizer, rate)
