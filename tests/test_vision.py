@@ -252,6 +252,14 @@ def test_bad_training_options_are_refused_before_any_work(tmp_path, monkeypatch,
     assert not run.exists()
 
 
+def test_an_out_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match="--out .* is a file: give a directory"):
+        train.train_classifier(tmp_path / "file", epochs=1)
+    with pytest.raises(ConfigError, match="--out .* cannot be created"):
+        train.train_classifier(tmp_path / "file" / "run", epochs=1)
+
+
 @pytest.mark.parametrize("bad, message", [({"log_every": 0}, "log_every 0"), ({"limit": 0}, "limit 0"),
                                           ({"steps": 2.5}, "--steps 2.5"), ({"batch_size": True}, "--batch-size True")])
 def test_bad_training_arguments_from_python(tmp_path, bad, message):
@@ -294,6 +302,9 @@ def test_export_refuses_another_kind_and_existing_weights_and_keeps_what_it_repl
     argv = ["train", "export", "--run", str(tmp_path / "b"), "--weights-dir", str(w)]
     assert cli.main([*argv, "--kind", "classifier"]) == 2
     assert "is a generator run: export it with --kind generator" in capsys.readouterr().err and not w.exists()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match="--weights-dir .* is a file"):
+        export(tmp_path / "b", "generator", weights_dir=tmp_path / "file", data_root=fmnist)
 
     first = export(tmp_path / "a", "generator", weights_dir=w, data_root=fmnist)
     assert first.backups == [] and first.stale_calibration is None

@@ -52,6 +52,8 @@ def export(
     if found != kind:
         raise ConfigError(f"{run} is a {found} run: export it with --kind {found}")
     weights_dir = Path(weights_dir) if weights_dir else models.WEIGHTS_DIR
+    if weights_dir.exists() and not weights_dir.is_dir():
+        raise ConfigError(f"--weights-dir {weights_dir} is a file: give a directory")
     path, card_path = weights_dir / f"{kind}.safetensors", weights_dir / f"{kind}.md"
     if path.exists() and not force:
         raise ConfigError(f"{path} exists: pass --force to replace it (the old weights are then kept as "

@@ -69,7 +69,12 @@ def _start(run, threads: int | None, resume: bool) -> Path:
     run = Path(run)
     if not resume and (run / CHECKPOINT).exists():
         raise ConfigError(f"{run} already holds a checkpoint: resume (the default) or choose another --out")
-    run.mkdir(parents=True, exist_ok=True)
+    if run.exists() and not run.is_dir():
+        raise ConfigError(f"--out {run} is a file: give a directory for the run")
+    try:
+        run.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"--out {run} cannot be created ({err.strerror}): give a writable directory") from None
     if threads:
         torch.set_num_threads(threads)
     return run
