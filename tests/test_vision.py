@@ -96,6 +96,21 @@ def test_model_files_round_trip(tmp_path):
         models.load_generator(tmp_path / "bad.safetensors")
 
 
+def test_model_files_that_do_not_fit_their_config_are_refused(tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    models.save_model(models.make_generator(TINY_UNET), tmp_path / "g.safetensors", "generator",
+                      models.GENERATOR_CONFIG, {})
+    with pytest.raises(ConfigError, match=r"g.safetensors holds no generator its config describes \(Missing key"):
+        models.load_generator(tmp_path / "g.safetensors")
+    for name, config in (("json", "{"), ("list", "[1]"), ("keys", json.dumps({"chanels": [8]}))):
+        save_file({"w": torch.zeros(1)}, tmp_path / f"{name}.safetensors", {"kind": "classifier", "config": config})
+        with pytest.raises(ConfigError, match=f"{name}.safetensors .*export it again"):
+            models.load_classifier(tmp_path / f"{name}.safetensors")
+
+
 def test_default_weights_missing_says_how_to_make_them(tmp_path, monkeypatch):
     monkeypatch.setattr(models, "WEIGHTS_DIR", tmp_path)
     with pytest.raises(ConfigError, match="dng train export"):

@@ -124,7 +124,13 @@ def read_model_file(path, kind: str) -> tuple[dict, dict, dict]:
     if meta.get("kind") != kind:
         raise ConfigError(f"{path} holds a {meta.get('kind')!r} model, expected a {kind!r}")
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-    return state, json.loads(meta["config"]), json.loads(meta.get("card", "{}"))
+    try:
+        config, card = json.loads(meta["config"]), json.loads(meta.get("card", "{}"))
+    except (KeyError, ValueError) as err:
+        raise ConfigError(f"{path} has no readable config ({err!r}): export it again with `dng train export`") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path} has a config that is not a JSON object: export it again with `dng train export`")
+    return state, config, card
 
 
 def weights_sha256(path, kind: str) -> str:
@@ -142,20 +148,28 @@ def weights_sha256(path, kind: str) -> str:
     return digest.hexdigest()
 
 
+def _load(path, kind: str, make):
+    state, config, _ = read_model_file(path or default_weights(kind), kind)
+    try:
+        model = make(config)
+        model.load_state_dict(state)
+    except (TypeError, ValueError, RuntimeError) as err:  # a config the model rejects, tensors that do not fit it
+        # load_state_dict's message is a heading and one line per problem: the first problem says enough.
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+        reason = (lines[1] if len(lines) > 1 and lines[0].endswith(":") else lines[0])[:200]
+        raise ConfigError(f"{path or default_weights(kind)} holds no {kind} its config describes ({reason}): "
+                          "export it again with `dng train export`") from None
+    return model.eval()
+
+
 def load_generator(path=None):
     """The UNet of a generator file (the shipped one by default), float32 in eval mode."""
-    state, config, _ = read_model_file(path or default_weights("generator"), "generator")
-    model = make_generator(config)
-    model.load_state_dict(state)
-    return model.eval()
+    return _load(path, "generator", make_generator)
 
 
 def load_classifier(path=None) -> Classifier:
     """The classifier of a classifier file (the shipped one by default), float32 in eval mode."""
-    state, config, _ = read_model_file(path or default_weights("classifier"), "classifier")
-    model = make_classifier(config)
-    model.load_state_dict(state)
-    return model.eval()
+    return _load(path, "classifier", make_classifier)
 
 
 def default_weights(kind: str) -> Path:
