@@ -15,6 +15,7 @@ COMMAND_MODULES = [
     "dng.commands.train",
     "dng.commands.sd",
     "dng.commands.class_removal",
+    "dng.commands.prompted",
     "dng.commands.sample",
     "dng.commands.demo",
     "dng.commands.calibrate",

@@ -44,10 +44,12 @@ def tradeoff(rows: list[dict], path, x: str = "class_kl", y: str = "forbidden_ra
     return _save(fig, path)
 
 
-def trajectories(trace, path, max_lines: int = 40, title: str = "DNG along the sampling chain") -> Path:
+def trajectories(trace, path, max_lines: int = 40, title: str = "DNG along the sampling chain",
+                 highlight=None, highlight_label: str = "") -> Path:
     """p_t and the applied scale of the first negative per sample along the chain (like the paper's Figure 2).
 
     Against the noise level sigma (high noise on the left) where the trace has it, else against the step.
+    `highlight` (a boolean per sample) draws those samples in red, the others in blue, with `highlight_label`.
     """
     sigma = None if trace.sigma is None else trace.sigma[:, 0].numpy()
     if sigma is not None and not (sigma > 0).any():
@@ -55,8 +57,16 @@ def trajectories(trace, path, max_lines: int = 40, title: str = "DNG along the s
     x = range(len(trace.timesteps)) if sigma is None else sigma
     fig, (ax_p, ax_s) = plt.subplots(1, 2, figsize=(10, 3.8))
     for i in range(min(max_lines, trace.p.shape[1])):
-        ax_p.plot(x, trace.p[:, i, 0].numpy(), lw=0.8, alpha=0.7)
-        ax_s.plot(x, trace.scale[:, i, 0].numpy(), lw=0.8, alpha=0.7)
+        style = {"lw": 0.8, "alpha": 0.7}
+        if highlight is not None:
+            style["color"] = "tab:red" if highlight[i] else "tab:blue"
+        ax_p.plot(x, trace.p[:, i, 0].numpy(), **style)
+        ax_s.plot(x, trace.scale[:, i, 0].numpy(), **style)
+    if highlight is not None:
+        from matplotlib.lines import Line2D
+
+        ax_p.legend([Line2D([], [], color="tab:red"), Line2D([], [], color="tab:blue")],
+                    [highlight_label, "the others"], fontsize=8)
     ax_p.set_ylabel("posterior p_t(c- | x_t)")
     ax_s.set_ylabel("applied scale")
     ax_p.set_yscale("log")
@@ -72,4 +82,47 @@ def trajectories(trace, path, max_lines: int = 40, title: str = "DNG along the s
             ax.set_xlabel("noise level sigma")
         ax.grid(alpha=0.3)
     fig.suptitle(title)
+    return _save(fig, path)
+
+
+def grids_side_by_side(panels: list[tuple[str, object]], path, title: str = "") -> Path:
+    """Image grids (uint8 arrays) next to each other, each under its label."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.6), squeeze=False)
+    for ax, (label, image) in zip(axes[0], panels, strict=True):
+        ax.imshow(image, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+        ax.set_title(label, fontsize=10)
+        ax.axis("off")
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def change_vs_negative(rows: list[dict], path) -> Path:
+    """Each (pair, setting) of the prompted bench: its change from the CFG images against its negative rate."""
+    from dng.bench.prompted import setting_label
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.8))
+    markers = {"unrelated": "o", "related": "^", "between": "s", "self": "x", None: "."}
+    labels = sorted({setting_label(r["method"], r["params"]) for r in rows if r["method"] != "cfg"},
+                    key=lambda lab: (lab.split()[0] != "np", lab))
+    colours = dict(zip(labels, plt.cm.tab10.colors, strict=False))
+    for r in rows:
+        label = setting_label(r["method"], r["params"])
+        if r["method"] == "cfg":
+            continue
+        ax.scatter(r["change_vs_cfg"], r["negative_rate"], marker=markers[r["relation"]], color=colours[label],
+                   s=28, alpha=0.8)
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], ls="none", marker="o", color=c, label=lab) for lab, c in colours.items()]
+    handles += [Line2D([], [], ls="none", marker=m, color="gray", label=rel) for rel, m in markers.items()
+                if rel and any(r["relation"] == rel for r in rows)]
+    ax.legend(handles=handles, fontsize=7, ncol=2)
+    ax.set_yscale("symlog", linthresh=1e-2)
+    ax.set_ylim(bottom=0)
+    ax.set_xlim(left=0)
+    ax.set_xlabel("change from the CFG image (RMS pixel difference, images in [-1, 1])")
+    ax.set_ylabel("share classified as the negative")
+    ax.set_title("every pair and setting: a good rule moves only the images that need it (lower-left)",
+                 fontsize=9)
+    ax.grid(alpha=0.3)
     return _save(fig, path)

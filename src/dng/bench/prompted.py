@@ -1,0 +1,333 @@
+"""`dng bench prompted`: a positive class with classifier-free guidance meets a negative class.
+
+The shipped generator is a prompted model: eps(x | class) for ten classes and eps_u. CFG on a positive class plus
+a negative class is the text-to-image situation with three branches (unconditional, positive, negative), scored
+with the shipped classifier. Each cell is one (positive, negative) pair and one setting, drawn from the same noise
+and step noise as every other cell (`dng.bench.sweep`):
+
+- `cfg`: CFG on the positive, no negative (the reference every other cell is compared with);
+- `np`: negative prompting on top of CFG, eps_u + w (eps_p - eps_u) - lam (eps_n - eps_u). At lam = w - 1 this is
+  the negative prompt diffusers users get (the negative branch in place of the unconditional one,
+  eps_n + w (eps_p - eps_n));
+- `dng`: DNG on top of the same CFG, the library default with the generator's calibration.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dng import metrics
+from dng.bench.sweep import SampleSet, Sweep, read_json, read_npz, readable
+from dng.distributed import World
+from dng.errors import ConfigError
+from dng.guidance import DNG_PRESETS, check_scale
+from dng.io import write_atomic, write_json
+from dng.sampler import Trace
+from dng.vision import generate
+from dng.vision.data import CLASS_NAMES, NUM_CLASSES
+from dng.vision.models import default_weights, load_calibration, load_classifier, load_generator, weights_sha256
+
+METHODS = ("cfg", "np", "dng")
+DEFAULT_PAIRS = "Trouser:Bag,Shirt:T-shirt/top,Pullover:Coat,Sneaker:Ankle boot"
+# NP's scales when none are given, as multiples of w - 1 (diffusers' negative prompt): one weaker, one stronger.
+NP_FACTORS = (0.5, 1.0, 2.0)
+METRICS = ("positive_rate", "negative_rate", "change_vs_cfg", "fid_vs_cfg", "mean_scale", "max_scale",
+           "activated_rate", "seconds")
+# A sample counts as touched by the negative when its applied scale ever exceeds this: 1 % of the weakest push a
+# constant rule would use (lam = 1) is far above the float noise of a scale that never leaves its prior.
+ACTIVATION = 1e-2
+# CFG's own negative rate separates the pairs: a negative CFG never produces is unrelated, one it often produces is
+# related; pairs in between are reported apart.
+UNRELATED, RELATED = 0.01, 0.03
+GRID_IMAGES = 32
+TRACE_SAMPLES = 60
+
+
+def parse_pairs(text: str) -> list[tuple[int, int]]:
+    """'positive:negative' pairs, comma-separated, classes by index or name; 'all' is every ordered pair of
+    distinct classes."""
+    if text.strip().lower() == "all":
+        return [(k, j) for k in range(NUM_CLASSES) for j in range(NUM_CLASSES) if k != j]
+    pairs = []
+    for item in (part for part in text.split(",") if part.strip()):
+        positive, sep, negative = item.partition(":")
+        if not sep:
+            raise ConfigError(f"--pairs {item!r}: write POSITIVE:NEGATIVE, e.g. Trouser:Bag or 1:8")
+        pairs.append((generate.parse_class(positive), generate.parse_class(negative)))
+    if not pairs:
+        raise ConfigError("--pairs needs at least one POSITIVE:NEGATIVE pair, e.g. Trouser:Bag, or 'all'")
+    return list(dict.fromkeys(pairs))
+
+
+def parse_methods(text: str) -> list[str]:
+    methods = list(dict.fromkeys(m.strip().lower() for m in text.split(",") if m.strip()))
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise ConfigError(f"unknown method(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(METHODS)}")
+    return methods
+
+
+def setting_label(method: str, params: dict) -> str:
+    """'cfg', 'np 1', 'dng default', 'dng default scale=3'."""
+    if method == "np":
+        return f"np {params['scale']:g}"
+    if method == "dng":
+        user = "".join(f" {k}={v:g}" if isinstance(v, float) else f" {k}={v}" for k, v in params["set"].items())
+        return f"dng {params['preset']}{user}"
+    return method
+
+
+def cell_key(positive: int, negative: int, method: str, params: dict) -> str:
+    return f"pos{positive}-neg{negative}-{setting_label(method, params).replace(' ', '-')}"
+
+
+def configs(positive: int, negative: int, methods: list[str], cfg_scale: float, np_scales, dng: dict,
+            dng_preset: str = "default", dng_set: dict | None = None, dng_scales=None) -> list[tuple]:
+    """(method, params, SampleSet) of every cell of one pair. The cfg samples of a positive class are shared by
+    all its pairs; `dng` is the negative's calibration (`generate.dng_settings`) and `dng_set` the user's
+    settings over the preset."""
+    cells = [("cfg", {"cfg_scale": cfg_scale}, SampleSet(f"pos{positive}-cfg", None, (), positive, cfg_scale))]
+    for method in methods:
+        if method == "np":
+            for scale in np_scales:
+                params = {"cfg_scale": cfg_scale, "scale": scale, "diffusers": scale == cfg_scale - 1}
+                key = cell_key(positive, negative, method, params)
+                cells.append((method, params, SampleSet(key, generate.guidance_factory("np", scale=scale),
+                                                        (negative,), positive, cfg_scale)))
+        elif method == "dng":
+            for scale in dng_scales or [None]:
+                user = {**(dng_set or {}), **({} if scale is None else {"scale": scale})}
+                rule = {**dng, **user}
+                params = {"cfg_scale": cfg_scale, "preset": dng_preset, "set": user, **DNG_PRESETS[dng_preset], **rule}
+                key = cell_key(positive, negative, method, params)
+                factory = generate.guidance_factory("dng", dng_preset=dng_preset, **rule)
+                cells.append((method, params, SampleSet(key, factory, (negative,), positive, cfg_scale)))
+    return [c for c in cells if c[0] in methods or c[0] == "cfg"]
+
+
+def relation(cfg_negative_rate: float, positive: int, negative: int) -> str:
+    """How a pair's negative relates to its positive, by CFG's own negative rate (`UNRELATED`, `RELATED`)."""
+    if positive == negative:
+        return "self"
+    if cfg_negative_rate <= UNRELATED:
+        return "unrelated"
+    return "related" if cfg_negative_rate >= RELATED else "between"
+
+
+SELF_NOTE = ("positive = negative: the rule pushes away from the class CFG pulls towards; the images stay finite, "
+             "and the rates show which pull won")
+
+
+class PromptedBench:
+    """One generator, classifier, scheduler, CFG scale and seed; `run(pairs, methods)` fills DIR."""
+
+    def __init__(self, out, steps: int = 25, num_samples: int = 500, scheduler: str = "euler-a", seed: int = 0,
+                 cfg_scale: float = 2.0, generator=None, classifier=None, batch_size: int = 128,
+                 progress: bool = True, dtype: str = "float32", world: World | None = None):
+        if steps < 1 or num_samples < 4 or batch_size < 1:
+            raise ConfigError(f"need --steps >= 1, --num-samples >= 4 and --batch-size >= 1, got {steps}, "
+                              f"{num_samples} and {batch_size}")
+        if check_scale("--cfg-scale", cfg_scale) <= 1:
+            raise ConfigError(f"--cfg-scale must be above 1 (at 1 CFG is the positive branch alone and diffusers "
+                              f"ignores the negative prompt), got {cfg_scale}")
+        generate.make_scheduler(scheduler)
+        generate.check_dtype(dtype)
+        gen_path = Path(generator) if generator else default_weights("generator")
+        clf_path = Path(classifier) if classifier else default_weights("classifier")
+        self.classifier = load_classifier(clf_path)
+        self.calibration = load_calibration(gen_path)
+        settings = {
+            "bench": "prompted", "steps": steps, "num_samples": num_samples, "scheduler": scheduler, "seed": seed,
+            "cfg_scale": float(cfg_scale), "dtype": dtype, "batch_size": batch_size,
+            "generator_weights_sha256": weights_sha256(gen_path, "generator"),
+            "classifier_weights_sha256": weights_sha256(clf_path, "classifier"),
+        }
+        self.sweep = Sweep(out, settings, load_generator(gen_path), world, progress)
+        self.out, self.settings = self.sweep.out, self.sweep.settings
+        self._scored: dict[str, tuple] = {}
+
+    def cells(self, pairs, methods, np_scales=None, dng_preset="default", dng_set=None, dng_scales=None) -> list:
+        w = self.settings["cfg_scale"]
+        np_scales = np_scales or tuple(f * (w - 1) for f in NP_FACTORS)
+        return [(k, j, *c) for k, j in pairs
+                for c in configs(k, j, methods, w, np_scales, generate.dng_settings([j], self.calibration)[0],
+                                 dng_preset, dng_set, dng_scales)]
+
+    def _classified(self, key: str) -> tuple[dict, np.ndarray, np.ndarray]:
+        """A stored sample set with its predicted classes and features; the cfg sets, which every cell of their
+        positive class reads, stay in memory."""
+        if key in self._scored:
+            return self._scored[key]
+        stored = self.sweep.load(key)
+        scored = (stored, *generate.classify(self.classifier, stored["images"]))
+        if key.endswith("-cfg"):
+            self._scored[key] = scored
+        return scored
+
+    def score_cell(self, positive: int, negative: int, method: str, params: dict, sample_set: SampleSet) -> None:
+        stored, pred, feats = self._classified(sample_set.key)
+        cfg, _, cfg_feats = (stored, pred, feats) if method == "cfg" else self._classified(f"pos{positive}-cfg")
+        diff = (stored["images"].astype(np.float64) - cfg["images"].astype(np.float64)) / 127.5
+        scale = stored["scale"][..., 0] if "scale" in stored else np.zeros((1, len(pred)))
+        row = {
+            "positive": positive, "negative": negative, "method": method, "params": params,
+            "positive_rate": float((pred == positive).mean()), "negative_rate": float((pred == negative).mean()),
+            "change_vs_cfg": float(np.sqrt((diff ** 2).mean(axis=(1, 2))).mean()),
+            "fid_vs_cfg": 0.0 if method == "cfg" else metrics.fid(feats, cfg_feats),
+            "mean_scale": float(scale.mean()), "max_scale": float(scale.max()),
+            "activated_rate": float((scale.max(0) > ACTIVATION).mean()),
+            "seconds": float(stored["seconds"]),
+        }
+        if positive == negative:
+            row["note"] = SELF_NOTE
+        arrays = {"grid": stored["images"][:GRID_IMAGES]}
+        if "p" in stored:
+            arrays.update(sigma=stored["sigma"], p=stored["p"][:, :TRACE_SAMPLES, 0],
+                          scale=stored["scale"][:, :TRACE_SAMPLES, 0], negative=pred[:TRACE_SAMPLES] == negative)
+        path = self.sweep.cell_path(cell_key(positive, negative, method, params))
+        write_atomic(path.with_suffix(".npz"), generate.npz_bytes(**arrays))
+        write_json(path, {"row": row})
+
+    def run(self, pairs, methods, np_scales=None, dng_preset="default", dng_set=None, dng_scales=None) -> int:
+        """Draw and score every missing cell, split over the ranks; returns how many cells were missing."""
+        cells = self.cells(pairs, methods, np_scales, dng_preset, dng_set, dng_scales)
+        by_key = {cell_key(*c[:4]): c for c in cells}
+        stale = None
+        if self.sweep.world.main:
+            stale = [key for key, c in by_key.items() if (path := self.sweep.cell_path(key)).is_file()
+                     and readable(path) and read_json(path)["row"]["params"] != c[3]]
+        stale = self.sweep.world.all_gather(stale)[0]
+        if stale:
+            raise ConfigError(f"{self.out} holds {', '.join(stale)} with other parameters (was the generator "
+                              f"recalibrated?); delete those cells/<name>.json and .npz files or choose another --out")
+        missing = [key for key in by_key if not self.sweep.cell_path(key).is_file()]
+        cfg_sets = {c[0]: c[4] for c in cells if c[2] == "cfg"}
+        # A cell is scored against the cfg samples of its positive class: those are drawn too.
+        self.sweep.draw([s for key in missing for s in (by_key[key][4], cfg_sets[by_key[key][0]])])
+        self.sweep.score(list(by_key), lambda key: self.score_cell(*by_key[key]))
+        return len(missing)
+
+
+def load_cells(out) -> list[dict]:
+    """Every stored row, each with its pair's relation, ordered by pair and setting."""
+    rows = [read_json(p)["row"] for p in sorted((Path(out) / "cells").glob("*.json"))]
+    cfg = {(r["positive"], r["negative"]): r["negative_rate"] for r in rows if r["method"] == "cfg"}
+    for r in rows:
+        pair = (r["positive"], r["negative"])
+        r["relation"] = relation(cfg[pair], *pair) if pair in cfg else None
+    order = {m: i for i, m in enumerate(METHODS)}
+    return sorted(rows, key=lambda r: (r["positive"], r["negative"], order[r["method"]], r["params"].get("scale", 0),
+                                       setting_label(r["method"], r["params"])))
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Mean and standard deviation over pairs of every metric, per relation and setting."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["relation"], r["method"], setting_label(r["method"], r["params"])), []).append(r)
+    relations = ("unrelated", "related", "between", "self", None)
+    out = []
+    for (rel, method, label), members in sorted(groups.items(), key=lambda g: (relations.index(g[0][0]),
+                                                                                METHODS.index(g[0][1]))):
+        summary = {"relation": rel, "method": method, "setting": label, "pairs": len(members)}
+        for m in METRICS:
+            values = np.array([r[m] for r in members], dtype=np.float64)
+            summary[m], summary[f"{m}_std"] = float(values.mean()), float(values.std())
+        out.append(summary)
+    return out
+
+
+def claims(rows: list[dict]) -> dict:
+    """The paper's text-to-image claim, pair by pair, for the default DNG row against CFG and NP.
+
+    Unrelated pairs: DNG changes the CFG images by at most a quarter of what diffusers' negative prompt changes,
+    and keeps the positive rate within 1 pp. Related pairs: DNG halves CFG's negative rate, with a smaller change
+    than every NP setting that gets as low.
+    """
+    pairs: dict[tuple, dict] = {}
+    for r in rows:
+        pairs.setdefault((r["positive"], r["negative"]), {}).setdefault(r["method"], []).append(r)
+    out = {"unrelated": [0, 0], "related": [0, 0]}
+    for methods in pairs.values():
+        cfg, dng = methods.get("cfg"), [r for r in methods.get("dng", []) if not r["params"]["set"]]
+        if not cfg or not dng or cfg[0]["relation"] not in out:
+            continue
+        cfg, dng, nps = cfg[0], dng[0], methods.get("np", [])
+        if cfg["relation"] == "unrelated":
+            diffusers = [r for r in nps if r["params"]["diffusers"]]
+            if not diffusers:
+                continue
+            ok = (dng["change_vs_cfg"] <= 0.25 * diffusers[0]["change_vs_cfg"]
+                  and dng["positive_rate"] >= cfg["positive_rate"] - 0.01)
+        else:
+            as_safe = [r["change_vs_cfg"] for r in nps if r["negative_rate"] <= dng["negative_rate"]]
+            ok = (dng["negative_rate"] <= 0.5 * cfg["negative_rate"]
+                  and all(dng["change_vs_cfg"] < c for c in as_safe))
+        out[cfg["relation"]][0] += int(ok)
+        out[cfg["relation"]][1] += 1
+    return {k: {"held": v[0], "pairs": v[1]} for k, v in out.items()}
+
+
+def write_results(out) -> dict[str, Path]:
+    """results.json, results.csv, summary.md and the figures, rebuilt from the stored cells."""
+    from dng import plots
+
+    out = Path(out)
+    rows = load_cells(out)
+    if not rows:
+        raise ConfigError(f"{out} holds no finished cells")
+    summary, held = summarize(rows), claims(rows)
+    files = {"results": write_json(out / "results.json", {"rows": rows, "summary": summary, "claims": held})}
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["positive", "negative", "relation", "method", "setting", "params", *METRICS])
+    for r in rows:
+        writer.writerow([CLASS_NAMES[r["positive"]], CLASS_NAMES[r["negative"]], r["relation"], r["method"],
+                         setting_label(r["method"], r["params"]), json.dumps(r["params"]), *(r[m] for m in METRICS)])
+    files["csv"] = write_atomic(out / "results.csv", buf.getvalue())
+    files["summary"] = write_atomic(out / "summary.md", format_summary(summary, held, rows))
+    figures = out / "figures"
+    files["summary_plot"] = plots.change_vs_negative(rows, figures / "change_vs_negative_rate.png")
+    for k, j in sorted({(r["positive"], r["negative"]) for r in rows}):
+        mine = [r for r in rows if (r["positive"], r["negative"]) == (k, j)]
+        name = f"pos{k}-neg{j}"
+        grids = [(setting_label(r["method"], r["params"]),
+                  read_npz(out / "cells" / f"{cell_key(k, j, r['method'], r['params'])}.npz")) for r in mine]
+        title = f"{CLASS_NAMES[k]} with the negative {CLASS_NAMES[j]} (CFG {mine[0]['params']['cfg_scale']:g})"
+        files[f"grids_{name}"] = plots.grids_side_by_side(
+            [(label, generate.grid(f["grid"])) for label, f in grids], figures / "grids" / f"{name}.png", title)
+        for label, f in grids:
+            if "p" in f:
+                trace = Trace(torch.arange(len(f["sigma"])), torch.from_numpy(f["p"])[..., None],
+                              torch.from_numpy(f["scale"])[..., None], torch.empty(0),
+                              torch.from_numpy(f["sigma"])[:, None].expand(-1, 2))
+                files[f"trajectories_{name}"] = plots.trajectories(
+                    trace, figures / "trajectories" / f"{name}-{label.replace(' ', '-')}.png", TRACE_SAMPLES,
+                    f"{label}: {CLASS_NAMES[k]} against {CLASS_NAMES[j]}, per sample", f["negative"],
+                    f"classified {CLASS_NAMES[j]}")
+    return files
+
+
+def format_summary(summary: list[dict], held: dict, rows: list[dict]) -> str:
+    """Markdown: mean ± std over pairs per relation and setting, then the claim's pair counts."""
+    shown = ("positive_rate", "negative_rate", "change_vs_cfg", "fid_vs_cfg", "mean_scale", "max_scale",
+             "activated_rate")
+    lines = ["| pairs | setting | n | " + " | ".join(m.replace("_", " ") for m in shown) + " |",
+             "|---|---|---|" + "---|" * len(shown)]
+    for s in summary:
+        cols = " | ".join(f"{s[m]:.4f} ± {s[m + '_std']:.4f}" for m in shown)
+        lines.append(f"| {s['relation']} | {s['setting']} | {s['pairs']} | {cols} |")
+    lines += ["", f"Relation by CFG's own negative rate: unrelated <= {UNRELATED:.0%}, related >= {RELATED:.0%}.", ""]
+    for rel, count in held.items():
+        if count["pairs"]:
+            lines.append(f"- {rel} pairs where the claim holds for `dng default`: {count['held']} of {count['pairs']}")
+    if any(r["positive"] == r["negative"] for r in rows):
+        lines.append(f"- {SELF_NOTE}")
+    return "\n".join(lines) + "\n"
+

@@ -1,0 +1,64 @@
+"""`dng bench prompted`."""
+
+from __future__ import annotations
+
+from dng.commands import add_dng_arguments, add_dtype_argument, add_scheduler_argument, dng_overrides
+
+
+def register(groups) -> None:
+    from dng.bench.prompted import DEFAULT_PAIRS
+
+    p = groups["bench"].add_parser(
+        "prompted", help="a positive class with CFG against a related or unrelated negative: CFG, NP, DNG",
+        description="The text-to-image situation on the shipped generator: CFG on a positive class, a negative "
+                    "class, and each rule's effect on the CFG images from the same noise. Under torchrun the ranks "
+                    "share the work and write the same results as one process.")
+    p.add_argument("--pairs", default=DEFAULT_PAIRS,
+                   help=f"comma-separated POSITIVE:NEGATIVE classes (names or indices), or 'all' (every ordered pair "
+                        f"of distinct classes); default {DEFAULT_PAIRS!r}")
+    p.add_argument("--methods", default="cfg,np,dng", help="comma-separated: cfg, np, dng (cfg always runs)")
+    p.add_argument("--cfg-scale", type=float, default=2.0, help="CFG scale w on the positive class (default 2)")
+    p.add_argument("--np-scales", default=None,
+                   help="NP's scales lam, comma-separated (default (w-1) x 0.5,1,2; lam = w-1 is diffusers' "
+                        "negative prompt)")
+    p.add_argument("--dng-scales", default=None, help="a sweep of DNG's lam0 (default: one cell, the preset's own)")
+    add_dng_arguments(p)
+    p.add_argument("--num-samples", type=int, default=500, help="samples per cell (default 500)")
+    p.add_argument("--steps", type=int, default=25, help="sampling steps (default 25)")
+    add_scheduler_argument(p, "euler-a")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="sweep folder: cells, results.json, results.csv, summary.md, figures")
+    p.add_argument("--generator", default=None, help="generator safetensors (default: the shipped one)")
+    p.add_argument("--classifier", default=None, help="classifier safetensors (default: the shipped one)")
+    p.add_argument("--batch-size", type=int, default=128,
+                   help="images per sampler run and per shard (part of the sweep's settings)")
+    add_dtype_argument(p)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per process (default: torch's choice; under torchrun the cores shared "
+                        "among the local ranks)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from dng.bench.class_removal import parse_scales
+    from dng.bench.prompted import PromptedBench, parse_methods, parse_pairs, write_results
+    from dng.bench.sweep import threads_per_rank
+    from dng.distributed import World
+
+    pairs, methods = parse_pairs(args.pairs), parse_methods(args.methods)
+    np_scales = parse_scales(args.np_scales, "--np-scales") if args.np_scales else None
+    dng_scales = parse_scales(args.dng_scales, "--dng-scales") if args.dng_scales else None
+    dng_set = dng_overrides(args)
+    world = World.from_env()
+    threads_per_rank(world, args.threads)
+    world.check_same([pairs, methods, np_scales, dng_scales, args.dng_preset, dng_set], "the cells to run")
+    bench = PromptedBench(args.out, args.steps, args.num_samples, args.scheduler, args.seed, args.cfg_scale,
+                          args.generator, args.classifier, args.batch_size, args.progress, args.dtype, world)
+    ran = bench.run(pairs, methods, np_scales, args.dng_preset, dng_set, dng_scales)
+    if not world.main:
+        return 0
+    files = write_results(args.out)
+    print((bench.out / "summary.md").read_text())
+    print(f"ran {ran} cell(s); wrote {files['results']}, {files['csv']} and figures in {bench.out / 'figures'}")
+    return 0
