@@ -306,6 +306,7 @@ def _sd_folder(tmp_path, class_name="StableDiffusionPipeline"):
     (["--cfg", "-2"], "--cfg must be a finite number >= 0"),
     (["--steps", "0"], "--steps must be at least 1"),
     (["--images", "0"], "--images must be at least 1"),
+    (["--seed", "-1"], "--seed must be a whole number from 0"),
     (["--negative", " "], "--negative is empty"),
     (["--scale", "nan"], "scale must be a finite number"),
     (["--prior", "1.5"], "prior"),

@@ -60,6 +60,8 @@ def check_args(args) -> None:
     for name in ("steps", "images"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if not 0 <= args.seed < 2**64:
+        raise ConfigError(f"--seed must be a whole number from 0 to 2**64 - 1 (torch's seed range), got {args.seed}")
     if not math.isfinite(args.cfg) or args.cfg < 0:
         raise ConfigError(f"--cfg must be a finite number >= 0, got {args.cfg} (at most 1 turns classifier-free "
                           f"guidance off, as in diffusers)")
