@@ -308,10 +308,14 @@ def _sd_folder(tmp_path, class_name="StableDiffusionPipeline"):
     (["--images", "0"], "--images must be at least 1"),
     (["--seed", "-1"], "--seed must be a whole number from 0"),
     (["--negative", " "], "--negative is empty"),
-    (["--scale", "nan"], "scale must be a finite number"),
-    (["--prior", "1.5"], "prior"),
-    (["--method", "np", "--prior", "0.2"], "--prior applies to --method dng only"),
-    (["--method", "sld", "--scale", "3"], "--scale applies to --method dng and np"),
+    (["--dng", "scale=nan"], "scale must be a finite number"),
+    (["--dng", "prior=1.5"], "prior"),
+    (["--dng", "tau=1"], "NAME one of scale, prior"),
+    (["--method", "np", "--dng", "prior=0.2"], "--dng applies to --method dng only, not np"),
+    (["--method", "sld", "--dng-preset", "paper-sd"], "--dng-preset applies to --method dng only"),
+    (["--method", "sld", "--np-scale", "3"], "--np-scale applies to --method np only"),
+    (["--np-scale", "nan"], "--np-scale applies to --method np only"),
+    (["--method", "np", "--np-scale", "nan"], "--np-scale must be a finite number >= 0, got nan"),
     (["--method", "np", "--sld-preset", "max"], "--sld-preset applies to --method sld only"),
     (["--device", "nonsense"], "--device nonsense is not usable here"),
     (["--out", "{file}"], "is a file; give a folder"),
@@ -328,6 +332,17 @@ def test_sd_command_refuses_bad_options_before_loading(tmp_path, argv, match, mo
     assert cli.main(["sd", *base, *argv]) == 2
     err = capsys.readouterr().err
     assert re.search(match, err) and err.count("\n") == 1, err
+
+
+def test_sd_command_sets_dng_like_the_other_commands(tmp_path):
+    parser = argparse.ArgumentParser()
+    sd_command.register({"top": parser.add_subparsers()})
+    args = parser.parse_args(["sd", "--model", "m", "--prompt", "a", "--negative", "b", "--negative", "c", "--out", "o",
+                              "--dng-preset", "paper-sd", "--dng", "scale=3", "--dng", "prior=0.2,0.3",
+                              "--mode", "exclusive"])
+    rule = sd_command._guidance(args)
+    assert rule.scale == 3 and rule.tracker.priors == [0.2, 0.3] and rule.tracker.exclusive
+    assert rule.tracker.p_max == DNG_PRESETS["paper-sd"]["p_max"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a torch build without CUDA")

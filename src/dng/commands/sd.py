@@ -8,15 +8,10 @@ import math
 import os
 from pathlib import Path
 
+from dng.commands import add_dng_arguments, dng_overrides
 from dng.errors import ConfigError
 
 DTYPES = ("float32", "float16", "bfloat16")
-# Options that tune one method only, by the method they tune.
-METHOD_OPTIONS = {
-    "dng": ("dng_preset", "prior", "temperature", "offset", "p_max", "mode"),
-    "np": (),
-    "sld": ("sld_preset",),
-}
 
 
 def register(groups) -> None:
@@ -34,15 +29,9 @@ def register(groups) -> None:
     p.add_argument("--images", type=int, default=1, help="images per prompt")
     p.add_argument("--cfg", type=float, default=7.5,
                    help="classifier-free guidance scale; at most 1 turns CFG off, as in diffusers")
-    p.add_argument("--dng-preset", default=None,
-                   help="dng: the named setting (dng.guidance.DNG_PRESETS: default, paper-sd, paper-cifar10)")
-    p.add_argument("--scale", type=float, default=None,
-                   help="dng: lam0 (default: the preset's); np: the constant scale (default cfg - 1, diffusers' "
-                        "negative prompt)")
-    p.add_argument("--prior", type=float, default=None, help="dng: p_t at the first step (default: the preset's)")
-    p.add_argument("--temperature", type=float, default=None, help="dng: weight of each step's evidence")
-    p.add_argument("--offset", type=float, default=None, help="dng: drift of log p per unit of log-SNR")
-    p.add_argument("--p-max", type=float, default=None, help="dng: upper clamp of p_t, caps the scale")
+    add_dng_arguments(p)
+    p.add_argument("--np-scale", type=float, default=None,
+                   help="np: the constant scale (default cfg - 1, diffusers' negative prompt)")
     p.add_argument("--mode", choices=("independent", "exclusive"), default=None,
                    help="dng: how several concepts combine (default independent)")
     p.add_argument("--sld-preset", choices=("weak", "medium", "strong", "max"), default=None,
@@ -72,12 +61,13 @@ def check_args(args) -> None:
                               f"{max(8, math.ceil(value / 8) * 8)}")
     if not all(text.strip() for text in args.negative):
         raise ConfigError("--negative is empty: give the concept's text (an empty prompt is the unconditional branch)")
-    if args.method == "sld" and args.scale is not None:
-        raise ConfigError("--scale applies to --method dng and np; SLD's strength is --sld-preset")
-    for method, names in METHOD_OPTIONS.items():
-        given = [f"--{n.replace('_', '-')}" for n in names if getattr(args, n) is not None]
-        if given and method != args.method:
-            raise ConfigError(f"{', '.join(given)} applies to --method {method} only, not {args.method}; drop it")
+    given = {"dng": [name for name, value in (("--dng", args.dng), ("--mode", args.mode)) if value]
+                    + (["--dng-preset"] if args.dng_preset != "default" else []),
+             "np": ["--np-scale"] if args.np_scale is not None else [],
+             "sld": ["--sld-preset"] if args.sld_preset is not None else []}
+    for method, options in given.items():
+        if options and method != args.method:
+            raise ConfigError(f"{', '.join(options)} applies to --method {method} only, not {args.method}; drop it")
     check_out(args.out)
 
 
@@ -113,15 +103,14 @@ def _pipeline_class(model: Path):
 
 
 def _guidance(args):
-    from dng.guidance import NegativePrompt, SafeLatentDiffusion
+    from dng.guidance import NegativePrompt, SafeLatentDiffusion, check_scale
     from dng.pipelines.common import make_guidance
 
     if args.method == "dng":
-        return make_guidance("dng", args.cfg, args.dng_preset or "default", scale=args.scale, prior=args.prior,
-                             temperature=args.temperature, offset=args.offset, p_max=args.p_max,
-                             mode=args.mode or "independent")
+        return make_guidance("dng", args.cfg, args.dng_preset, **dng_overrides(args), mode=args.mode or "independent")
     if args.method == "np":
-        return NegativePrompt(max(args.cfg - 1, 0.0) if args.scale is None else args.scale)
+        scale = max(args.cfg - 1, 0.0) if args.np_scale is None else args.np_scale
+        return NegativePrompt(check_scale("--np-scale", scale))
     return SafeLatentDiffusion.preset(args.sld_preset or "medium")
 
 
