@@ -120,3 +120,18 @@ def test_ranks_given_different_arguments_stop_with_a_clear_error(tiny, tmp_path)
                            str(script)], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "ranks disagree on the sweep's settings" in proc.stdout + proc.stderr
+
+
+def test_scaling_guide_example_gives_the_same_images_on_two_ranks(tmp_path):
+    guide = Path(__file__).resolve().parents[1] / "docs" / "scaling.md"
+    code = guide.read_text().split("```python\n")[1].split("```")[0]
+    script = tmp_path / "sample_many.py"
+    script.write_text(code + "\nif world.main:\n    torch.save(torch.cat(images), __import__('sys').argv[1])\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, str(script), str(tmp_path / "one.pt")], env=env, check=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           str(script), str(tmp_path / "two.pt")], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    assert one.shape == (8, 1, 28, 28) and torch.equal(one, two)
