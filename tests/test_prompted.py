@@ -35,7 +35,8 @@ def test_rows_reference_and_files(tiny, tmp_path):  # noqa: F811
     assert all(r["change_vs_cfg"] == 0 and r["fid_vs_cfg"] == 0 and r["max_scale"] == 0 for r in cfg)
     nps = {r["params"]["scale"]: r for r in rows if r["method"] == "np" and r["positive"] == 1}
     assert nps[1.0]["params"]["diffusers"] and not nps[3.0]["params"]["diffusers"]  # lam = w - 1 at w = 2
-    assert nps[3.0]["mean_scale"] == nps[3.0]["max_scale"] == 3.0
+    assert nps[3.0]["mean_scale"] == nps[3.0]["max_scale"] == 3.0 and nps[3.0]["activated_rate"] == 1
+    assert all(r["activated_rate"] == 0 for r in cfg)
     assert nps[3.0]["change_vs_cfg"] > nps[1.0]["change_vs_cfg"] > 0
     self_pair = [r for r in rows if r["positive"] == 3]
     assert all(r["relation"] == "self" and "positive = negative" in r["note"] for r in self_pair)
@@ -53,7 +54,7 @@ def test_dng_at_scale_0_is_the_cfg_row(tiny, tmp_path):  # noqa: F811
     assert _bench(tiny, out, pairs="Trouser:Bag", extra=["--methods", "dng", "--dng", "scale=0"]) == 0
     cfg, dng = json.loads((out / "results.json").read_text())["rows"]
     assert dng["method"] == "dng" and dng["params"]["scale"] == 0
-    assert dng["change_vs_cfg"] == 0 and dng["max_scale"] == 0
+    assert dng["change_vs_cfg"] == 0 and dng["max_scale"] == 0 and dng["activated_rate"] == 0
     assert (dng["positive_rate"], dng["negative_rate"]) == (cfg["positive_rate"], cfg["negative_rate"])
     samples = out / "samples"
     with np.load(samples / "pos1-cfg.npz") as a, np.load(samples / "pos1-neg8-dng-default-scale=0.npz") as b:

@@ -15,6 +15,11 @@ from dng.kernels import reverse_kernel
 
 # A step with (almost) no noise carries no usable likelihood ratio: the update would divide by ~0.
 MIN_TRACKING_STD = 1e-6
+# A sample "activated" DNG when its tracked p_t reached 1/2 at some step: the concept had become more likely than
+# not, which is where the applied scale lam0 p/(1-p) reaches lam0 itself. The threshold reads p, not the scale, so
+# that it means the same whatever lam0, its late boost and its cap; from the default prior 0.1 it takes evidence
+# that multiplies the odds by 9.
+ACTIVATION_P = 0.5
 
 
 @dataclass

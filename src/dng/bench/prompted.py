@@ -28,7 +28,7 @@ from dng.distributed import World
 from dng.errors import ConfigError
 from dng.guidance import DNG_PRESETS, check_scale
 from dng.io import write_atomic, write_json
-from dng.sampler import Trace
+from dng.sampler import ACTIVATION_P, Trace
 from dng.vision import generate
 from dng.vision.data import CLASS_NAMES, NUM_CLASSES
 from dng.vision.models import default_weights, load_calibration, load_classifier, load_generator, weights_sha256
@@ -39,9 +39,6 @@ DEFAULT_PAIRS = "Trouser:Bag,Shirt:T-shirt/top,Pullover:Coat,Sneaker:Ankle boot"
 NP_FACTORS = (0.5, 1.0, 2.0)
 METRICS = ("positive_rate", "negative_rate", "change_vs_cfg", "fid_vs_cfg", "mean_scale", "max_scale",
            "activated_rate", "seconds")
-# A sample counts as touched by the negative when its applied scale ever exceeds this: 1 % of the weakest push a
-# constant rule would use (lam = 1) is far above the float noise of a scale that never leaves its prior.
-ACTIVATION = 1e-2
 # CFG's own negative rate separates the pairs: a negative CFG never produces is unrelated, one it often produces is
 # related; pairs in between are reported apart.
 UNRELATED, RELATED = 0.01, 0.03
@@ -109,6 +106,14 @@ def configs(positive: int, negative: int, methods: list[str], cfg_scale: float, 
                 factory = generate.guidance_factory("dng", dng_preset=dng_preset, **rule)
                 cells.append((method, params, SampleSet(key, factory, (negative,), positive, cfg_scale)))
     return [c for c in cells if c[0] in methods or c[0] == "cfg"]
+
+
+def activated_rate(stored: dict, method: str) -> float:
+    """Share of samples the negative acted on: every sample for NP at a scale above 0, for DNG those whose tracked
+    p_t reached `ACTIVATION_P` (the threshold `dng sd`'s summary uses), none for CFG."""
+    if method == "dng":
+        return float((np.nanmax(stored["p"][..., 0], axis=0) >= ACTIVATION_P).mean())
+    return float(method == "np" and stored["scale"].max() > 0)
 
 
 def relation(cfg_negative_rate: float, positive: int, negative: int) -> str:
@@ -181,13 +186,13 @@ class PromptedBench:
             "change_vs_cfg": float(np.sqrt((diff ** 2).mean(axis=(1, 2))).mean()),
             "fid_vs_cfg": 0.0 if method == "cfg" else metrics.fid(feats, cfg_feats),
             "mean_scale": float(scale.mean()), "max_scale": float(scale.max()),
-            "activated_rate": float((scale.max(0) > ACTIVATION).mean()),
+            "activated_rate": activated_rate(stored, method),
             "seconds": float(stored["seconds"]),
         }
         if positive == negative:
             row["note"] = SELF_NOTE
         arrays = {"grid": stored["images"][:GRID_IMAGES]}
-        if "p" in stored:
+        if method == "dng":
             arrays.update(sigma=stored["sigma"], p=stored["p"][:, :TRACE_SAMPLES, 0],
                           scale=stored["scale"][:, :TRACE_SAMPLES, 0], negative=pred[:TRACE_SAMPLES] == negative)
         path = self.sweep.cell_path(cell_key(positive, negative, method, params))
@@ -303,7 +308,7 @@ def write_results(out) -> dict[str, Path]:
         files[f"grids_{name}"] = plots.grids_side_by_side(
             [(label, generate.grid(f["grid"])) for label, f in grids], figures / "grids" / f"{name}.png", title)
         for label, f in grids:
-            if "p" in f:
+            if "negative" in f:
                 trace = Trace(torch.arange(len(f["sigma"])), torch.from_numpy(f["p"])[..., None],
                               torch.from_numpy(f["scale"])[..., None], torch.empty(0),
                               torch.from_numpy(f["sigma"])[:, None].expand(-1, 2))

@@ -7,13 +7,8 @@ import io
 from pathlib import Path
 
 from dng.io import write_atomic
-from dng.sampler import Trace
+from dng.sampler import ACTIVATION_P, Trace
 
-# An image "activated" DNG when its tracked p_t reached 1/2 at some step: the concept had become more likely than
-# not, which is where the applied scale lam0 p/(1-p) reaches lam0 itself. The threshold reads p, not the scale, so
-# that it means the same whatever lam0, its late boost and its cap; from the default prior 0.1 it takes evidence
-# that multiplies the odds by 9.
-ACTIVATION_P = 0.5
 SUMMARY_COLUMNS = ["image", "concept", "mean_scale", "max_scale", "final_p", "max_p", "activated"]
 
 
