@@ -110,9 +110,10 @@ def configs(positive: int, negative: int, methods: list[str], cfg_scale: float, 
 
 def activated_rate(stored: dict, method: str) -> float:
     """Share of samples the negative acted on: every sample for NP at a scale above 0, for DNG those whose tracked
-    p_t reached `ACTIVATION_P` (the threshold `dng sd`'s summary uses), none for CFG."""
+    p_t reached `ACTIVATION_P` (the threshold `dng sd`'s summary uses) at a step it guided, none for CFG."""
     if method == "dng":
-        return float((np.nanmax(stored["p"][..., 0], axis=0) >= ACTIVATION_P).mean())
+        acted = (stored["p"][..., 0] >= ACTIVATION_P) & (stored["scale"][..., 0] > 0)
+        return float(acted.any(axis=0).mean())
     return float(method == "np" and stored["scale"].max() > 0)
 
 
