@@ -178,3 +178,15 @@ def test_artifact_rate_is_the_share_above_the_real_quantile():
     assert metrics.artifact_rate(images, threshold) == 0.01
     assert metrics.artifact_threshold(images, 0.5) == pytest.approx(((100 / 255) ** 2 + (101 / 255) ** 2) / 2)
     assert metrics.artifact_rate(images[:100], metrics.artifact_threshold(images, 0.5)) == 0.0
+
+
+def test_saturated_rate_flags_images_whiter_than_any_real_one():
+    real = np.zeros((3, 4, 4), np.uint8)
+    real[0, 0, :2] = 255  # the whitest real image: 2 of 16 pixels at 255
+    images = np.zeros((4, 4, 4), np.uint8)
+    images[1, 0, :2] = 255  # as white as the whitest real image: not flagged
+    images[2, :2] = 255  # 8 of 16
+    images[3] = np.where(np.indices((4, 4)).sum(0) % 2, 255, 0)  # saturated noise: half the pixels
+    assert metrics.saturated_rate(images, real) == 0.5
+    with pytest.raises(ConfigError, match="uint8"):
+        metrics.saturated_rate(images.astype(np.float32), real)

@@ -200,3 +200,17 @@ def artifact_threshold(real_images, quantile: float = 0.99) -> float:
 def artifact_rate(images, threshold: float) -> float:
     """Share of images whose background energy is above `threshold` (from `artifact_threshold`)."""
     return float((background_energy(images) > threshold).mean())
+
+
+def saturated_rate(images, real_images) -> float:
+    """Share of uint8 images [N, H, W] with more pixels at full white than any of `real_images` has.
+
+    A guidance scale far past the model's range drives samples into black-and-white noise, which a classifier still
+    labels and whose features can still sit near real ones: such images make every other metric meaningless.
+    """
+    x, real = np.asarray(images), np.asarray(real_images)
+    if x.ndim != 3 or real.ndim != 3 or x.dtype != np.uint8 or real.dtype != np.uint8:
+        raise ConfigError(f"saturated_rate takes uint8 images [N, H, W], got {x.dtype} {x.shape} and {real.dtype} "
+                          f"{real.shape}")
+    most = (real == 255).mean((1, 2)).max()
+    return float(((x == 255).mean((1, 2)) > most).mean())

@@ -16,7 +16,7 @@ from dng import metrics
 from dng.errors import ConfigError
 from dng.gmm import GaussianMixture, default_mixture_config
 from dng.guidance import SLD_PRESETS, DynamicNegativeGuidance, NegativePrompt, SafeLatentDiffusion
-from dng.sampler import sample
+from dng.sampler import check_steps, sample
 from dng.schedulers import named as named_scheduler
 
 METHODS = ("none", "np", "sld", "dng", "dng-oracle", "target")
@@ -105,6 +105,7 @@ class GMMBench:
         # The DDPM step's variance is the bench's `variance`; other samplers take only its training schedule.
         training = DDPMScheduler(num_train_timesteps=1000, clip_sample=False, variance_type=variance)
         self.scheduler, self.eta = named_scheduler(scheduler, training.config)
+        check_steps(steps, self.scheduler, "--steps")
         self.gmm = GaussianMixture(config["means"], config["stds"], config["weights"],
                                    self.scheduler.alphas_cumprod, dtype=torch.float32)
         self.remove = list(config["remove"])

@@ -1,5 +1,11 @@
-"""Subcommands of the `dng` command; each module has `register(groups)` and imports heavy modules lazily."""
+"""Subcommands of the `dng` command; each module has `register(groups)` and imports heavy modules lazily.
 
+The `check_*` helpers validate options before any model loads or runs, each with a one-line ConfigError that names
+the option and the fix (the CLI exits 2 on it, without a traceback).
+"""
+
+import tempfile
+from pathlib import Path
 
 # The names of `dng.schedulers.SAMPLERS`, written out so that building the parser need not import diffusers.
 SAMPLER_NAMES = ("ddpm", "euler-a", "dpmpp-2m-sde", "ddim")
@@ -55,3 +61,73 @@ def dng_overrides(args) -> dict:
     except ConfigError as err:
         raise ConfigError(f"--dng-preset / --dng: {err}") from None
     return overrides
+
+
+def check_count(option: str, value: int | None, minimum: int = 1) -> int | None:
+    """A whole-number option (--batch-size, --num-images, --jobs, ...) that must be >= `minimum`; None passes (the
+    option's default applies)."""
+    from dng.errors import ConfigError
+
+    if value is not None and value < minimum:
+        raise ConfigError(f"{option} must be >= {minimum}, got {value}")
+    return value
+
+
+def check_threads(threads: int | None) -> int | None:
+    """--threads: >= 1, or None for torch's own choice."""
+    from dng.errors import ConfigError
+
+    if threads is not None and threads < 1:
+        raise ConfigError(f"--threads must be >= 1 (or left out for torch's choice), got {threads}")
+    return threads
+
+
+def check_steps(steps: int, scheduler, option: str = "--steps") -> int:
+    """A step count for `scheduler`: from 1 to its training timesteps (`dng.sampler.check_steps`, named as the
+    option)."""
+    from dng.sampler import check_steps as check
+
+    return check(steps, scheduler, option)
+
+
+def check_out_dir(path, option: str = "--out") -> Path:
+    """An output folder: an existing folder, or one that can be created, in a place this user can write."""
+    from dng.errors import ConfigError
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{option} {path} is a file; give a folder (it is created if missing)")
+    _check_writable(path, option)
+    return path
+
+
+def check_out_file(path, option: str = "--out", suffix: str | None = None) -> Path:
+    """An output file: not a folder, with `suffix` if given, in a folder this user can write (created if
+    missing). An existing file is replaced."""
+    from dng.errors import ConfigError
+
+    path = Path(path)
+    if suffix is not None and path.suffix.lower() != suffix:
+        raise ConfigError(f"{option} must name a {suffix} file, got {path}")
+    if path.is_dir():
+        raise ConfigError(f"{option} {path} is a folder; name a file in it, e.g. {path / ('out' + (suffix or ''))}")
+    _check_writable(path.parent, option)
+    return path
+
+
+def _check_writable(folder: Path, option: str) -> None:
+    """Refuse `folder` unless it exists or can be made, and its nearest existing ancestor takes a new file."""
+    from dng.errors import ConfigError
+
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{option} {folder}: {existing} is a file, not a folder; choose another place")
+    # A real write, not os.access: root passes access() everywhere, and /sys, for one, then refuses the file.
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise ConfigError(f"{option} {folder}: cannot write in {existing} ({err.strerror or err}); choose a "
+                          f"writable place") from None

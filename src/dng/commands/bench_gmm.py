@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dng.commands import add_scheduler_argument
+from dng.commands import add_scheduler_argument, check_count, check_out_dir, check_out_file, check_threads
 from dng.errors import ConfigError
 
 
@@ -33,16 +33,20 @@ def run(args) -> int:
     from dng.bench.gmm import GMMBench, format_table, load_config, run_rows
     from dng.io import write_json
 
-    if args.jobs < 1:
-        raise ConfigError(f"--jobs must be >= 1, got {args.jobs}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    check_count("--jobs", args.jobs)
+    check_threads(args.threads)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not methods:
         raise ConfigError("--methods is empty; give e.g. none,np,dng")
+    if args.out:
+        check_out_file(args.out)
+    if args.plot:
+        check_out_dir(args.plot, "--plot")
     config = load_config(args.config)
     bench = GMMBench(config, args.steps, args.num_samples, args.seed, args.variance, args.scheduler)
     cells = list(bench.configs(methods))  # validates the methods before any sampling
+    if args.threads:
+        torch.set_num_threads(args.threads)
     keep = {"dng"} if args.plot else set()
     with tqdm(total=len(cells), desc="bench gmm", disable=None) as bar:
         results = run_rows(bench, methods, args.jobs, args.threads, keep_traces=keep, on_row=lambda: bar.update())

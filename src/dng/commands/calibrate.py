@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dng.commands import add_dtype_argument, add_scheduler_argument
+from dng.commands import add_dtype_argument, add_scheduler_argument, check_out_file, check_steps, check_threads
 
 
 def register(groups) -> None:
@@ -36,8 +36,6 @@ def tracking_only():
 
 
 def run(args) -> int:
-    from pathlib import Path
-
     import numpy as np
     import torch
 
@@ -52,12 +50,13 @@ def run(args) -> int:
         raise ConfigError(f"need --num-samples >= 10 and --steps >= 2, got {args.num_samples} and {args.steps}")
     check_probability("--p-max", args.p_max)
     check_dtype(args.dtype)
-    make_scheduler(args.scheduler)
+    check_steps(args.steps, make_scheduler(args.scheduler)[0])
     classes = parse_classes(args.classes)
+    check_threads(args.threads)
+    out = check_out_file(args.out or calibration_path(args.generator))
     if args.threads:
         torch.set_num_threads(args.threads)
     unet, classifier = load_generator(args.generator), load_classifier(args.classifier)
-    out = Path(args.out or calibration_path(args.generator))
     noise = torch.randn(args.num_samples, 1, 28, 28, generator=torch.Generator().manual_seed(args.seed))
     # One unguided chain tracks every class at once: each negative branch has its own llr in the trace.
     x, trace = generate(unet, args.scheduler, tracking_only, classes, noise, args.steps, args.seed, progress=True,

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-from dng.commands import add_dng_arguments, add_dtype_argument, add_scheduler_argument, dng_overrides
+from dng.commands import (
+    add_dng_arguments,
+    add_dtype_argument,
+    add_scheduler_argument,
+    check_count,
+    check_out_dir,
+    check_steps,
+    check_threads,
+    dng_overrides,
+)
 
 # A distinctive silhouette the shipped generator makes often (about 11 % of its unguided samples).
 DEFAULT_REMOVE = "Bag"
@@ -11,6 +20,8 @@ NP_SCALE = 1.0
 STEPS, SCHEDULER = 25, "euler-a"
 # 64 samples cannot resolve FID finer than 2000 reference images do; the whole test split costs ~10 s more.
 REFERENCE_IMAGES = 2000
+# A method whose images are mostly saturated noise or speckled has metrics that describe noise: the report says so.
+DEGENERATE_SHARE = 0.5
 
 
 def register(groups) -> None:
@@ -33,49 +44,52 @@ def register(groups) -> None:
 
 def run(args) -> int:
     import time
-    from pathlib import Path
 
     import torch
 
-    from dng import plots
+    from dng import metrics, plots
     from dng.bench.class_removal import Reference
-    from dng.errors import ConfigError
     from dng.guidance import check_scale
     from dng.io import write_atomic, write_json
     from dng.vision import generate
-    from dng.vision.data import CLASS_NAMES
+    from dng.vision.data import CLASS_NAMES, load_split
     from dng.vision.models import load_calibration, load_classifier, load_generator
 
     started = time.perf_counter()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    check_threads(args.threads)
     klass = generate.parse_class(args.remove)
-    if args.num_images < 4 or args.steps < 1:
-        raise ConfigError(f"need --num-images >= 4 and --steps >= 1, got {args.num_images} and {args.steps}")
-    # Checked before any sampling, with the option's name: the rules themselves are built only at their turn.
+    check_count("--num-images", args.num_images, 4)
+    check_steps(args.steps, generate.make_scheduler(args.scheduler)[0])
     check_scale("--np-scale", args.np_scale)
-    generate.make_scheduler(args.scheduler)
     overrides = dng_overrides(args)
     generate.check_dtype(args.dtype)
-    out = Path(args.out)
-    unet, classifier = load_generator(args.generator), load_classifier(args.classifier)
-    reference = Reference(classifier, REFERENCE_IMAGES)
-    noise = torch.randn(args.num_images, 1, 28, 28, generator=torch.Generator().manual_seed(args.seed))
+    out = check_out_dir(args.out)
+    # Every rule is built before any sampling, with the generator's calibration, so that a bad setting fails now.
     dng, dng_source = generate.dng_settings([klass], load_calibration(args.generator), **overrides)
     methods = {"none": {}, "np": {"scale": args.np_scale}, "dng": {"dng_preset": args.dng_preset, **dng}}
+    factories = {name: generate.guidance_factory(name, **params) for name, params in methods.items()}
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    unet, classifier = load_generator(args.generator), load_classifier(args.classifier)
+    reference = Reference(classifier, REFERENCE_IMAGES)
+    real_images = load_split("test")[0][:REFERENCE_IMAGES]
+    noise = torch.randn(args.num_images, 1, 28, 28, generator=torch.Generator().manual_seed(args.seed))
     results, grids, trace = {}, {}, None
     for name, params in methods.items():
         t0 = time.perf_counter()
-        factory = generate.guidance_factory(name, **params)
+        factory = factories[name]
         x, tr = generate.generate(unet, args.scheduler, factory, [klass], noise, args.steps, args.seed,
                                   progress=args.progress, dtype=args.dtype)
         images = generate.to_uint8(x)
         pred, feats = generate.classify(classifier, images)
         results[name] = {"params": params, **reference.metrics([klass], images, pred, feats, args.seed),
+                         "saturated_rate": metrics.saturated_rate(images, real_images),
                          "seconds": time.perf_counter() - t0}
         grids[name] = generate.grid(images)
-        generate.save_png(grids[name], out / f"grid_{name}.png")
         trace = tr if name == "dng" else trace
+    # Written only once every method has sampled: a run that fails (a NaN model, say) leaves no partial result.
+    for name, grid in grids.items():
+        generate.save_png(grid, out / f"grid_{name}.png")
     files = {
         "comparison": side_by_side(grids, results, CLASS_NAMES[klass], out / "comparison.png"),
         "trajectories": plots.trajectories(trace, out / "dng_trajectories.png",
@@ -85,7 +99,7 @@ def run(args) -> int:
     report = {"removed": klass, "removed_name": CLASS_NAMES[klass], "num_images": args.num_images,
               "steps": args.steps, "seed": args.seed, "scheduler": args.scheduler, "dtype": args.dtype,
               "dng_settings_from": dng_source,
-              "methods": results,
+              "methods": results, "degenerate": degenerate(results),
               "seconds": time.perf_counter() - started}
     files["report_json"] = out / "report.json"
     files["report_md"] = out / "report.md"
@@ -112,11 +126,22 @@ def side_by_side(grids: dict, results: dict, class_name: str, path):
     return _save(fig, path)
 
 
+def degenerate(results: dict) -> list[str]:
+    """The methods most of whose images are saturated noise or speckled (`DEGENERATE_SHARE`)."""
+    return [name for name, m in results.items()
+            if max(m["saturated_rate"], m["artifact_rate"]) >= DEGENERATE_SHARE]
+
+
 def format_report(report: dict) -> str:
     rows = "\n".join(
         f"| {name} | {m['forbidden_rate']:.3f} | {m['class_kl']:.4f} | {m['fid']:.2f} | {m['precision']:.2f} | "
-        f"{m['recall']:.2f} | {m['artifact_rate']:.3f} | {m['seconds']:.1f} |"
+        f"{m['recall']:.2f} | {m['artifact_rate']:.3f} | {m['saturated_rate']:.3f} | {m['seconds']:.1f} |"
         for name, m in report["methods"].items()
+    )
+    warnings = "".join(
+        f"\n**{name}: {max(m['saturated_rate'], m['artifact_rate']):.0%} of its images are saturated noise or "
+        f"speckled, so its metrics describe noise, not garments: lower its scale.**\n"
+        for name, m in report["methods"].items() if name in report["degenerate"]
     )
     dng = ", ".join(f"{k} {v}" if isinstance(v, str) else f"{k} {v:.3g}"
                     for k, v in report["methods"]["dng"]["params"].items())
@@ -126,12 +151,14 @@ def format_report(report: dict) -> str:
 method starts from the same noise. Metrics from the shipped classifier against the kept classes' images among the first
 {REFERENCE_IMAGES} test images.
 
-| method | forbidden rate | class KL | FID | precision | recall | artifacts | seconds |
-|---|---|---|---|---|---|---|---|
+| method | forbidden rate | class KL | FID | precision | recall | artifacts | saturated | seconds |
+|---|---|---|---|---|---|---|---|---|
 {rows}
-
+{warnings}
 - forbidden rate: share of images classified as {report["removed_name"]} (0 is the goal).
 - class KL: KL(test distribution over the kept classes || generated); low means the other classes stay balanced.
+- artifacts, saturated: share of images with specks on the background, or with more full-white pixels than any
+  test image (the noise of a scale far too large); a method at {DEGENERATE_SHARE:.0%} or more of either is flagged.
 - DNG: {dng} ({report["dng_settings_from"]}); NP: scale {report["methods"]["np"]["params"]["scale"]:.3g}.
 - FID, precision, recall: in the classifier's feature space; with {report["num_images"]} images FID is biased
   upwards, so compare the methods with each other only (`dng bench class-removal` uses 500 per cell).

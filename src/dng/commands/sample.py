@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-from dng.commands import add_dng_arguments, add_dtype_argument, add_scheduler_argument, dng_overrides
+from dng.commands import (
+    add_dng_arguments,
+    add_dtype_argument,
+    add_scheduler_argument,
+    check_count,
+    check_out_file,
+    check_steps,
+    check_threads,
+    dng_overrides,
+)
 from dng.errors import ConfigError
 
 
@@ -29,38 +38,40 @@ def register(groups) -> None:
 
 
 def run(args) -> int:
-    from pathlib import Path
-
     import numpy as np
     import torch
 
+    from dng.guidance import check_scale
     from dng.io import write_atomic
     from dng.vision import generate
     from dng.vision.data import CLASS_NAMES
     from dng.vision.models import load_calibration, load_classifier, load_generator
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    check_threads(args.threads)
     removed = generate.parse_classes(args.remove) if args.remove else []
     method = (args.method or ("dng" if removed else "none")).strip().lower()
     if method in generate.GUIDED and not removed:
         raise ConfigError(f"--method {method} needs --remove (a class name or index, e.g. Trouser)")
-    params = {"scale": args.scale} if method == "np" else {}
-    generate.make_scheduler(args.scheduler)
+    params = {"scale": check_scale("--scale", args.scale)} if method == "np" else {}
+    check_scale("--cfg-scale", args.cfg_scale)
+    check_steps(args.steps, generate.make_scheduler(args.scheduler)[0])
     if method == "dng":
         params, source = generate.dng_settings(removed, load_calibration(args.generator), **dng_overrides(args))
         print(f"DNG {args.dng_preset} ({source}): {params}")
         params["dng_preset"] = args.dng_preset
     factory = generate.guidance_factory(method, sld_preset=args.preset, exclusive=len(removed) > 1, **params)
+    if factory is not None:
+        # One --dng prior for several exclusive classes is checked here as their sum, before any model loads.
+        factory().check(len(removed))
     positive = generate.parse_class(args.klass) if args.klass is not None else None
     if positive in removed:
         raise ConfigError(f"--class {CLASS_NAMES[positive]} is also removed")
     generate.check_dtype(args.dtype)
-    if args.num_images < 1:
-        raise ConfigError(f"--num-images must be >= 1, got {args.num_images}")
-    out = Path(args.out)
-    if out.suffix.lower() != ".png":
-        raise ConfigError(f"--out must name a .png file, got {out}")
+    check_count("--num-images", args.num_images)
+    out = check_out_file(args.out, suffix=".png")
+    check_out_file(out.with_suffix(".npz"), "--out (its .npz beside it)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     unet, classifier = load_generator(args.generator), load_classifier(args.classifier)
     noise = torch.randn(args.num_images, 1, 28, 28, generator=torch.Generator().manual_seed(args.seed))
     x, _ = generate.generate(unet, args.scheduler, factory, removed, noise, args.steps, args.seed,

@@ -1,0 +1,161 @@
+"""Bad options of demo, sample, bench gmm and calibrate fail before any model runs: exit 2, one line, no traceback;
+a NaN model is an error, not an image; the demo's report does not take noise for success."""
+
+import gzip
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dng import cli, commands
+from dng.commands.demo import DEGENERATE_SHARE, format_report
+from dng.errors import ConfigError
+from dng.vision import models
+
+TINY_UNET = dict(models.GENERATOR_CONFIG, block_out_channels=[8, 8, 16], norm_num_groups=8, attention_head_dim=8)
+TINY_CLASSIFIER = dict(channels=[4, 8, 8], convs=[1, 1, 1], features=16, num_classes=10, dropout=0.0)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _write_idx(path, array: np.ndarray) -> None:
+    header = (0x0800 + array.ndim).to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.fixture
+def tiny(tmp_path, monkeypatch):
+    """Random tiny generator/classifier files and a 40-image test split; the weights folder is empty, so a command
+    that would read the shipped models fails loudly instead."""
+    rng = np.random.default_rng(0)
+    _write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", rng.integers(0, 256, (40, 28, 28)))
+    _write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.arange(40) % 10)
+    monkeypatch.setenv("DNG_DATA_DIR", str(tmp_path))
+    monkeypatch.setattr(models, "WEIGHTS_DIR", tmp_path / "no-weights")
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    gen, clf = tmp_path / "g.safetensors", tmp_path / "c.safetensors"
+    models.save_model(models.make_generator(TINY_UNET), gen, "generator", TINY_UNET, {})
+    models.save_model(models.make_classifier(TINY_CLASSIFIER), clf, "classifier", TINY_CLASSIFIER, {})
+    return ["--generator", str(gen), "--classifier", str(clf)]
+
+
+def _unwritable() -> str:
+    """A folder no one may create files in, root included."""
+    try:
+        with tempfile.TemporaryFile(dir="/sys"):
+            pytest.skip("/sys takes new files here")
+    except OSError:
+        return "/sys/dng-out"
+
+
+def _refused(argv, message, capsys):
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    return err
+
+
+@pytest.mark.parametrize("command", [["demo"], ["sample", "--out", "x.png"], ["bench", "gmm"], ["calibrate"]])
+@pytest.mark.parametrize("option, value, message", [
+    ("--threads", "-2", "--threads must be >= 1"),
+    ("--threads", "0", "--threads must be >= 1"),
+    ("--steps", "1001", "--steps 1001 is more than the scheduler's 1000 training timesteps"),
+])
+def test_threads_and_steps_are_checked_by_every_command(tiny, capsys, command, option, value, message):
+    _refused([*command, option, value, *(tiny if command[0] != "bench" else [])], message, capsys)
+
+
+@pytest.mark.parametrize("scheduler", ["ddpm", "ddim", "euler-a"])
+def test_steps_above_training_are_refused_on_every_scheduler(tiny, capsys, scheduler):
+    # DDPM and DDIM raised diffusers' ValueError as a traceback; Euler ancestral ran them.
+    _refused(["sample", "--steps", "2000", "--scheduler", scheduler, "--out", "x.png", *tiny], "at most 1000", capsys)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["sample", "--class", "1", "--cfg-scale", "nan"], "--cfg-scale must be a finite number >= 0"),
+    (["sample", "--class", "1", "--cfg-scale", "-1"], "--cfg-scale must be a finite number >= 0"),
+    (["sample", "--method", "np", "--remove", "1", "--scale", "inf"], "--scale must be a finite number >= 0"),
+    (["sample", "--num-images", "0"], "--num-images must be >= 1"),
+    # One prior for five exclusive classes sums to 1.5: the tracker's clamp used to cap it at p_max silently.
+    (["sample", "--remove", "0,1,2,3,4", "--dng", "prior=0.3"], "5 priors sum to 1.5"),
+    (["sample", "--remove", "1", "--dng", "prior=0.97"], "prior 0.97 lies outside"),
+])
+def test_sample_scales_counts_and_priors(tiny, capsys, argv, message):
+    _refused([*argv, "--out", "x.png", *tiny], message, capsys)
+    assert not Path("x.png").exists()
+
+
+def test_output_places_are_checked_before_sampling(tiny, tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    (tmp_path / "folder.png").mkdir()
+    (tmp_path / "x.npz").mkdir()
+    readonly = _unwritable()
+    cases = [
+        (["demo", "--out", "file"], "--out file is a file; give a folder"),
+        (["demo", "--out", "file/demo"], "file is a file, not a folder"),
+        (["demo", "--out", readonly], "cannot write in /sys"),
+        (["sample", "--out", "folder.png"], "--out folder.png is a folder; name a file in it"),
+        (["sample", "--out", "x.png"], "its .npz beside it"),
+        (["sample", "--out", "file/x.png"], "file is a file, not a folder"),
+        (["sample", "--out", f"{readonly}/x.png"], "cannot write in /sys"),
+        (["sample", "--out", "x.jpg"], "--out must name a .png file"),
+        (["calibrate", "--out", "folder.png"], "is a folder"),
+        (["calibrate", "--out", f"{readonly}/c.json"], "cannot write in /sys"),
+    ]
+    for argv, message in cases:
+        _refused([*argv, *tiny], message, capsys)
+    for argv, message in [(["--out", "folder.png"], "is a folder"), (["--plot", "file"], "--plot file is a file"),
+                          (["--out", f"{readonly}/r.json"], "cannot write in /sys"), (["--jobs", "0"], "--jobs")]:
+        _refused(["bench", "gmm", "--steps", "2", "--num-samples", "10", *argv], message, capsys)
+    assert not list(tmp_path.glob("*/grid_*.png")) and not (tmp_path / "runs").exists()
+
+
+def test_check_out_dir_takes_a_folder_to_be_made_in_a_writable_place(tmp_path):
+    assert commands.check_out_dir(tmp_path / "new" / "deeper") == tmp_path / "new" / "deeper"
+    assert not (tmp_path / "new").exists()  # checked, not created
+    with pytest.raises(ConfigError, match="--plot"):
+        commands.check_out_dir(_unwritable(), "--plot")
+
+
+@pytest.fixture
+def nan_generator(tiny, tmp_path):
+    unet = models.make_generator(TINY_UNET)
+    with torch.no_grad():
+        unet.conv_out.weight.fill_(float("nan"))
+    path = tmp_path / "nan.safetensors"
+    models.save_model(unet, path, "generator", TINY_UNET, {})
+    return [*tiny[:1], str(path), *tiny[2:]]
+
+
+def test_nan_weights_are_an_error_and_no_image_is_written(nan_generator, tmp_path, capsys):
+    err = _refused(["sample", "--num-images", "2", "--steps", "2", "--out", "s.png", *nan_generator],
+                   "the model returned NaN or inf at step 1 of 2", capsys)
+    assert "unconditional branch for 2 of 2 samples" in err and "NaN or inf weights" in err
+    assert not list(tmp_path.glob("s.*"))
+    _refused(["demo", "--num-images", "4", "--steps", "2", "--out", "demo", *nan_generator], "NaN", capsys)
+    assert not list((tmp_path / "demo").glob("*.png"))
+
+
+def test_demo_flags_a_method_whose_images_are_noise(tiny, tmp_path, capsys):
+    assert cli.main(["demo", "--num-images", "4", "--steps", "2", "--np-scale", "1e9", "--out", "demo",
+                     "--no-progress", *tiny]) == 0
+    report = json.loads((tmp_path / "demo" / "report.json").read_text())
+    assert "np" in report["degenerate"] and report["methods"]["np"]["saturated_rate"] >= DEGENERATE_SHARE
+    assert "np: 100% of its images are saturated noise or speckled" in (tmp_path / "demo" / "report.md").read_text()
+
+
+def test_report_warns_only_about_degenerate_methods():
+    row = {"forbidden_rate": 0.0, "class_kl": 0.1, "fid": 2.0, "precision": 1.0, "recall": 0.5, "seconds": 1.0}
+    report = {"removed": 8, "removed_name": "Bag", "num_images": 4, "steps": 2, "scheduler": "ddpm", "seed": 0,
+              "dng_settings_from": "test", "seconds": 1.0, "degenerate": ["np"],
+              "methods": {"none": {**row, "artifact_rate": 0.0, "saturated_rate": 0.0, "params": {}},
+                          "np": {**row, "artifact_rate": 0.25, "saturated_rate": 0.75, "params": {"scale": 1e9}},
+                          "dng": {**row, "artifact_rate": 0.0, "saturated_rate": 0.0, "params": {"scale": 1.0}}}}
+    text = format_report(report)
+    assert "**np: 75% of its images are saturated noise or speckled" in text
+    assert "none:" not in text and "**dng" not in text
