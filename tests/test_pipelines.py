@@ -266,7 +266,7 @@ def test_sd_command_writes_images_trace_and_plot(sd_parent, tmp_path):
         assert float(r["mean_scale"]) == pytest.approx(sum(scales) / 3, rel=1e-4)
         assert float(r["max_scale"]) == pytest.approx(max(scales), rel=1e-5)
         assert float(r["final_p"]) == pytest.approx(ps[-1], rel=1e-5)
-        assert r["activated"] == str(max(ps) >= 0.5).lower()
+        assert r["activated"] == str(any(p >= 0.5 and s > 0 for p, s in zip(ps, scales, strict=True))).lower()
     assert len(rows) == 3 * 2 * 2 and {r["concept"] for r in rows} == {"red", "dog"}
     assert all(0 < float(r["p"]) < 1 for r in rows)
     # The command applies the library default, as the pipelines and the Python class do.
@@ -287,6 +287,9 @@ def test_summary_reads_activation_from_the_posterior():
     assert [(r["final_p"], r["max_p"]) for r in rows] == [pytest.approx((0.01, 0.1)), pytest.approx((0.3, 0.6))]
     assert rows[1]["max_scale"] == pytest.approx(3.0)
     assert rows[1]["mean_scale"] == pytest.approx((2 / 9 + 3 + 6 / 7) / 3)
+    # lam0 0 tracks without acting: nothing activated.
+    idle = Trace(trace.timesteps, p, torch.zeros_like(p), trace.llr)
+    assert [r["activated"] for r in summarize(idle, ["red"], ["a.png", "b.png"])] == [False, False]
     # NP and SLD have no posterior: their scale is summarised, activation is left empty.
     constant = Trace(trace.timesteps, torch.full_like(p, float("nan")), torch.full_like(p, 6.5), p)
     assert [(r["mean_scale"], r["max_scale"], r["activated"], r["max_p"]) for r in summarize(constant, ["red"], ["a"])

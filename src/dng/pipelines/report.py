@@ -31,8 +31,8 @@ def write_trace_csv(trace: Trace, path: Path, concepts: list[str]) -> None:
 
 def summarize(trace: Trace, concepts: list[str], images: list[str]) -> list[dict]:
     """Per image and concept, the guidance's action over the steps: mean and max applied scale, final and largest
-    p_t, and whether DNG activated (p_t reached ACTIVATION_P); p and activated are None for rules without a
-    posterior (NP, SLD)."""
+    p_t, and whether DNG activated (p_t reached ACTIVATION_P at a step where it guided, as the prompted bench
+    counts it); p and activated are None for rules without a posterior (NP, SLD)."""
     rows = []
     for i, image in enumerate(images):
         for k, concept in enumerate(concepts):
@@ -42,7 +42,7 @@ def summarize(trace: Trace, concepts: list[str], images: list[str]) -> list[dict
             rows.append({
                 "image": image, "concept": concept, "mean_scale": float(scale.mean()), "max_scale": float(scale.max()),
                 "final_p": float(known[-1]) if tracked else None, "max_p": float(known.max()) if tracked else None,
-                "activated": bool(known.max() >= ACTIVATION_P) if tracked else None,
+                "activated": bool(((p >= ACTIVATION_P) & (scale > 0)).any()) if tracked else None,
             })
     return rows
 
