@@ -307,8 +307,8 @@ def _sd_folder(tmp_path, class_name="StableDiffusionPipeline"):
     (["--width", "0"], "--width must be a positive multiple of 8"),
     (["--cfg", "nan"], "--cfg must be a finite number"),
     (["--cfg", "-2"], "--cfg must be a finite number >= 0"),
-    (["--steps", "0"], "--steps must be at least 1"),
-    (["--images", "0"], "--images must be at least 1"),
+    (["--steps", "0"], "--steps must be >= 1"),
+    (["--images", "0"], "--images must be >= 1"),
     (["--seed", "-1"], "--seed must be a whole number from 0"),
     (["--negative", " "], "--negative is empty"),
     (["--dng", "scale=nan"], "scale must be a finite number"),
@@ -322,7 +322,7 @@ def _sd_folder(tmp_path, class_name="StableDiffusionPipeline"):
     (["--method", "np", "--sld-preset", "max"], "--sld-preset applies to --method sld only"),
     (["--device", "nonsense"], "--device nonsense is not usable here"),
     (["--out", "{file}"], "is a file; give a folder"),
-    (["--out", "{file}/sub"], "is a file, so the folder cannot be made"),
+    (["--out", "{file}/sub"], "is a file, not a folder"),
 ])
 def test_sd_command_refuses_bad_options_before_loading(tmp_path, argv, match, monkeypatch, capsys):
     def load(*args, **kwargs):
@@ -358,7 +358,7 @@ def test_sd_command_refuses_cuda_on_a_cpu_build(tmp_path, capsys):
 
 def test_sd_command_refuses_more_steps_than_the_schedule_has(sd_parent, tmp_path):
     sd_parent.save_pretrained(tmp_path / "model")
-    with pytest.raises(ConfigError, match="--steps 1001 is more than the model's 1000 training timesteps"):
+    with pytest.raises(ConfigError, match="--steps 1001 is more than the scheduler's 1000 training timesteps"):
         _sd_command(["--model", str(tmp_path / "model"), "--prompt", "a", "--negative", "b", "--steps", "1001",
                      "--out", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()

@@ -5,10 +5,9 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 from pathlib import Path
 
-from dng.commands import add_dng_arguments, dng_overrides
+from dng.commands import add_dng_arguments, check_count, check_out_dir, check_steps, dng_overrides
 from dng.errors import ConfigError
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -46,9 +45,8 @@ def register(groups) -> None:
 
 def check_args(args) -> None:
     """Refuse bad options before anything is loaded."""
-    for name in ("steps", "images"):
-        if getattr(args, name) < 1:
-            raise ConfigError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    check_count("--steps", args.steps)
+    check_count("--images", args.images)
     if not 0 <= args.seed < 2**64:
         raise ConfigError(f"--seed must be a whole number from 0 to 2**64 - 1 (torch's seed range), got {args.seed}")
     if not math.isfinite(args.cfg) or args.cfg < 0:
@@ -68,18 +66,7 @@ def check_args(args) -> None:
     for method, options in given.items():
         if options and method != args.method:
             raise ConfigError(f"{', '.join(options)} applies to --method {method} only, not {args.method}; drop it")
-    check_out(args.out)
-
-
-def check_out(out: Path) -> None:
-    """`out` is a folder, or can be made one, that we may write into."""
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file; give a folder")
-    place = out if out.exists() else next(p for p in out.parents if p.exists())
-    if not place.is_dir():
-        raise ConfigError(f"--out {out}: {place} is a file, so the folder cannot be made; give another folder")
-    if not os.access(place, os.W_OK | os.X_OK):
-        raise ConfigError(f"--out {out}: {place} is not writable; give a folder you can write to")
+    check_out_dir(args.out)
 
 
 def _pipeline_class(model: Path):
@@ -142,10 +129,7 @@ def run(args) -> int:
         pipe = cls.from_pretrained(args.model, dtype=dtype, local_files_only=True)
     except (OSError, ValueError, KeyError) as err:
         raise ConfigError(f"could not load {args.model} as {cls.__name__}: {err}") from None
-    most = pipe.scheduler.config.num_train_timesteps
-    if args.steps > most:
-        raise ConfigError(f"--steps {args.steps} is more than the model's {most} training timesteps; give at most "
-                          f"{most}")
+    check_steps(args.steps, pipe.scheduler)
     # DNG needs a stochastic sampler: the folder's own, or its stochastic sibling on the same schedule. Every method
     # uses the same one so that their images compare at one seed.
     old = type(pipe.scheduler).__name__
