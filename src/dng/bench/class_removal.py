@@ -314,10 +314,10 @@ def write_results(out) -> dict[str, Path]:
     for x in ("class_kl", "unguided_kl", "fid"):
         known = [s for s in summary if s[x] is not None]
         if known:
-            files[f"tradeoff_{x}"] = tradeoff(known, figures / f"tradeoff_{x}.png", x)
+            files[f"tradeoff_{x}"] = plots.removal_tradeoff(known, figures / f"tradeoff_{x}.png", x)
     for klass in sorted({r["class"] for r in rows}):
         mine = [c for c in cells if c["row"]["class"] == klass]
-        files[f"histogram_{klass}"] = class_histogram(mine, figures / "histograms" / f"class{klass}.png")
+        files[f"histogram_{klass}"] = plots.class_histogram(mine, figures / "histograms" / f"class{klass}.png")
         for c in mine:
             key = cell_key(klass, c["row"]["method"], c["row"]["params"])
             f = read_npz(out / "cells" / f"{key}.npz")
@@ -330,57 +330,6 @@ def write_results(out) -> dict[str, Path]:
                     trace, figures / "trajectories" / f"{key}.png",
                     title=f"DNG removing {CLASS_NAMES[klass]}: posterior and scale per sample")
     return files
-
-
-def tradeoff(summary: list[dict], path, x: str) -> Path:
-    """Forbidden rate against `x`, one point per setting: mean with the spread over removed classes as bars."""
-    from dng.plots import _save, plt
-
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    markers = {"data": "D", "none": "o", "np": "s", "sld": "^", "dng": "*"}
-    # One colour family per method, darker for stronger settings, so that ten or more settings stay apart.
-    shades = {"data": None, "none": None, "np": plt.cm.Oranges, "sld": plt.cm.Purples, "dng": plt.cm.Greens}
-    for s in summary:
-        family = [t for t in summary if t["method"] == s["method"]]
-        cmap = shades[s["method"]]
-        color = {"data": "gray", "none": "black"}.get(s["method"]) or cmap(
-            0.45 + 0.5 * family.index(s) / max(1, len(family) - 1))
-        # Spread bars stop at 0: neither metric can be negative.
-        xerr = [[min(s[f"{x}_std"], s[x])], [s[f"{x}_std"]]]
-        yerr = [[min(s["forbidden_rate_std"], s["forbidden_rate"])], [s["forbidden_rate_std"]]]
-        ax.errorbar(s[x], s["forbidden_rate"], xerr=xerr, yerr=yerr, capsize=2, color=color,
-                    marker=markers[s["method"]], ms=8, ls="none", label=setting_label(s["method"], s["params"]))
-    # The forbidden rate spans 0 to tens of percent: linear near 0, logarithmic above 0.1 %.
-    ax.set_yscale("symlog", linthresh=1e-3)
-    ax.set_ylim(bottom=0)
-    ax.set_xlim(left=0)
-    label = {"fid": "FID (classifier features)", "unguided_kl": "class KL to the unguided samples"}.get(
-        x, x.replace("_", " "))
-    ax.set_xlabel(label)
-    ax.set_ylabel("forbidden rate")
-    ax.set_title(f"forbidden rate vs {label}, mean over removed classes (lower-left is better)", fontsize=10)
-    ax.legend(fontsize=7, ncol=2)
-    ax.grid(alpha=0.3)
-    return _save(fig, path)
-
-
-def class_histogram(cells: list[dict], path) -> Path:
-    """Grouped bars: share of samples classified as each class, one bar per setting (one removed class)."""
-    from dng.plots import _save, plt
-
-    klass = cells[0]["row"]["class"]
-    fig, ax = plt.subplots(figsize=(10, 4))
-    width = 0.8 / len(cells)
-    for j, c in enumerate(cells):
-        share = np.array(c["counts"], dtype=np.float64) / max(1, sum(c["counts"]))
-        ax.bar(np.arange(NUM_CLASSES) + (j - (len(cells) - 1) / 2) * width, share, width,
-               label=setting_label(c["row"]["method"], c["row"]["params"]))
-    ax.axhline(1 / (NUM_CLASSES - 1), color="k", lw=0.8, ls="--", label="uniform over kept")
-    ax.set_xticks(range(NUM_CLASSES), [n.split("/")[0] for n in CLASS_NAMES], rotation=30)
-    ax.set_ylabel("share of samples (classifier)")
-    ax.set_title(f"predicted classes with {CLASS_NAMES[klass]} removed")
-    ax.legend(fontsize=7, ncol=3)
-    return _save(fig, path)
 
 
 def format_summary(summary: list[dict]) -> str:
