@@ -135,3 +135,25 @@ def test_scaling_guide_example_gives_the_same_images_on_two_ranks(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
     assert one.shape == (8, 1, 28, 28) and torch.equal(one, two)
+
+
+@pytest.mark.parametrize("bench", ["class-removal", "prompted"])
+@pytest.mark.parametrize("extra, message", [
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--threads", "-2"], "--threads must be >= 1"),
+    (["--steps", "2000", "--scheduler", "ddpm"], "more than the scheduler's 1000 training timesteps"),
+    (["--num-samples", "2"], "--num-samples must be >= 4"),
+])
+def test_bad_sweep_options_are_refused_before_any_model_loads(tmp_path, capsys, monkeypatch, bench, extra, message):
+    from dng.vision import models as vision_models
+
+    monkeypatch.setattr(vision_models, "load_generator", lambda *a, **k: pytest.fail("loaded a model"))
+    assert cli.main(["bench", bench, "--out", str(tmp_path / "x"), *extra]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()  # nothing left to lock the corrected retry
+
+
+def test_an_out_that_is_a_file_is_refused(tmp_path, capsys):
+    (tmp_path / "f").write_text("")
+    assert cli.main(["bench", "prompted", "--out", str(tmp_path / "f")]) == 2
+    assert "is a file" in capsys.readouterr().err

@@ -131,3 +131,35 @@ def _check_writable(folder: Path, option: str) -> None:
     except OSError as err:
         raise ConfigError(f"{option} {folder}: cannot write in {existing} ({err.strerror or err}); choose a "
                           f"writable place") from None
+
+
+def add_sweep_arguments(parser, steps: int = 25, scheduler: str = "euler-a") -> None:
+    """The options the Fashion-MNIST benches share: samples, sampler, seed, models, batch, dtype, threads, --out."""
+    parser.add_argument("--num-samples", type=int, default=500, help="samples per cell (default 500)")
+    parser.add_argument("--steps", type=int, default=steps, help=f"sampling steps (default {steps})")
+    add_scheduler_argument(parser, scheduler)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", required=True,
+                        help="sweep folder: cells, results.json, results.csv, summary.md, figures (resumable)")
+    parser.add_argument("--generator", default=None, help="generator safetensors (default: the shipped one)")
+    parser.add_argument("--classifier", default=None, help="classifier safetensors (default: the shipped one)")
+    parser.add_argument("--batch-size", type=int, default=128,
+                        help="images per sampler run and per shard (bounds memory; part of the sweep's settings, "
+                             "since the UNet's arithmetic depends on the batch it runs in)")
+    add_dtype_argument(parser)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads per process (default: torch's choice; under torchrun the cores shared "
+                             "among the local ranks)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
+
+
+def check_sweep_arguments(args) -> None:
+    """`add_sweep_arguments`' options, checked before any model loads."""
+    from dng.vision.generate import check_dtype, make_scheduler
+
+    check_count("--num-samples", args.num_samples, 4)
+    check_count("--batch-size", args.batch_size)
+    check_threads(args.threads)
+    check_steps(args.steps, make_scheduler(args.scheduler)[0])
+    check_dtype(args.dtype)
+    check_out_dir(args.out)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dng.commands import add_dng_arguments, add_dtype_argument, add_scheduler_argument, dng_overrides
+from dng.commands import add_dng_arguments, add_sweep_arguments, check_sweep_arguments, dng_overrides
 
 
 def register(groups) -> None:
@@ -23,20 +23,7 @@ def register(groups) -> None:
                         "negative prompt)")
     p.add_argument("--dng-scales", default=None, help="a sweep of DNG's lam0 (default: one cell, the preset's own)")
     add_dng_arguments(p)
-    p.add_argument("--num-samples", type=int, default=500, help="samples per cell (default 500)")
-    p.add_argument("--steps", type=int, default=25, help="sampling steps (default 25)")
-    add_scheduler_argument(p, "euler-a")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, help="sweep folder: cells, results.json, results.csv, summary.md, figures")
-    p.add_argument("--generator", default=None, help="generator safetensors (default: the shipped one)")
-    p.add_argument("--classifier", default=None, help="classifier safetensors (default: the shipped one)")
-    p.add_argument("--batch-size", type=int, default=128,
-                   help="images per sampler run and per shard (part of the sweep's settings)")
-    add_dtype_argument(p)
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch threads per process (default: torch's choice; under torchrun the cores shared "
-                        "among the local ranks)")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
+    add_sweep_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -50,6 +37,7 @@ def run(args) -> int:
     np_scales = parse_scales(args.np_scales, "--np-scales") if args.np_scales else None
     dng_scales = parse_scales(args.dng_scales, "--dng-scales") if args.dng_scales else None
     dng_set = dng_overrides(args)
+    check_sweep_arguments(args)
     world = World.from_env()
     threads_per_rank(world, args.threads)
     world.check_same([pairs, methods, np_scales, dng_scales, args.dng_preset, dng_set], "the cells to run")
