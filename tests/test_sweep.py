@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from test_class_removal import TINY_UNET, tiny  # noqa: F401 - the fixture
@@ -157,3 +158,12 @@ def test_an_out_that_is_a_file_is_refused(tmp_path, capsys):
     (tmp_path / "f").write_text("")
     assert cli.main(["bench", "prompted", "--out", str(tmp_path / "f")]) == 2
     assert "is a file" in capsys.readouterr().err
+
+
+def test_sample_on_two_ranks_writes_the_images_of_one_process(tiny, tmp_path):  # noqa: F811
+    argv = ["sample", "--remove", "Bag", "--num-images", "10", "--batch-size", "4", "--steps", "3", *tiny]
+    assert cli.main([*argv, "--out", str(tmp_path / "one.png")]) == 0
+    proc = _torchrun(2, [*argv, "--out", str(tmp_path / "two.png")])
+    assert proc.wait(timeout=300) == 0, proc.stdout.read()
+    with np.load(tmp_path / "one.npz") as one, np.load(tmp_path / "two.npz") as two:
+        assert one["images"].shape == (10, 28, 28) and np.array_equal(one["images"], two["images"])

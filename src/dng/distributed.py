@@ -121,3 +121,12 @@ def rounds(items: Sequence, work: Callable, world: World, desc: str, progress: b
             bar.update(min(world.size, len(items) - start))
     finally:
         bar.close()
+
+
+def threads_per_rank(world: World, threads: int | None) -> None:
+    """torch threads: the user's number, else the cores shared among the ranks of this machine."""
+    if threads is None and world.size > 1 and world.device.type == "cpu":
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world.size))
+        threads = max(1, (os.cpu_count() or 1) // local)
+    if threads is not None:
+        torch.set_num_threads(threads)

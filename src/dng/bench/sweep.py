@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from dng.distributed import World, rounds
 from dng.errors import ConfigError
@@ -174,13 +173,3 @@ class Sweep:
         rounds(todo, work, self.world, "scoring", progress=False)
         self.world.barrier()
 
-
-def threads_per_rank(world: World, threads: int | None) -> None:
-    """torch threads: the user's number, else the cores shared among the ranks of this machine."""
-    import os
-
-    if threads is None and world.size > 1 and world.device.type == "cpu":
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", world.size))
-        threads = max(1, (os.cpu_count() or 1) // local)
-    if threads is not None:
-        torch.set_num_threads(threads)

@@ -30,8 +30,7 @@ def run(args) -> int:
         parse_scales,
         write_results,
     )
-    from dng.bench.sweep import threads_per_rank
-    from dng.distributed import World
+    from dng.distributed import World, threads_per_rank
     from dng.vision.generate import parse_classes
 
     classes, methods = parse_classes(args.classes), parse_methods(args.methods)

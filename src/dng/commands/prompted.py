@@ -30,8 +30,7 @@ def register(groups) -> None:
 def run(args) -> int:
     from dng.bench.class_removal import parse_scales
     from dng.bench.prompted import PromptedBench, parse_methods, parse_pairs, write_results
-    from dng.bench.sweep import threads_per_rank
-    from dng.distributed import World
+    from dng.distributed import World, threads_per_rank
 
     pairs, methods = parse_pairs(args.pairs), parse_methods(args.methods)
     np_scales = parse_scales(args.np_scales, "--np-scales") if args.np_scales else None

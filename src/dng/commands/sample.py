@@ -32,7 +32,12 @@ def register(groups) -> None:
     p.add_argument("--generator", default=None, help="generator safetensors (default: the shipped one)")
     p.add_argument("--classifier", default=None, help="classifier safetensors (default: the shipped one)")
     add_dtype_argument(p)
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--batch-size", type=int, default=128,
+                   help="images per sampler run; under torchrun the ranks take the batches in turns (the images "
+                        "are those of one process with the same --batch-size)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per process (default: torch's choice; under torchrun the cores shared "
+                        "among the local ranks)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     p.set_defaults(func=run)
 
@@ -41,6 +46,7 @@ def run(args) -> int:
     import numpy as np
     import torch
 
+    from dng.distributed import World, gather, shard, threads_per_rank
     from dng.guidance import check_scale
     from dng.io import write_atomic
     from dng.vision import generate
@@ -70,13 +76,25 @@ def run(args) -> int:
     check_count("--num-images", args.num_images)
     out = check_out_file(args.out, suffix=".png")
     check_out_file(out.with_suffix(".npz"), "--out (its .npz beside it)")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    unet, classifier = load_generator(args.generator), load_classifier(args.classifier)
-    noise = torch.randn(args.num_images, 1, 28, 28, generator=torch.Generator().manual_seed(args.seed))
-    x, _ = generate.generate(unet, args.scheduler, factory, removed, noise, args.steps, args.seed,
-                             positive=positive, cfg_scale=args.cfg_scale, progress=args.progress,
-                             dtype=args.dtype)
+    check_count("--batch-size", args.batch_size)
+    world = World.from_env()
+    threads_per_rank(world, args.threads)
+    world.check_same([vars(args)[k] for k in sorted(vars(args)) if k != "func"], "the command line")
+    unet, classifier = load_generator(args.generator).to(world.device), load_classifier(args.classifier)
+    # Batches of --batch-size in turns over the ranks; each image's noise depends on the seed and its index only.
+    starts = range(0, args.num_images, args.batch_size)
+    parts = []
+    for start in shard(starts, world):
+        count = min(args.batch_size, args.num_images - start)
+        noise = generate.initial_noise(args.seed, start, count).to(world.device)
+        x, _ = generate.generate(unet, args.scheduler, factory, removed, noise, args.steps, args.seed,
+                                 positive=positive, cfg_scale=args.cfg_scale, chunk=args.batch_size,
+                                 progress=args.progress and world.main, dtype=args.dtype, first_index=start)
+        parts.append(x.cpu())
+    parts = gather(parts, world)
+    if not world.main:
+        return 0
+    x = torch.cat(parts)
     images = generate.to_uint8(x)
     labels, _ = generate.classify(classifier, images)
     generate.save_png(generate.grid(images), out)
