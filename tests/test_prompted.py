@@ -103,3 +103,14 @@ def test_claim_bookkeeping_by_hand():
     assert prompted.claims(unrelated)["unrelated"] == {"held": 1, "pairs": 1}
     unrelated[-1]["positive_rate"] = 0.88  # lost more than 1 pp of the positive class
     assert prompted.claims(unrelated)["unrelated"] == {"held": 0, "pairs": 1}
+
+
+def test_summary_compares_settings_on_the_same_pairs():
+    def row(k, j, method, neg=0.0, **params):
+        return {"positive": k, "negative": j, "method": method, "params": params, "relation": "unrelated",
+                **{m: neg for m in prompted.METRICS}}
+
+    rows = [row(1, 8, "cfg"), row(1, 8, "np", 0.5, scale=1.0), row(2, 8, "cfg", 0.25)]  # pair 2:8 has cfg only
+    summary = {s["setting"]: s for s in prompted.summarize(rows)}
+    assert summary["cfg"]["pairs"] == 1 and summary["cfg"]["negative_rate"] == 0.0
+    assert summary["np 1"]["pairs"] == 1

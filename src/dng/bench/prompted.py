@@ -232,10 +232,22 @@ def load_cells(out) -> list[dict]:
                                        setting_label(r["method"], r["params"])))
 
 
-def summarize(rows: list[dict]) -> list[dict]:
-    """Mean and standard deviation over pairs of every metric, per relation and setting."""
-    groups: dict[tuple, list[dict]] = {}
+def comparable(rows: list[dict]) -> list[dict]:
+    """The rows of the pairs that have every setting their relation's pairs have: a mean over other pairs would
+    compare settings on different pairs (a sweep of CFG alone over all pairs beside a few pairs with every rule)."""
+    labels: dict[tuple, set] = {}
     for r in rows:
+        labels.setdefault((r["positive"], r["negative"]), set()).add(setting_label(r["method"], r["params"]))
+    wanted: dict[str, set] = {}
+    for r in rows:
+        wanted.setdefault(r["relation"], set()).update(labels[(r["positive"], r["negative"])])
+    return [r for r in rows if labels[(r["positive"], r["negative"])] == wanted[r["relation"]]]
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Mean and standard deviation over pairs of every metric, per relation and setting, over `comparable` pairs."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in comparable(rows):
         groups.setdefault((r["relation"], r["method"], setting_label(r["method"], r["params"])), []).append(r)
     relations = ("unrelated", "related", "between", "self", None)
     out = []
