@@ -8,7 +8,7 @@ import pytest
 from test_class_removal import tiny  # noqa: F401 - the fixture
 
 from dng import cli
-from dng.bench import prompted
+from dng.bench import class_removal, prompted
 from dng.errors import ConfigError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -81,7 +81,7 @@ def test_pairs_and_bad_input():
         with pytest.raises(ConfigError):
             prompted.parse_pairs(bad)
     with pytest.raises(ConfigError, match="sld"):
-        prompted.parse_methods("cfg,sld")
+        class_removal.parse_methods("cfg,sld", prompted.METHODS)
 
 
 def test_claim_bookkeeping_by_hand():

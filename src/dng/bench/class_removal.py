@@ -35,13 +35,13 @@ GRID_IMAGES = 64
 TRACE_SAMPLES = 40
 
 
-def parse_methods(text: str) -> list[str]:
-    """Comma-separated method names, checked and deduplicated in order."""
-    methods = list(dict.fromkeys(m.strip().lower() for m in text.split(",") if m.strip()))
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown or not methods:
-        raise ConfigError(f"unknown method(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(METHODS)}")
-    return methods
+def parse_methods(text: str, methods=METHODS) -> list[str]:
+    """Comma-separated method names out of `methods`, checked and deduplicated in order."""
+    chosen = list(dict.fromkeys(m.strip().lower() for m in text.split(",") if m.strip()))
+    unknown = [m for m in chosen if m not in methods]
+    if unknown or not chosen:
+        raise ConfigError(f"unknown method(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(methods)}")
+    return chosen
 
 
 def parse_scales(text: str, option: str) -> tuple[float, ...]:

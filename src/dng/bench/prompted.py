@@ -62,14 +62,6 @@ def parse_pairs(text: str) -> list[tuple[int, int]]:
     return list(dict.fromkeys(pairs))
 
 
-def parse_methods(text: str) -> list[str]:
-    methods = list(dict.fromkeys(m.strip().lower() for m in text.split(",") if m.strip()))
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown or not methods:
-        raise ConfigError(f"unknown method(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(METHODS)}")
-    return methods
-
-
 def setting_label(method: str, params: dict) -> str:
     """'cfg', 'np 1', 'dng default', 'dng default scale=3'."""
     if method == "np":

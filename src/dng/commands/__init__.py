@@ -163,3 +163,25 @@ def check_sweep_arguments(args) -> None:
     check_steps(args.steps, make_scheduler(args.scheduler)[0])
     check_dtype(args.dtype)
     check_out_dir(args.out)
+
+
+def start_sweep(args, cells):
+    """Check the sweep options, join torchrun's ranks if launched by it, set each rank's threads, and refuse ranks
+    that were asked for different `cells`; returns the `dng.distributed.World`."""
+    from dng.distributed import World, threads_per_rank
+
+    check_sweep_arguments(args)
+    world = World.from_env()
+    threads_per_rank(world, args.threads)
+    world.check_same(cells, "the cells to run")
+    return world
+
+
+def finish_sweep(world, out, ran: int, write_results) -> int:
+    """Rank 0 rebuilds the results from the stored cells and prints the summary; the other ranks just return."""
+    if not world.main:
+        return 0
+    files = write_results(out)
+    print(files["summary"].read_text())
+    print(f"ran {ran} cell(s); wrote {files['results']}, {files['csv']} and figures in {Path(out) / 'figures'}")
+    return 0

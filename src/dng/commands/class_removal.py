@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dng.commands import add_dng_arguments, add_sweep_arguments, check_sweep_arguments, dng_overrides
+from dng.commands import add_dng_arguments, add_sweep_arguments, dng_overrides, finish_sweep, start_sweep
 
 
 def register(groups) -> None:
@@ -30,23 +30,14 @@ def run(args) -> int:
         parse_scales,
         write_results,
     )
-    from dng.distributed import World, threads_per_rank
     from dng.vision.generate import parse_classes
 
     classes, methods = parse_classes(args.classes), parse_methods(args.methods)
     np_scales = parse_scales(args.np_scales, "--np-scales") if args.np_scales else NP_SCALES
     dng_scales = parse_scales(args.dng_scales, "--dng-scales") if args.dng_scales else None
     dng_set = dng_overrides(args)
-    check_sweep_arguments(args)
-    world = World.from_env()
-    threads_per_rank(world, args.threads)
-    world.check_same([classes, methods, np_scales, dng_scales, args.dng_preset, dng_set], "the cells to run")
+    world = start_sweep(args, [classes, methods, np_scales, dng_scales, args.dng_preset, dng_set])
     bench = ClassRemovalBench(args.out, args.steps, args.num_samples, args.scheduler, args.seed, args.generator,
                               args.classifier, args.batch_size, args.progress, args.dtype, world)
     ran = bench.run(classes, methods, np_scales, args.dng_preset, dng_set, dng_scales)
-    if not world.main:
-        return 0
-    files = write_results(args.out)
-    print((bench.out / "summary.md").read_text())
-    print(f"ran {ran} cell(s); wrote {files['results']}, {files['csv']} and figures in {bench.out / 'figures'}")
-    return 0
+    return finish_sweep(world, args.out, ran, write_results)

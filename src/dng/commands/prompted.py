@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dng.commands import add_dng_arguments, add_sweep_arguments, check_sweep_arguments, dng_overrides
+from dng.commands import add_dng_arguments, add_sweep_arguments, dng_overrides, finish_sweep, start_sweep
 
 
 def register(groups) -> None:
@@ -28,24 +28,15 @@ def register(groups) -> None:
 
 
 def run(args) -> int:
-    from dng.bench.class_removal import parse_scales
-    from dng.bench.prompted import PromptedBench, parse_methods, parse_pairs, write_results
-    from dng.distributed import World, threads_per_rank
+    from dng.bench.class_removal import parse_methods, parse_scales
+    from dng.bench.prompted import METHODS, PromptedBench, parse_pairs, write_results
 
-    pairs, methods = parse_pairs(args.pairs), parse_methods(args.methods)
+    pairs, methods = parse_pairs(args.pairs), parse_methods(args.methods, METHODS)
     np_scales = parse_scales(args.np_scales, "--np-scales") if args.np_scales else None
     dng_scales = parse_scales(args.dng_scales, "--dng-scales") if args.dng_scales else None
     dng_set = dng_overrides(args)
-    check_sweep_arguments(args)
-    world = World.from_env()
-    threads_per_rank(world, args.threads)
-    world.check_same([pairs, methods, np_scales, dng_scales, args.dng_preset, dng_set], "the cells to run")
+    world = start_sweep(args, [pairs, methods, np_scales, dng_scales, args.dng_preset, dng_set])
     bench = PromptedBench(args.out, args.steps, args.num_samples, args.scheduler, args.seed, args.cfg_scale,
                           args.generator, args.classifier, args.batch_size, args.progress, args.dtype, world)
     ran = bench.run(pairs, methods, np_scales, args.dng_preset, dng_set, dng_scales)
-    if not world.main:
-        return 0
-    files = write_results(args.out)
-    print((bench.out / "summary.md").read_text())
-    print(f"ran {ran} cell(s); wrote {files['results']}, {files['csv']} and figures in {bench.out / 'figures'}")
-    return 0
+    return finish_sweep(world, args.out, ran, write_results)
