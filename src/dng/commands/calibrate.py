@@ -43,7 +43,15 @@ def run(args) -> int:
     from dng.errors import ConfigError
     from dng.posterior import check_probability
     from dng.vision.data import CLASS_NAMES
-    from dng.vision.generate import check_dtype, classify, generate, make_scheduler, parse_classes, to_uint8
+    from dng.vision.generate import (
+        check_dtype,
+        classify,
+        generate,
+        initial_noise,
+        make_scheduler,
+        parse_classes,
+        to_uint8,
+    )
     from dng.vision.models import calibration_path, default_weights, load_classifier, load_generator, save_calibration
 
     if args.num_samples < 10 or args.steps < 2:
@@ -57,7 +65,7 @@ def run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     unet, classifier = load_generator(args.generator), load_classifier(args.classifier)
-    noise = torch.randn(args.num_samples, 1, 28, 28, generator=torch.Generator().manual_seed(args.seed))
+    noise = initial_noise(args.seed, 0, args.num_samples)
     # One unguided chain tracks every class at once: each negative branch has its own llr in the trace.
     x, trace = generate(unet, args.scheduler, tracking_only, classes, noise, args.steps, args.seed, progress=True,
                         dtype=args.dtype)
