@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from dng import metrics
-from dng.bench.sweep import SampleSet, Sweep, read_json, read_npz, readable
+from dng.bench.sweep import SampleSet, Sweep, one_thread, read_json, read_npz, readable
 from dng.distributed import World
 from dng.errors import ConfigError
 from dng.guidance import DNG_PRESETS, SLD_PRESETS, check_scale
@@ -150,7 +150,8 @@ class ClassRemovalBench:
         generate.check_dtype(dtype)
         gen_path = Path(generator) if generator else default_weights("generator")
         clf_path = Path(classifier) if classifier else default_weights("classifier")
-        self.reference = Reference(load_classifier(clf_path))
+        with one_thread():  # the reference features, like every score, do not depend on the thread count
+            self.reference = Reference(load_classifier(clf_path))
         self.calibration = load_calibration(gen_path)
         # The calibration is not in the settings: it only sets DNG's parameters, which every cell stores and `run`
         # checks, so NP and SLD cells stay valid when the generator is recalibrated. The batch size is: the UNet's

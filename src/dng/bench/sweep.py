@@ -15,10 +15,13 @@ import time
 import warnings
 import zipfile
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+from threadpoolctl import threadpool_limits
 
 from dng.distributed import World, rounds
 from dng.errors import ConfigError
@@ -67,6 +70,19 @@ def readable(path: Path) -> bool:
                       stacklevel=2)
         path.unlink()
         return False
+
+
+@contextmanager
+def one_thread():
+    """Score on one thread: the classifier's features (torch) and FID's covariances and eigenvalues (numpy's BLAS)
+    change in their last digits with the thread count, and every rank count must score alike."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with threadpool_limits(1):
+            yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class Sweep:
@@ -170,6 +186,7 @@ class Sweep:
         if self.world.main:
             todo = [k for k in keys if not (self.cell_path(k).is_file() and readable(self.cell_path(k)))]
         todo = self.world.all_gather(todo)[0]
-        rounds(todo, work, self.world, "scoring", progress=False)
+        with one_thread():
+            rounds(todo, work, self.world, "scoring", progress=False)
         self.world.barrier()
 
