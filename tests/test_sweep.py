@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from test_class_removal import TINY_UNET, tiny  # noqa: F401 - the fixture
 
 from dng import cli
@@ -127,14 +128,15 @@ def test_scaling_guide_example_gives_the_same_images_on_two_ranks(tmp_path):
     guide = Path(__file__).resolve().parents[1] / "docs" / "scaling.md"
     code = guide.read_text().split("```python\n")[1].split("```")[0]
     script = tmp_path / "sample_many.py"
-    script.write_text(code + "\nif world.main:\n    torch.save(torch.cat(images), __import__('sys').argv[1])\n")
+    script.write_text(code + "\nif world.main:\n    from safetensors.torch import save_file\n"
+                             "    save_file({'images': torch.cat(images)}, __import__('sys').argv[1])\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, str(script), str(tmp_path / "one.pt")], env=env, check=True, timeout=300)
+    subprocess.run([sys.executable, str(script), str(tmp_path / "one.safetensors")], env=env, check=True, timeout=300)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                           str(script), str(tmp_path / "two.pt")], env=env, capture_output=True, text=True,
+                           str(script), str(tmp_path / "two.safetensors")], env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    one, two = (load_file(tmp_path / name)["images"] for name in ("one.safetensors", "two.safetensors"))
     assert one.shape == (8, 1, 28, 28) and torch.equal(one, two)
 
 
