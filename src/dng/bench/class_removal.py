@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from dng import metrics
-from dng.bench.sweep import SampleSet, Sweep, one_thread, read_json, read_npz, readable
+from dng.bench.sweep import SampleSet, Sweep, one_thread, read_json, read_npz
 from dng.distributed import World
 from dng.errors import ConfigError
 from dng.guidance import DNG_PRESETS, SLD_PRESETS, check_scale
@@ -204,15 +204,7 @@ class ClassRemovalBench:
         """Draw and score every missing cell, split over the ranks; returns how many cells were missing."""
         cells = [(k, *c) for k in classes
                  for c in configs(methods, self.dng_settings(k), np_scales, dng_preset, dng_set, dng_scales)]
-        stale = None
-        if self.sweep.world.main:  # one rank reads (and clears unreadable cells), so the ranks agree
-            stale = [path.stem for k, method, params, _ in cells
-                     if (path := self.sweep.cell_path(cell_key(k, method, params))).is_file() and readable(path)
-                     and read_json(path)["row"]["params"] != params]
-        stale = self.sweep.world.all_gather(stale)[0]
-        if stale:
-            raise ConfigError(f"{self.out} holds {', '.join(stale)} with other parameters (was the generator "
-                              f"recalibrated?); delete those cells/<name>.json and .npz files or choose another --out")
+        self.sweep.refuse_stale({cell_key(k, method, params): params for k, method, params, _ in cells})
         sets = {}
         for k, method, params, factory in cells:
             if method != "data":

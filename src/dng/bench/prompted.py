@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from dng import metrics
-from dng.bench.sweep import SampleSet, Sweep, read_json, read_npz, readable
+from dng.bench.sweep import SampleSet, Sweep, read_json, read_npz
 from dng.distributed import World
 from dng.errors import ConfigError
 from dng.guidance import DNG_PRESETS, check_scale
@@ -97,7 +97,7 @@ def configs(positive: int, negative: int, methods: list[str], cfg_scale: float, 
                 key = cell_key(positive, negative, method, params)
                 factory = generate.guidance_factory("dng", dng_preset=dng_preset, **rule)
                 cells.append((method, params, SampleSet(key, factory, (negative,), positive, cfg_scale)))
-    return [c for c in cells if c[0] in methods or c[0] == "cfg"]
+    return cells
 
 
 def activated_rate(stored: dict, method: str) -> float:
@@ -196,14 +196,7 @@ class PromptedBench:
         """Draw and score every missing cell, split over the ranks; returns how many cells were missing."""
         cells = self.cells(pairs, methods, np_scales, dng_preset, dng_set, dng_scales)
         by_key = {cell_key(*c[:4]): c for c in cells}
-        stale = None
-        if self.sweep.world.main:
-            stale = [key for key, c in by_key.items() if (path := self.sweep.cell_path(key)).is_file()
-                     and readable(path) and read_json(path)["row"]["params"] != c[3]]
-        stale = self.sweep.world.all_gather(stale)[0]
-        if stale:
-            raise ConfigError(f"{self.out} holds {', '.join(stale)} with other parameters (was the generator "
-                              f"recalibrated?); delete those cells/<name>.json and .npz files or choose another --out")
+        self.sweep.refuse_stale({key: c[3] for key, c in by_key.items()})
         missing = [key for key in by_key if not self.sweep.cell_path(key).is_file()]
         cfg_sets = {c[0]: c[4] for c in cells if c[2] == "cfg"}
         # A cell is scored against the cfg samples of its positive class: those are drawn too.

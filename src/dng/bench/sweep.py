@@ -179,6 +179,19 @@ class Sweep:
     def cell_path(self, key: str) -> Path:
         return self.out / "cells" / f"{key}.json"
 
+    def refuse_stale(self, params: dict[str, dict]) -> None:
+        """Refuse stored cells whose parameters differ from `params` (cell key -> params): a changed preset or a
+        recalibrated generator would otherwise mix old cells into the new table. One rank reads (and clears
+        unreadable cells), so the ranks agree."""
+        stale = None
+        if self.world.main:
+            stale = [key for key, expected in params.items() if (path := self.cell_path(key)).is_file()
+                     and readable(path) and read_json(path)["row"]["params"] != expected]
+        stale = self.world.all_gather(stale)[0]
+        if stale:
+            raise ConfigError(f"{self.out} holds {', '.join(stale)} with other parameters (was the generator "
+                              f"recalibrated?); delete those cells/<name>.json and .npz files or choose another --out")
+
     def score(self, keys: list[str], work: Callable[[str], None]) -> None:
         """Run `work(key)` for every cell whose file is not stored (or unreadable), split over the ranks."""
         self.world.barrier()
