@@ -1,7 +1,6 @@
 """Bad options of demo, sample, bench gmm and calibrate fail before any model runs: exit 2, one line, no traceback;
 a NaN model is an error, not an image; the demo's report does not take noise for success."""
 
-import gzip
 import json
 import tempfile
 from pathlib import Path
@@ -9,22 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_class_removal import TINY_CLASSIFIER, TINY_UNET, _write_idx
 
 from dng import cli, commands
 from dng.commands.demo import DEGENERATE_SHARE, format_report
 from dng.errors import ConfigError
 from dng.vision import models
 
-TINY_UNET = dict(models.GENERATOR_CONFIG, block_out_channels=[8, 8, 16], norm_num_groups=8, attention_head_dim=8)
-TINY_CLASSIFIER = dict(channels=[4, 8, 8], convs=[1, 1, 1], features=16, num_classes=10, dropout=0.0)
-
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _write_idx(path, array: np.ndarray) -> None:
-    header = (0x0800 + array.ndim).to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in array.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.astype(np.uint8).tobytes())
 
 
 @pytest.fixture
