@@ -113,3 +113,25 @@ def test_calibration_refuses_too_few_outcomes():
         calibration.fit(torch.zeros(3, 10), torch.ones(3), torch.zeros(10, dtype=torch.bool))
     with pytest.raises(ConfigError, match="need llr \\[steps, samples"):
         calibration.fit(torch.zeros(3, 10), torch.ones(4), torch.arange(10) < 5)
+
+
+@pytest.mark.parametrize("exclusive", [False, True])
+def test_the_fit_replays_the_trackers_own_updates(exclusive):
+    """The fitted trajectory is what DNG's tracker computes from the same llr with the fitted settings, in either
+    mode: the same clamp, the same offset per unit of log-SNR."""
+    from dng.posterior import PosteriorTracker
+
+    g = torch.Generator().manual_seed(0)
+    llr = 3 * torch.randn(12, 40, 3, generator=g, dtype=torch.float64) + 0.5
+    gains = torch.rand(12, generator=g, dtype=torch.float64)
+    log_prior = torch.tensor([0.3, 0.2, 0.4], dtype=torch.float64).log()
+    fitted = calibration.trajectory(log_prior, 0.7, 0.2, llr, gains, 1e-6, 0.95, exclusive)
+    tracker = PosteriorTracker([0.3, 0.2, 0.4], 1e-6, 0.95, exclusive=exclusive, dtype=torch.float64)
+    tracker.start(40, 3)
+    for s in range(12):
+        tracker.update(0.7 * llr[s] + 0.2 * gains[s])
+        torch.testing.assert_close(fitted[s], tracker.log_p)
+    if exclusive:
+        assert (fitted.exp().sum(-1) <= 0.95 + 1e-9).all()  # the cap that the independent clamp does not apply
+    else:
+        assert (fitted.exp().sum(-1) > 0.95).any()

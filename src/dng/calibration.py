@@ -6,7 +6,8 @@ Gaussian log-ratio), label each finished sample (a classifier: did it become c-?
 
     log p_s = clamp(log p_{s-1} + temperature * llr_s + offset * (lambda_{s+1} - lambda_s))
 
-with the tracker's own clamp, starting from log prior, by maximum likelihood of the labels pooled over steps.
+with the tracker's own clamp (`dng.posterior.clamp_log_p`, independent or exclusive), starting from log prior, by
+maximum likelihood of the labels pooled over steps.
 Exact Bayes with exact kernels is temperature 1, offset 0 and the true prior; a model whose branches disagree
 more than its samples do (an under-trained one, say) needs temperature < 1 and offset > 0, which this measures
 instead of guessing. The offset is a drift per unit of log-SNR lambda = -2 log sigma (as in
@@ -15,13 +16,12 @@ instead of guessing. The offset is a drift per unit of log-SNR lambda = -2 log s
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 
 import torch
 
 from dng.errors import ConfigError
-from dng.posterior import check_probability
+from dng.posterior import check_probability, clamp_log_p
 
 # Fractions of the chain at which the discrimination of the fitted p_t is reported.
 REPORT_AT = (0.25, 0.5, 0.75, 0.9)
@@ -62,10 +62,12 @@ def _auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
     return float(greater + 0.5 * ties)
 
 
-def _trajectory(log_prior, temperature, offset, llr, gains, lo, hi):
-    log_p, out = log_prior.expand(llr.shape[1:]), []
+def trajectory(log_prior, temperature, offset, llr, gains, p_min, p_max, exclusive=False):
+    """log p_s [steps, samples, concepts] as the tracker computes it from the raw llr with this temperature and
+    offset (per unit of log-SNR, over each step's gain) and its own clamp."""
+    log_p, out = clamp_log_p(log_prior.expand(llr.shape[1:]), p_min, p_max, exclusive), []
     for s in range(llr.shape[0]):
-        log_p = (log_p + temperature * llr[s] + offset * gains[s]).clamp(lo, hi)
+        log_p = clamp_log_p(log_p + temperature * llr[s] + offset * gains[s], p_min, p_max, exclusive)
         out.append(log_p)
     return torch.stack(out)
 
@@ -75,12 +77,14 @@ def _bernoulli_nll(log_p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def fit(llr: torch.Tensor, gains: torch.Tensor, outcome: torch.Tensor, p_min: float = 1e-6,
-        p_max: float = 0.95) -> Calibration:
+        p_max: float = 0.95, exclusive: bool = False) -> Calibration:
     """Maximum-likelihood priors, temperature and offset from the raw llr and the samples' outcomes.
 
     `llr` is [steps, samples] or [steps, samples, concepts] (as in a trace), `outcome` [samples] or
     [samples, concepts] (did the sample finish as the concept). `gains` [steps] are the steps' log-SNR gains
     (`log_snr_gains(trace.sigma)`); steps whose llr is NaN (not tracked) carry no evidence and are dropped.
+    `exclusive` fits concepts that are tracked as mutually exclusive (DNG's mode "exclusive", e.g. several classes
+    of one classifier), whose clamp caps their total.
     """
     llr = torch.as_tensor(llr, dtype=torch.float64)
     outcome = torch.as_tensor(outcome).bool()
@@ -102,32 +106,31 @@ def fit(llr: torch.Tensor, gains: torch.Tensor, outcome: torch.Tensor, p_min: fl
     # Fit the total drift over the chain, whose scale is that of the llr, rather than the rate.
     unit = float(gains.sum())
     y = outcome.double()[None].expand_as(llr)
-    lo, hi = math.log(p_min), math.log(p_max)
     share = positives.double() / len(outcome)
     concepts = outcome.shape[1]
     # Start from the constant-p baseline (temperature 0): the fit can then only improve on it.
     params = torch.cat([share.log(), torch.zeros(2, dtype=torch.float64)]).requires_grad_()
 
-    def trajectory():
-        return _trajectory(params[:concepts].clamp(lo, hi), params[concepts], params[concepts + 1] / unit, llr,
-                           gains, lo, hi)
+    def fitted():
+        return trajectory(params[:concepts], params[concepts], params[concepts + 1] / unit, llr, gains, p_min,
+                          p_max, exclusive)
 
     opt = torch.optim.LBFGS([params], max_iter=500, tolerance_grad=1e-7, line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()
-        loss = _bernoulli_nll(trajectory(), y)
+        loss = _bernoulli_nll(fitted(), y)
         loss.backward()
         return loss
 
     opt.step(closure)
     with torch.no_grad():
-        log_p = trajectory()
+        log_p = fitted()
         loss = float(_bernoulli_nll(log_p, y))
     auc = {q: [_auc(log_p[min(len(log_p) - 1, int(q * len(log_p))), :, k], outcome[:, k]) for k in range(concepts)]
            for q in REPORT_AT}
     baseline = float(-(share * share.log() + (1 - share) * torch.log1p(-share)).mean())
-    return Calibration(priors=params[:concepts].detach().clamp(lo, hi).exp().tolist(),
+    return Calibration(priors=clamp_log_p(params[:concepts].detach(), p_min, p_max, exclusive).exp().tolist(),
                        temperature=float(params[concepts].detach()), offset=float(params[concepts + 1].detach()) / unit,
                        nll=loss,
                        baseline_nll=baseline, auc=auc, positives=positives.tolist(), samples=len(outcome))

@@ -74,6 +74,17 @@ def mixture_llr(rd, dd, std: float, log_p, temperature: float = 1.0, offset: flo
     return own - total
 
 
+def clamp_log_p(log_p: torch.Tensor, p_min: float, p_max: float, exclusive: bool) -> torch.Tensor:
+    """The tracker's clamp of log p [..., concepts]: each p into [p_min, p_max], or for mutually exclusive
+    concepts each p above p_min and their total at most p_max, keeping their ratios (so 1 - sum(p) > 0)."""
+    if not exclusive:
+        return log_p.clamp(math.log(p_min), math.log(p_max))
+    # Shift so the largest log p is <= 0 first: a huge log p would otherwise cancel to 0 in float32.
+    log_p = (log_p - log_p.amax(-1, keepdim=True).clamp(min=0)).clamp(min=math.log(p_min))
+    total = torch.logsumexp(log_p, dim=-1, keepdim=True)
+    return log_p - (total - math.log(p_max)).clamp(min=0)
+
+
 class PosteriorTracker:
     """Per-sample log-posterior of each negative concept, updated after every stochastic step."""
 
@@ -115,7 +126,8 @@ class PosteriorTracker:
     def start(self, batch_size: int, num_concepts: int, device=None) -> None:
         log_prior = torch.tensor([math.log(p) for p in self.priors_for(num_concepts)], dtype=self.dtype,
                                  device=device)
-        self.log_p = self._clamp(log_prior.expand(batch_size, num_concepts).clone())
+        self.log_p = clamp_log_p(log_prior.expand(batch_size, num_concepts).clone(), self.p_min, self.p_max,
+                                 self.exclusive)
 
     @property
     def p(self) -> torch.Tensor:
@@ -132,13 +144,4 @@ class PosteriorTracker:
                                  f"{int(torch.isnan(llr).any(-1).sum())} of {len(llr)} samples: the step's sample or "
                                  "branch means are not finite (NaN model weights, or a guidance scale too large)")
         llr = llr.clamp(-1e30, 1e30)
-        self.log_p = self._clamp(self.log_p + llr)
-
-    def _clamp(self, log_p: torch.Tensor) -> torch.Tensor:
-        if not self.exclusive:
-            return log_p.clamp(math.log(self.p_min), math.log(self.p_max))
-        # Mutually exclusive concepts: cap their total at p_max (so 1 - sum(p) > 0), keeping their ratios.
-        # Shift so the largest log p is <= 0 first: a huge log p would otherwise cancel to 0 in float32.
-        log_p = (log_p - log_p.amax(-1, keepdim=True).clamp(min=0)).clamp(min=math.log(self.p_min))
-        total = torch.logsumexp(log_p, dim=-1, keepdim=True)
-        return log_p - (total - math.log(self.p_max)).clamp(min=0)
+        self.log_p = clamp_log_p(self.log_p + llr, self.p_min, self.p_max, self.exclusive)

@@ -79,7 +79,9 @@ def run(args) -> int:
               "out")
     if not enough:
         raise ConfigError("no class has 5 samples of each outcome; draw more --num-samples")
-    fits = {"all": calibration.fit(trace.llr[:, :, enough], gains, outcome[:, enough], p_max=args.p_max)}
+    # The classes of one classifier are mutually exclusive: jointly they are fitted as DNG tracks several of them.
+    fits = {"all": calibration.fit(trace.llr[:, :, enough], gains, outcome[:, enough], p_max=args.p_max,
+                                   exclusive=True)}
     fits.update({CLASS_NAMES[classes[j]]: calibration.fit(trace.llr[:, :, [j]], gains, outcome[:, [j]],
                                                           p_max=args.p_max) for j in enough})
     print(f"{'class':<12} {'share':>6} {'prior':>7} {'temp':>6} {'offset':>9} {'nll/base':>8}  AUC at "
