@@ -105,6 +105,9 @@ def test_a_fit_made_at_50_steps_predicts_at_25_and_100(chain):
         llr, outcome, gains = tracked_unguided_chain(2000, steps, seed=1)
         own = calibration.fit(llr, gains, outcome, p_max=0.999)
         carried = bernoulli_nll(fit50.priors[0], fit50.temperature, fit50.offset, llr, gains, outcome)
+        scored = calibration.evaluate(fit50.priors, fit50.temperature, fit50.offset, llr, gains, outcome, p_max=0.999)
+        assert scored["nll"] == pytest.approx(carried, rel=1e-9)
+        assert scored["baseline_nll"] == pytest.approx(own.baseline_nll, rel=1e-9)
         assert carried < 1.05 * own.nll and carried < 0.8 * own.baseline_nll, (steps, carried, own)
 
 

@@ -76,6 +76,43 @@ def _bernoulli_nll(log_p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return -(y * log_p + (1 - y) * torch.log1p(-log_p.exp())).mean()
 
 
+def _chains(llr, gains, outcome):
+    """llr [tracked steps, samples, concepts] and gains [tracked steps, 1, 1] in float64, outcome [samples, concepts]
+    (bool), checked; steps whose llr is NaN (not tracked) carry no evidence and are dropped."""
+    llr = torch.as_tensor(llr, dtype=torch.float64)
+    outcome = torch.as_tensor(outcome).bool()
+    if llr.dim() == 2:
+        llr = llr[..., None]
+    if outcome.dim() == 1:
+        outcome = outcome[:, None]
+    if (llr.dim() != 3 or llr.shape[1:] != outcome.shape or len(gains) != llr.shape[0]):
+        raise ConfigError(f"need llr [steps, samples(, concepts)], gains [steps] and outcomes "
+                          f"[samples(, concepts)]; got {tuple(llr.shape)}, {len(gains)} and {tuple(outcome.shape)}")
+    keep = ~llr.isnan().flatten(1).any(1)
+    return llr[keep], torch.as_tensor(gains, dtype=torch.float64)[keep, None, None], outcome
+
+
+def _scores(log_p, outcome) -> tuple[float, float, dict]:
+    """Bernoulli NLL of the trajectory, that of the constant share per concept, and the AUC at `REPORT_AT`."""
+    y = outcome.double()[None].expand_as(log_p)
+    share = outcome.double().mean(0).clamp(1e-12, 1 - 1e-12)
+    baseline = float(-(share * share.log() + (1 - share) * torch.log1p(-share)).mean())
+    auc = {q: [_auc(log_p[min(len(log_p) - 1, int(q * len(log_p))), :, k], outcome[:, k])
+               for k in range(outcome.shape[1])] for q in REPORT_AT}
+    return float(_bernoulli_nll(log_p, y)), baseline, auc
+
+
+def evaluate(priors, temperature: float, offset: float, llr, gains, outcome, p_min: float = 1e-6,
+             p_max: float = 0.95, exclusive: bool = False) -> dict:
+    """How well a calibration made elsewhere (another sampler, step count or seed) predicts these chains' outcomes:
+    {"nll", "baseline_nll", "auc"} as in `Calibration`, with its settings held fixed."""
+    llr, gains, outcome = _chains(llr, gains, outcome)
+    log_prior = torch.tensor(priors, dtype=torch.float64).log()
+    nll, baseline, auc = _scores(trajectory(log_prior, temperature, offset, llr, gains, p_min, p_max, exclusive),
+                                 outcome)
+    return {"nll": nll, "baseline_nll": baseline, "auc": auc}
+
+
 def fit(llr: torch.Tensor, gains: torch.Tensor, outcome: torch.Tensor, p_min: float = 1e-6,
         p_max: float = 0.95, exclusive: bool = False) -> Calibration:
     """Maximum-likelihood priors, temperature and offset from the raw llr and the samples' outcomes.
@@ -86,23 +123,13 @@ def fit(llr: torch.Tensor, gains: torch.Tensor, outcome: torch.Tensor, p_min: fl
     `exclusive` fits concepts that are tracked as mutually exclusive (DNG's mode "exclusive", e.g. several classes
     of one classifier), whose clamp caps their total.
     """
-    llr = torch.as_tensor(llr, dtype=torch.float64)
-    outcome = torch.as_tensor(outcome).bool()
-    if llr.dim() == 2:
-        llr = llr[..., None]
-    if outcome.dim() == 1:
-        outcome = outcome[:, None]
-    if (llr.dim() != 3 or llr.shape[1:] != outcome.shape or len(gains) != llr.shape[0]):
-        raise ConfigError(f"need llr [steps, samples(, concepts)], gains [steps] and outcomes "
-                          f"[samples(, concepts)]; got {tuple(llr.shape)}, {len(gains)} and {tuple(outcome.shape)}")
+    llr, gains, outcome = _chains(llr, gains, outcome)
     positives = outcome.sum(0)
     if (positives < 5).any() or (len(outcome) - positives < 5).any():
         raise ConfigError(f"{positives.tolist()} of {len(outcome)} samples became the concept(s): calibration needs "
                           "at least 5 of each outcome per concept; draw more samples")
     check_probability("p_min", p_min)
     check_probability("p_max", p_max)
-    keep = ~llr.isnan().flatten(1).any(1)
-    llr, gains = llr[keep], torch.as_tensor(gains, dtype=torch.float64)[keep, None, None]
     # Fit the total drift over the chain, whose scale is that of the llr, rather than the rate.
     unit = float(gains.sum())
     y = outcome.double()[None].expand_as(llr)
@@ -125,12 +152,7 @@ def fit(llr: torch.Tensor, gains: torch.Tensor, outcome: torch.Tensor, p_min: fl
 
     opt.step(closure)
     with torch.no_grad():
-        log_p = fitted()
-        loss = float(_bernoulli_nll(log_p, y))
-    auc = {q: [_auc(log_p[min(len(log_p) - 1, int(q * len(log_p))), :, k], outcome[:, k]) for k in range(concepts)]
-           for q in REPORT_AT}
-    baseline = float(-(share * share.log() + (1 - share) * torch.log1p(-share)).mean())
+        nll, baseline, auc = _scores(fitted(), outcome)
     return Calibration(priors=clamp_log_p(params[:concepts].detach(), p_min, p_max, exclusive).exp().tolist(),
                        temperature=float(params[concepts].detach()), offset=float(params[concepts + 1].detach()) / unit,
-                       nll=loss,
-                       baseline_nll=baseline, auc=auc, positives=positives.tolist(), samples=len(outcome))
+                       nll=nll, baseline_nll=baseline, auc=auc, positives=positives.tolist(), samples=len(outcome))
