@@ -320,6 +320,9 @@ def test_calibration_sets_dng_on_every_sampler(tiny, tmp_path, capsys):
     assert generate.dng_settings([1, 3], cal)[0]["prior"] == [0.05, 0.2]
     assert generate.dng_settings([3], cal, prior=0.5)[0]["prior"] == 0.5
     assert "prior" not in generate.dng_settings([7], cal)[0]  # an uncalibrated class keeps the preset's
+    # ... also beside calibrated ones, which keep theirs.
+    assert generate.dng_settings([3, 7], cal)[0]["prior"] == [0.2, DNG_PRESETS["default"]["prior"]]
+    assert generate.dng_settings([7, 1], cal, "paper-sd")[0]["prior"] == [DNG_PRESETS["paper-sd"]["prior"], 0.05]
     assert generate.dng_settings([3], None) == ({}, "library defaults (no calibration)")
 
     out = tmp_path / "sweep"

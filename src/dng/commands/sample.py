@@ -62,7 +62,8 @@ def run(args) -> int:
     check_scale("--cfg-scale", args.cfg_scale)
     check_steps(args.steps, generate.make_scheduler(args.scheduler)[0])
     if method == "dng":
-        params, source = generate.dng_settings(removed, load_calibration(args.generator), **dng_overrides(args))
+        params, source = generate.dng_settings(removed, load_calibration(args.generator), args.dng_preset,
+                                               **dng_overrides(args))
         print(f"DNG {args.dng_preset} ({source}): {params}")
         params["dng_preset"] = args.dng_preset
     factory = generate.guidance_factory(method, sld_preset=args.preset, exclusive=len(removed) > 1, **params)

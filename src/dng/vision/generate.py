@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from dng.errors import ConfigError
-from dng.guidance import DynamicNegativeGuidance, NegativePrompt, SafeLatentDiffusion
+from dng.guidance import DNG_PRESETS, DynamicNegativeGuidance, NegativePrompt, SafeLatentDiffusion
 from dng.sampler import Trace, sample
 from dng.vision.data import CLASS_NAMES, NUM_CLASSES
 from dng.vision.models import NULL_LABEL
@@ -96,16 +96,20 @@ def guidance_factory(method: str, *, sld_preset: str = "medium", dng_preset: str
     raise ConfigError(f"unknown method {method!r}; choose from none, {', '.join(GUIDED)}")
 
 
-def dng_settings(removed: Sequence[int], calibration: dict | None, **overrides) -> tuple[dict, str]:
+def dng_settings(removed: Sequence[int], calibration: dict | None, dng_preset: str = "default",
+                 **overrides) -> tuple[dict, str]:
     """DNG's parameters for removing `removed` from a generator (over the preset), and where they came from.
 
     The generator's calibration (`load_calibration`) gives a prior per class, the temperature and the offset, which
-    mean the same on every sampler and step count; given `overrides` win over it.
+    mean the same on every sampler and step count; a class it has no prior for keeps the preset's; given
+    `overrides` win over it.
     """
     settings, source = {}, "library defaults (no calibration)"
     if calibration:
+        fallback = DNG_PRESETS[dng_preset]["prior"]
         priors = [calibration["priors"].get(k) for k in removed]
-        if None not in priors:
+        if any(p is not None for p in priors):
+            priors = [fallback if p is None else p for p in priors]
             settings["prior"] = priors[0] if len(priors) == 1 else priors
         settings.update(temperature=calibration["temperature"], offset=calibration["offset"],
                         p_max=calibration["p_max"])
