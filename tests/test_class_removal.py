@@ -387,10 +387,12 @@ def test_trajectory_figure_reads_sigma_when_the_rule_has_one(tmp_path):
 def test_calibrate_command_writes_a_fit_in_log_snr_units(tmp_path, capsys):
     """On the shipped models (a tiny random generator makes too few of any class to fit), a few short chains."""
     out = tmp_path / "g.calibration.json"
-    code = cli.main(["calibrate", "--num-samples", "40", "--steps", "4", "--threads", "1", "--out", str(out)])
+    code = cli.main(["calibrate", "--num-samples", "40", "--steps", "4", "--threads", "1", "--exclusive", "--out",
+                     str(out)])
     assert code == 0, capsys.readouterr().err
     entry = json.loads(out.read_text())
     assert entry["offset_unit"] == models.OFFSET_UNIT and entry["settings"]["scheduler"] == "euler-a"
+    assert entry["settings"]["exclusive"] is True
     fit = entry["fits"]["all"]
     assert len(fit["priors"]) == len(entry["classes"]) >= 1 and math.isfinite(fit["offset"])
     assert all(0 < p < 1 for p in fit["priors"]) and "wrote" in capsys.readouterr().out

@@ -19,6 +19,10 @@ def register(groups) -> None:
     add_scheduler_argument(p, "euler-a")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--p-max", type=float, default=0.95, help="the tracker's upper clamp the fit assumes")
+    p.add_argument("--exclusive", action="store_true",
+                   help="fit the joint tracker with the clamp DNG uses when it removes several classes at once (mode "
+                        "'exclusive'); by default the clamp of one class at a time, which removal of a single class "
+                        "uses")
     p.add_argument("--generator", default=None, help="generator safetensors (default: the shipped one)")
     p.add_argument("--classifier", default=None, help="classifier safetensors (default: the shipped one)")
     add_dtype_argument(p)
@@ -79,9 +83,9 @@ def run(args) -> int:
               "out")
     if not enough:
         raise ConfigError("no class has 5 samples of each outcome; draw more --num-samples")
-    # The classes of one classifier are mutually exclusive: jointly they are fitted as DNG tracks several of them.
+    # The joint fit pools the temperature and offset over the classes; it replays the clamp of the mode it is for.
     fits = {"all": calibration.fit(trace.llr[:, :, enough], gains, outcome[:, enough], p_max=args.p_max,
-                                   exclusive=True)}
+                                   exclusive=args.exclusive)}
     fits.update({CLASS_NAMES[classes[j]]: calibration.fit(trace.llr[:, :, [j]], gains, outcome[:, [j]],
                                                           p_max=args.p_max) for j in enough})
     print(f"{'class':<12} {'share':>6} {'prior':>7} {'temp':>6} {'offset':>9} {'nll/base':>8}  AUC at "
@@ -91,7 +95,7 @@ def run(args) -> int:
         print(f"{name:<12} {np.mean(fit.positives) / fit.samples:6.3f} {np.mean(fit.priors):7.3f} "
               f"{fit.temperature:6.3f} {fit.offset:9.2e} {fit.nll / fit.baseline_nll:8.3f}  {aucs}")
     made_from = {k: getattr(args, k) for k in ("classes", "num_samples", "steps", "scheduler", "seed", "p_max",
-                                               "generator", "dtype")}
+                                               "exclusive", "generator", "dtype")}
     save_calibration(out, fits, [classes[j] for j in enough], made_from,
                      generator=args.generator or default_weights("generator"))
     print(f"wrote {out}")
