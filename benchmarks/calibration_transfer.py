@@ -51,6 +51,7 @@ def main():
             labels, _ = classify(classifier, to_uint8(x))
             outcome = torch.from_numpy(labels[:, None] == np.array(classes)[None])
             gains = calibration.log_snr_gains(trace.sigma)
+            # The classes are tracked together, so both fits replay the clamp DNG uses for exclusive classes.
             held = calibration.evaluate(priors, shipped["temperature"], shipped["offset"], trace.llr, gains, outcome,
                                         p_max=shipped["p_max"], exclusive=True)
             refit = calibration.fit(trace.llr, gains, outcome, p_max=shipped["p_max"], exclusive=True)

@@ -116,6 +116,8 @@ def test_calibration_refuses_too_few_outcomes():
         calibration.fit(torch.zeros(3, 10), torch.ones(3), torch.zeros(10, dtype=torch.bool))
     with pytest.raises(ConfigError, match="need llr \\[steps, samples"):
         calibration.fit(torch.zeros(3, 10), torch.ones(4), torch.arange(10) < 5)
+    with pytest.raises(ConfigError, match="2 priors for 3 concepts"):
+        calibration.evaluate([0.1, 0.2], 1.0, 0.0, torch.zeros(3, 10, 3), torch.ones(3), torch.zeros(10, 3))
 
 
 @pytest.mark.parametrize("exclusive", [False, True])

@@ -324,6 +324,8 @@ def test_calibration_sets_dng_on_every_sampler(tiny, tmp_path, capsys):
     assert generate.dng_settings([3, 7], cal)[0]["prior"] == [0.2, DNG_PRESETS["default"]["prior"]]
     assert generate.dng_settings([7, 1], cal, "paper-sd")[0]["prior"] == [DNG_PRESETS["paper-sd"]["prior"], 0.05]
     assert generate.dng_settings([3], None) == ({}, "library defaults (no calibration)")
+    with pytest.raises(ConfigError, match="unknown DNG preset 'strong'"):
+        generate.dng_settings([3], cal, "strong")
 
     out = tmp_path / "sweep"
     for scheduler in ("ddpm", "euler-a"):  # one fit, whatever the sampler

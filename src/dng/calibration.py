@@ -107,7 +107,9 @@ def evaluate(priors, temperature: float, offset: float, llr, gains, outcome, p_m
     """How well a calibration made elsewhere (another sampler, step count or seed) predicts these chains' outcomes:
     {"nll", "baseline_nll", "auc"} as in `Calibration`, with its settings held fixed."""
     llr, gains, outcome = _chains(llr, gains, outcome)
-    log_prior = torch.tensor(priors, dtype=torch.float64).log()
+    if len(priors) != outcome.shape[1]:
+        raise ConfigError(f"{len(priors)} priors for {outcome.shape[1]} concepts; give one per concept")
+    log_prior = torch.tensor([check_probability("prior", p) for p in priors], dtype=torch.float64).log()
     nll, baseline, auc = _scores(trajectory(log_prior, temperature, offset, llr, gains, p_min, p_max, exclusive),
                                  outcome)
     return {"nll": nll, "baseline_nll": baseline, "auc": auc}

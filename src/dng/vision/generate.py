@@ -104,6 +104,8 @@ def dng_settings(removed: Sequence[int], calibration: dict | None, dng_preset: s
     mean the same on every sampler and step count; a class it has no prior for keeps the preset's; given
     `overrides` win over it.
     """
+    if dng_preset not in DNG_PRESETS:
+        raise ConfigError(f"unknown DNG preset {dng_preset!r}; choose one of {', '.join(DNG_PRESETS)}")
     settings, source = {}, "library defaults (no calibration)"
     if calibration:
         fallback = DNG_PRESETS[dng_preset]["prior"]
