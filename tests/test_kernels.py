@@ -444,25 +444,30 @@ def _model(x, t):
     return 0.3 * x + 0.1 * torch.arange(x.shape[0]).view(-1, *[1] * (x.dim() - 1))
 
 
+def _e2e(scheduler, eta, name, **set_kwargs):
+    return pytest.param(scheduler, eta, set_kwargs, id=name)
+
+
 E2E = [
-    pytest.param(KDPM2AncestralDiscreteScheduler(), 0.0, id="kdpm2-a"),
-    pytest.param(DPMSolverMultistepScheduler(algorithm_type=SDE, use_karras_sigmas=True), 0.0, id="dpm2m-sde-karras"),
-    pytest.param(DPMSolverMultistepScheduler(algorithm_type=SDE, solver_order=3, final_sigmas_type="sigma_min"), 0.0,
-                 id="dpm3m-sde"),
-    pytest.param(DPMSolverMultistepScheduler(algorithm_type=SDE, thresholding=True), 0.0, id="dpm2m-sde-threshold"),
-    pytest.param(DPMSolverSinglestepScheduler(algorithm_type=SDE, solver_order=3), 0.0, id="dpm-single3-sde"),
-    pytest.param(EDMDPMSolverMultistepScheduler(algorithm_type=SDE), 0.0, id="edm-sde"),
-    pytest.param(TCDScheduler(), 0.3, id="tcd"),
-    pytest.param(LCMScheduler(), 0.0, id="lcm"),
-    pytest.param(FlowMatchEulerDiscreteScheduler(stochastic_sampling=True, shift=3.0), 0.0, id="flow"),
-    # (use_dynamic_shifting=True is left out: its set_timesteps needs `mu`, which sample() does not pass.)
-    pytest.param(LTXEulerAncestralRFScheduler(), 0.0, id="ltx"),
-    pytest.param(CMStochasticIterativeScheduler(), 0.0, id="cm"),
+    _e2e(KDPM2AncestralDiscreteScheduler(), 0.0, "kdpm2-a"),
+    _e2e(DPMSolverMultistepScheduler(algorithm_type=SDE, use_karras_sigmas=True), 0.0, "dpm2m-sde-karras"),
+    _e2e(DPMSolverMultistepScheduler(algorithm_type=SDE, solver_order=3, final_sigmas_type="sigma_min"), 0.0,
+         "dpm3m-sde"),
+    _e2e(DPMSolverMultistepScheduler(algorithm_type=SDE, thresholding=True), 0.0, "dpm2m-sde-threshold"),
+    _e2e(DPMSolverSinglestepScheduler(algorithm_type=SDE, solver_order=3), 0.0, "dpm-single3-sde"),
+    _e2e(EDMDPMSolverMultistepScheduler(algorithm_type=SDE), 0.0, "edm-sde"),
+    _e2e(TCDScheduler(), 0.3, "tcd"),
+    _e2e(LCMScheduler(), 0.0, "lcm"),
+    _e2e(FlowMatchEulerDiscreteScheduler(stochastic_sampling=True, shift=3.0), 0.0, "flow"),
+    _e2e(FlowMatchEulerDiscreteScheduler(stochastic_sampling=True, use_dynamic_shifting=True), 0.0, "flow-dynamic",
+         mu=0.8),
+    _e2e(LTXEulerAncestralRFScheduler(), 0.0, "ltx"),
+    _e2e(CMStochasticIterativeScheduler(), 0.0, "cm"),
 ]
 
 
-@pytest.mark.parametrize("scheduler,eta", E2E)
-def test_scale_zero_dng_samples_exactly_as_unguided(scheduler, eta):
+@pytest.mark.parametrize("scheduler,eta,set_kwargs", E2E)
+def test_scale_zero_dng_samples_exactly_as_unguided(scheduler, eta, set_kwargs):
     """The tracker reads every step without touching the scheduler's history: at scale 0 the samples are the
     unguided ones bit for bit, and each noisy step's llr is finite."""
     noise = torch.randn(2, 2, 4, 4, generator=torch.Generator().manual_seed(0))
@@ -470,11 +475,11 @@ def test_scale_zero_dng_samples_exactly_as_unguided(scheduler, eta):
     def run(guidance):
         return sample(_model, copy.deepcopy(scheduler), guidance, noise=noise, num_inference_steps=8,
                       num_negatives=1 if guidance else 0, eta=eta, generator=torch.Generator().manual_seed(3),
-                      progress=False, return_trace=True)
+                      progress=False, return_trace=True, set_timesteps_kwargs=set_kwargs)
 
     guided = run(DynamicNegativeGuidance(scale=0.0, prior=0.1))
     assert torch.equal(guided.samples, run(None).samples)
-    noisy = torch.tensor([std > MIN_TRACKING_STD for *_, std in _walk(copy.deepcopy(scheduler), eta, 8)])
+    noisy = torch.tensor([std > MIN_TRACKING_STD for *_, std in _walk(copy.deepcopy(scheduler), eta, 8, **set_kwargs)])
     llr = guided.trace.llr
     assert noisy.sum() >= 3
     assert torch.isfinite(llr[noisy]).all() and llr[~noisy].isnan().all()

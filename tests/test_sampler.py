@@ -1,10 +1,17 @@
 """The one sampling loop: identities, the mixture's ground truth, a pinned regression and bad input."""
 
+import copy
 import math
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+)
 
 from dng.bench.gmm import GMMBench
 from dng.errors import ConfigError, NonFiniteError
@@ -117,6 +124,17 @@ def test_bad_loop_input_is_refused():
         sample(dummy_model(2), DDPMScheduler(), None, noise=torch.randn(2, 3), num_negatives=1, progress=False)
     with pytest.raises(ConfigError, match="num_inference_steps"):
         run(NegativePrompt(), steps=0)
+
+
+def test_dynamic_shifting_takes_mu_through_set_timesteps_kwargs():
+    flow = FlowMatchEulerDiscreteScheduler(stochastic_sampling=True, use_dynamic_shifting=True)
+    with pytest.raises(ConfigError, match=r"set_timesteps_kwargs=\{'mu'"):
+        run(DynamicNegativeGuidance(), scheduler=copy.deepcopy(flow))
+    samples = run(DynamicNegativeGuidance(), scheduler=copy.deepcopy(flow), set_timesteps_kwargs={"mu": 0.8}).samples
+    assert torch.isfinite(samples).all()
+    # mu reaches the scheduler: another shift is another chain.
+    other = run(DynamicNegativeGuidance(), scheduler=copy.deepcopy(flow), set_timesteps_kwargs={"mu": 2.0}).samples
+    assert not torch.allclose(samples, other)
 
 
 @pytest.mark.parametrize("scheduler", [DDPMScheduler(num_train_timesteps=20), EulerAncestralDiscreteScheduler(20)])

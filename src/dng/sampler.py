@@ -98,6 +98,7 @@ def sample(
     callback: Callable[[int, torch.Tensor, torch.Tensor, dict], None] | None = None,
     progress: bool = True,
     return_trace: bool = False,
+    set_timesteps_kwargs: dict | None = None,
 ) -> SampleOutput:
     """Sample from `noise` (x_T before the scheduler's init_noise_sigma) with a guidance rule.
 
@@ -106,7 +107,8 @@ def sample(
     model returns epsilon (or whatever the scheduler's prediction_type is) in the same layout.
     `callback(i, t, x_prev, info)` runs after every step; `info` holds "p" and "scale" when known; a callback that
     returns True stops the loop after that step (diffusers' `pipe._interrupt`). The progress bar
-    shows on a terminal only (tqdm's own rule), so logs of batch jobs stay readable.
+    shows on a terminal only (tqdm's own rule), so logs of batch jobs stay readable. `set_timesteps_kwargs` go to
+    `scheduler.set_timesteps`, e.g. {"mu": 0.8} for a flow-matching scheduler with `use_dynamic_shifting`.
     """
     num_negatives = int(num_negatives)
     if guidance is None and num_negatives:
@@ -126,11 +128,17 @@ def sample(
     if guidance is not None:
         guidance.start(batch, num_negatives, noise.device)
 
+    extra = dict(set_timesteps_kwargs or {})
     try:
-        scheduler.set_timesteps(steps, device=noise.device)
-    except ValueError as err:
-        # e.g. LCM's step count bound: restated with the argument's name rather than as a traceback.
-        raise ConfigError(f"{type(scheduler).__name__} refused num_inference_steps={steps}: {err}") from None
+        scheduler.set_timesteps(steps, device=noise.device, **extra)
+    except (ValueError, TypeError) as err:
+        # e.g. LCM's step count bound, or dynamic shifting without `mu`: restated as what to change rather than as a
+        # traceback.
+        given = f" with set_timesteps_kwargs={extra}" if extra else ""
+        hint = (" (pass set_timesteps_kwargs={'mu': ...}, the shift of its dynamic shifting)"
+                if "`mu`" in str(err) else "")
+        name = type(scheduler).__name__
+        raise ConfigError(f"{name} refused num_inference_steps={steps}{given}: {err}{hint}") from None
     kwargs = step_kwargs(scheduler, eta, generator)
     # Flow-matching schedulers start from unit noise and take the model input as it is.
     x = noise * getattr(scheduler, "init_noise_sigma", 1.0)
