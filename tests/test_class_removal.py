@@ -398,3 +398,39 @@ def test_calibrate_command_writes_a_fit_in_log_snr_units(tmp_path, capsys):
     fit = entry["fits"]["all"]
     assert len(fit["priors"]) == len(entry["classes"]) >= 1 and math.isfinite(fit["offset"])
     assert all(0 < p < 1 for p in fit["priors"]) and "wrote" in capsys.readouterr().out
+
+
+def test_every_class_branches_are_the_single_label_calls_in_one_batch():
+    torch.manual_seed(0)
+    unet = models.make_generator(TINY_UNET).eval()
+    x, t = torch.randn(3, 1, 28, 28), torch.tensor(500)
+    labels = [models.NULL_LABEL, 4]
+    branches = generate.ClassBranches(unet, labels, every_class=True)
+    out = branches(x.repeat(2, 1, 1, 1), t)
+    assert torch.allclose(out, generate.ClassBranches(unet, labels)(x.repeat(2, 1, 1, 1), t), atol=1e-5)
+    assert branches.last.shape == (models.NULL_LABEL + 1, 3, 1, 28, 28)
+    for label in (0, 4, 9, models.NULL_LABEL):
+        alone = generate.ClassBranches(unet, [label])(x, t)
+        assert torch.allclose(branches.last[label], alone, atol=1e-5), label
+    p = generate.ClassPosterior(branches, [4, 7])(x, t)
+    from dng.posterior import mixture_weights
+
+    assert torch.equal(p, mixture_weights(branches.last[models.NULL_LABEL], branches.last[:10])[:, [4, 7]])
+    with pytest.raises(ConfigError, match="every_class"):
+        generate.ClassPosterior(generate.ClassBranches(unet, labels), [4])
+    with pytest.raises(ConfigError, match="before"):
+        generate.ClassPosterior(branches, [4])(torch.randn(5, 1, 28, 28), t)
+
+
+def test_the_class_posterior_row_reads_p_from_every_branch(tiny, tmp_path, monkeypatch):
+    out = tmp_path / "sweep"
+    seen = []
+    real = generate.ClassPosterior.__call__
+    monkeypatch.setattr(generate.ClassPosterior, "__call__", lambda self, x, t: seen.append(1) or real(self, x, t))
+    assert _bench(tiny, out, methods="none,dng,dng-branches") == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["none", "dng", "dng-branches"]
+    assert len(seen) == 3  # one read per step, and only for its own row
+    with pytest.raises(ConfigError, match="DNG rule"):
+        generate.generate(models.load_generator(tiny[1]), "ddpm", generate.guidance_factory("np"), [1],
+                          torch.randn(2, 1, 28, 28), 2, 0, class_posterior=True)

@@ -10,7 +10,7 @@ from dng.errors import ConfigError, NonFiniteError
 from dng.gmm import GaussianMixture, default_mixture_config
 from dng.guidance import NegativePrompt
 from dng.kernels import BranchMoments
-from dng.posterior import PosteriorTracker, gaussian_llr, mixture_llr
+from dng.posterior import PosteriorTracker, gaussian_llr, mixture_llr, mixture_weights, project_simplex
 from dng.sampler import sample
 
 
@@ -248,3 +248,48 @@ def test_gaussian_kernel_tracker_converges_to_exact_bayes_as_steps_grow():
     coarse, fine = _unguided_tracking_error(50, 1e-30), _unguided_tracking_error(500, 1e-30)
     assert fine < 0.45 * coarse, (coarse, fine)
     assert fine < _unguided_tracking_error(500, 1e-6), fine
+
+
+def _simplex_grid(k: int, n: int) -> torch.Tensor:
+    """Every point of the simplex in steps of 1/n, [points, k]."""
+    import itertools
+
+    rows = [c for c in itertools.product(range(n + 1), repeat=k - 1) if sum(c) <= n]
+    return torch.tensor([[*c, n - sum(c)] for c in rows], dtype=torch.float64) / n
+
+
+def test_mixture_weights_recover_the_weights_of_an_exact_mixture():
+    gen = torch.Generator().manual_seed(0)
+    eps_k = torch.randn(5, 4, 3, 7, generator=gen, dtype=torch.float64)
+    p = torch.tensor([[0.5, 0.2, 0.1, 0.2, 0.0], [1, 0, 0, 0, 0], [0.2] * 5, [0, 0.5, 0.5, 0, 0]], dtype=torch.float64)
+    eps_u = torch.einsum("bk,kbij->bij", p, eps_k)
+    assert torch.allclose(mixture_weights(eps_u, eps_k, ridge=1e-10, iters=3000), p, atol=1e-6)
+    # Branches that agree carry no information: the weights stay uniform rather than follow rounding.
+    same = eps_k[:1].expand(5, -1, -1, -1)
+    assert torch.allclose(mixture_weights(same[0], same), torch.full((4, 5), 0.2, dtype=torch.float64))
+
+
+def test_mixture_weights_minimise_the_ridge_objective_against_a_grid_search():
+    gen = torch.Generator().manual_seed(1)
+    eps_k = torch.randn(3, 2, 6, generator=gen, dtype=torch.float64)
+    eps_u = torch.randn(2, 6, generator=gen, dtype=torch.float64)  # not a mixture of the branches
+    ridge = 0.05
+    p = mixture_weights(eps_u, eps_k, ridge=ridge, iters=2000)
+    assert torch.allclose(p.sum(-1), torch.ones(2, dtype=torch.float64)) and (p >= 0).all()
+    grid = _simplex_grid(3, 400)
+
+    def objective(w, target, branches):
+        centred = branches - branches.mean(0)
+        gram_mean = (centred @ centred.T).diagonal().mean()
+        return ((target - w @ branches) ** 2).sum(-1) + ridge * gram_mean * ((w - 1 / 3) ** 2).sum(-1)
+
+    for b in range(2):
+        best = objective(grid, eps_u[b], eps_k[:, b]).min()
+        found = objective(p[b][None], eps_u[b], eps_k[:, b])[0]
+        assert best - 1e-3 * best <= found <= best + 1e-9  # below the grid's resolution, never above its best
+
+
+def test_project_simplex_by_hand():
+    v = torch.tensor([[0.2, 0.3, 0.5], [2.0, 0.0, 0.0], [-1.0, -1.0, 5.0], [0.5, 0.5, 0.5], [0.6, 0.6, -3.0]])
+    expected = torch.tensor([[0.2, 0.3, 0.5], [1, 0, 0], [0, 0, 1], [1 / 3] * 3, [0.5, 0.5, 0.0]])
+    assert torch.allclose(project_simplex(v), expected)

@@ -215,6 +215,10 @@ class DynamicNegativeGuidance(Guidance):
         self.offset_per_step = check_finite("offset_per_step", offset_per_step)
         self.mode = mode
         self.tracker = PosteriorTracker(prior, p_min, p_max, exclusive=mode == "exclusive")
+        self.read_posterior(posterior)
+
+    def read_posterior(self, posterior: Callable | None) -> None:
+        """Read p from `posterior(x_t, t)` -> [batch, negatives] at every step instead of tracking it (None: track)."""
         self.posterior_fn = posterior
         self.tracks_posterior = posterior is None
 

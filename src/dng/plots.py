@@ -133,9 +133,10 @@ def removal_tradeoff(summary: list[dict], path, x: str) -> Path:
     from dng.bench.class_removal import setting_label
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
-    markers = {"data": "D", "none": "o", "np": "s", "sld": "^", "dng": "*"}
+    markers = {"data": "D", "none": "o", "np": "s", "sld": "^", "dng": "*", "dng-branches": "P"}
     # One colour family per method, darker for stronger settings, so that ten or more settings stay apart.
-    shades = {"data": None, "none": None, "np": plt.cm.Oranges, "sld": plt.cm.Purples, "dng": plt.cm.Greens}
+    shades = {"data": None, "none": None, "np": plt.cm.Oranges, "sld": plt.cm.Purples, "dng": plt.cm.Greens,
+              "dng-branches": plt.cm.Blues}
     for s in summary:
         family = [t for t in summary if t["method"] == s["method"]]
         cmap = shades[s["method"]]

@@ -145,3 +145,42 @@ class PosteriorTracker:
                                  "branch means are not finite (NaN model weights, or a guidance scale too large)")
         llr = llr.clamp(-1e30, 1e30)
         self.log_p = clamp_log_p(self.log_p + llr, self.p_min, self.p_max, self.exclusive)
+
+
+def mixture_weights(eps_u: torch.Tensor, eps_k: torch.Tensor, ridge: float = 1e-3, iters: int = 300) -> torch.Tensor:
+    """The model's own posterior over K classes from all of their branches: the weights p on the simplex that best
+    explain the unconditional prediction as eps_u = sum_k p_k eps_k (the identity an exact model satisfies).
+
+    `eps_u` [batch, ...], `eps_k` [K, batch, ...]; returns [batch, K]. Least squares in float64 after removing the
+    component all branches share, with a ridge pulling p towards uniform weights at `ridge` times the mean
+    eigenvalue of the branches' Gram matrix: where the branches do not tell the classes apart (high noise) the
+    weights stay near uniform instead of following noise. Solved by accelerated projected gradient.
+    """
+    flat = eps_k.flatten(2).transpose(0, 1).double()  # [batch, K, D]
+    mean = flat.mean(1, keepdim=True)
+    centred, target = flat - mean, eps_u.flatten(1).double() - mean[:, 0]
+    gram = centred @ centred.transpose(1, 2)
+    k = gram.shape[-1]
+    eye = torch.eye(k, dtype=gram.dtype)
+    lam = ridge * torch.diagonal(gram, dim1=-2, dim2=-1).mean(-1)[:, None, None] + 1e-300
+    hessian = gram + lam * eye
+    linear = (centred @ target[:, :, None])[:, :, 0] + lam[:, :, 0] / k
+    step = 1 / torch.linalg.eigvalsh(hessian)[:, -1:]
+    p = y = torch.full((len(gram), k), 1.0 / k, dtype=gram.dtype)
+    momentum = 1.0
+    for _ in range(iters):
+        nxt = project_simplex(y - step * ((hessian @ y[:, :, None])[:, :, 0] - linear))
+        momentum, previous = (1 + math.sqrt(1 + 4 * momentum**2)) / 2, momentum
+        y = nxt + (previous - 1) / momentum * (nxt - p)
+        p = nxt
+    return p.to(eps_u.dtype if eps_u.is_floating_point() else torch.float32)
+
+
+def project_simplex(v: torch.Tensor) -> torch.Tensor:
+    """Euclidean projection of each row of `v` [batch, K] onto the probability simplex (sort-based)."""
+    u = torch.sort(v, dim=-1, descending=True).values
+    cumulative = u.cumsum(-1) - 1
+    index = torch.arange(1, v.shape[-1] + 1, dtype=v.dtype, device=v.device)
+    count = (u - cumulative / index > 0).sum(-1, keepdim=True)
+    theta = cumulative.gather(-1, count - 1) / count.to(v.dtype)
+    return (v - theta).clamp(min=0)

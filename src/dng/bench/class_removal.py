@@ -27,8 +27,9 @@ from dng.vision.data import CLASS_NAMES, NUM_CLASSES, load_split
 from dng.vision.models import default_weights, load_calibration, load_classifier, load_generator, weights_sha256
 
 # "data" is the metric's own floor: real train images of the kept classes, scored like samples (the test images are
-# the FID reference, so the train split keeps the two sets apart).
-METHODS = ("data", "none", "np", "sld", "dng")
+# the FID reference, so the train split keeps the two sets apart). "dng-branches" is DNG's rule with the model's own
+# posterior read from every class's branch (`generate.ClassPosterior`) instead of tracked: what tracking costs.
+METHODS = ("data", "none", "np", "sld", "dng", "dng-branches")
 NP_SCALES = (0.5, 1.0, 2.0)
 METRICS = ("forbidden_rate", "class_kl", "unguided_kl", "fid", "precision", "recall", "artifact_rate", "seconds")
 GRID_IMAGES = 64
@@ -75,7 +76,7 @@ def configs(methods: list[str], dng: dict, np_scales=NP_SCALES, dng_preset: str 
         elif method == "sld":
             cells += [(method, {"preset": name, **preset}, generate.guidance_factory("sld", sld_preset=name))
                       for name, preset in SLD_PRESETS.items()]
-        else:
+        else:  # dng, dng-branches
             for scale in dng_scales or [None]:
                 user = {**(dng_set or {}), **({} if scale is None else {"scale": scale})}
                 rule = {**dng, **user}
@@ -86,11 +87,11 @@ def configs(methods: list[str], dng: dict, np_scales=NP_SCALES, dng_preset: str 
 
 
 def setting_label(method: str, params: dict) -> str:
-    """Short name of a setting: 'np 2.0', 'sld medium', 'dng default', 'dng default scale=3'."""
-    if method == "dng":
+    """Short name of a setting: 'np 2.0', 'sld medium', 'dng default', 'dng default scale=3', 'dng-branches default'."""
+    if method.startswith("dng"):
         user = "".join(f" {k}={v:g}" if isinstance(v, float) else f" {k}={v}"
                        for k, v in params.get("set", {}).items())
-        return f"dng {params.get('preset', 'default')}{user}"
+        return f"{method} {params.get('preset', 'default')}{user}"
     if method == "np":
         return f"{method} {params['scale']}"
     if method == "sld":
@@ -209,7 +210,8 @@ class ClassRemovalBench:
         for k, method, params, factory in cells:
             if method != "data":
                 key = sample_set_key(k, method, params)
-                sets[key] = SampleSet(key, factory, () if factory is None else (k,))
+                sets[key] = SampleSet(key, factory, () if factory is None else (k,),
+                                      class_posterior=method == "dng-branches")
         missing = [c for c in cells if not self.sweep.cell_path(cell_key(*c[:3])).is_file()]
         self.sweep.draw([sets[sample_set_key(*c[:3])] for c in missing if c[1] != "data"])
         by_key = {cell_key(*c[:3]): c for c in cells}

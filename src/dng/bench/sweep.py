@@ -35,13 +35,14 @@ NOISE = "per-sample generators (dng.vision.generate.sample_generators)"
 @dataclass(frozen=True)
 class SampleSet:
     """The sweep's noise sampled with one rule: `factory` (None: no negative) against `negatives`, with
-    classifier-free guidance on `positive` at `cfg_scale` when given."""
+    classifier-free guidance on `positive` at `cfg_scale` when given; `class_posterior` as in `generate.generate`."""
 
     key: str
     factory: Callable | None = None
     negatives: tuple[int, ...] = ()
     positive: int | None = None
     cfg_scale: float | None = None
+    class_posterior: bool = False
 
 
 def read_npz(path: Path) -> dict[str, np.ndarray]:
@@ -153,7 +154,7 @@ class Sweep:
             self.unet, s["scheduler"], sample_set.factory, list(sample_set.negatives),
             generate.initial_noise(s["seed"], start, stop - start).to(self.world.device), s["steps"], s["seed"],
             positive=sample_set.positive, cfg_scale=sample_set.cfg_scale, chunk=s["batch_size"],
-            dtype=s["dtype"], first_index=start)
+            dtype=s["dtype"], first_index=start, class_posterior=sample_set.class_posterior)
         arrays = {"images": generate.to_uint8(x.cpu()), "seconds": np.float64(time.perf_counter() - begin)}
         if trace is not None:
             arrays.update(timesteps=trace.timesteps.numpy(), sigma=trace.sigma[:, 0].numpy(),

@@ -13,7 +13,9 @@ def register(groups) -> None:
                     "ranks share the work and write the same results as one process.")
     p.add_argument("--classes", default="all", help="'all' or comma-separated indices or names, e.g. 3,7")
     p.add_argument("--methods", default="data,none,np,sld,dng",
-                   help="comma-separated: data (real kept-class train images: the metrics' floor), none, np, sld, dng")
+                   help="comma-separated: data (real kept-class train images: the metrics' floor), none, np, sld, dng, "
+                        "dng-branches (DNG with the model's own posterior from all eleven branches instead of "
+                        "tracking: a reference, 5.5x the cost)")
     p.add_argument("--np-scales", default=None, help="NP's scales, comma-separated (default 0.5,1,2)")
     p.add_argument("--dng-scales", default=None,
                    help="a sweep of DNG's lam0, comma-separated (default: one cell, the preset's own)")

@@ -9,6 +9,7 @@ import torch
 
 from dng.errors import ConfigError
 from dng.guidance import DNG_PRESETS, DynamicNegativeGuidance, NegativePrompt, SafeLatentDiffusion
+from dng.posterior import mixture_weights
 from dng.sampler import Trace, sample
 from dng.vision.data import CLASS_NAMES, NUM_CLASSES
 from dng.vision.models import NULL_LABEL
@@ -25,18 +26,54 @@ def check_dtype(dtype: str) -> str:
 
 
 class ClassBranches:
-    """The sampler's model callable: one UNet, one branch per label (NULL_LABEL for eps_u), one batched call."""
+    """The sampler's model callable: one UNet, one branch per label (NULL_LABEL for eps_u), one batched call.
 
-    def __init__(self, unet, labels: Sequence[int], dtype: str = "float32"):
+    With `every_class`, the same call also evaluates every class the sampler did not ask for and keeps all NUM_CLASSES
+    + 1 predictions of the step, by label, in `last` [NUM_CLASSES + 1, batch, ...] (for `ClassPosterior`).
+    """
+
+    def __init__(self, unet, labels: Sequence[int], dtype: str = "float32", every_class: bool = False):
         self.unet = unet
         self.labels = torch.tensor([int(c) for c in labels])
         self.bf16 = check_dtype(dtype) == "bfloat16"
+        others = [k for k in range(NUM_CLASSES + 1) if k not in self.labels.tolist()] if every_class else []
+        self.others = torch.tensor(others, dtype=torch.long)
+        self.every_class = every_class
+        self.last = None
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        labels = self.labels.repeat_interleave(x.shape[0] // len(self.labels)).to(x.device)
+        n = len(self.labels)
+        batch = x.shape[0] // n
+        labels = torch.cat([self.labels, self.others])
+        if len(self.others):
+            x = torch.cat([x, x[:batch].repeat((len(self.others),) + (1,) * (x.dim() - 1))])
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            return self.unet(x, t, class_labels=labels).sample.float()
+            out = self.unet(x, t, class_labels=labels.repeat_interleave(batch).to(x.device)).sample.float()
+        if self.every_class:
+            self.last = out.unflatten(0, (len(labels), batch))[torch.argsort(labels)]
+        return out[: n * batch]
+
+
+class ClassPosterior:
+    """DNG's p from every class's branch instead of tracking: `dng.posterior.mixture_weights` of the step's
+    predictions (the model's own posterior over the classes), for the removed `classes`, [batch, negatives].
+
+    A reference for what tracking costs, at NUM_CLASSES + 1 branches per step instead of 1 + negatives. It reads the
+    predictions of the step that `branches` (a `ClassBranches` with `every_class`) has just evaluated: the sampler
+    calls the model, then the rule, at every step.
+    """
+
+    def __init__(self, branches: ClassBranches, classes: Sequence[int]):
+        if not branches.every_class:
+            raise ConfigError("ClassPosterior needs ClassBranches(..., every_class=True)")
+        self.branches, self.classes = branches, list(classes)
+
+    def __call__(self, x: torch.Tensor, t) -> torch.Tensor:
+        last = self.branches.last
+        if last is None or last.shape[1] != x.shape[0]:
+            raise ConfigError("ClassPosterior was read before its ClassBranches evaluated this step's batch")
+        return mixture_weights(last[NULL_LABEL], last[:NUM_CLASSES])[:, self.classes]
 
 
 def make_scheduler(name: str = "ddpm"):
@@ -164,27 +201,34 @@ def generate(
     progress: bool = False,
     dtype: str = "float32",
     first_index: int = 0,
+    class_posterior: bool = False,
 ) -> tuple[torch.Tensor, Trace | None]:
     """Samples in [-1, 1] from `noise` [N, 1, 28, 28], `chunk` images per sampler run; trace if guided.
 
     Sample j's step noise comes from its own generator (`sample_generators`, index `first_index + j`), so the same
     seed and index give the same step noise for every method, batch size and process. `dtype` 'bfloat16' runs the
-    UNet under bfloat16 autocast (`DTYPES`).
+    UNet under bfloat16 autocast (`DTYPES`). `class_posterior`: DNG reads p from every class's branch
+    (`ClassPosterior`) instead of tracking it.
     """
     guided = guidance_factory is not None
     if guided and not negatives:
         raise ConfigError("a guidance rule needs at least one class to remove")
     negatives = list(negatives) if guided else []
     labels = [NULL_LABEL] + ([positive] if positive is not None else []) + negatives
-    model = ClassBranches(unet, labels, dtype)
+    model = ClassBranches(unet, labels, dtype, every_class=class_posterior)
     scheduler, eta = make_scheduler(scheduler_name)
     samples, traces = [], []
     for start in range(0, len(noise), chunk):
         x_T = noise[start : start + chunk]
+        rule = guidance_factory() if guided else None
+        if class_posterior:
+            if not isinstance(rule, DynamicNegativeGuidance):
+                raise ConfigError("class_posterior gives DNG its posterior: it needs a DNG rule")
+            rule.read_posterior(ClassPosterior(model, negatives))
         out = sample(
             model,
             scheduler,
-            guidance_factory() if guided else None,
+            rule,
             noise=x_T,
             num_inference_steps=steps,
             num_negatives=len(negatives),
