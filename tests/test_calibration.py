@@ -140,3 +140,11 @@ def test_the_fit_replays_the_trackers_own_updates(exclusive):
         assert (fitted.exp().sum(-1) <= 0.95 + 1e-9).all()  # the cap that the independent clamp does not apply
     else:
         assert (fitted.exp().sum(-1) > 0.95).any()
+
+
+def test_roc_auc_by_hand():
+    t = torch.tensor
+    assert calibration.roc_auc(t([0.1, 0.4, 0.35, 0.8]), t([False, True, False, True])) == 1.0
+    assert calibration.roc_auc(t([0.2, 0.6, 0.4]), t([True, False, False])) == 0.0
+    assert calibration.roc_auc(t([0.5, 0.5, 0.9]), t([True, False, False])) == 0.25  # a tie counts half
+    assert math.isnan(calibration.roc_auc(t([0.5, 0.7]), t([True, True])))

@@ -52,7 +52,7 @@ def log_snr_gains(sigma: torch.Tensor) -> torch.Tensor:
     return torch.tensor([log_snr_gain(*map(float, levels)) for levels in sigma], dtype=torch.float64)
 
 
-def _auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
+def roc_auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
     """Probability that a positive outscores a negative (ties count half)."""
     pos, neg = scores[labels], scores[~labels]
     if len(pos) == 0 or len(neg) == 0:
@@ -97,7 +97,7 @@ def _scores(log_p, outcome) -> tuple[float, float, dict]:
     y = outcome.double()[None].expand_as(log_p)
     share = outcome.double().mean(0).clamp(1e-12, 1 - 1e-12)
     baseline = float(-(share * share.log() + (1 - share) * torch.log1p(-share)).mean())
-    auc = {q: [_auc(log_p[min(len(log_p) - 1, int(q * len(log_p))), :, k], outcome[:, k])
+    auc = {q: [roc_auc(log_p[min(len(log_p) - 1, int(q * len(log_p))), :, k], outcome[:, k])
                for k in range(outcome.shape[1])] for q in REPORT_AT}
     return float(_bernoulli_nll(log_p, y)), baseline, auc
 
