@@ -412,6 +412,9 @@ def test_every_class_branches_are_the_single_label_calls_in_one_batch():
     for label in (0, 4, 9, models.NULL_LABEL):
         alone = generate.ClassBranches(unet, [label])(x, t)
         assert torch.allclose(branches.last[label], alone, atol=1e-5), label
+    repeated = generate.ClassBranches(unet, [models.NULL_LABEL, 4, 4], every_class=True)  # positive = negative
+    repeated(x.repeat(3, 1, 1, 1), t)
+    assert torch.allclose(repeated.last, branches.last, atol=1e-5)
     p = generate.ClassPosterior(branches, [4, 7])(x, t)
     from dng.posterior import mixture_weights
 

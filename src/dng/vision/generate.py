@@ -51,7 +51,9 @@ class ClassBranches:
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             out = self.unet(x, t, class_labels=labels.repeat_interleave(batch).to(x.device)).sample.float()
         if self.every_class:
-            self.last = out.unflatten(0, (len(labels), batch))[torch.argsort(labels)]
+            # By label, the first branch of each (a positive class may also be a negative).
+            first = [labels.tolist().index(k) for k in range(NUM_CLASSES + 1)]
+            self.last = out.unflatten(0, (len(labels), batch))[first]
         return out[: n * batch]
 
 
