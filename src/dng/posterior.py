@@ -161,19 +161,19 @@ def mixture_weights(eps_u: torch.Tensor, eps_k: torch.Tensor, ridge: float = 1e-
     centred, target = flat - mean, eps_u.flatten(1).double() - mean[:, 0]
     gram = centred @ centred.transpose(1, 2)
     k = gram.shape[-1]
-    eye = torch.eye(k, dtype=gram.dtype)
+    eye = torch.eye(k, dtype=gram.dtype, device=gram.device)
     lam = ridge * torch.diagonal(gram, dim1=-2, dim2=-1).mean(-1)[:, None, None] + 1e-300
     hessian = gram + lam * eye
     linear = (centred @ target[:, :, None])[:, :, 0] + lam[:, :, 0] / k
     step = 1 / torch.linalg.eigvalsh(hessian)[:, -1:]
-    p = y = torch.full((len(gram), k), 1.0 / k, dtype=gram.dtype)
+    p = y = torch.full((len(gram), k), 1.0 / k, dtype=gram.dtype, device=gram.device)
     momentum = 1.0
     for _ in range(iters):
         nxt = project_simplex(y - step * ((hessian @ y[:, :, None])[:, :, 0] - linear))
         momentum, previous = (1 + math.sqrt(1 + 4 * momentum**2)) / 2, momentum
         y = nxt + (previous - 1) / momentum * (nxt - p)
         p = nxt
-    return p.to(eps_u.dtype if eps_u.is_floating_point() else torch.float32)
+    return p.to(eps_u.dtype)
 
 
 def project_simplex(v: torch.Tensor) -> torch.Tensor:

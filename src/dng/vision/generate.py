@@ -39,6 +39,10 @@ class ClassBranches:
         others = [k for k in range(NUM_CLASSES + 1) if k not in self.labels.tolist()] if every_class else []
         self.others = torch.tensor(others, dtype=torch.long)
         self.every_class = every_class
+        # Where each label's prediction sits in the call's output: the first branch of each (a positive class may
+        # also be a negative).
+        called = self.labels.tolist() + others
+        self.by_label = [called.index(k) for k in range(NUM_CLASSES + 1)] if every_class else []
         self.last = None
 
     @torch.no_grad()
@@ -51,9 +55,7 @@ class ClassBranches:
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             out = self.unet(x, t, class_labels=labels.repeat_interleave(batch).to(x.device)).sample.float()
         if self.every_class:
-            # By label, the first branch of each (a positive class may also be a negative).
-            first = [labels.tolist().index(k) for k in range(NUM_CLASSES + 1)]
-            self.last = out.unflatten(0, (len(labels), batch))[first]
+            self.last = out.unflatten(0, (len(labels), batch))[self.by_label]
         return out[: n * batch]
 
 
