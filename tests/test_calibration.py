@@ -7,6 +7,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from dng import calibration
+from dng.config import DNGConfig
 from dng.errors import ConfigError
 from dng.gmm import GaussianMixture, default_mixture_config
 from dng.guidance import DynamicNegativeGuidance
@@ -21,7 +22,7 @@ def tracked_unguided_chain(n, steps, seed=0, classes=(0,)):
     cfg = default_mixture_config()
     scheduler = DDPMScheduler(num_train_timesteps=1000, clip_sample=False)
     gmm = GaussianMixture(cfg["means"], cfg["stds"], cfg["weights"], scheduler.alphas_cumprod, torch.float32)
-    rule = DynamicNegativeGuidance(0.0, 0.5, temperature=1.0, offset=0.0, p_min=1e-30, p_max=1 - 1e-6)
+    rule = DynamicNegativeGuidance(lam0=0.0, prior=0.5, temperature=1.0, offset=0.0, p_min=1e-30, p_max=1 - 1e-6)
     g = torch.Generator().manual_seed(seed)
     out = sample(gmm.branch_model(list(classes)), scheduler, rule, noise=torch.randn(n, gmm.dim, generator=g),
                  num_inference_steps=steps, num_negatives=len(classes), generator=g, progress=False,
@@ -38,7 +39,7 @@ def test_log_snr_gains_by_hand():
     scheduler.set_timesteps(10)
     abar = scheduler.alphas_cumprod
     log_snr = [math.log(abar[t] / (1 - abar[t])) for t in scheduler.timesteps]
-    rule = DynamicNegativeGuidance(0.0)
+    rule = DynamicNegativeGuidance(lam0=0.0)
     out = sample(lambda x, t: torch.zeros_like(x), scheduler, rule, noise=torch.zeros(1, 4), num_inference_steps=10,
                  num_negatives=1, progress=False, return_trace=True)
     gains = calibration.log_snr_gains(out.trace.sigma)
@@ -131,7 +132,8 @@ def test_the_fit_replays_the_trackers_own_updates(exclusive):
     gains = torch.rand(12, generator=g, dtype=torch.float64)
     log_prior = torch.tensor([0.3, 0.2, 0.4], dtype=torch.float64).log()
     fitted = calibration.trajectory(log_prior, 0.7, 0.2, llr, gains, 1e-6, 0.95, exclusive)
-    tracker = PosteriorTracker([0.3, 0.2, 0.4], 1e-6, 0.95, exclusive=exclusive, dtype=torch.float64)
+    tracker = PosteriorTracker(DNGConfig(prior=[0.3, 0.2, 0.4], mode="exclusive" if exclusive else "independent"),
+                               dtype=torch.float64)
     tracker.start(40, 3)
     for s in range(12):
         tracker.update(0.7 * llr[s] + 0.2 * gains[s])

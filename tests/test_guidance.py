@@ -4,21 +4,32 @@ import math
 
 import pytest
 import torch
+from diffusers import DDPMScheduler
 from diffusers.pipelines.deprecated.stable_diffusion_safe.pipeline_stable_diffusion_safe import (
     StableDiffusionPipelineSafe,
 )
 
+from dng.config import PRESETS, DNGConfig
 from dng.errors import ConfigError
 from dng.guidance import (
-    DNG_PRESETS,
     SLD_PRESETS,
     DynamicNegativeGuidance,
     NegativePrompt,
     SafeLatentDiffusion,
     Step,
 )
+from dng.posterior import ReadPosterior
 
 STEP = Step(0, torch.tensor(500), torch.zeros(2, 3))
+NAN = float("nan")
+
+
+def _started(rule, negatives=1, batch=2):
+    """The rule started on a 10-step DDPM chain, and the Step of its first step."""
+    scheduler = DDPMScheduler()
+    scheduler.set_timesteps(10)
+    rule.start(scheduler, batch_size=batch, num_negatives=negatives)
+    return Step(0, scheduler.timesteps[0], torch.zeros(batch, 3))
 
 
 def _branches(k=1, seed=0):
@@ -41,10 +52,10 @@ def test_positive_branch_is_cfg_and_negative_term_stays_against_uncond():
 
 
 def test_dng_scale_is_lam0_p_over_one_minus_p():
-    dng = DynamicNegativeGuidance(scale=2.0, prior=0.2)
-    dng.start(2, 1)
+    dng = DynamicNegativeGuidance(lam0=2.0, prior=0.2)
+    step = _started(dng)
     eps_u, eps_n, _ = _branches()
-    eps, scale, p = dng.combine(eps_u, eps_n, STEP)
+    eps, scale, p = dng.combine(eps_u, eps_n, step)
     torch.testing.assert_close(scale, torch.full((2, 1), 2.0 * 0.2 / 0.8))
     torch.testing.assert_close(eps, eps_u - 0.5 * (eps_n[0] - eps_u))
     torch.testing.assert_close(p, torch.full((2, 1), 0.2))
@@ -52,40 +63,67 @@ def test_dng_scale_is_lam0_p_over_one_minus_p():
 
 @pytest.mark.parametrize("sigma, lam0", [(80.0, 2.0), (0.5, 2.0), (0.49, 12.0), (0.05, 12.0), (0.0499, 0.0)])
 def test_dng_lam0_follows_the_noise_level(sigma, lam0):
-    """scale above boost_sigma, scale * late_boost below it, nothing below sigma_min; the timestep plays no part."""
-    dng = DynamicNegativeGuidance(scale=2.0, prior=0.2, late_boost=6.0, boost_sigma=0.5, sigma_min=0.05)
-    dng.start(2, 1)
-    eps_u, eps_n, _ = _branches()
-    eps, scale, _ = dng.combine(eps_u, eps_n, Step(0, torch.tensor(999), eps_u, sigma))
+    """lam0 above boost_sigma, lam0 * late_boost below it, nothing below sigma_min; the timestep plays no part."""
+    dng = DynamicNegativeGuidance(lam0=2.0, prior=0.2, late_boost=6.0, boost_sigma=0.5, sigma_min=0.05)
+    scale = dng.applied_scale(torch.full((2, 1), 0.2), sigma, NAN)
     torch.testing.assert_close(scale, torch.full((2, 1), lam0 * 0.2 / 0.8))
-    torch.testing.assert_close(eps, eps_u - lam0 * 0.25 * (eps_n[0] - eps_u))
+
+
+def test_dng_reads_the_noise_level_from_its_schedulers_kernel():
+    """combine applies the scale of the step's own sigma: below boost_sigma at the last DDPM step, above it first."""
+    dng = DynamicNegativeGuidance(lam0=2.0, prior=0.2, late_boost=6.0, boost_sigma=0.5, push_cap=0.0)
+    scheduler = DDPMScheduler()
+    scheduler.set_timesteps(10)
+    dng.start(scheduler, batch_size=2, num_negatives=1)
+    eps_u, eps_n, _ = _branches()
+    first = dng.combine(eps_u, eps_n, Step(0, scheduler.timesteps[0], eps_u))
+    last = dng.combine(eps_u, eps_n, Step(9, scheduler.timesteps[-1], eps_u))
+    assert dng.after_step(eps_u)["sigma"][0] < 0.5  # the last step's own noise level
+    torch.testing.assert_close(first[1], torch.full((2, 1), 2.0 * 0.25))
+    torch.testing.assert_close(last[1], torch.full((2, 1), 12.0 * 0.25))
+    torch.testing.assert_close(last[0], eps_u - 3.0 * (eps_n[0] - eps_u))
 
 
 def test_late_boost_one_is_the_published_constant_rule():
-    dng = DynamicNegativeGuidance(scale=3.0, late_boost=1.0)
-    assert {dng.lam0(sigma) for sigma in (80.0, 1.0, 0.1, 0.0)} == {3.0}
+    config = DNGConfig(3.0, late_boost=1.0)
+    assert {config.lam0_at(sigma) for sigma in (80.0, 1.0, 0.1, 0.0)} == {3.0}
 
 
 def test_presets_are_the_one_source_of_the_defaults():
-    default = DynamicNegativeGuidance()
-    for key, value in DNG_PRESETS["default"].items():
-        got = default.tracker.priors[0] if key == "prior" else getattr(default.tracker, key, None)
-        assert getattr(default, key, got) == value, key
-    cifar = DynamicNegativeGuidance.preset("paper-cifar10", p_max=0.9)
-    assert (cifar.scale, cifar.temperature, cifar.offset_per_step, cifar.tracker.p_max) == (5.0, 0.2, 2e-4, 0.9)
+    assert DynamicNegativeGuidance().config == PRESETS["default"] == DNGConfig()
+    assert DynamicNegativeGuidance("paper-sd").config == PRESETS["paper-sd"]
+    cifar = DynamicNegativeGuidance.preset("paper-cifar10", p_max=0.9).config
+    assert (cifar.lam0, cifar.temperature, cifar.offset_per_step, cifar.p_max) == (5.0, 0.2, 2e-4, 0.9)
     with pytest.raises(ConfigError, match="paper-sd"):
         DynamicNegativeGuidance.preset("paper")
+    with pytest.raises(ConfigError, match="unknown DNG setting 'scale'; the settings are lam0, prior"):
+        DynamicNegativeGuidance(scale=2.0)
+
+
+def test_config_is_keyword_only_after_the_papers_four_and_round_trips_through_json(tmp_path):
+    config = DNGConfig(2.0, (0.05, 0.1), 0.5, 0.2, mode="exclusive", push_cap=0.0)
+    assert (config.lam0, config.prior, config.temperature, config.offset) == (2.0, (0.05, 0.1), 0.5, 0.2)
+    with pytest.raises(TypeError):
+        DNGConfig(2.0, 0.1, 1.0, 0.0, 1e-6)  # p_min is keyword-only
+    assert DNGConfig.load(config.save(tmp_path / "dng.json")) == config
+    assert DNGConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ConfigError, match="is not a DNG configuration"):
+        (tmp_path / "other.json").write_text("{}")
+        DNGConfig.load(tmp_path / "other.json")
+    assert config.describe() == "lam0=2, prior=[0.05,0.1], temperature=0.5, offset=0.2, mode=exclusive, push_cap=0"
 
 
 def test_several_negatives_exclusive_and_independent_by_hand():
     p = torch.tensor([[0.2, 0.3]])
-    exclusive = DynamicNegativeGuidance(scale=1.5, prior=[0.2, 0.3], mode="exclusive")
-    independent = DynamicNegativeGuidance(scale=1.5, prior=[0.2, 0.3], mode="independent")
-    torch.testing.assert_close(exclusive.scales(p, 1.5), torch.tensor([[1.5 * 0.2 / 0.5, 1.5 * 0.3 / 0.5]]))
-    torch.testing.assert_close(independent.scales(p, 1.5), torch.tensor([[1.5 * 0.2 / 0.8, 1.5 * 0.3 / 0.7]]))
-    independent.start(2, 2)
+    exclusive = DynamicNegativeGuidance(lam0=1.5, prior=[0.2, 0.3], mode="exclusive", late_boost=1.0)
+    independent = DynamicNegativeGuidance(lam0=1.5, prior=[0.2, 0.3], mode="independent", late_boost=1.0)
+    torch.testing.assert_close(exclusive.applied_scale(p, 1.0, NAN),
+                               torch.tensor([[1.5 * 0.2 / 0.5, 1.5 * 0.3 / 0.5]]))
+    torch.testing.assert_close(independent.applied_scale(p, 1.0, NAN),
+                               torch.tensor([[1.5 * 0.2 / 0.8, 1.5 * 0.3 / 0.7]]))
+    step = _started(independent, 2)
     eps_u, eps_n, _ = _branches(k=2)
-    eps, scale, _ = independent.combine(eps_u, eps_n, STEP)
+    eps, scale, _ = independent.combine(eps_u, eps_n, step)
     expected = eps_u - 1.5 * 0.2 / 0.8 * (eps_n[0] - eps_u) - 1.5 * 0.3 / 0.7 * (eps_n[1] - eps_u)
     torch.testing.assert_close(eps, expected)
 
@@ -97,7 +135,7 @@ def test_one_exclusive_prior_is_checked_for_every_class_it_serves():
     with pytest.raises(ConfigError, match=r"5 priors sum to 1.5: lower them, e.g. 0.19 each, or raise p_max"):
         rule.check(5)
     with pytest.raises(ConfigError, match="5 priors sum to 1.5"):
-        rule.start(2, 5)
+        _started(rule, 5)
     DynamicNegativeGuidance(prior=0.3, mode="independent").check(5)  # independent priors need no sum
 
 
@@ -118,12 +156,16 @@ def test_a_prior_above_p_max_is_refused_not_clamped(mode):
     DynamicNegativeGuidance(prior=0.97, p_max=0.98, mode=mode)
 
 
-def test_oracle_posterior_replaces_tracking():
-    dng = DynamicNegativeGuidance(scale=1.0, posterior=lambda x, t: torch.full((x.shape[0], 1), 0.5))
-    assert not dng.tracks_posterior
-    dng.start(2, 1)
-    _, scale, p = dng.combine(*_branches()[:2], STEP)
+def test_a_read_posterior_replaces_tracking():
+    half = ReadPosterior(lambda x, t: torch.full((x.shape[0], 1), 0.5))
+    dng = DynamicNegativeGuidance(lam0=1.0, late_boost=1.0, posterior=half)
+    assert not dng.tracks and DynamicNegativeGuidance().tracks
+    assert dng.with_posterior(None).tracks and dng.with_posterior(None).config == dng.config
+    step = _started(dng)
+    eps_u, eps_n, _ = _branches()
+    _, scale, p = dng.combine(eps_u, eps_n, step)
     torch.testing.assert_close(scale, torch.ones(2, 1))
+    assert dng.after_step(eps_u)["llr"] is None
 
 
 def _diffusers_sld(eps_u, eps_p, eps_n, w, steps, preset):
@@ -144,13 +186,13 @@ def test_sld_matches_diffusers_safe_pipeline(name):
     eps_u, eps_p, eps_n = (0.05 * torch.randn(steps, 2, 4, 8, 8, generator=g) for _ in range(3))
     expected = _diffusers_sld(eps_u, eps_p, eps_n, 7.5, steps, SLD_PRESETS[name])
     sld = SafeLatentDiffusion.preset(name)
-    sld.start(2, 1)
+    sld.start(None, batch_size=2, num_negatives=1)
     for i in range(steps):
         eps, _, _ = sld.combine(eps_u[i], eps_n[i][None], Step(i, torch.tensor(0), eps_u[i]), eps_p[i], 7.5)
         torch.testing.assert_close(eps, expected[i])
     # Without a positive branch the unconditional prediction is the text branch and w = 1.
     expected = _diffusers_sld(eps_u, eps_u, eps_n, 1.0, steps, SLD_PRESETS[name])
-    sld.start(2, 1)
+    sld.start(None, batch_size=2, num_negatives=1)
     for i in range(steps):
         eps, _, _ = sld.combine(eps_u[i], eps_n[i][None], Step(i, torch.tensor(0), eps_u[i]))
         torch.testing.assert_close(eps, expected[i])
@@ -161,7 +203,10 @@ def test_sld_matches_diffusers_safe_pipeline(name):
     [
         (lambda: NegativePrompt(-1.0), "scale"),
         (lambda: NegativePrompt(float("nan")), "scale"),
-        (lambda: DynamicNegativeGuidance(scale=float("inf")), "scale"),
+        (lambda: DynamicNegativeGuidance(lam0=float("inf")), "lam0"),
+        (lambda: DynamicNegativeGuidance(lam0=None), "lam0 must be a number, got NoneType"),
+        (lambda: DynamicNegativeGuidance(prior=torch.tensor([0.1, 0.2])), "prior must be a single number"),
+        (lambda: DynamicNegativeGuidance(object()), "takes a DNGConfig or a preset name"),
         (lambda: DynamicNegativeGuidance(prior=1.0), "prior"),
         (lambda: DynamicNegativeGuidance(p_min=0.9, p_max=0.5), "p_min"),
         (lambda: DynamicNegativeGuidance(temperature=-0.1), "temperature"),
@@ -177,6 +222,7 @@ def test_sld_matches_diffusers_safe_pipeline(name):
         (lambda: DynamicNegativeGuidance(offset_per_step=float("inf")), "offset_per_step"),
         (lambda: SafeLatentDiffusion.preset("extreme"), "preset"),
         (lambda: SafeLatentDiffusion(warmup_steps=-1), "warmup_steps"),
+        (lambda: SafeLatentDiffusion(foo=1), "unknown SLD setting 'foo'"),
         (lambda: SafeLatentDiffusion(momentum_beta=2.0), "momentum_beta"),
         (lambda: SafeLatentDiffusion(threshold=float("nan")), "threshold must be finite"),
     ],
@@ -186,15 +232,18 @@ def test_bad_guidance_settings_are_refused(make, message):
         make()
 
 
+def test_sld_defaults_are_its_medium_preset():
+    assert vars(SafeLatentDiffusion()) == vars(SafeLatentDiffusion.preset("medium"))
+    assert SafeLatentDiffusion("strong", scale=500.0).scale == 500.0
+
+
 def test_push_cap_bounds_scale_times_the_steps_log_snr_gain():
-    dng = DynamicNegativeGuidance(scale=2.0, prior=0.5, late_boost=1.0, push_cap=4.0)
-    dng.start(2, 1)
-    eps_u, eps_n, _ = _branches()
-    small = Step(0, torch.tensor(0), eps_u, 1.0, 0.9)  # gain 2 log(1/0.9) = 0.21: the cap (19) does not bind
-    big = Step(0, torch.tensor(0), eps_u, 1.0, 0.5)  # gain 1.39: the cap 2.89 is above the scale 2
-    huge = Step(0, torch.tensor(0), eps_u, 1.0, 0.1)  # gain 4.61: cap 0.87
-    assert float(dng.combine(eps_u, eps_n, small)[1][0, 0]) == pytest.approx(2.0)
-    assert float(dng.combine(eps_u, eps_n, big)[1][0, 0]) == pytest.approx(2.0)
-    assert float(dng.combine(eps_u, eps_n, huge)[1][0, 0]) == pytest.approx(4.0 / (2 * math.log(10)))
-    onto_clean = Step(0, torch.tensor(0), eps_u, 0.1, 0.0)  # no finite gain: not capped
-    assert float(dng.combine(eps_u, eps_n, onto_clean)[1][0, 0]) == pytest.approx(2.0)
+    dng = DynamicNegativeGuidance(lam0=2.0, prior=0.5, late_boost=1.0, push_cap=4.0)
+    p = torch.full((2, 1), 0.5)
+    # gain 2 log(1/0.9) = 0.21: the cap (19) does not bind; gain 1.39: the cap 2.89 is above the scale 2
+    assert float(dng.applied_scale(p, 1.0, 0.9)[0, 0]) == pytest.approx(2.0)
+    assert float(dng.applied_scale(p, 1.0, 0.5)[0, 0]) == pytest.approx(2.0)
+    # gain 4.61: cap 0.87
+    assert float(dng.applied_scale(p, 1.0, 0.1)[0, 0]) == pytest.approx(4.0 / (2 * math.log(10)))
+    # no finite gain (onto clean data): not capped
+    assert float(dng.applied_scale(p, 0.1, 0.0)[0, 0]) == pytest.approx(2.0)

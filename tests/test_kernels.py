@@ -33,8 +33,9 @@ from dng.bench.gmm import GMMBench
 from dng.errors import ConfigError
 from dng.gmm import default_mixture_config
 from dng.guidance import DynamicNegativeGuidance
-from dng.kernels import reverse_kernel
-from dng.sampler import MIN_TRACKING_STD, sample, step_kwargs
+from dng.posterior import MIN_TRACKING_STD
+from dng.sampler import sample, step_kwargs
+from dng.schedulers import reverse_kernel
 
 SHAPE = (3, 2, 4, 4)
 # Tiny tensors: a second OpenMP thread only adds contention.
@@ -477,7 +478,7 @@ def test_scale_zero_dng_samples_exactly_as_unguided(scheduler, eta, set_kwargs):
                       num_negatives=1 if guidance else 0, eta=eta, generator=torch.Generator().manual_seed(3),
                       progress=False, return_trace=True, set_timesteps_kwargs=set_kwargs)
 
-    guided = run(DynamicNegativeGuidance(scale=0.0, prior=0.1))
+    guided = run(DynamicNegativeGuidance(lam0=0.0, prior=0.1))
     assert torch.equal(guided.samples, run(None).samples)
     noisy = torch.tensor([std > MIN_TRACKING_STD for *_, std in _walk(copy.deepcopy(scheduler), eta, 8, **set_kwargs)])
     llr = guided.trace.llr

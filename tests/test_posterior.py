@@ -6,6 +6,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
+from dng.config import DNGConfig
 from dng.errors import ConfigError, NonFiniteError
 from dng.gmm import GaussianMixture, default_mixture_config
 from dng.guidance import NegativePrompt
@@ -34,7 +35,7 @@ def test_tracker_with_exact_kernels_equals_exact_posterior(mixture, guided):
     noise = torch.randn(256, gmm.dim, generator=g, dtype=torch.float64)
     scheduler.set_timesteps(40)
     t0 = scheduler.timesteps[0]
-    tracker = PosteriorTracker(0.5, p_min=1e-300, p_max=1 - 1e-16, dtype=torch.float64)
+    tracker = PosteriorTracker(DNGConfig(prior=0.5, p_min=1e-300, p_max=1 - 1e-16), dtype=torch.float64)
     tracker.start(len(noise), len(classes))
     # Start from the exact posterior at x_T: from then on only the kernels inform the tracker.
     tracker.log_p = gmm.posterior(noise, t0)[:, classes].log()
@@ -78,7 +79,7 @@ def test_gaussian_llr_matches_the_plain_formula_and_is_stable_in_float32():
 
 
 def test_update_clamps_and_refuses_a_nan_ratio():
-    tracker = PosteriorTracker(0.2, p_min=1e-4, p_max=0.9)
+    tracker = PosteriorTracker(DNGConfig(prior=0.2, p_min=1e-4, p_max=0.9))
     tracker.start(4, 1)
     tracker.update(torch.tensor([[100.0], [-100.0], [float("inf")], [math.log(2.0)]]))
     p = tracker.p[:, 0]
@@ -89,7 +90,7 @@ def test_update_clamps_and_refuses_a_nan_ratio():
 
 
 def test_exclusive_concepts_keep_their_total_below_p_max():
-    tracker = PosteriorTracker([0.2, 0.3], p_max=0.8, exclusive=True)
+    tracker = PosteriorTracker(DNGConfig(prior=[0.2, 0.3], p_max=0.8, mode="exclusive"))
     tracker.start(1, 2)
     tracker.update(torch.tensor([[2.0, 2.0]]))
     p = tracker.p[0]
@@ -109,18 +110,18 @@ def test_exclusive_concepts_keep_their_total_below_p_max():
         ({"prior": float("nan")}, "prior"),
         ({"p_min": 0.5, "p_max": 0.4}, "p_min"),
         ({"p_max": 1.0}, "p_max"),
-        ({"prior": [0.6, 0.5], "exclusive": True}, "summing to at most p_max"),
+        ({"prior": [0.6, 0.5], "mode": "exclusive"}, "summing to at most p_max"),
         ({"prior": 0.995, "p_max": 0.99}, "outside \\[p_min, p_max\\]"),
         ({"prior": 1e-7, "p_min": 1e-6}, "outside"),
     ],
 )
 def test_bad_tracker_settings_are_refused(kwargs, message):
     with pytest.raises(ConfigError, match=message):
-        PosteriorTracker(**kwargs)
+        DNGConfig(**kwargs)
 
 
 def test_prior_count_must_match_concepts():
-    tracker = PosteriorTracker([0.1, 0.2])
+    tracker = PosteriorTracker(DNGConfig(prior=[0.1, 0.2]))
     with pytest.raises(ConfigError, match="one per concept"):
         tracker.start(2, 3)
 
@@ -184,7 +185,7 @@ def test_mixture_update_reduces_to_the_gaussian_ratio_at_small_p():
 
 def test_mixture_update_keeps_exclusive_total_below_p_max_and_refuses_nan():
     x, mu_u, mu_n, p = _tiny_example(seed=2)
-    tracker = PosteriorTracker([0.3, 0.4], p_max=0.9, exclusive=True)
+    tracker = PosteriorTracker(DNGConfig(prior=[0.3, 0.4], p_max=0.9, mode="exclusive"))
     tracker.start(5, 2)
     # Overwhelming evidence for both negatives (tiny std), then for none, then garbage: p stays a distribution.
     for step_x, std in ((mu_n.mean(0), 1e-3), (mu_n[0], 1e-4), (mu_u + 50 * (mu_u - mu_n[1]), 1e-3),
@@ -200,7 +201,7 @@ def test_mixture_update_keeps_exclusive_total_below_p_max_and_refuses_nan():
     with pytest.raises(NonFiniteError):
         tracker.update(mixture_llr(*stats(torch.full_like(x, float("nan")), mu_u, mu_u - mu_n, gram=True), 0.1,
                                    tracker.log_p, exclusive=True, p_max=0.9))
-    independent = PosteriorTracker(0.5, p_max=0.99)
+    independent = PosteriorTracker(DNGConfig(prior=0.5, p_max=0.99))
     independent.start(5, 2)
     for step_x in (mu_n[0], mu_u + 50 * (mu_u - mu_n[0]), torch.full_like(x, 1e20)):
         independent.update(mixture_llr(*stats(step_x, mu_u, mu_u - mu_n), 1e-3, independent.log_p, p_max=0.99))
@@ -223,7 +224,7 @@ def test_mixture_update_tracks_two_narrow_classes_better_than_the_gaussian_ratio
     bench = GMMBench(config, steps=50, num_samples=500, seed=0, variance="fixed_small")
     errors = {}
     for update in ("paper", "mixture"):
-        params = {"scale": 0.0, "prior": 0.5, "temperature": 1.0, "p_max": 0.999, "update": update}
+        params = {"lam0": 0.0, "prior": 0.5, "temperature": 1.0, "p_max": 0.999, "update": update}
         errors[update] = bench.run("dng", params, lambda params=params: DynamicNegativeGuidance(**params))[0][
             "posterior_logit_mae"]
     assert errors["mixture"] < 0.5 * errors["paper"], errors
@@ -236,7 +237,7 @@ def _unguided_tracking_error(steps: int, p_min: float) -> float:
     from dng.guidance import DynamicNegativeGuidance
 
     bench = GMMBench(default_mixture_config(), steps, num_samples=300, seed=0)
-    params = {"scale": 0.0, "prior": bench.prior, "temperature": 1.0, "p_min": p_min, "p_max": 0.999}
+    params = {"lam0": 0.0, "prior": bench.prior, "temperature": 1.0, "p_min": p_min, "p_max": 0.999}
     row, _ = bench.run("dng", params, lambda: DynamicNegativeGuidance(**params), mae_range=(1e-6, 0.999))
     return row["posterior_logit_mae"]
 

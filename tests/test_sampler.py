@@ -16,7 +16,8 @@ from diffusers import (
 from dng.bench.gmm import GMMBench
 from dng.errors import ConfigError, NonFiniteError
 from dng.gmm import default_mixture_config
-from dng.guidance import DynamicNegativeGuidance, NegativePrompt, SafeLatentDiffusion, log_snr_gain
+from dng.guidance import DynamicNegativeGuidance, NegativePrompt, SafeLatentDiffusion
+from dng.posterior import log_snr_gain
 from dng.sampler import sample
 
 
@@ -40,7 +41,7 @@ def run(guidance, scheduler=None, n_neg=1, steps=10, cfg=None, **kw):
 
 
 def test_full_loop_regression_is_pinned():
-    out = run(DynamicNegativeGuidance(scale=2.0, prior=0.3, temperature=1.2, late_boost=1.0, push_cap=0.0),
+    out = run(DynamicNegativeGuidance(lam0=2.0, prior=0.3, temperature=1.2, late_boost=1.0, push_cap=0.0),
               return_trace=True)
     # Pinned from this implementation (torch 2.13 CPU); a change here means the loop's numbers changed.
     assert float(out.samples.sum()) == pytest.approx(PINNED["sum"], abs=1e-3)
@@ -53,7 +54,7 @@ PINNED = {"sum": 8.156938552856445, "abs_mean": 0.6739828586578369, "p_final": 0
 
 def test_frozen_posterior_is_exactly_negative_prompting():
     lam0, prior = 3.0, 0.2
-    frozen = run(DynamicNegativeGuidance(scale=lam0, prior=prior, temperature=0.0, offset=0.0, late_boost=1.0,
+    frozen = run(DynamicNegativeGuidance(lam0=lam0, prior=prior, temperature=0.0, offset=0.0, late_boost=1.0,
                                          push_cap=0.0),
                  return_trace=True)
     np_out = run(NegativePrompt(lam0 * prior / (1 - prior)))
@@ -63,20 +64,20 @@ def test_frozen_posterior_is_exactly_negative_prompting():
 
 def test_zero_scale_is_the_unguided_sampler():
     unguided = run(None, n_neg=0, cfg=4.0)
-    zero = run(DynamicNegativeGuidance(scale=0.0), cfg=4.0)
+    zero = run(DynamicNegativeGuidance(lam0=0.0), cfg=4.0)
     torch.testing.assert_close(zero.samples, unguided.samples)
 
 
 def test_trace_shapes_and_ranges():
-    out = run(DynamicNegativeGuidance(scale=1.0, prior=[0.1, 0.2], p_min=1e-3, p_max=0.9), n_neg=2,
+    out = run(DynamicNegativeGuidance(lam0=1.0, prior=[0.1, 0.2], p_min=1e-3, p_max=0.9), n_neg=2,
               steps=8, return_trace=True)
     tr = out.trace
     assert tr.p.shape == tr.scale.shape == tr.llr.shape == (8, 3, 2)
     assert tr.timesteps.shape == (8,)
     assert ((tr.p >= 1e-3 - 1e-7) & (tr.p <= 0.9 + 1e-7)).all()
     rule = DynamicNegativeGuidance()  # the default lam0 schedule and push cap, read from the trace's noise levels
-    lam0 = torch.tensor([rule.lam0(float(s)) for s in tr.sigma[:, 0]])[:, None, None]
-    cap = torch.tensor([rule.push_cap / g if (g := log_snr_gain(*map(float, s))) else math.inf for s in tr.sigma])
+    lam0 = torch.tensor([rule.config.lam0_at(float(s)) for s in tr.sigma[:, 0]])[:, None, None]
+    cap = torch.tensor([rule.config.push_cap / g if (g := log_snr_gain(*map(float, s))) else math.inf for s in tr.sigma])
     torch.testing.assert_close(tr.scale, torch.minimum(lam0 * tr.p / (1 - tr.p), cap[:, None, None].float()))
     assert torch.isnan(tr.llr[-1]).all() and torch.isfinite(tr.llr[:-1]).all()
     np_trace = run(NegativePrompt(2.0), steps=4, return_trace=True).trace
@@ -86,7 +87,7 @@ def test_trace_shapes_and_ranges():
 @pytest.mark.parametrize("scheduler,eta", [
     (EulerAncestralDiscreteScheduler(), 0.0), (DDIMScheduler(clip_sample=False), 1.0)])
 def test_other_stochastic_schedulers_run_with_dng(scheduler, eta):
-    out = run(DynamicNegativeGuidance(scale=1.0), scheduler=scheduler, eta=eta, return_trace=True)
+    out = run(DynamicNegativeGuidance(lam0=1.0), scheduler=scheduler, eta=eta, return_trace=True)
     assert torch.isfinite(out.samples).all() and torch.isfinite(out.trace.p).all()
 
 
@@ -94,7 +95,7 @@ def test_half_precision_model_keeps_the_posterior_in_float32():
     noise = torch.randn(2, 4, generator=torch.Generator().manual_seed(0)).half()
     model = dummy_model(2)
     out = sample(lambda x, t: model(x.float(), t).half(), DDPMScheduler(clip_sample=False),
-                 DynamicNegativeGuidance(scale=1.0), noise=noise, num_inference_steps=5, num_negatives=1,
+                 DynamicNegativeGuidance(lam0=1.0), noise=noise, num_inference_steps=5, num_negatives=1,
                  progress=False, return_trace=True)
     assert out.samples.dtype == torch.float16
     assert torch.isfinite(out.trace.llr[:-1]).all()
@@ -195,7 +196,7 @@ def test_nan_model_output_is_an_error_naming_the_step_and_branch(step, branch, n
 def test_non_finite_noise_and_overflowing_samples_are_errors():
     noise = torch.randn(3, 2)
     noise[0, 0] = float("inf")
-    with pytest.raises(NonFiniteError, match="noise"):
+    with pytest.raises(ConfigError, match="noise"):
         sample(dummy_model(1), DDPMScheduler(), noise=noise, num_inference_steps=2, progress=False)
     # Every output finite (their float32 sum overflows), but the step's arithmetic does not stay finite.
     huge = lambda x, t: torch.full_like(x, 3e38)  # noqa: E731
@@ -236,7 +237,7 @@ def test_dng_with_exact_posterior_matches_the_target(bench):
 
 @pytest.mark.parametrize("mode", ["exclusive", "independent"])
 def test_mixture_update_runs_the_loop_within_the_clamp(mode):
-    out = run(DynamicNegativeGuidance(scale=2.0, prior=[0.3, 0.4], p_max=0.9, mode=mode, update="mixture"), n_neg=2,
+    out = run(DynamicNegativeGuidance(lam0=2.0, prior=[0.3, 0.4], p_max=0.9, mode=mode, update="mixture"), n_neg=2,
               steps=10, return_trace=True)
     p = out.trace.p
     # The last step adds no noise: its llr is NaN by design (no evidence), every other one is finite.
@@ -245,7 +246,7 @@ def test_mixture_update_runs_the_loop_within_the_clamp(mode):
     if mode == "exclusive":
         assert (p.sum(-1) <= 0.9 * (1 + 1e-5)).all()
     # The update differs from the published one once p is not small.
-    paper = run(DynamicNegativeGuidance(scale=2.0, prior=[0.3, 0.4], p_max=0.9, mode=mode), n_neg=2, steps=10,
+    paper = run(DynamicNegativeGuidance(lam0=2.0, prior=[0.3, 0.4], p_max=0.9, mode=mode), n_neg=2, steps=10,
                 return_trace=True)
     assert not torch.allclose(paper.trace.p[-1], p[-1])
 
@@ -287,7 +288,7 @@ def test_late_boost_cuts_the_leak_of_the_constant_rule_without_hurting_the_kept_
 def test_offset_is_a_drift_per_unit_of_log_snr_whatever_the_step_count(scheduler_cls, steps):
     """With no evidence (temperature 0), log p moves by offset * (log-SNR gained), step by step and in total."""
     rate, prior = -0.05, 0.1
-    out = run(DynamicNegativeGuidance(scale=0.0, prior=prior, temperature=0.0, offset=rate),
+    out = run(DynamicNegativeGuidance(lam0=0.0, prior=prior, temperature=0.0, offset=rate),
               scheduler=scheduler_cls(), steps=steps, return_trace=True)
     sigma = out.trace.sigma[:, 0]
     expected = math.log(prior) + rate * 2 * torch.log(sigma[0] / sigma)

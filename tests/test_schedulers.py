@@ -25,8 +25,7 @@ from diffusers import (
 )
 
 from dng.errors import ConfigError
-from dng.kernels import reverse_kernel
-from dng.schedulers import needs_eta, stochastic, switch
+from dng.schedulers import needs_eta, reverse_kernel, stochastic, switch_hint
 
 SD = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", prediction_type="v_prediction",
           num_train_timesteps=1100)
@@ -68,7 +67,7 @@ def test_sibling_is_trackable_and_built_from_the_same_config(scheduler, sibling,
         assert torch.equal(result.betas, scheduler.betas)
     for key, value in settings.items():
         assert result.config[key] == value, key
-    assert str(switch(scheduler)).startswith(f"{name}.from_config(scheduler.config")
+    assert str(switch_hint(scheduler)).startswith(f"{name}.from_config(scheduler.config")
 
 
 @pytest.mark.parametrize("scheduler", [
@@ -96,12 +95,12 @@ def test_untrackable_without_a_sibling_is_refused():
 
 def test_the_command_line_names_every_sampler():
     from dng.commands import SAMPLER_NAMES
-    from dng.schedulers import SAMPLERS, named
+    from dng.schedulers import SAMPLERS, named_sampler
 
     assert SAMPLER_NAMES == tuple(SAMPLERS)
     base = DDPMScheduler(beta_schedule="scaled_linear", prediction_type="v_prediction",
                          variance_type="fixed_large").config
     for name in SAMPLERS:
-        scheduler, eta = named(name, base)
+        scheduler, eta = named_sampler(name, base)
         reverse_kernel(scheduler, eta)  # each one can be tracked as built
         assert scheduler.config.prediction_type == "v_prediction" and scheduler.config.beta_schedule == "scaled_linear"

@@ -11,10 +11,12 @@ import importlib
 __version__ = "0.1.0"
 
 _API = {
-    "dng.errors": ["ConfigError"],
-    "dng.guidance": ["DNG_PRESETS", "DynamicNegativeGuidance", "Guidance", "NegativePrompt", "SafeLatentDiffusion"],
-    "dng.sampler": ["SampleOutput", "Trace", "sample"],
-    "dng.schedulers": ["stochastic"],
+    "dng.errors": ["ConfigError", "NonFiniteError"],
+    "dng.config": ["DNGConfig", "PRESETS"],
+    "dng.guidance": ["DynamicNegativeGuidance", "Guidance", "NegativePrompt", "SafeLatentDiffusion"],
+    "dng.posterior": ["ReadPosterior", "TrackedPosterior"],
+    "dng.sampler": ["STOP", "SampleOutput", "Trace", "sample"],
+    "dng.schedulers": ["reverse_kernel", "stochastic"],
     "dng.pipelines": ["StableDiffusionDNGPipeline", "StableDiffusionXLDNGPipeline"],
 }
 _MODULE_OF = {name: module for module, names in _API.items() for name in names}

@@ -11,17 +11,21 @@ maximum likelihood of the labels pooled over steps.
 Exact Bayes with exact kernels is temperature 1, offset 0 and the true prior; a model whose branches disagree
 more than its samples do (an under-trained one, say) needs temperature < 1 and offset > 0, which this measures
 instead of guessing. The offset is a drift per unit of log-SNR lambda = -2 log sigma (as in
-`DynamicNegativeGuidance`), so a fit made on one sampler and step count holds on the others.
+`dng.config.DNGConfig`), so a fit made on one sampler and step count holds on the others.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
+from dng.config import DNGConfig, check_probability
 from dng.errors import ConfigError
-from dng.posterior import check_probability, clamp_log_p
+from dng.posterior import clamp_log_p, log_snr_gain
 
 # Fractions of the chain at which the discrimination of the fitted p_t is reported.
 REPORT_AT = (0.25, 0.5, 0.75, 0.9)
@@ -44,11 +48,63 @@ class Calibration:
         return asdict(self)
 
 
-def log_snr_gains(sigma: torch.Tensor) -> torch.Tensor:
-    """Every step's log-SNR gain as the tracker adds the offset over it (`dng.guidance.log_snr_gain`: 0 where it is
-    not finite), from a trace's `sigma` [steps, 2]."""
-    from dng.guidance import log_snr_gain
+# The unit of the offset, written into every calibration file so that one of another unit is never misread.
+OFFSET_UNIT = "per unit of log-SNR"
 
+
+@dataclass(frozen=True)
+class ModelCalibration:
+    """A model's fitted tracker, as DNG applies it: a prior per concept, one temperature and offset (per unit of
+    log-SNR, so the same on every sampler and step count) and the p_max the fit was made with.
+
+    `apply` is the one place where a calibration becomes DNG settings, whatever made it.
+    """
+
+    concepts: tuple[str, ...]
+    priors: tuple[float, ...]
+    temperature: float
+    offset: float
+    p_max: float
+
+    def prior_of(self, concept: str) -> float | None:
+        return self.priors[self.concepts.index(concept)] if concept in self.concepts else None
+
+    def apply(self, config: DNGConfig, concepts: Sequence[str]) -> DNGConfig:
+        """`config` with this calibration's temperature, offset and p_max, and the prior of each of `concepts` (a
+        concept the calibration has no prior for keeps the config's). The calibrated offset replaces any per-step
+        offset."""
+        fallback = config.priors_for(len(concepts))
+        priors = [own if own is not None else other
+                  for own, other in zip(map(self.prior_of, concepts), fallback, strict=True)]
+        return config.replace(prior=tuple(priors), temperature=self.temperature, offset=self.offset,
+                              offset_per_step=0.0, p_max=self.p_max)
+
+    @classmethod
+    def read(cls, path) -> tuple[ModelCalibration, dict]:
+        """The calibration a file written by `dng calibrate` holds (its joint fit "all"), and the file's entry."""
+        path = Path(path)
+        try:
+            entry = json.loads(path.read_text())
+        except ValueError as err:
+            raise ConfigError(f"{path} is not valid JSON ({err}); delete it or rerun `dng calibrate`") from err
+        if not isinstance(entry, dict) or entry.get("offset_unit") != OFFSET_UNIT:
+            raise ConfigError(f"{path} is not a calibration whose offset is {OFFSET_UNIT} (an older per-step fit?); "
+                              "delete it or rerun `dng calibrate`")
+        try:
+            fit = entry["fits"]["all"]
+            calibration = cls(tuple(entry["classes"]), tuple(float(p) for p in fit["priors"]),
+                              float(fit["temperature"]), float(fit["offset"]), float(entry["settings"]["p_max"]))
+            if len(calibration.priors) != len(calibration.concepts):
+                raise ValueError(f"{len(calibration.priors)} priors for {len(calibration.concepts)} concepts")
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise ConfigError(f"{path} is not a calibration file written by `dng calibrate` ({err!r}); "
+                              "delete it or rerun the calibration") from err
+        return calibration, entry
+
+
+def log_snr_gains(sigma: torch.Tensor) -> torch.Tensor:
+    """Every step's log-SNR gain as the tracker adds the offset over it (`dng.posterior.log_snr_gain`: 0 where it is
+    not finite), from a trace's `sigma` [steps, 2]."""
     return torch.tensor([log_snr_gain(*map(float, levels)) for levels in sigma], dtype=torch.float64)
 
 

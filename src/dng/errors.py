@@ -1,10 +1,15 @@
-"""The error types for bad input: their messages say what to change."""
+"""The error types: bad input (ConfigError) and a numerical blow-up (NonFiniteError); their messages say what to
+change."""
 
 
 class ConfigError(ValueError):
-    """Invalid arguments, configuration or files given by the user."""
+    """Invalid arguments, configuration or files given by the user (the CLI exits 2)."""
 
 
-class NonFiniteError(ConfigError):
-    """A model output, a tracked posterior or a sample that is NaN or infinite: it names where, and the likely
-    cause (NaN weights, a scale too large for the model's range)."""
+class UnsupportedSchedulerError(ConfigError):
+    """A scheduler whose step DNG cannot track: deterministic, or not a Gaussian kernel dng knows."""
+
+
+class NonFiniteError(RuntimeError):
+    """A model output, a tracked posterior or a sample that became NaN or infinite during sampling: it names where,
+    and the likely cause (NaN weights, a scale too large for the model's range). Not bad input: the CLI exits 3."""

@@ -6,20 +6,8 @@ import math
 
 import torch
 
+from dng.config import DNGConfig
 from dng.errors import ConfigError, NonFiniteError
-
-# Exclusive concepts share 1 - sum_i p_i as the denominator of every scale: their priors must leave at least this.
-MIN_REST = 1e-6
-# Float rounding of a sum of priors (ten of 0.095 add up to 0.95 plus a few ulps), not a real excess over p_max.
-SUM_TOLERANCE = 1e-9
-
-
-def check_probability(name: str, value: float) -> float:
-    value = float(value)
-    if not 0.0 < value < 1.0:
-        raise ConfigError(f"{name} must lie strictly between 0 and 1, got {value}")
-    return value
-
 
 def gaussian_llr(rd, dd, std: float, temperature: float = 1.0, offset: float = 0.0):
     """Tempered log q(x_prev|x, c-)/q(x_prev|x) for equal-variance Gaussian kernels, [batch, negatives].
@@ -86,45 +74,17 @@ def clamp_log_p(log_p: torch.Tensor, p_min: float, p_max: float, exclusive: bool
 
 
 class PosteriorTracker:
-    """Per-sample log-posterior of each negative concept, updated after every stochastic step."""
+    """Per-sample log-posterior of each negative concept, updated after every stochastic step (prior and clamp from
+    a `DNGConfig`)."""
 
-    def __init__(self, prior=0.1, p_min: float = 1e-6, p_max: float = 0.99, exclusive: bool = False,
-                 dtype=torch.float32):
-        priors = [prior] if isinstance(prior, (int, float)) else list(prior)
-        self.priors = [check_probability("prior", p) for p in priors]
-        self.p_min = check_probability("p_min", p_min)
-        self.p_max = check_probability("p_max", p_max)
-        if self.p_min >= self.p_max:
-            raise ConfigError(f"p_min ({p_min}) must be smaller than p_max ({p_max})")
-        # The clamp would move such a prior before the first step: say so instead of changing it silently.
-        outside = [p for p in self.priors if not self.p_min <= p <= self.p_max]
-        if outside:
-            raise ConfigError(f"prior {outside[0]} lies outside [p_min, p_max] = [{self.p_min}, {self.p_max}]; give a "
-                              f"prior inside it or move p_min / p_max")
-        self.exclusive = exclusive
+    def __init__(self, config: DNGConfig, dtype=torch.float32):
+        self.config = config
+        self.p_min, self.p_max, self.exclusive = config.p_min, config.p_max, config.exclusive
         self.dtype = dtype
         self.log_p = None
-        if len(self.priors) > 1:
-            self.priors_for(len(self.priors))
-
-    def priors_for(self, num_concepts: int) -> list[float]:
-        """The prior of each of `num_concepts` concepts (one prior given serves them all), checked: exclusive
-        concepts need priors summing to at most p_max and to at most 1 - MIN_REST, which the tracker's clamp keeps
-        their total below afterwards."""
-        priors = self.priors * num_concepts if len(self.priors) == 1 else self.priors
-        if len(priors) != num_concepts:
-            raise ConfigError(f"{len(self.priors)} priors given for {num_concepts} negative concepts; give one or "
-                              f"one per concept")
-        total = math.fsum(priors)
-        if self.exclusive and (total > self.p_max + SUM_TOLERANCE or 1 - total < MIN_REST):
-            most = min(self.p_max, 1 - MIN_REST)
-            raise ConfigError(f"exclusive concepts need priors summing to at most p_max = {self.p_max} (and below 1 by "
-                              f"{MIN_REST:g}); {num_concepts} priors sum to {total:.6g}: lower them, e.g. "
-                              f"{most / num_concepts:.3g} each, or raise p_max")
-        return priors
 
     def start(self, batch_size: int, num_concepts: int, device=None) -> None:
-        log_prior = torch.tensor([math.log(p) for p in self.priors_for(num_concepts)], dtype=self.dtype,
+        log_prior = torch.tensor([math.log(p) for p in self.config.priors_for(num_concepts)], dtype=self.dtype,
                                  device=device)
         self.log_p = clamp_log_p(log_prior.expand(batch_size, num_concepts).clone(), self.p_min, self.p_max,
                                  self.exclusive)
@@ -145,6 +105,85 @@ class PosteriorTracker:
                                  "branch means are not finite (NaN model weights, or a guidance scale too large)")
         llr = llr.clamp(-1e30, 1e30)
         self.log_p = clamp_log_p(self.log_p + llr, self.p_min, self.p_max, self.exclusive)
+
+
+def log_snr_gain(sigma: float, sigma_next: float) -> float:
+    """log-SNR gained by a step from noise level sigma to sigma_next, 2 log(sigma / sigma_next); 0 where it is not
+    finite (a step from infinite noise, flow matching's first, or onto clean data) or not known."""
+    if 0 < sigma_next < sigma < math.inf:
+        return 2 * math.log(sigma / sigma_next)
+    return 0.0
+
+
+# A step with (almost) no noise carries no usable likelihood ratio: the update would divide by ~0.
+MIN_TRACKING_STD = 1e-6
+
+
+class TrackedPosterior:
+    """Where DNG's p comes from by default: tracked per sample by Bayes over the sampler's own Gaussian steps.
+
+    `before_step` reads the step's kernel means for the unconditional and negative branches (no model call), and
+    `after_step` updates log p from the sample the step drew; the llr it returns is the trace's.
+    """
+
+    tracks = True
+
+    def start(self, config: DNGConfig, kernel, batch_size: int, num_negatives: int, device=None) -> None:
+        self.config, self.kernel = config, kernel
+        self.tracker = PosteriorTracker(config)
+        self.tracker.start(batch_size, num_negatives, device)
+        self.moments = None
+
+    def read(self, x, t) -> torch.Tensor:
+        return self.tracker.p
+
+    def before_step(self, t, x, eps_u, eps_n) -> None:
+        moments = self.kernel.branch_moments(t, x, torch.cat([eps_u[None], eps_n]))
+        # Below sigma_min the rule does not track; a step without noise carries no likelihood ratio.
+        usable = moments.sigma >= self.config.sigma_min and moments.std > MIN_TRACKING_STD
+        self.moments = moments if usable else None
+
+    def after_step(self, x_prev) -> torch.Tensor | None:
+        """The step's llr [batch, negatives] after updating p with it; None where the step was not tracked."""
+        moments, self.moments = self.moments, None
+        if moments is None:
+            return None
+        c = self.config
+        kernel_std = moments.std if c.kernel_variance == "step" else moments.forward_std
+        # Both offsets as one per-step offset o, which the updates add as o / (2 s^2).
+        offset = c.offset_per_step + c.offset * log_snr_gain(moments.sigma, moments.sigma_next) * 2 * kernel_std**2
+        if c.update == "paper":
+            llr = gaussian_llr(*moments.statistics(x_prev), kernel_std, c.temperature, offset)
+        else:
+            rd, dd = moments.statistics(x_prev, gram=c.exclusive)
+            llr = mixture_llr(rd, dd, kernel_std, self.tracker.log_p, c.temperature, offset,
+                              exclusive=c.exclusive, p_max=c.p_max)
+        self.tracker.update(llr)
+        return llr
+
+
+class ReadPosterior:
+    """DNG's p read at every step from `fn(x_t, t)` -> [batch, negatives] instead of tracked: the exact mixture's
+    posterior, or the model's own from every class branch. Clamped to the configuration's [p_min, p_max]."""
+
+    tracks = False
+
+    def __init__(self, fn):
+        if not callable(fn):
+            raise ConfigError(f"ReadPosterior needs a callable fn(x_t, t), got {type(fn).__name__}")
+        self.fn = fn
+
+    def start(self, config: DNGConfig, kernel, batch_size: int, num_negatives: int, device=None) -> None:
+        self.p_min, self.p_max = config.p_min, config.p_max
+
+    def read(self, x, t) -> torch.Tensor:
+        return self.fn(x, t).to(torch.float32).clamp(self.p_min, self.p_max)
+
+    def before_step(self, t, x, eps_u, eps_n) -> None:
+        pass
+
+    def after_step(self, x_prev) -> None:
+        return None
 
 
 def mixture_weights(eps_u: torch.Tensor, eps_k: torch.Tensor, ridge: float = 1e-3, iters: int = 300) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""The one sampling loop: branches -> guidance -> scheduler.step -> posterior update."""
+"""The one sampling loop: branches -> guidance rule -> scheduler.step -> the rule sees the step's result."""
 
 from __future__ import annotations
 
@@ -9,12 +9,9 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from dng.config import check_finite
 from dng.errors import ConfigError, NonFiniteError
-from dng.guidance import Guidance, Step, base_prediction, check_finite
-from dng.kernels import reverse_kernel
-
-# A step with (almost) no noise carries no usable likelihood ratio: the update would divide by ~0.
-MIN_TRACKING_STD = 1e-6
+from dng.guidance import Guidance, Step, base_prediction
 # A sample "activated" DNG when its tracked p_t reached 1/2 at some step: the concept had become more likely than
 # not, which is where the applied scale lam0 p/(1-p) reaches lam0 itself. The threshold reads p, not the scale, so
 # that it means the same whatever lam0, its late boost and its cap; from the default prior 0.1 it takes evidence
@@ -22,20 +19,32 @@ MIN_TRACKING_STD = 1e-6
 ACTIVATION_P = 0.5
 
 
+class _Stop:
+    def __repr__(self):
+        return "dng.sampler.STOP"
+
+
+# What a callback returns to stop the loop after its step. Only this: diffusers' callbacks return a dict of
+# tensors, which must not read as a stop request.
+STOP = _Stop()
+
+
 @dataclass
 class Trace:
     """Per step and sample: the timestep, p_t(c-|x_t) used, the applied scale and the step's log-likelihood ratio.
 
-    `p`, `scale` and `llr` have shape [steps, batch, negatives]; `p` and `llr` are NaN for rules without a
-    tracked posterior, `llr` is NaN where a step was not tracked (no noise added, or below the rule's sigma_min).
-    `sigma` [steps, 2] holds each step's noise levels before and after it (NaN where the rule needs none).
+    `p`, `scale` and `llr` have shape [steps, batch, negatives]; `scale` is the scale each negative got at the step
+    (for DNG lam0(sigma) p/(1-p), not lam0 itself); `p` is NaN for rules without a posterior, `llr` is NaN where a
+    step was not tracked (a read posterior, no noise added, or below the rule's sigma_min). `sigma` [steps, 2] holds
+    each step's noise levels before and after it (NaN for rules that need none). Without a guidance rule the three
+    are [steps, batch, 0] and `sigma` is NaN.
     """
 
     timesteps: torch.Tensor
     p: torch.Tensor
     scale: torch.Tensor
     llr: torch.Tensor
-    sigma: torch.Tensor | None = None
+    sigma: torch.Tensor
 
 
 @dataclass
@@ -105,8 +114,9 @@ def sample(
     `model(x, t)` evaluates every branch in one call: `x` stacks copies of the scaled sample along the
     batch axis in the order [unconditional, positive (if cfg_scale is given), negative 1..K] and the
     model returns epsilon (or whatever the scheduler's prediction_type is) in the same layout.
-    `callback(i, t, x_prev, info)` runs after every step; `info` holds "p" and "scale" when known; a callback that
-    returns True stops the loop after that step (diffusers' `pipe._interrupt`). The progress bar
+    `callback(i, t, x_prev, info)` runs after every step; `info` holds what the rule recorded of the step ("p",
+    "scale", and for DNG "llr" and "sigma"); a callback that returns `STOP` stops the loop after that step
+    (diffusers' `pipe._interrupt`), any other return value is ignored. The progress bar
     shows on a terminal only (tqdm's own rule), so logs of batch jobs stay readable. `set_timesteps_kwargs` go to
     `scheduler.set_timesteps`, e.g. {"mu": 0.8} for a flow-matching scheduler with `use_dynamic_shifting`.
     """
@@ -119,15 +129,10 @@ def sample(
     # cfg_scale None means no positive branch; combine then ignores the scale.
     w = 1.0 if cfg_scale is None else check_finite("cfg_scale", cfg_scale)
     if not torch.isfinite(noise).all():
-        raise NonFiniteError("noise holds NaN or inf; draw it from a normal distribution")
-    tracking = guidance is not None and guidance.tracks_posterior
-    kernel = reverse_kernel(scheduler, eta) if guidance is not None and guidance.needs_noise_levels else None
+        raise ConfigError("noise holds NaN or inf; draw it from a normal distribution")
     batch = noise.shape[0]
     n_pos = 0 if cfg_scale is None else 1
     n_branches = 1 + n_pos + num_negatives
-    if guidance is not None:
-        guidance.start(batch, num_negatives, noise.device)
-
     extra = dict(set_timesteps_kwargs or {})
     try:
         scheduler.set_timesteps(steps, device=noise.device, **extra)
@@ -139,6 +144,8 @@ def sample(
                 if "`mu`" in str(err) else "")
         name = type(scheduler).__name__
         raise ConfigError(f"{name} refused num_inference_steps={steps}{given}: {err}{hint}") from None
+    if guidance is not None:
+        guidance.start(scheduler, eta=eta, batch_size=batch, num_negatives=num_negatives, device=noise.device)
     kwargs = step_kwargs(scheduler, eta, generator)
     # Flow-matching schedulers start from unit noise and take the model input as it is.
     x = noise * getattr(scheduler, "init_noise_sigma", 1.0)
@@ -155,26 +162,18 @@ def sample(
         eps_u = branches[0]
         eps_p = branches[1] if n_pos else None
         info = {}
-        # Before the step: Euler-type kernels read the step index that the step advances.
-        levels = kernel.noise_levels(t) if kernel is not None else (float("nan"),) * 2
         if guidance is None:
             eps = base_prediction(eps_u, eps_p, w)
         else:
-            eps_n = branches[1 + n_pos:]
-            eps, scale, p = guidance.combine(eps_u, eps_n, Step(i, t, x, *levels), eps_p, w)
+            eps, scale, p = guidance.combine(eps_u, branches[1 + n_pos:], Step(i, t, x), eps_p, w)
             info = {"p": p, "scale": scale}
-            if tracking:
-                # Without a positive branch, u and the negatives are already contiguous: no copy.
-                tracked = branches if not n_pos else torch.cat([eps_u[None], eps_n])
-                moments = kernel.branch_moments(t, x, tracked)
         x_prev = scheduler.step(eps, t, x, **kwargs).prev_sample
-        llr = None
-        if tracking and moments.std > MIN_TRACKING_STD:
-            llr = guidance.observe(x_prev, moments)
-        if return_trace and guidance is not None:
-            records.append((info["p"], info["scale"], llr, levels))
+        if guidance is not None:
+            info.update(guidance.after_step(x_prev))
+            if return_trace:
+                records.append(info)
         x = x_prev
-        if callback is not None and callback(i, t, x_prev, info):
+        if callback is not None and callback(i, t, x_prev, info) is STOP:
             break
     if not torch.isfinite(x).all():
         raise NonFiniteError(f"{int((~torch.isfinite(x)).flatten(1).any(1).sum())} of {batch} samples are NaN or inf "
@@ -185,13 +184,15 @@ def sample(
 
 
 def _trace(timesteps, records, batch, num_negatives) -> Trace:
+    """The trace of the steps taken; the rule's per-step records hold "p", "scale" and optionally "llr", "sigma"."""
     nan = torch.full((batch, num_negatives), float("nan"))
+    steps = len(timesteps)
 
-    def stack(column):
-        return torch.stack([nan if r[column] is None else r[column].detach().float().cpu() for r in records])
+    def stack(key):
+        return torch.stack([nan if r.get(key) is None else r[key].detach().float().cpu() for r in records])
 
     if not records:
-        empty = torch.empty(len(timesteps), batch, 0)
-        return Trace(timesteps.cpu(), empty, empty, empty)
-    sigma = torch.tensor([r[3] for r in records], dtype=torch.float64)
-    return Trace(timesteps.cpu(), stack(0), stack(1), stack(2), sigma)
+        empty = torch.empty(steps, batch, 0)
+        return Trace(timesteps.cpu(), empty, empty, empty, torch.full((steps, 2), float("nan"), dtype=torch.float64))
+    sigma = torch.tensor([r.get("sigma", (float("nan"),) * 2) for r in records], dtype=torch.float64)
+    return Trace(timesteps.cpu(), stack("p"), stack("scale"), stack("llr"), sigma)

@@ -1,5 +1,6 @@
-"""The stochastic sibling of a diffusers scheduler: the one-line switch from a sampler DNG cannot track to one it can.
+"""Which diffusers schedulers DNG can track, and the stochastic sibling of those it cannot.
 
+    kernel = dng.schedulers.reverse_kernel(scheduler, eta)  # the step's Gaussian kernel, or a clear refusal
     scheduler = dng.schedulers.stochastic(pipe.scheduler)   # e.g. DPM++ 2M Karras -> DPM++ 2M SDE Karras
     eta = 1.0 if dng.schedulers.needs_eta(scheduler) else 0.0
 
@@ -9,10 +10,82 @@ the same model on the same schedule; only the step's noise differs.
 
 from __future__ import annotations
 
-import diffusers
+from typing import NamedTuple
 
-from dng.errors import ConfigError
-from dng.kernels import reverse_kernel
+import diffusers
+from diffusers import (
+    CMStochasticIterativeScheduler,
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    DPMSolverSinglestepScheduler,
+    EDMDPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    KDPM2AncestralDiscreteScheduler,
+    LCMScheduler,
+    LTXEulerAncestralRFScheduler,
+    TCDScheduler,
+)
+
+from dng import kernels
+from dng.errors import ConfigError, UnsupportedSchedulerError
+
+# What `reverse_kernel` dispatches to, as the refusal message lists it.
+SUPPORTED = (
+    "DDPMScheduler (variance_type fixed_small, fixed_small_log, fixed_large), DDIMScheduler with eta > 0, "
+    "EulerAncestralDiscreteScheduler, KDPM2AncestralDiscreteScheduler, "
+    "DPMSolverMultistepScheduler with algorithm_type sde-dpmsolver++ (orders 1-3) or the deprecated sde-dpmsolver "
+    "(orders 1-2), DPMSolverSinglestepScheduler with sde-dpmsolver++ (orders 1-3), EDMDPMSolverMultistepScheduler "
+    "with sde-dpmsolver++ (orders 1-2), TCDScheduler with eta (its gamma) > 0, LCMScheduler, "
+    "FlowMatchEulerDiscreteScheduler with stochastic_sampling=True, LTXEulerAncestralRFScheduler with eta > 0, "
+    "CMStochasticIterativeScheduler"
+)
+
+# Exact types: a subclass may change the step, and a wrong kernel would silently bias the posterior.
+# Refused though stochastic: DPMSolverSDEScheduler draws Brownian-tree noise (torchsde, seeded by its own
+# noise_sampler_seed) over each step's two overlapping intervals, sigma -> midpoint and sigma -> sigma_next, so given
+# the first stage the second stage's noise is correlated with it: not an N(0, I) draw independent of the past.
+# CosineDPMSolverMultistepScheduler's tree increments are over disjoint intervals (Gaussian given the past, the
+# multistep structure of DPMSolverKernel), but its noise comes from torchsde, not the sampler's generator.
+# SASolverScheduler's corrector rewrites x_t with this step's output and the previous step's noise, and its
+# predictor reads the outputs from the scheduler's own list: a kernel would have to write into it.
+# DDPMWuerstchenScheduler steps take a per-sample timestep vector, and its schedule ends at a t = 0 its pipeline
+# never steps: the sampler cannot drive it.
+_KERNELS = {
+    DDPMScheduler: kernels.DDPMKernel,
+    EulerAncestralDiscreteScheduler: kernels.EulerAncestralKernel,
+    KDPM2AncestralDiscreteScheduler: kernels.KDPM2AncestralKernel,
+    DPMSolverMultistepScheduler: kernels.DPMSolverKernel,
+    DPMSolverSinglestepScheduler: kernels.DPMSolverKernel,
+    EDMDPMSolverMultistepScheduler: kernels.DPMSolverKernel,
+    LCMScheduler: kernels.LCMKernel,
+    FlowMatchEulerDiscreteScheduler: kernels.FlowMatchEulerKernel,
+    LTXEulerAncestralRFScheduler: kernels.LTXEulerAncestralKernel,
+    CMStochasticIterativeScheduler: kernels.ConsistencyKernel,
+}
+# Stochastic through the `eta` their step takes (DDIM's eta, TCD's gamma).
+_ETA_KERNELS = {DDIMScheduler: kernels.DDIMKernel, TCDScheduler: kernels.TCDKernel}
+
+
+def reverse_kernel(scheduler, eta: float = 0.0):
+    """The Gaussian kernel of a supported stochastic scheduler's step; for any other scheduler an
+    UnsupportedSchedulerError that says how to switch to its stochastic sibling.
+
+    `eta` is what the sampler gives the step: DDIM's eta, TCD's gamma.
+    """
+    kind = type(scheduler)
+    try:
+        if kind in _ETA_KERNELS:
+            return _ETA_KERNELS[kind](scheduler, eta)
+        if kind in _KERNELS:
+            return _KERNELS[kind](scheduler)
+        why = "it is deterministic or its step is not a Gaussian kernel DNG knows"
+    except UnsupportedSchedulerError as err:
+        why = str(err)
+    raise UnsupportedSchedulerError(
+        f"{kind.__name__} cannot be used with posterior tracking: {why}. DNG needs a stochastic sampler: "
+        f"{switch_hint(scheduler)}. Supported: {SUPPORTED}.")
 
 _SDE = {"algorithm_type": "sde-dpmsolver++"}
 _ANCESTRAL = ("EulerAncestralDiscreteScheduler", {})
@@ -41,8 +114,6 @@ SIBLINGS = {
     "DPMSolverSDEScheduler": ("DPMSolverMultistepScheduler", _SDE),
     "SASolverScheduler": ("DPMSolverMultistepScheduler", _SDE),
 }
-# Stochastic through the `eta` their step takes (DDIM's eta, TCD's gamma): the sampler's eta must be > 0.
-ETA_STEPS = ("DDIMScheduler", "TCDScheduler")
 
 
 def _sibling(scheduler) -> tuple[str, dict]:
@@ -57,10 +128,10 @@ def _sibling(scheduler) -> tuple[str, dict]:
 
 def needs_eta(scheduler) -> bool:
     """Whether the scheduler's noise is the `eta` given to its step (DDIM, TCD): sample with eta > 0."""
-    return type(scheduler).__name__ in ETA_STEPS
+    return type(scheduler) in _ETA_KERNELS
 
 
-def switch(scheduler) -> str:
+def switch_hint(scheduler) -> str:
     """The one-line switch to the stochastic sibling, as code a user can paste."""
     name = type(scheduler).__name__
     if name == "DDIMScheduler":
@@ -79,10 +150,13 @@ def stochastic(scheduler, **config):
     DDIM and TCD come back as they are: their noise is the sampler's `eta`, which must be > 0 (`needs_eta`).
     Raises ConfigError where no sibling is known or the sibling still cannot be tracked (e.g. a learned variance).
     """
+    if not hasattr(scheduler, "step") or not hasattr(scheduler, "config"):
+        raise ConfigError(f"stochastic() takes a diffusers scheduler, e.g. pipe.scheduler; got "
+                          f"{type(scheduler).__name__} {scheduler!r}")
     name = type(scheduler).__name__
     try:
         reverse_kernel(scheduler, 1.0)
-    except ConfigError:
+    except UnsupportedSchedulerError:
         if name not in SIBLINGS:
             raise
         target, changes = _sibling(scheduler)
@@ -110,9 +184,16 @@ SAMPLERS = {
 }
 
 
-def named(name: str, config) -> tuple:
-    """(scheduler, eta) of the sampler `name` (`SAMPLERS`) on the training schedule `config`."""
+class NamedSampler(NamedTuple):
+    """A scheduler and the eta its step needs."""
+
+    scheduler: object
+    eta: float
+
+
+def named_sampler(name: str, config) -> NamedSampler:
+    """The sampler `name` (`SAMPLERS`) on the training schedule `config`, with the eta its step needs."""
     if name not in SAMPLERS:
         raise ConfigError(f"unknown scheduler {name!r}; choose one of {', '.join(SAMPLERS)}")
     cls, changes, eta = SAMPLERS[name]
-    return getattr(diffusers, cls).from_config(config, **changes), eta
+    return NamedSampler(getattr(diffusers, cls).from_config(config, **changes), eta)

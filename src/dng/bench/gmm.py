@@ -17,7 +17,7 @@ from dng.errors import ConfigError
 from dng.gmm import GaussianMixture, default_mixture_config
 from dng.guidance import SLD_PRESETS, DynamicNegativeGuidance, NegativePrompt, SafeLatentDiffusion
 from dng.sampler import check_steps, sample
-from dng.schedulers import named as named_scheduler
+from dng.schedulers import named_sampler
 
 METHODS = ("none", "np", "sld", "dng", "dng-oracle", "target")
 # fixed_large (sigma_t^2 = beta_t) is the default: at 100 steps its unguided and exact-posterior samples sit within
@@ -104,7 +104,7 @@ class GMMBench:
         self.spec = (config, steps, num_samples, seed, variance, scheduler)
         # The DDPM step's variance is the bench's `variance`; other samplers take only its training schedule.
         training = DDPMScheduler(num_train_timesteps=1000, clip_sample=False, variance_type=variance)
-        self.scheduler, self.eta = named_scheduler(scheduler, training.config)
+        self.scheduler, self.eta = named_sampler(scheduler, training.config)
         check_steps(steps, self.scheduler, "--steps")
         self.gmm = GaussianMixture(config["means"], config["stds"], config["weights"],
                                    self.scheduler.alphas_cumprod, dtype=torch.float32)
@@ -133,10 +133,10 @@ class GMMBench:
             elif method == "dng":
                 # The library default, told the true prior of the removed classes.
                 rule = {"prior": self.prior / len(self.remove), "mode": "exclusive"}
-                yield method, {"preset": "default", **rule}, lambda rule=rule: DynamicNegativeGuidance.preset(**rule)
+                yield method, {"preset": "default", **rule}, lambda rule=rule: DynamicNegativeGuidance(**rule)
             elif method == "dng-oracle":
                 # The exact rule: lam0 = 1 everywhere on the exact posterior is the score of the target.
-                oracle = {"scale": 1.0, "late_boost": 1.0, "sigma_min": 0.0, "push_cap": 0.0, "p_min": 1e-6,
+                oracle = {"lam0": 1.0, "late_boost": 1.0, "sigma_min": 0.0, "push_cap": 0.0, "p_min": 1e-6,
                           "p_max": 1 - 1e-6, "mode": "exclusive"}
                 yield method, {**oracle, "posterior": "exact"}, lambda oracle=oracle: DynamicNegativeGuidance(
                     **oracle, posterior=self.exact_posterior)
@@ -161,14 +161,14 @@ class GMMBench:
             negatives = self.remove if guidance else []
             noise = torch.randn(self.n, self.gmm.dim, generator=g)
             errors = []
-            tracked = isinstance(guidance, DynamicNegativeGuidance) and guidance.posterior_fn is None
+            tracked = isinstance(guidance, DynamicNegativeGuidance) and guidance.tracks
 
             current = [noise]
 
             def measure(i, t, x_prev, info):
                 # The p used at step i belongs to x_t, the sample before this step.
                 if tracked:
-                    lo, hi = mae_range or (guidance.tracker.p_min, guidance.tracker.p_max)
+                    lo, hi = mae_range or (guidance.config.p_min, guidance.config.p_max)
                     exact = self.exact_posterior(current[0], t).clamp(lo, hi)
                     errors.append((_logit(info["p"].clamp(lo, hi)) - _logit(exact)).abs().mean())
                 current[0] = x_prev

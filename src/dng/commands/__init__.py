@@ -25,42 +25,66 @@ def add_dtype_argument(parser) -> None:
 
 
 def add_dng_arguments(parser) -> None:
-    """--dng-preset and --dng NAME=VALUE of the commands that run DNG (`dng_overrides` reads them)."""
-    from dng.guidance import DNG_PRESETS
+    """--dng-preset and --dng NAME=VALUE of the commands that run DNG (`dng_changes` reads them)."""
+    from dng.config import PARAMETERS, PRESETS
 
     parser.add_argument("--dng-preset", default="default",
-                        help=f"DNG's named setting: {', '.join(DNG_PRESETS)} (default: default)")
+                        help=f"DNG's named setting: {', '.join(PRESETS)} (default: default, which the generator's "
+                             "calibration applies to; the published presets run as published)")
     parser.add_argument("--dng", action="append", default=[], metavar="NAME=VALUE",
-                        help="set one parameter of DNG over the preset (and the generator's calibration), e.g. "
-                             f"--dng scale=2 --dng sigma_min=0.1; names: {', '.join(DNG_PARAMETERS)}")
+                        help="set one DNG setting over the preset (and the calibration), e.g. --dng lam0=2 --dng "
+                             f"sigma_min=0.1; names: {', '.join(PARAMETERS)}")
 
 
-# The DynamicNegativeGuidance parameters the command line may set (a prior may list one value per concept).
-DNG_PARAMETERS = ("scale", "prior", "temperature", "offset", "p_min", "p_max", "late_boost", "boost_sigma",
-                  "sigma_min", "push_cap", "offset_per_step")
+# Spellings of --dng names that were renamed: accepted with a note that gives the new name.
+RENAMED_DNG = {"scale": "lam0"}
+TEXT_SETTINGS = ("mode", "kernel_variance", "update")
 
 
-def dng_overrides(args) -> dict:
-    """The --dng NAME=VALUE settings as DynamicNegativeGuidance arguments, checked against the preset."""
+def dng_changes(args) -> dict:
+    """The --dng NAME=VALUE settings as `DNGConfig` changes, checked against the preset before any model loads."""
+    import sys
+
+    from dng.config import PARAMETERS, DNGConfig
     from dng.errors import ConfigError
-    from dng.guidance import DynamicNegativeGuidance
 
-    overrides = {}
+    changes = {}
     for item in args.dng:
         name, sep, value = item.partition("=")
         name = name.strip().replace("-", "_")
-        if not sep or name not in DNG_PARAMETERS:
-            raise ConfigError(f"--dng {item!r}: write NAME=VALUE with NAME one of {', '.join(DNG_PARAMETERS)}")
+        if name in RENAMED_DNG:
+            print(f"dng: note: --dng {name}= is now --dng {RENAMED_DNG[name]}= (lam0, not the applied scale)",
+                  file=sys.stderr)
+            name = RENAMED_DNG[name]
+        if not sep or name not in PARAMETERS:
+            raise ConfigError(f"--dng {item!r}: write NAME=VALUE with NAME one of {', '.join(PARAMETERS)}")
+        if name in TEXT_SETTINGS:
+            changes[name] = value.strip()
+            continue
         try:
             values = [float(v) for v in value.split(",")]
         except ValueError:
             raise ConfigError(f"--dng {item!r}: {value!r} is not a number") from None
-        overrides[name] = values[0] if len(values) == 1 else values
+        changes[name] = values[0] if len(values) == 1 else tuple(values)
     try:
-        DynamicNegativeGuidance.preset(args.dng_preset, **overrides)
+        DNGConfig.preset(args.dng_preset, **changes)
     except ConfigError as err:
         raise ConfigError(f"--dng-preset / --dng: {err}") from None
-    return overrides
+    return changes
+
+
+def generator_dng(args, removed, **changes):
+    """The DNG settings of a command that removes `removed` from the generator (`dng.vision.models.dng_config`:
+    preset, the generator's calibration, --dng), checked before any model loads, and where they came from."""
+    from dng.errors import ConfigError
+    from dng.vision.models import dng_config, dng_source, load_calibration
+
+    calibration = load_calibration(args.generator)
+    try:
+        config = dng_config(calibration, removed, args.dng_preset, **changes, **dng_changes(args))
+    except ConfigError as err:
+        raise ConfigError(f"--dng-preset / --dng: {err}") from None
+    return config, dng_source(calibration, args.dng_preset)
 
 
 def check_count(option: str, value: int | None, minimum: int = 1) -> int | None:
@@ -82,12 +106,12 @@ def check_threads(threads: int | None) -> int | None:
     return threads
 
 
-def check_steps(steps: int, scheduler, option: str = "--steps") -> int:
-    """A step count for `scheduler`: from 1 to its training timesteps (`dng.sampler.check_steps`, named as the
-    option)."""
-    from dng.sampler import check_steps as check
+def check_generator_sampler(args) -> None:
+    """--scheduler names a sampler and --steps is a step count for it on the generator's schedule."""
+    from dng.sampler import check_steps
+    from dng.vision.models import generator_sampler
 
-    return check(steps, scheduler, option)
+    check_steps(args.steps, generator_sampler(args.scheduler).scheduler, "--steps")
 
 
 def check_out_dir(path, option: str = "--out") -> Path:
@@ -155,12 +179,12 @@ def add_sweep_arguments(parser, steps: int = 25, scheduler: str = "euler-a") -> 
 
 def check_sweep_arguments(args) -> None:
     """`add_sweep_arguments`' options, checked before any model loads."""
-    from dng.vision.generate import check_dtype, make_scheduler
+    from dng.vision.generate import check_dtype
 
     check_count("--num-samples", args.num_samples, 4)
     check_count("--batch-size", args.batch_size)
     check_threads(args.threads)
-    check_steps(args.steps, make_scheduler(args.scheduler)[0])
+    check_generator_sampler(args)
     check_dtype(args.dtype)
     check_out_dir(args.out)
 

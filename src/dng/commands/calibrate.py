@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from dng.commands import add_dtype_argument, add_scheduler_argument, check_out_file, check_steps, check_threads
+from dng.commands import (
+    add_dtype_argument,
+    add_scheduler_argument,
+    check_generator_sampler,
+    check_out_file,
+    check_threads,
+)
 
 
 def register(groups) -> None:
@@ -33,10 +39,10 @@ def register(groups) -> None:
 
 def tracking_only():
     """Scale 0 leaves the chain unguided; temperature 1 and offset 0 make the trace's llr the raw log-ratio."""
+    from dng.config import DNGConfig
     from dng.guidance import DynamicNegativeGuidance
 
-    return DynamicNegativeGuidance(0.0, 0.5, temperature=1.0, offset=0.0, p_min=1e-30, p_max=1 - 1e-6,
-                                   sigma_min=0.0)
+    return DynamicNegativeGuidance(DNGConfig(0.0, 0.5, 1.0, 0.0, p_min=1e-30, p_max=1 - 1e-6, sigma_min=0.0))
 
 
 def run(args) -> int:
@@ -45,15 +51,14 @@ def run(args) -> int:
 
     from dng import calibration
     from dng.errors import ConfigError
-    from dng.posterior import check_probability
+    from dng.config import check_probability
     from dng.vision.data import CLASS_NAMES
     from dng.vision.generate import (
         check_dtype,
         classify,
         generate,
-        initial_noise,
-        make_scheduler,
         parse_classes,
+        seeded_noise,
         to_uint8,
     )
     from dng.vision.models import calibration_path, default_weights, load_classifier, load_generator, save_calibration
@@ -62,17 +67,17 @@ def run(args) -> int:
         raise ConfigError(f"need --num-samples >= 10 and --steps >= 2, got {args.num_samples} and {args.steps}")
     check_probability("--p-max", args.p_max)
     check_dtype(args.dtype)
-    check_steps(args.steps, make_scheduler(args.scheduler)[0])
+    check_generator_sampler(args)
     classes = parse_classes(args.classes)
     check_threads(args.threads)
     out = check_out_file(args.out or calibration_path(args.generator))
     if args.threads:
         torch.set_num_threads(args.threads)
     unet, classifier = load_generator(args.generator), load_classifier(args.classifier)
-    noise = initial_noise(args.seed, 0, args.num_samples)
+    noise = seeded_noise(args.seed, 0, args.num_samples)
     # One unguided chain tracks every class at once: each negative branch has its own llr in the trace.
-    x, trace = generate(unet, args.scheduler, tracking_only, classes, noise, args.steps, args.seed, progress=True,
-                        dtype=args.dtype)
+    x, trace = generate(unet, noise, scheduler=args.scheduler, guidance=tracking_only(), negatives=classes,
+                        steps=args.steps, seed=args.seed, progress=True, dtype=args.dtype)
     labels, _ = classify(classifier, to_uint8(x))
     gains = calibration.log_snr_gains(trace.sigma)
     outcome = torch.from_numpy(labels[:, None] == np.array(classes)[None])

@@ -7,10 +7,10 @@ from dng.commands import (
     add_dtype_argument,
     add_scheduler_argument,
     check_count,
+    check_generator_sampler,
     check_out_dir,
-    check_steps,
     check_threads,
-    dng_overrides,
+    generator_dng,
 )
 
 # A distinctive silhouette the shipped generator makes often (about 11 % of its unguided samples).
@@ -49,25 +49,25 @@ def run(args) -> int:
 
     from dng import metrics, plots
     from dng.bench.class_removal import Reference
-    from dng.guidance import check_scale
+    from dng.config import check_scale
     from dng.io import write_atomic, write_json
     from dng.vision import generate
     from dng.vision.data import CLASS_NAMES, load_split
-    from dng.vision.models import load_calibration, load_classifier, load_generator
+    from dng.vision.models import load_classifier, load_generator
 
     started = time.perf_counter()
     check_threads(args.threads)
     klass = generate.parse_class(args.remove)
     check_count("--num-images", args.num_images, 4)
-    check_steps(args.steps, generate.make_scheduler(args.scheduler)[0])
+    check_generator_sampler(args)
     check_scale("--np-scale", args.np_scale)
-    overrides = dng_overrides(args)
     generate.check_dtype(args.dtype)
     out = check_out_dir(args.out)
     # Every rule is built before any sampling, with the generator's calibration, so that a bad setting fails now.
-    dng, dng_source = generate.dng_settings([klass], load_calibration(args.generator), **overrides)
-    methods = {"none": {}, "np": {"scale": args.np_scale}, "dng": {"dng_preset": args.dng_preset, **dng}}
-    factories = {name: generate.guidance_factory(name, **params) for name, params in methods.items()}
+    config, dng_source = generator_dng(args, [klass])
+    methods = {"none": {}, "np": {"scale": args.np_scale}, "dng": {"preset": args.dng_preset, **config.to_dict()}}
+    rules = {"none": None, "np": generate.make_rule("np", np_scale=args.np_scale),
+             "dng": generate.make_rule("dng", dng=config)}
     if args.threads:
         torch.set_num_threads(args.threads)
     unet, classifier = load_generator(args.generator), load_classifier(args.classifier)
@@ -77,9 +77,8 @@ def run(args) -> int:
     results, grids, trace = {}, {}, None
     for name, params in methods.items():
         t0 = time.perf_counter()
-        factory = factories[name]
-        x, tr = generate.generate(unet, args.scheduler, factory, [klass], noise, args.steps, args.seed,
-                                  progress=args.progress, dtype=args.dtype)
+        x, tr = generate.generate(unet, noise, scheduler=args.scheduler, guidance=rules[name], negatives=[klass],
+                                  steps=args.steps, seed=args.seed, progress=args.progress, dtype=args.dtype)
         images = generate.to_uint8(x)
         pred, feats = generate.classify(classifier, images)
         results[name] = {"params": params, **reference.metrics([klass], images, pred, feats, args.seed),

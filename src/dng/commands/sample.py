@@ -7,10 +7,10 @@ from dng.commands import (
     add_dtype_argument,
     add_scheduler_argument,
     check_count,
+    check_generator_sampler,
     check_out_file,
-    check_steps,
     check_threads,
-    dng_overrides,
+    generator_dng,
 )
 from dng.errors import ConfigError
 
@@ -47,29 +47,28 @@ def run(args) -> int:
     import torch
 
     from dng.distributed import World, gather, shard, threads_per_rank
-    from dng.guidance import check_scale
+    from dng.config import check_scale
     from dng.io import write_atomic
     from dng.vision import generate
     from dng.vision.data import CLASS_NAMES
-    from dng.vision.models import load_calibration, load_classifier, load_generator
+    from dng.vision.models import load_classifier, load_generator
 
     check_threads(args.threads)
     removed = generate.parse_classes(args.remove) if args.remove else []
     method = (args.method or ("dng" if removed else "none")).strip().lower()
     if method in generate.GUIDED and not removed:
         raise ConfigError(f"--method {method} needs --remove (a class name or index, e.g. Trouser)")
-    params = {"scale": check_scale("--scale", args.scale)} if method == "np" else {}
+    check_scale("--scale", args.scale)
     check_scale("--cfg-scale", args.cfg_scale)
-    check_steps(args.steps, generate.make_scheduler(args.scheduler)[0])
+    check_generator_sampler(args)
+    config = None
     if method == "dng":
-        params, source = generate.dng_settings(removed, load_calibration(args.generator), args.dng_preset,
-                                               **dng_overrides(args))
-        print(f"DNG {args.dng_preset} ({source}): {params}")
-        params["dng_preset"] = args.dng_preset
-    factory = generate.guidance_factory(method, sld_preset=args.preset, exclusive=len(removed) > 1, **params)
-    if factory is not None:
+        config, source = generator_dng(args, removed)
+        print(f"DNG {args.dng_preset} ({source}): {config.describe()}")
+    rule = generate.make_rule(method, np_scale=args.scale, sld_preset=args.preset, dng=config)
+    if rule is not None:
         # One --dng prior for several exclusive classes is checked here as their sum, before any model loads.
-        factory().check(len(removed))
+        rule.check(len(removed))
     positive = generate.parse_class(args.klass) if args.klass is not None else None
     if positive in removed:
         raise ConfigError(f"--class {CLASS_NAMES[positive]} is also removed")
@@ -87,10 +86,11 @@ def run(args) -> int:
     parts = []
     for start in shard(starts, world):
         count = min(args.batch_size, args.num_images - start)
-        noise = generate.initial_noise(args.seed, start, count).to(world.device)
-        x, _ = generate.generate(unet, args.scheduler, factory, removed, noise, args.steps, args.seed,
-                                 positive=positive, cfg_scale=args.cfg_scale, chunk=args.batch_size,
-                                 progress=args.progress and world.main, dtype=args.dtype, first_index=start)
+        noise = generate.seeded_noise(args.seed, start, count).to(world.device)
+        x, _ = generate.generate(unet, noise, scheduler=args.scheduler, guidance=rule, negatives=removed,
+                                 steps=args.steps, seed=args.seed, positive=positive, cfg_scale=args.cfg_scale,
+                                 chunk=args.batch_size, progress=args.progress and world.main, dtype=args.dtype,
+                                 first_index=start)
         parts.append(x.cpu())
     parts = gather(parts, world)
     if not world.main:

@@ -7,7 +7,7 @@ import json
 import math
 from pathlib import Path
 
-from dng.commands import add_dng_arguments, check_count, check_out_dir, check_steps, dng_overrides
+from dng.commands import add_dng_arguments, check_count, check_out_dir, dng_changes
 from dng.errors import ConfigError
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -90,11 +90,12 @@ def _pipeline_class(model: Path):
 
 
 def _guidance(args):
-    from dng.guidance import NegativePrompt, SafeLatentDiffusion, check_scale
-    from dng.pipelines.common import make_guidance
+    from dng.config import DNGConfig, check_scale
+    from dng.guidance import DynamicNegativeGuidance, NegativePrompt, SafeLatentDiffusion
 
     if args.method == "dng":
-        return make_guidance("dng", args.cfg, args.dng_preset, **dng_overrides(args), mode=args.mode or "independent")
+        changes = {"mode": args.mode or "independent", **dng_changes(args)}
+        return DynamicNegativeGuidance(DNGConfig.preset(args.dng_preset, **changes))
     if args.method == "np":
         scale = max(args.cfg - 1, 0.0) if args.np_scale is None else args.np_scale
         return NegativePrompt(check_scale("--np-scale", scale))
@@ -122,6 +123,7 @@ def run(args) -> int:
 
     from dng.io import write_atomic
     from dng.pipelines.report import plot_trace, summarize, write_summary_csv, write_trace_csv
+    from dng.sampler import check_steps
     from dng.schedulers import needs_eta, stochastic
 
     dtype = getattr(torch, args.dtype or ("float16" if device.startswith("cuda") else "float32"))
@@ -129,7 +131,7 @@ def run(args) -> int:
         pipe = cls.from_pretrained(args.model, dtype=dtype, local_files_only=True)
     except (OSError, ValueError, KeyError) as err:
         raise ConfigError(f"could not load {args.model} as {cls.__name__}: {err}") from None
-    check_steps(args.steps, pipe.scheduler)
+    check_steps(args.steps, pipe.scheduler, "--steps")
     # DNG needs a stochastic sampler: the folder's own, or its stochastic sibling on the same schedule. Every method
     # uses the same one so that their images compare at one seed.
     old = type(pipe.scheduler).__name__

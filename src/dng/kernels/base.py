@@ -7,35 +7,16 @@ import math
 
 import torch
 
-from dng.errors import ConfigError
+from dng.errors import UnsupportedSchedulerError
 from dng.kernels.moments import AffineBranchMoments, BranchMoments
 
-# What `reverse_kernel` dispatches to, as the refusal message lists it.
-SUPPORTED = (
-    "DDPMScheduler (variance_type fixed_small, fixed_small_log, fixed_large), DDIMScheduler with eta > 0, "
-    "EulerAncestralDiscreteScheduler, KDPM2AncestralDiscreteScheduler, "
-    "DPMSolverMultistepScheduler with algorithm_type sde-dpmsolver++ (orders 1-3) or the deprecated sde-dpmsolver "
-    "(orders 1-2), DPMSolverSinglestepScheduler with sde-dpmsolver++ (orders 1-3), EDMDPMSolverMultistepScheduler "
-    "with sde-dpmsolver++ (orders 1-2), TCDScheduler with eta (its gamma) > 0, LCMScheduler, "
-    "FlowMatchEulerDiscreteScheduler with stochastic_sampling=True, LTXEulerAncestralRFScheduler with eta > 0, "
-    "CMStochasticIterativeScheduler"
-)
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-
-
-def _unsupported(scheduler, why: str) -> ConfigError:
-    from dng.schedulers import switch  # dng.schedulers builds on this package
-
-    return ConfigError(
-        f"{type(scheduler).__name__} cannot be used with posterior tracking: {why}. DNG needs a stochastic "
-        f"sampler: {switch(scheduler)}. Supported: {SUPPORTED}."
-    )
 
 
 def _check_prediction(scheduler, allowed=PREDICTION_TYPES) -> str:
     kind = scheduler.config.prediction_type
     if kind not in allowed:
-        raise _unsupported(scheduler, f"prediction_type {kind!r} is not one of {allowed}")
+        raise UnsupportedSchedulerError(f"prediction_type {kind!r} is not one of {allowed}")
     return kind
 
 

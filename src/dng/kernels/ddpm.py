@@ -8,7 +8,8 @@ import copy
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, TCDScheduler
 
-from dng.kernels.base import _check_prediction, _Kernel, _step_index, _unsupported, _vp_forward_std, _vp_sigma
+from dng.errors import UnsupportedSchedulerError
+from dng.kernels.base import _check_prediction, _Kernel, _step_index, _vp_forward_std, _vp_sigma
 
 DDPM_VARIANCES = ("fixed_small", "fixed_small_log", "fixed_large")
 
@@ -56,7 +57,7 @@ class DDPMKernel(_VPKernel):
     def __init__(self, scheduler: DDPMScheduler):
         super().__init__(scheduler)
         if scheduler.config.variance_type not in DDPM_VARIANCES:
-            raise _unsupported(scheduler, f"variance_type {scheduler.config.variance_type!r} is not supported")
+            raise UnsupportedSchedulerError(f"variance_type {scheduler.config.variance_type!r} is not supported")
 
     def _abars(self, t):
         s = self.scheduler
@@ -82,7 +83,7 @@ class DDIMKernel(_VPKernel):
     def __init__(self, scheduler: DDIMScheduler, eta: float):
         super().__init__(scheduler)
         if not eta > 0:
-            raise _unsupported(scheduler, f"eta = {eta} makes DDIM deterministic")
+            raise UnsupportedSchedulerError(f"eta = {eta} makes DDIM deterministic")
         self.eta = float(eta)
 
     def _prev_timestep(self, t):
@@ -111,7 +112,7 @@ class TCDKernel(_VPKernel):
     def __init__(self, scheduler: TCDScheduler, gamma: float):
         super().__init__(scheduler)
         if not 0 < gamma <= 1:
-            raise _unsupported(scheduler, f"gamma (the eta given to its step) = {gamma} is not in (0, 1]; "
+            raise UnsupportedSchedulerError(f"gamma (the eta given to its step) = {gamma} is not in (0, 1]; "
                                           "gamma = 0 is deterministic")
         self.gamma = float(gamma)
 

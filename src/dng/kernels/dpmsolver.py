@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from diffusers import DPMSolverSinglestepScheduler, EDMDPMSolverMultistepScheduler
 
-from dng.errors import ConfigError
+from dng.errors import ConfigError, UnsupportedSchedulerError
 from dng.kernels.base import (
     _each_branch,
     _forward_std,
@@ -14,7 +14,6 @@ from dng.kernels.base import (
     _PastKernel,
     _sigma_pair,
     _step_index,
-    _unsupported,
     _upcast,
 )
 from dng.kernels.moments import AffineBranchMoments, BranchMoments
@@ -45,13 +44,13 @@ class DPMSolverKernel(_PastKernel):
         self.singlestep = type(scheduler) is DPMSolverSinglestepScheduler
         cfg = scheduler.config
         if cfg.algorithm_type not in SDE_DPM:
-            raise _unsupported(scheduler, f"algorithm_type {cfg.algorithm_type!r} is deterministic")
+            raise UnsupportedSchedulerError(f"algorithm_type {cfg.algorithm_type!r} is deterministic")
         if cfg.solver_order > 2 and (type(scheduler) is EDMDPMSolverMultistepScheduler
                                      or cfg.algorithm_type == "sde-dpmsolver"):
             # diffusers has no third-order update for these: their third step fails.
-            raise _unsupported(scheduler, f"{cfg.algorithm_type} has no third-order update; use solver_order <= 2")
+            raise UnsupportedSchedulerError(f"{cfg.algorithm_type} has no third-order update; use solver_order <= 2")
         if cfg.get("variance_type") is not None:
-            raise _unsupported(scheduler, f"variance_type {cfg.variance_type!r} needs an output wider than the sample")
+            raise UnsupportedSchedulerError(f"variance_type {cfg.variance_type!r} needs an output wider than the sample")
         self.affine = not cfg.thresholding
         # Step index -> this chain's converted outputs at that step, unconditional minus each negative.
         self._gaps = {}

@@ -12,6 +12,7 @@ from diffusers import (
     LTXEulerAncestralRFScheduler,
 )
 
+from dng.errors import UnsupportedSchedulerError
 from dng.kernels.base import (
     _check_prediction,
     _forward_std,
@@ -20,7 +21,6 @@ from dng.kernels.base import (
     _PastKernel,
     _sigma_pair,
     _step_index,
-    _unsupported,
 )
 
 SIGMA_PREDICTIONS = ("epsilon", "v_prediction")
@@ -105,7 +105,7 @@ class FlowMatchEulerKernel(_FlowKernel):
     def __init__(self, scheduler: FlowMatchEulerDiscreteScheduler):
         self.scheduler = scheduler
         if not scheduler.config.stochastic_sampling:
-            raise _unsupported(scheduler, "stochastic_sampling=False is a deterministic Euler ODE step")
+            raise UnsupportedSchedulerError("stochastic_sampling=False is a deterministic Euler ODE step")
 
     def moments(self, t, x, out):
         sigma, sigma_next = _sigma_pair(self.scheduler, t)
@@ -120,7 +120,7 @@ class LTXEulerAncestralKernel(_FlowKernel):
         self.scheduler = scheduler
         cfg = scheduler.config
         if not (cfg.eta > 0 and cfg.s_noise > 0):
-            raise _unsupported(scheduler, f"eta = {cfg.eta}, s_noise = {cfg.s_noise} add no noise")
+            raise UnsupportedSchedulerError(f"eta = {cfg.eta}, s_noise = {cfg.s_noise} add no noise")
 
     def moments(self, t, x, out):
         cfg = self.scheduler.config

@@ -13,8 +13,8 @@ from diffusers.utils.torch_utils import randn_tensor
 from dng import schedulers
 from dng.errors import ConfigError
 from dng.guidance import DynamicNegativeGuidance, Guidance, NegativePrompt, SafeLatentDiffusion
-from dng.kernels import reverse_kernel
-from dng.sampler import sample
+from dng.schedulers import reverse_kernel
+from dng.sampler import STOP, sample
 
 METHODS = ("dng", "np", "sld")
 
@@ -102,7 +102,8 @@ def make_guidance(method, guidance_scale: float, dng_preset: str = "default", **
     if isinstance(method, Guidance):
         return method
     if method == "dng":
-        return DynamicNegativeGuidance.preset(dng_preset, **{k: v for k, v in dng.items() if v is not None})
+        changes = {("lam0" if k == "scale" else k): v for k, v in dng.items() if v is not None}
+        return DynamicNegativeGuidance.preset(dng_preset, **changes)
     if method == "np":
         # With the empty prompt as the unconditional branch, diffusers' negative prompt is NP at scale w - 1; without
         # CFG (w <= 1) the parent ignores its negative prompt, and so does scale 0.
@@ -120,7 +121,7 @@ def check_pipeline(pipe, guidance: Guidance, eta: float, stochastic: bool = Fals
             raise ConfigError(f"{name} is not supported together with negative concepts; leave it unset")
     if pipe.unet.config.time_cond_proj_dim is not None:
         raise ConfigError("this UNet embeds the guidance scale (LCM-style) and has no unconditional branch to guide")
-    if not guidance.needs_noise_levels:
+    if not isinstance(guidance, DynamicNegativeGuidance):
         return
     try:
         reverse_kernel(pipe.scheduler, eta)
@@ -162,7 +163,7 @@ def run(pipe, unet_fn, cond: dict, guidance: Guidance, noise, *, num_inference_s
             # The sampler continues from this very tensor, so replacing it in place is replacing the latents.
             x_prev.copy_(outputs.pop("latents"))
         # The parent skips every step after the one whose callback set pipe._interrupt.
-        return pipe.interrupt
+        return STOP if pipe.interrupt else None
 
     return sample(
         # Without CFG (guidance_scale <= 1) the parent uses the prompt's branch alone, which is CFG at w = 1.

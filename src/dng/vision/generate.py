@@ -7,12 +7,13 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from dng.config import DNGConfig
 from dng.errors import ConfigError
-from dng.guidance import DNG_PRESETS, DynamicNegativeGuidance, NegativePrompt, SafeLatentDiffusion
-from dng.posterior import mixture_weights
+from dng.guidance import DynamicNegativeGuidance, Guidance, NegativePrompt, SafeLatentDiffusion
+from dng.posterior import ReadPosterior, mixture_weights
 from dng.sampler import Trace, sample
 from dng.vision.data import CLASS_NAMES, NUM_CLASSES
-from dng.vision.models import NULL_LABEL
+from dng.vision.models import NULL_LABEL, generator_sampler
 
 # The UNet's arithmetic: float32, or bfloat16 autocast (about twice as fast on CPUs with AMX or AVX512-BF16, slower
 # on CPUs without). Its outputs are float32 either way, so the scheduler and the tracker work in float32.
@@ -80,14 +81,6 @@ class ClassPosterior:
         return mixture_weights(last[NULL_LABEL], last[:NUM_CLASSES])[:, self.classes]
 
 
-def make_scheduler(name: str = "ddpm"):
-    """The sampler `name` (`dng.schedulers.SAMPLERS`) on the generator's training schedule, with the eta it needs."""
-    from dng.schedulers import named as named_scheduler
-    from dng.vision.models import make_scheduler as training_scheduler
-
-    return named_scheduler(name, training_scheduler().config)
-
-
 def parse_class(text: str) -> int:
     """A Fashion-MNIST class from its index or (case-insensitive) name, e.g. '1', 'Trouser', 'ankle boot'."""
     text = text.strip()
@@ -114,51 +107,19 @@ def parse_classes(text: str) -> list[int]:
 GUIDED = ("np", "sld", "dng")
 
 
-def guidance_factory(method: str, *, sld_preset: str = "medium", dng_preset: str = "default",
-                     exclusive: bool = False, **dng):
-    """A fresh-rule factory for 'np' (at `scale`, default 1), 'sld' or 'dng' (None for 'none').
-
-    DNG is `DynamicNegativeGuidance.preset(dng_preset, **dng)`: `dng` overrides the preset's parameters (prior,
-    scale, temperature, ...); `exclusive` for several removed classes.
-    """
+def make_rule(method: str, *, np_scale: float = 1.0, sld_preset: str = "medium",
+              dng: DNGConfig | None = None) -> Guidance | None:
+    """The rule of `method`: None for 'none', NP at `np_scale`, SLD's `sld_preset` or DNG with `dng` (the default
+    preset if None). Rules reset in `start`, so one rule serves every batch of a run."""
     if method == "none":
         return None
     if method == "np":
-        scale = dng.get("scale", 1.0)
-        NegativePrompt(scale)  # validates now rather than mid-run
-        return lambda: NegativePrompt(scale)
+        return NegativePrompt(np_scale)
     if method == "sld":
-        SafeLatentDiffusion.preset(sld_preset)
-        return lambda: SafeLatentDiffusion.preset(sld_preset)
+        return SafeLatentDiffusion(sld_preset)
     if method == "dng":
-        dng = {"mode": "exclusive" if exclusive else "independent", **dng}
-        DynamicNegativeGuidance.preset(dng_preset, **dng)
-        return lambda: DynamicNegativeGuidance.preset(dng_preset, **dng)
+        return DynamicNegativeGuidance(dng if dng is not None else "default")
     raise ConfigError(f"unknown method {method!r}; choose from none, {', '.join(GUIDED)}")
-
-
-def dng_settings(removed: Sequence[int], calibration: dict | None, dng_preset: str = "default",
-                 **overrides) -> tuple[dict, str]:
-    """DNG's parameters for removing `removed` from a generator (over the preset), and where they came from.
-
-    The generator's calibration (`load_calibration`) gives a prior per class, the temperature and the offset, which
-    mean the same on every sampler and step count; a class it has no prior for keeps the preset's; given
-    `overrides` win over it.
-    """
-    if dng_preset not in DNG_PRESETS:
-        raise ConfigError(f"unknown DNG preset {dng_preset!r}; choose one of {', '.join(DNG_PRESETS)}")
-    settings, source = {}, "library defaults (no calibration)"
-    if calibration:
-        fallback = DNG_PRESETS[dng_preset]["prior"]
-        priors = [calibration["priors"].get(k) for k in removed]
-        if any(p is not None for p in priors):
-            priors = [fallback if p is None else p for p in priors]
-            settings["prior"] = priors[0] if len(priors) == 1 else priors
-        settings.update(temperature=calibration["temperature"], offset=calibration["offset"],
-                        p_max=calibration["p_max"])
-        source = "the generator's calibration"
-    settings.update(overrides)
-    return settings, source
 
 
 # torch's CPU generator keeps only the low 32 bits of a seed: per-sample seeds are offsets from a mixed base in
@@ -184,7 +145,7 @@ def sample_generators(seed: int, start: int, count: int, stream: int) -> list[to
     return [torch.Generator().manual_seed((base + 2 * i + stream) & _SEED_MASK) for i in range(start, start + count)]
 
 
-def initial_noise(seed: int, start: int, count: int, shape=(1, 28, 28)) -> torch.Tensor:
+def seeded_noise(seed: int, start: int, count: int, shape=(1, 28, 28)) -> torch.Tensor:
     """x_T of samples `start .. start+count-1` of a run with `seed`, [count, *shape]."""
     if count < 1:
         return torch.empty(0, *shape)
@@ -193,10 +154,11 @@ def initial_noise(seed: int, start: int, count: int, shape=(1, 28, 28)) -> torch
 
 def generate(
     unet,
-    scheduler_name: str,
-    guidance_factory: Callable | None,
-    negatives: Sequence[int],
     noise: torch.Tensor,
+    *,
+    scheduler: str,
+    guidance: Guidance | None,
+    negatives: Sequence[int],
     steps: int,
     seed: int,
     positive: int | None = None,
@@ -207,37 +169,37 @@ def generate(
     first_index: int = 0,
     class_posterior: bool = False,
 ) -> tuple[torch.Tensor, Trace | None]:
-    """Samples in [-1, 1] from `noise` [N, 1, 28, 28], `chunk` images per sampler run; trace if guided.
+    """Samples in [-1, 1] from `noise` [N, 1, 28, 28] with the sampler named `scheduler`, `chunk` images per sampler
+    run; the trace if guided.
 
     Sample j's step noise comes from its own generator (`sample_generators`, index `first_index + j`), so the same
     seed and index give the same step noise for every method, batch size and process. `dtype` 'bfloat16' runs the
     UNet under bfloat16 autocast (`DTYPES`). `class_posterior`: DNG reads p from every class's branch
     (`ClassPosterior`) instead of tracking it.
     """
-    guided = guidance_factory is not None
+    guided = guidance is not None
     if guided and not negatives:
         raise ConfigError("a guidance rule needs at least one class to remove")
     negatives = list(negatives) if guided else []
     labels = [NULL_LABEL] + ([positive] if positive is not None else []) + negatives
     model = ClassBranches(unet, labels, dtype, every_class=class_posterior)
-    scheduler, eta = make_scheduler(scheduler_name)
+    if class_posterior:
+        if not isinstance(guidance, DynamicNegativeGuidance):
+            raise ConfigError("class_posterior gives DNG its posterior: it needs a DNG rule")
+        guidance = guidance.with_posterior(ReadPosterior(ClassPosterior(model, negatives)))
+    sampler = generator_sampler(scheduler)
     samples, traces = [], []
     for start in range(0, len(noise), chunk):
         x_T = noise[start : start + chunk]
-        rule = guidance_factory() if guided else None
-        if class_posterior:
-            if not isinstance(rule, DynamicNegativeGuidance):
-                raise ConfigError("class_posterior gives DNG its posterior: it needs a DNG rule")
-            rule.read_posterior(ClassPosterior(model, negatives))
         out = sample(
             model,
-            scheduler,
-            rule,
+            sampler.scheduler,
+            guidance,
             noise=x_T,
             num_inference_steps=steps,
             num_negatives=len(negatives),
             cfg_scale=cfg_scale if positive is not None else None,
-            eta=eta,
+            eta=sampler.eta,
             generator=sample_generators(seed, first_index + start, len(x_T), 1),
             progress=progress,
             return_trace=guided,

@@ -5,11 +5,14 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from dng.calibration import OFFSET_UNIT, ModelCalibration
+from dng.config import DNGConfig
 from dng.errors import ConfigError
 from dng.io import write_atomic
 
@@ -44,12 +47,19 @@ def make_generator(config: dict | None = None):
     return UNet2DModel(**(config or GENERATOR_CONFIG))
 
 
-def make_scheduler():
+def training_scheduler():
     """The generator's DDPM training schedule, which sampling reads too: 1000 steps, linear betas (diffusers
     defaults)."""
     from diffusers import DDPMScheduler
 
     return DDPMScheduler(num_train_timesteps=1000)
+
+
+def generator_sampler(name: str = "ddpm"):
+    """The sampler `name` (`dng.schedulers.SAMPLERS`) on the generator's training schedule: (scheduler, eta)."""
+    from dng.schedulers import named_sampler
+
+    return named_sampler(name, training_scheduler().config)
 
 
 def _conv(c_in: int, c_out: int) -> nn.Sequential:
@@ -162,9 +172,16 @@ def _load(path, kind: str, make):
     return model.eval()
 
 
+# The preset a model's calibration applies to; published presets keep their own prior, temperature and offset.
+CALIBRATED_PRESET = "default"
+
+
 def load_generator(path=None):
-    """The UNet of a generator file (the shipped one by default), float32 in eval mode."""
-    return _load(path, "generator", make_generator)
+    """The UNet of a generator file (the shipped one by default), float32 in eval mode, with its DNG calibration
+    (`load_calibration`) as `dng_calibration` (None without one): `dng_config` applies it."""
+    unet = _load(path, "generator", make_generator)
+    unet.dng_calibration = load_calibration(path)
+    return unet
 
 
 def load_classifier(path=None) -> Classifier:
@@ -230,37 +247,17 @@ def save_calibration(path, fits: dict, classes: list[int], settings: dict, gener
     return write_json(path, entry)
 
 
-# The unit of the offset, written into every calibration file so that one of another unit is never misread.
-OFFSET_UNIT = "per unit of log-SNR"
+def load_calibration(generator=None) -> ModelCalibration | None:
+    """The generator's fitted DNG tracker (`dng calibrate`, concepts keyed by class name), or None if it has none.
 
-
-def load_calibration(generator=None) -> dict | None:
-    """The generator's fitted DNG tracker (`dng calibrate`), or None if it has none.
-
-    {"priors": {class index: prior}, "temperature", "offset", "p_max"}. A calibration fitted to other weights (its
-    recorded `weights_sha256` differs from the generator's, or it records none) is not applied: a warning says so.
+    A calibration fitted to other weights (its recorded `weights_sha256` differs from the generator's, or it records
+    none) is not applied: a warning says so.
     """
-    from dng.vision.data import CLASS_NAMES
-
     weights = Path(generator) if generator else WEIGHTS_DIR / "generator.safetensors"
     path = calibration_path(weights)
     if not path.is_file():
         return None
-    try:
-        entry = json.loads(path.read_text())
-    except ValueError as err:
-        raise ConfigError(f"{path} is not valid JSON ({err}); delete it or rerun `dng calibrate`") from err
-    if not isinstance(entry, dict) or entry.get("offset_unit") != OFFSET_UNIT:
-        raise ConfigError(f"{path} is not a calibration whose offset is {OFFSET_UNIT} (an older per-step fit?); "
-                          "delete it or rerun `dng calibrate`")
-    try:
-        fit = entry["fits"]["all"]
-        priors = {CLASS_NAMES.index(name): p for name, p in zip(entry["classes"], fit["priors"], strict=True)}
-        calibration = {"priors": priors, "temperature": float(fit["temperature"]), "offset": float(fit["offset"]),
-                       "p_max": float(entry["settings"]["p_max"])}
-    except (ValueError, KeyError, TypeError, AttributeError) as err:
-        raise ConfigError(f"{path} is not a calibration file written by `dng calibrate` ({err!r}); "
-                          "delete it or rerun the calibration") from err
+    calibration, entry = ModelCalibration.read(path)
     recorded = entry.get("generator_sha256")
     if recorded != weights_sha256(weights, "generator"):
         fitted = "records no weights it was fitted to" if recorded is None else "was fitted to other weights"
@@ -268,3 +265,31 @@ def load_calibration(generator=None) -> dict | None:
                       stacklevel=2)
         return None
     return calibration
+
+
+def dng_config(calibration: ModelCalibration | None, removed: Sequence[int], preset: str = "default",
+               **changes) -> DNGConfig:
+    """DNG's settings for removing the classes `removed` from a generator: the preset, with the generator's
+    `calibration` (`load_generator(...).dng_calibration`, or `load_calibration`) applied to the default preset
+    (published presets run as published), then `changes`. Several classes are mutually exclusive unless `changes`
+    say otherwise.
+
+    The one source of DNG settings for the shipped generator: the Python API, `dng sample`, `dng demo` and the
+    benches all call it.
+    """
+    from dng.vision.data import CLASS_NAMES
+
+    mode = {"mode": "exclusive"} if len(removed) > 1 else {}
+    config = DNGConfig.preset(preset, **mode)
+    if calibration is not None and preset == CALIBRATED_PRESET:
+        config = calibration.apply(config, [CLASS_NAMES[k] for k in removed])
+    return config.replace(**changes)
+
+
+def dng_source(calibration: ModelCalibration | None, preset: str) -> str:
+    """Where `dng_config`'s settings come from, as a report says it."""
+    if preset != CALIBRATED_PRESET:
+        return f"the published preset {preset!r} as published"
+    if calibration is None:
+        return "library defaults (no calibration)"
+    return "the generator's calibration"
