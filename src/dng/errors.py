@@ -8,3 +8,8 @@ class ConfigError(ValueError):
 class NonFiniteError(ConfigError):
     """A model output, a tracked posterior or a sample that is NaN or infinite: it names where, and the likely
     cause (NaN weights, a scale too large for the model's range)."""
+
+
+class KernelMismatchError(ConfigError):
+    """dng's reverse kernel no longer reproduces the scheduler's step (a diffusers version dng was not tested with):
+    sampling with it would bias the tracked posterior."""

@@ -19,7 +19,8 @@ and EDM's sigma; s / (1 - s) for flow matching; log-SNR = -2 log sigma): rules t
 on where the chain is read it.
 
 Modules: `moments` (the tracker's view of a step), `base` (what every kernel shares), `ddpm` (DDPM, DDIM, TCD,
-LCM), `euler` (Euler and DPM2 ancestral, rectified flow, consistency models), `dpmsolver` (DPM-Solver SDE).
+LCM), `euler` (Euler and DPM2 ancestral, rectified flow, consistency models), `dpmsolver` (DPM-Solver SDE),
+`selfcheck` (a check before sampling that a kernel still reproduces the installed diffusers' step).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from dng.kernels.euler import (
     LTXEulerAncestralKernel,
 )
 from dng.kernels.moments import AffineBranchMoments, BranchMoments
+from dng.kernels.selfcheck import verify_kernel
 
 __all__ = [
     "SUPPORTED",
@@ -66,6 +68,7 @@ __all__ = [
     "LTXEulerAncestralKernel",
     "TCDKernel",
     "reverse_kernel",
+    "verify_kernel",
 ]
 
 # Exact types: a subclass may change the step, and a wrong kernel would silently bias the posterior.
