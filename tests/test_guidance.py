@@ -28,7 +28,7 @@ def _started(rule, negatives=1, batch=2):
     """The rule started on a 10-step DDPM chain, and the Step of its first step."""
     scheduler = DDPMScheduler()
     scheduler.set_timesteps(10)
-    rule.start(scheduler, batch_size=batch, num_negatives=negatives)
+    rule.start(scheduler, sample_shape=(batch, 3), num_negatives=negatives)
     return Step(0, scheduler.timesteps[0], torch.zeros(batch, 3))
 
 
@@ -74,7 +74,7 @@ def test_dng_reads_the_noise_level_from_its_schedulers_kernel():
     dng = DynamicNegativeGuidance(lam0=2.0, prior=0.2, late_boost=6.0, boost_sigma=0.5, push_cap=0.0)
     scheduler = DDPMScheduler()
     scheduler.set_timesteps(10)
-    dng.start(scheduler, batch_size=2, num_negatives=1)
+    dng.start(scheduler, sample_shape=(2, 3), num_negatives=1)
     eps_u, eps_n, _ = _branches()
     first = dng.combine(eps_u, eps_n, Step(0, scheduler.timesteps[0], eps_u))
     last = dng.combine(eps_u, eps_n, Step(9, scheduler.timesteps[-1], eps_u))
@@ -186,13 +186,13 @@ def test_sld_matches_diffusers_safe_pipeline(name):
     eps_u, eps_p, eps_n = (0.05 * torch.randn(steps, 2, 4, 8, 8, generator=g) for _ in range(3))
     expected = _diffusers_sld(eps_u, eps_p, eps_n, 7.5, steps, SLD_PRESETS[name])
     sld = SafeLatentDiffusion.preset(name)
-    sld.start(None, batch_size=2, num_negatives=1)
+    sld.start(None, sample_shape=(2, 4, 8, 8), num_negatives=1)
     for i in range(steps):
         eps, _, _ = sld.combine(eps_u[i], eps_n[i][None], Step(i, torch.tensor(0), eps_u[i]), eps_p[i], 7.5)
         torch.testing.assert_close(eps, expected[i])
     # Without a positive branch the unconditional prediction is the text branch and w = 1.
     expected = _diffusers_sld(eps_u, eps_u, eps_n, 1.0, steps, SLD_PRESETS[name])
-    sld.start(None, batch_size=2, num_negatives=1)
+    sld.start(None, sample_shape=(2, 4, 8, 8), num_negatives=1)
     for i in range(steps):
         eps, _, _ = sld.combine(eps_u[i], eps_n[i][None], Step(i, torch.tensor(0), eps_u[i]))
         torch.testing.assert_close(eps, expected[i])

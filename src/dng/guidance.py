@@ -13,7 +13,9 @@ import torch
 
 from dng.config import PRESETS, DNGConfig, check_finite, check_scale
 from dng.errors import ConfigError
+from dng.kernels import verify_kernel
 from dng.posterior import ReadPosterior, TrackedPosterior, log_snr_gain
+from dng.schedulers import reverse_kernel
 
 
 @dataclass
@@ -49,7 +51,8 @@ class Guidance:
         if num_negatives < 1:
             raise ConfigError(f"{type(self).__name__} needs at least one negative branch")
 
-    def start(self, scheduler, *, eta: float = 0.0, batch_size: int, num_negatives: int, device=None) -> None:
+    def start(self, scheduler, *, eta: float = 0.0, sample_shape: tuple, num_negatives: int, device=None) -> None:
+        """Before the first step (after `scheduler.set_timesteps`): `sample_shape` is x_t's, [batch, ...]."""
         self.check(num_negatives)
 
     def combine(self, eps_u, eps_n, step: Step, eps_p=None, cfg_scale: float = 1.0):
@@ -111,8 +114,8 @@ class SafeLatentDiffusion(Guidance):
         """The named setting of `SLD_PRESETS` (diffusers' SafetyConfig)."""
         return cls(name)
 
-    def start(self, scheduler, *, eta=0.0, batch_size, num_negatives, device=None):
-        super().start(scheduler, eta=eta, batch_size=batch_size, num_negatives=num_negatives, device=device)
+    def start(self, scheduler, *, eta=0.0, sample_shape, num_negatives, device=None):
+        super().start(scheduler, eta=eta, sample_shape=sample_shape, num_negatives=num_negatives, device=device)
         self.momentum = None
 
     def combine(self, eps_u, eps_n, step, eps_p=None, cfg_scale=1.0):
@@ -180,12 +183,12 @@ class DynamicNegativeGuidance(Guidance):
         super().check(num_negatives)
         self.config.priors_for(num_negatives)
 
-    def start(self, scheduler, *, eta=0.0, batch_size, num_negatives, device=None):
-        from dng.schedulers import reverse_kernel
-
-        super().start(scheduler, eta=eta, batch_size=batch_size, num_negatives=num_negatives, device=device)
+    def start(self, scheduler, *, eta=0.0, sample_shape, num_negatives, device=None):
+        super().start(scheduler, eta=eta, sample_shape=sample_shape, num_negatives=num_negatives, device=device)
         self.kernel = reverse_kernel(scheduler, eta)
-        self.posterior.start(self.config, self.kernel, batch_size, num_negatives, device)
+        # A diffusers release whose step no longer matches the kernel would bias p silently: refuse it instead.
+        verify_kernel(scheduler, lambda copy: reverse_kernel(copy, eta), eta, tuple(sample_shape), device=device)
+        self.posterior.start(self.config, self.kernel, sample_shape[0], num_negatives, device)
         self.levels = (float("nan"),) * 2
 
     def applied_scale(self, p: torch.Tensor, sigma: float, sigma_next: float) -> torch.Tensor:

@@ -145,7 +145,8 @@ def sample(
         name = type(scheduler).__name__
         raise ConfigError(f"{name} refused num_inference_steps={steps}{given}: {err}{hint}") from None
     if guidance is not None:
-        guidance.start(scheduler, eta=eta, batch_size=batch, num_negatives=num_negatives, device=noise.device)
+        guidance.start(scheduler, eta=eta, sample_shape=tuple(noise.shape), num_negatives=num_negatives,
+                       device=noise.device)
     kwargs = step_kwargs(scheduler, eta, generator)
     # Flow-matching schedulers start from unit noise and take the model input as it is.
     x = noise * getattr(scheduler, "init_noise_sigma", 1.0)

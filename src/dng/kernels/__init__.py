@@ -19,8 +19,10 @@ and EDM's sigma; s / (1 - s) for flow matching; log-SNR = -2 log sigma): rules t
 on where the chain is read it.
 
 The scheduler -> kernel dispatch and the refusal of other schedulers live in `dng.schedulers`; this package
-imports no other part of dng. Modules: `moments` (the tracker's view of a step), `base` (what every kernel shares), `ddpm` (DDPM, DDIM, TCD,
-LCM), `euler` (Euler and DPM2 ancestral, rectified flow, consistency models), `dpmsolver` (DPM-Solver SDE).
+imports no other part of dng but its errors. Modules: `moments` (the tracker's view of a step), `base` (what every
+kernel shares), `ddpm` (DDPM, DDIM, TCD, LCM), `euler` (Euler and DPM2 ancestral, rectified flow, consistency
+models), `dpmsolver` (DPM-Solver SDE), `selfcheck` (a check before sampling that a kernel still reproduces the
+installed diffusers' step).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from dng.kernels.euler import (
     LTXEulerAncestralKernel,
 )
 from dng.kernels.moments import AffineBranchMoments, BranchMoments
+from dng.kernels.selfcheck import verify_kernel
 
 __all__ = [
     "AffineBranchMoments",
@@ -49,5 +52,6 @@ __all__ = [
     "LCMKernel",
     "LTXEulerAncestralKernel",
     "TCDKernel",
+    "verify_kernel",
 ]
 
