@@ -3,7 +3,7 @@
 Prints seconds per image of each, the class-removal metrics of each, how often the classifier gives both samples of
 one noise the same label, and how far the tracked log-odds of the two runs drift apart (mid-chain and last step).
 
-Run: .venv/bin/python benchmarks/bench_dtype.py [--remove Shirt] [--scale LAM0] [--num-images 100] [--threads 1]
+Run: .venv/bin/python benchmarks/bench_dtype.py [--remove Shirt] [--lam0 LAM0] [--num-images 100] [--threads 1]
 """
 
 from __future__ import annotations
@@ -16,7 +16,10 @@ import torch
 
 from dng.bench.class_removal import Reference
 from dng.vision import generate
-from dng.vision.models import load_calibration, load_classifier, load_generator
+from dng.vision.branches import DTYPES
+from dng.vision.data import parse_class
+from dng.vision.images import classify, to_uint8
+from dng.vision.models import dng_config, load_classifier, load_generator
 
 
 def logit(p: torch.Tensor) -> torch.Tensor:
@@ -26,30 +29,29 @@ def logit(p: torch.Tensor) -> torch.Tensor:
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--remove", default="Shirt")
-    parser.add_argument("--scale", type=float, default=None, help="DNG lam0 (default: the preset's)")
+    parser.add_argument("--lam0", type=float, default=None, help="DNG lam0 (default: the preset's)")
     parser.add_argument("--num-images", type=int, default=100)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    klass = generate.parse_class(args.remove)
+    klass = parse_class(args.remove)
     unet, classifier = load_generator(), load_classifier()
     reference = Reference(classifier)
-    params, _ = generate.dng_settings([klass], load_calibration(None),
-                                      **({} if args.scale is None else {"scale": args.scale}))
+    config = dng_config(unet.dng_calibration, [klass], **({} if args.lam0 is None else {"lam0": args.lam0}))
     noise = torch.randn(args.num_images, 1, 28, 28, generator=torch.Generator().manual_seed(args.seed))
     runs = {}
-    for dtype in generate.DTYPES:
+    for dtype in DTYPES:
         start = time.perf_counter()
-        x, trace = generate.generate(unet, "ddpm", generate.guidance_factory("dng", **params), [klass], noise,
-                                     args.steps, args.seed, dtype=dtype)
+        x, trace = generate.generate(unet, noise, scheduler="ddpm", guidance=generate.make_rule("dng", dng=config),
+                                     negatives=[klass], steps=args.steps, seed=args.seed, dtype=dtype)
         seconds = time.perf_counter() - start
-        images = generate.to_uint8(x)
-        pred, feats = generate.classify(classifier, images)
+        images = to_uint8(x)
+        pred, feats = classify(classifier, images)
         runs[dtype] = dict(seconds=seconds, images=images, pred=pred, trace=trace,
                            metrics=reference.metrics([klass], pred, feats, args.seed))
-    print(f"DNG {args.scale:g} removing {args.remove}, {args.num_images} images, {args.steps} DDPM steps, "
+    print(f"DNG lam0 {config.lam0:g} removing {args.remove}, {args.num_images} images, {args.steps} DDPM steps, "
           f"{torch.get_num_threads()} thread(s)")
     for dtype, r in runs.items():
         m = r["metrics"]

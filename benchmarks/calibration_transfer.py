@@ -18,9 +18,11 @@ import torch
 from dng import calibration
 from dng.commands.calibrate import tracking_only
 from dng.io import write_json
-from dng.vision.data import CLASS_NAMES
-from dng.vision.generate import classify, generate, initial_noise, parse_classes, to_uint8
+from dng.vision.data import CLASS_NAMES, parse_classes
+from dng.vision.generate import generate
+from dng.vision.images import classify, to_uint8
 from dng.vision.models import load_calibration, load_classifier, load_generator
+from dng.vision.seeding import seeded_noise
 
 
 def main():
@@ -39,22 +41,23 @@ def main():
     shipped = load_calibration()
     if shipped is None:
         parser.error("the shipped generator has no calibration file")
-    priors = [shipped["priors"][k] for k in classes]
+    priors = [shipped.prior_of(CLASS_NAMES[k]) for k in classes]
     unet, classifier = load_generator(), load_classifier()
-    noise = initial_noise(args.seed, 0, args.num_samples)
+    noise = seeded_noise(args.seed, 0, args.num_samples)
     rows = []
     print(f"{'sampler':<14} {'steps':>5} {'nll shipped/refit':>17} {'/baseline':>9}  AUC shipped (refit) at "
           + " ".join(f"{q:.0%}" for q in calibration.REPORT_AT))
     for name in args.schedulers.split(","):
         for steps in map(int, args.steps.split(",")):
-            x, trace = generate(unet, name, tracking_only, classes, noise, steps, args.seed, dtype=args.dtype)
+            x, trace = generate(unet, noise, scheduler=name, guidance=tracking_only(), negatives=classes, steps=steps,
+                                seed=args.seed, dtype=args.dtype)
             labels, _ = classify(classifier, to_uint8(x))
             outcome = torch.from_numpy(labels[:, None] == np.array(classes)[None])
             gains = calibration.log_snr_gains(trace.sigma)
             # The classes are tracked together, so both fits replay the clamp DNG uses for exclusive classes.
-            held = calibration.evaluate(priors, shipped["temperature"], shipped["offset"], trace.llr, gains, outcome,
-                                        p_max=shipped["p_max"], exclusive=True)
-            refit = calibration.fit(trace.llr, gains, outcome, p_max=shipped["p_max"], exclusive=True)
+            held = calibration.evaluate(priors, shipped.temperature, shipped.offset, trace.llr, gains, outcome,
+                                        p_max=shipped.p_max, exclusive=True)
+            refit = calibration.fit(trace.llr, gains, outcome, p_max=shipped.p_max, exclusive=True)
             row = {"scheduler": name, "steps": steps, "classes": [CLASS_NAMES[k] for k in classes],
                    "positives": outcome.sum(0).tolist(), "shipped": held,
                    "refit": {k: v for k, v in refit.as_dict().items() if k in ("priors", "temperature", "offset",
@@ -64,8 +67,8 @@ def main():
                                                                                    refit.auc.values(), strict=True))
             print(f"{name:<14} {steps:>5} {held['nll'] / refit.nll:17.3f} {held['nll'] / held['baseline_nll']:9.3f}  "
                   f"{aucs}")
-    write_json(args.out, {"settings": vars(args), "shipped": {k: shipped[k] for k in ("temperature", "offset")},
-                          "rows": rows})
+    shipped_fit = {"temperature": shipped.temperature, "offset": shipped.offset}
+    write_json(args.out, {"settings": vars(args), "shipped": shipped_fit, "rows": rows})
     print(f"wrote {args.out}")
 
 

@@ -11,7 +11,8 @@ import numpy as np
 import torch
 
 from dng.vision.data import CLASS_NAMES
-from dng.vision.generate import classify, generate, grid, save_png, to_uint8
+from dng.vision.generate import generate
+from dng.vision.images import classify, grid, save_png, to_uint8
 from dng.vision.models import load_classifier, load_generator
 
 
@@ -30,7 +31,8 @@ def main():
     images, accuracy = [], []
     for k in range(len(CLASS_NAMES)):
         noise = torch.randn(args.per_class, 1, 28, 28, generator=torch.Generator().manual_seed(k))
-        x, _ = generate(unet, "ddpm", None, [], noise, args.steps, seed=k, positive=k, cfg_scale=args.cfg)
+        x, _ = generate(unet, noise, scheduler="ddpm", guidance=None, negatives=[], steps=args.steps, seed=k,
+                        positive=k, cfg_scale=args.cfg)
         u8 = to_uint8(x)
         labels, _ = classify(classifier, u8)
         accuracy.append(float((labels == k).mean()))

@@ -58,7 +58,7 @@ def main():
                          scheduler=args.scheduler)
         cells = list(bench.configs(["none", "np", "sld", "dng", "dng-oracle", "target"]))
         if overrides:
-            cells = [(m, {**p, **overrides}, lambda p=p: DynamicNegativeGuidance.preset(
+            cells = [(m, {**p, **overrides}, lambda p=p: DynamicNegativeGuidance(
                 **{k: v for k, v in p.items() if k != "preset"}, **overrides))
                      if m == "dng" else (m, p, f) for m, p, f in cells]
         rows = [bench.run(m, p, f)[0] for m, p, f in cells]

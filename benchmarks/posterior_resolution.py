@@ -23,9 +23,11 @@ from dng.commands.calibrate import tracking_only
 from dng.io import write_json
 from dng.posterior import mixture_weights
 from dng.sampler import sample
-from dng.vision.data import NUM_CLASSES
-from dng.vision.generate import ClassBranches, classify, initial_noise, make_scheduler, sample_generators, to_uint8
-from dng.vision.models import NULL_LABEL, load_calibration, load_classifier, load_generator
+from dng.vision.branches import ClassBranches
+from dng.vision.data import CLASS_NAMES, NUM_CLASSES
+from dng.vision.images import classify, to_uint8
+from dng.vision.models import NULL_LABEL, generator_sampler, load_calibration, load_classifier, load_generator
+from dng.vision.seeding import sample_generators, seeded_noise
 
 
 def chains(unet, scheduler_name, steps, noise, seed, dtype, chunk=100):
@@ -33,7 +35,7 @@ def chains(unet, scheduler_name, steps, noise, seed, dtype, chunk=100):
     xs, llrs, branch = [], [], []
     for start in range(0, len(noise), chunk):
         model = ClassBranches(unet, [NULL_LABEL, *range(NUM_CLASSES)], dtype, every_class=True)
-        scheduler, eta = make_scheduler(scheduler_name)
+        scheduler, eta = generator_sampler(scheduler_name)
         seen = []
 
         def record(i, t, x_prev, info, model=model, seen=seen):
@@ -78,14 +80,14 @@ def main():
     if shipped is None:
         parser.error("the shipped generator has no calibration file")
     unet, classifier = load_generator(), load_classifier()
-    x, llr, sigma, branch = chains(unet, args.scheduler, args.steps, initial_noise(args.seed, 0, args.num_samples),
+    x, llr, sigma, branch = chains(unet, args.scheduler, args.steps, seeded_noise(args.seed, 0, args.num_samples),
                                    args.seed, args.dtype)
     labels, _ = classify(classifier, to_uint8(x))
     outcome = torch.from_numpy(labels[:, None] == np.arange(NUM_CLASSES)[None])
-    priors = torch.tensor([math.log(shipped["priors"][k]) for k in range(NUM_CLASSES)], dtype=torch.float64)
+    priors = torch.tensor([math.log(shipped.prior_of(name)) for name in CLASS_NAMES], dtype=torch.float64)
     # Independent clamp: DNG removing one class tracks it alone.
-    tracked = calibration.trajectory(priors, shipped["temperature"], shipped["offset"], llr.double(),
-                                     calibration.log_snr_gains(sigma), 1e-6, shipped["p_max"]).exp()
+    tracked = calibration.trajectory(priors, shipped.temperature, shipped.offset, llr.double(),
+                                     calibration.log_snr_gains(sigma), 1e-6, shipped.p_max).exp()
     rows = []
     print(f"{args.scheduler} {args.steps} steps, {args.num_samples} chains; per row: AUC, mean odds of the class's "
           "own samples / of the others'")

@@ -2,7 +2,7 @@
 
 Samples one mixture of `gmm_suite.py` with the library's DNG (told the true prior, as `dng bench gmm` does) and
 prints, per step, the median logit of the exact posterior p_t(c|x_t) and of the tracked p, for the samples that
-finish in the removed class (the leaks) and for all samples. `--scale 0` tracks the unguided chain.
+finish in the removed class (the leaks) and for all samples. `--lam0 0` tracks the unguided chain.
 
 Run: .venv/bin/python benchmarks/tracker_lag.py --mixture "heavy removed (0.3)" --scheduler euler-a --steps 25
 """
@@ -29,12 +29,12 @@ def main():
     parser.add_argument("--mixture", default="heavy removed (0.3)", choices=list(SUITE))
     parser.add_argument("--scheduler", default="euler-a")
     parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--scale", type=float, default=1.0, help="DNG's lam0 (0: the unguided chain, tracked)")
+    parser.add_argument("--lam0", type=float, default=1.0, help="DNG's lam0 (0: the unguided chain, tracked)")
     parser.add_argument("--num-samples", type=int, default=4000)
     args = parser.parse_args()
     torch.set_num_threads(1)
     bench = GMMBench(SUITE[args.mixture], args.steps, args.num_samples, seed=0, scheduler=args.scheduler)
-    rule = DynamicNegativeGuidance.preset(prior=bench.prior, mode="exclusive", scale=args.scale)
+    rule = DynamicNegativeGuidance(prior=bench.prior, mode="exclusive", lam0=args.lam0)
     g = torch.Generator().manual_seed(0)
     noise = torch.randn(args.num_samples, bench.gmm.dim, generator=g)
     current, exact, tracked = [noise], [], []
@@ -50,7 +50,7 @@ def main():
                  progress=False, return_trace=True)
     leaked = bench.gmm.log_joint(out.samples).argmax(-1) == bench.remove[0]
     exact, tracked = torch.stack(exact), torch.stack(tracked)
-    print(f"{args.mixture}, {args.scheduler} {args.steps} steps, lam0 {args.scale:g}: "
+    print(f"{args.mixture}, {args.scheduler} {args.steps} steps, lam0 {args.lam0:g}: "
           f"{int(leaked.sum())} of {args.num_samples} samples finish in the removed class")
     print(f"{'sigma':>8} {'leaks: exact':>13} {'tracked':>8} {'all: exact':>11} {'tracked':>8}")
     for s, sigma in enumerate(out.trace.sigma[:, 0].tolist()):

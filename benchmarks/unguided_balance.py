@@ -15,7 +15,8 @@ import torch
 
 from dng import metrics
 from dng.vision.data import CLASS_NAMES, NUM_CLASSES, load_split
-from dng.vision.generate import classify, generate, to_uint8
+from dng.vision.generate import generate
+from dng.vision.images import classify, to_uint8
 from dng.vision.models import load_classifier, load_generator
 
 
@@ -36,7 +37,7 @@ def main():
     torch.set_num_threads(args.threads)
     unet, classifier = load_generator(args.generator), load_classifier(args.classifier)
     noise = torch.randn(args.num_images, 1, 28, 28, generator=torch.Generator().manual_seed(args.seed))
-    x, _ = generate(unet, "ddpm", None, [], noise, args.steps, seed=args.seed)
+    x, _ = generate(unet, noise, scheduler="ddpm", guidance=None, negatives=[], steps=args.steps, seed=args.seed)
     labels, _ = classify(classifier, to_uint8(x))
     images, _ = load_split("test")
     pick = np.random.default_rng(args.seed).choice(len(images), args.num_images, replace=False)

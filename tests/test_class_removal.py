@@ -219,22 +219,22 @@ def test_generate_with_every_scheduler_and_cfg(tiny):
 def test_bfloat16_runs_the_unet_in_bfloat16_and_returns_float32(tiny):
     unet = models.load_generator(tiny[1])
     x, t = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(0)), torch.tensor(500)
-    full = generate.ClassBranches(unet, [models.NULL_LABEL, 1])(x, t)
-    half = generate.ClassBranches(unet, [models.NULL_LABEL, 1], "bfloat16")(x, t)
+    full = ClassBranches(unet, [models.NULL_LABEL, 1])(x, t)
+    half = ClassBranches(unet, [models.NULL_LABEL, 1], "bfloat16")(x, t)
     assert half.dtype == torch.float32 and half.shape == full.shape
     # bfloat16 keeps 8 bits of mantissa: close to float32, but not equal to it
     error = (half - full).abs().max() / full.abs().max()
     assert 0 < error < 0.05
     with pytest.raises(ConfigError, match="float32 or bfloat16"):
-        generate.ClassBranches(unet, [1], "float16")
+        ClassBranches(unet, [1], "float16")
 
 
 def test_parse_class_by_name_or_index():
-    assert generate.parse_class("Trouser") == generate.parse_class("1") == 1
-    assert generate.parse_class("ankle boot") == 9 and generate.parse_class("t-shirt") == 0
-    assert generate.parse_classes("all") == list(range(10)) and generate.parse_classes("3,7,3") == [3, 7]
+    assert parse_class("Trouser") == parse_class("1") == 1
+    assert parse_class("ankle boot") == 9 and parse_class("t-shirt") == 0
+    assert parse_classes("all") == list(range(10)) and parse_classes("3,7,3") == [3, 7]
     with pytest.raises(ConfigError, match="Trouser"):
-        generate.parse_class("Hat")
+        parse_class("Hat")
 
 
 def test_sample_writes_grid_and_npz(tiny, tmp_path):
@@ -366,7 +366,7 @@ def test_data_row_scores_real_kept_class_images(tiny, tmp_path):
     assert len(grid) == 16 and len({g.tobytes() for g in grid}) == 16
     assert all((kept == g).all(axis=(1, 2)).any() for g in grid)
     clf = models.load_classifier(tiny[tiny.index("--classifier") + 1])
-    pred, _ = generate.classify(clf, grid)
+    pred, _ = classify(clf, grid)
     assert rows[0]["forbidden_rate"] == pytest.approx(float((pred == 2).mean()))
     assert rows[0]["seconds"] == 0.0
     code = cli.main(["bench", "class-removal", "--classes", "2", "--methods", "data", "--num-samples", "28",
@@ -405,31 +405,31 @@ def test_every_class_branches_are_the_single_label_calls_in_one_batch():
     unet = models.make_generator(TINY_UNET).eval()
     x, t = torch.randn(3, 1, 28, 28), torch.tensor(500)
     labels = [models.NULL_LABEL, 4]
-    branches = generate.ClassBranches(unet, labels, every_class=True)
+    branches = ClassBranches(unet, labels, every_class=True)
     out = branches(x.repeat(2, 1, 1, 1), t)
-    assert torch.allclose(out, generate.ClassBranches(unet, labels)(x.repeat(2, 1, 1, 1), t), atol=1e-5)
+    assert torch.allclose(out, ClassBranches(unet, labels)(x.repeat(2, 1, 1, 1), t), atol=1e-5)
     assert branches.last.shape == (models.NULL_LABEL + 1, 3, 1, 28, 28)
     for label in (0, 4, 9, models.NULL_LABEL):
-        alone = generate.ClassBranches(unet, [label])(x, t)
+        alone = ClassBranches(unet, [label])(x, t)
         assert torch.allclose(branches.last[label], alone, atol=1e-5), label
-    repeated = generate.ClassBranches(unet, [models.NULL_LABEL, 4, 4], every_class=True)  # positive = negative
+    repeated = ClassBranches(unet, [models.NULL_LABEL, 4, 4], every_class=True)  # positive = negative
     repeated(x.repeat(3, 1, 1, 1), t)
     assert torch.allclose(repeated.last, branches.last, atol=1e-5)
-    p = generate.ClassPosterior(branches, [4, 7])(x, t)
+    p = ClassPosterior(branches, [4, 7])(x, t)
     from dng.posterior import mixture_weights
 
     assert torch.equal(p, mixture_weights(branches.last[models.NULL_LABEL], branches.last[:10])[:, [4, 7]])
     with pytest.raises(ConfigError, match="every_class"):
-        generate.ClassPosterior(generate.ClassBranches(unet, labels), [4])
+        ClassPosterior(ClassBranches(unet, labels), [4])
     with pytest.raises(ConfigError, match="before"):
-        generate.ClassPosterior(branches, [4])(torch.randn(5, 1, 28, 28), t)
+        ClassPosterior(branches, [4])(torch.randn(5, 1, 28, 28), t)
 
 
 def test_the_class_posterior_row_reads_p_from_every_branch(tiny, tmp_path, monkeypatch):
     out = tmp_path / "sweep"
     seen = []
-    real = generate.ClassPosterior.__call__
-    monkeypatch.setattr(generate.ClassPosterior, "__call__", lambda self, x, t: seen.append(1) or real(self, x, t))
+    real = ClassPosterior.__call__
+    monkeypatch.setattr(ClassPosterior, "__call__", lambda self, x, t: seen.append(1) or real(self, x, t))
     assert _bench(tiny, out, methods="none,dng,dng-branches") == 0
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert [r["method"] for r in rows] == ["none", "dng", "dng-branches"]

@@ -14,6 +14,7 @@ from diffusers import (
 )
 
 from dng.bench.gmm import GMMBench
+from dng.config import DNGConfig
 from dng.errors import ConfigError, NonFiniteError
 from dng.gmm import default_mixture_config
 from dng.guidance import DynamicNegativeGuidance, NegativePrompt, SafeLatentDiffusion
@@ -75,9 +76,9 @@ def test_trace_shapes_and_ranges():
     assert tr.p.shape == tr.scale.shape == tr.llr.shape == (8, 3, 2)
     assert tr.timesteps.shape == (8,)
     assert ((tr.p >= 1e-3 - 1e-7) & (tr.p <= 0.9 + 1e-7)).all()
-    rule = DynamicNegativeGuidance()  # the default lam0 schedule and push cap, read from the trace's noise levels
-    lam0 = torch.tensor([rule.config.lam0_at(float(s)) for s in tr.sigma[:, 0]])[:, None, None]
-    cap = torch.tensor([rule.config.push_cap / g if (g := log_snr_gain(*map(float, s))) else math.inf for s in tr.sigma])
+    config = DNGConfig()  # the default lam0 schedule and push cap, read from the trace's noise levels
+    lam0 = torch.tensor([config.lam0_at(float(s)) for s in tr.sigma[:, 0]])[:, None, None]
+    cap = torch.tensor([config.push_cap / g if (g := log_snr_gain(*map(float, s))) else math.inf for s in tr.sigma])
     torch.testing.assert_close(tr.scale, torch.minimum(lam0 * tr.p / (1 - tr.p), cap[:, None, None].float()))
     assert torch.isnan(tr.llr[-1]).all() and torch.isfinite(tr.llr[:-1]).all()
     np_trace = run(NegativePrompt(2.0), steps=4, return_trace=True).trace

@@ -41,9 +41,9 @@ def _torchrun(nproc, argv, **kwargs):
 
 def test_noise_depends_on_the_sample_index_only():
     unet = models.make_generator(TINY_UNET)
-    noise = generate.initial_noise(5, 0, 6)
-    assert torch.equal(generate.initial_noise(5, 2, 4), noise[2:])
-    assert not torch.equal(generate.initial_noise(6, 0, 6), noise)
+    noise = seeded_noise(5, 0, 6)
+    assert torch.equal(seeded_noise(5, 2, 4), noise[2:])
+    assert not torch.equal(seeded_noise(6, 0, 6), noise)
     full, _ = generate.generate(unet, "euler-a", None, [], noise, 3, seed=5, chunk=2)
     tail, _ = generate.generate(unet, "euler-a", None, [], noise[2:], 3, seed=5, chunk=2, first_index=2)
     assert torch.equal(tail, full[2:])  # the same batches: bit for bit

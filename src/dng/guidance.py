@@ -93,9 +93,10 @@ class SafeLatentDiffusion(Guidance):
     def __init__(self, preset: str = "medium", **changes):
         if not isinstance(preset, str) or preset.lower() not in SLD_PRESETS:
             raise ConfigError(f"unknown SLD preset {preset!r}; choose one of {', '.join(SLD_PRESETS)}")
-        unknown = sorted(set(changes) - set(SLD_PRESETS["medium"]))
+        names = SLD_PRESETS["medium"]
+        unknown = sorted(set(changes) - set(names))
         if unknown:
-            raise ConfigError(f"unknown SLD setting {unknown[0]!r}; the settings are {', '.join(SLD_PRESETS['medium'])}")
+            raise ConfigError(f"unknown SLD setting {unknown[0]!r}; the settings are {', '.join(names)}")
         settings = {**SLD_PRESETS[preset.lower()], **changes}
         warmup_steps = settings["warmup_steps"]
         if not isinstance(warmup_steps, (int, float)) or int(warmup_steps) != warmup_steps or warmup_steps < 0:

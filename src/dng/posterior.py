@@ -9,6 +9,7 @@ import torch
 from dng.config import DNGConfig
 from dng.errors import ConfigError, NonFiniteError
 
+
 def gaussian_llr(rd, dd, std: float, temperature: float = 1.0, offset: float = 0.0):
     """Tempered log q(x_prev|x, c-)/q(x_prev|x) for equal-variance Gaussian kernels, [batch, negatives].
 

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 from dng.config import check_finite
 from dng.errors import ConfigError, NonFiniteError
 from dng.guidance import Guidance, Step, base_prediction
+
 # A sample "activated" DNG when its tracked p_t reached 1/2 at some step: the concept had become more likely than
 # not, which is where the applied scale lam0 p/(1-p) reaches lam0 itself. The threshold reads p, not the scale, so
 # that it means the same whatever lam0, its late boost and its cap; from the default prior 0.1 it takes evidence

@@ -18,7 +18,7 @@ def add_scheduler_argument(parser, default: str) -> None:
 
 
 def add_dtype_argument(parser) -> None:
-    """--dtype of the sampling commands (`dng.vision.generate.DTYPES`)."""
+    """--dtype of the sampling commands (`dng.vision.branches.DTYPES`)."""
     parser.add_argument("--dtype", default="float32",
                         help="the UNet's arithmetic: float32 (default) or bfloat16 (autocast; about 2x faster on CPUs "
                              "with AMX or AVX512-BF16, slower on others; outputs and tracking stay float32)")
@@ -179,7 +179,7 @@ def add_sweep_arguments(parser, steps: int = 25, scheduler: str = "euler-a") -> 
 
 def check_sweep_arguments(args) -> None:
     """`add_sweep_arguments`' options, checked before any model loads."""
-    from dng.vision.generate import check_dtype
+    from dng.vision.branches import check_dtype
 
     check_count("--num-samples", args.num_samples, 4)
     check_count("--batch-size", args.batch_size)

@@ -50,18 +50,14 @@ def run(args) -> int:
     import torch
 
     from dng import calibration
-    from dng.errors import ConfigError
     from dng.config import check_probability
-    from dng.vision.data import CLASS_NAMES
-    from dng.vision.generate import (
-        check_dtype,
-        classify,
-        generate,
-        parse_classes,
-        seeded_noise,
-        to_uint8,
-    )
+    from dng.errors import ConfigError
+    from dng.vision.branches import check_dtype
+    from dng.vision.data import CLASS_NAMES, parse_classes
+    from dng.vision.generate import generate
+    from dng.vision.images import classify, to_uint8
     from dng.vision.models import calibration_path, default_weights, load_classifier, load_generator, save_calibration
+    from dng.vision.seeding import seeded_noise
 
     if args.num_samples < 10 or args.steps < 2:
         raise ConfigError(f"need --num-samples >= 10 and --steps >= 2, got {args.num_samples} and {args.steps}")

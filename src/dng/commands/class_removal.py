@@ -32,7 +32,7 @@ def run(args) -> int:
         parse_scales,
         write_results,
     )
-    from dng.vision.generate import parse_classes
+    from dng.vision.data import parse_classes
 
     classes, methods = parse_classes(args.classes), parse_methods(args.methods)
     np_scales = parse_scales(args.np_scales, "--np-scales") if args.np_scales else NP_SCALES

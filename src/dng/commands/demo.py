@@ -52,16 +52,18 @@ def run(args) -> int:
     from dng.config import check_scale
     from dng.io import write_atomic, write_json
     from dng.vision import generate
-    from dng.vision.data import CLASS_NAMES, load_split
+    from dng.vision.branches import check_dtype
+    from dng.vision.data import CLASS_NAMES, load_split, parse_class
+    from dng.vision.images import classify, grid, save_png, to_uint8
     from dng.vision.models import load_classifier, load_generator
 
     started = time.perf_counter()
     check_threads(args.threads)
-    klass = generate.parse_class(args.remove)
+    klass = parse_class(args.remove)
     check_count("--num-images", args.num_images, 4)
     check_generator_sampler(args)
     check_scale("--np-scale", args.np_scale)
-    generate.check_dtype(args.dtype)
+    check_dtype(args.dtype)
     out = check_out_dir(args.out)
     # Every rule is built before any sampling, with the generator's calibration, so that a bad setting fails now.
     config, dng_source = generator_dng(args, [klass])
@@ -79,16 +81,16 @@ def run(args) -> int:
         t0 = time.perf_counter()
         x, tr = generate.generate(unet, noise, scheduler=args.scheduler, guidance=rules[name], negatives=[klass],
                                   steps=args.steps, seed=args.seed, progress=args.progress, dtype=args.dtype)
-        images = generate.to_uint8(x)
-        pred, feats = generate.classify(classifier, images)
+        images = to_uint8(x)
+        pred, feats = classify(classifier, images)
         results[name] = {"params": params, **reference.metrics([klass], images, pred, feats, args.seed),
                          "saturated_rate": metrics.saturated_rate(images, real_images),
                          "seconds": time.perf_counter() - t0}
-        grids[name] = generate.grid(images)
+        grids[name] = grid(images)
         trace = tr if name == "dng" else trace
     # Written only once every method has sampled: a run that fails (a NaN model, say) leaves no partial result.
-    for name, grid in grids.items():
-        generate.save_png(grid, out / f"grid_{name}.png")
+    for name, tiles in grids.items():
+        save_png(tiles, out / f"grid_{name}.png")
     files = {
         "comparison": side_by_side(grids, results, CLASS_NAMES[klass], out / "comparison.png"),
         "trajectories": plots.trajectories(trace, out / "dng_trajectories.png",

@@ -46,15 +46,18 @@ def run(args) -> int:
     import numpy as np
     import torch
 
-    from dng.distributed import World, gather, shard, threads_per_rank
     from dng.config import check_scale
+    from dng.distributed import World, gather, shard, threads_per_rank
     from dng.io import write_atomic
     from dng.vision import generate
-    from dng.vision.data import CLASS_NAMES
+    from dng.vision.branches import check_dtype
+    from dng.vision.data import CLASS_NAMES, parse_class, parse_classes
+    from dng.vision.images import classify, grid, npz_bytes, save_png, to_uint8
     from dng.vision.models import load_classifier, load_generator
+    from dng.vision.seeding import seeded_noise
 
     check_threads(args.threads)
-    removed = generate.parse_classes(args.remove) if args.remove else []
+    removed = parse_classes(args.remove) if args.remove else []
     method = (args.method or ("dng" if removed else "none")).strip().lower()
     if method in generate.GUIDED and not removed:
         raise ConfigError(f"--method {method} needs --remove (a class name or index, e.g. Trouser)")
@@ -69,10 +72,10 @@ def run(args) -> int:
     if rule is not None:
         # One --dng prior for several exclusive classes is checked here as their sum, before any model loads.
         rule.check(len(removed))
-    positive = generate.parse_class(args.klass) if args.klass is not None else None
+    positive = parse_class(args.klass) if args.klass is not None else None
     if positive in removed:
         raise ConfigError(f"--class {CLASS_NAMES[positive]} is also removed")
-    generate.check_dtype(args.dtype)
+    check_dtype(args.dtype)
     check_count("--num-images", args.num_images)
     out = check_out_file(args.out, suffix=".png")
     check_out_file(out.with_suffix(".npz"), "--out (its .npz beside it)")
@@ -86,7 +89,7 @@ def run(args) -> int:
     parts = []
     for start in shard(starts, world):
         count = min(args.batch_size, args.num_images - start)
-        noise = generate.seeded_noise(args.seed, start, count).to(world.device)
+        noise = seeded_noise(args.seed, start, count).to(world.device)
         x, _ = generate.generate(unet, noise, scheduler=args.scheduler, guidance=rule, negatives=removed,
                                  steps=args.steps, seed=args.seed, positive=positive, cfg_scale=args.cfg_scale,
                                  chunk=args.batch_size, progress=args.progress and world.main, dtype=args.dtype,
@@ -96,10 +99,10 @@ def run(args) -> int:
     if not world.main:
         return 0
     x = torch.cat(parts)
-    images = generate.to_uint8(x)
-    labels, _ = generate.classify(classifier, images)
-    generate.save_png(generate.grid(images), out)
-    npz = write_atomic(out.with_suffix(".npz"), generate.npz_bytes(
+    images = to_uint8(x)
+    labels, _ = classify(classifier, images)
+    save_png(grid(images), out)
+    npz = write_atomic(out.with_suffix(".npz"), npz_bytes(
         images=images, labels=labels, removed=np.array(removed, dtype=np.int64)))
     shares = np.bincount(labels, minlength=len(CLASS_NAMES)) / len(labels)
     print("classified as: " + ", ".join(f"{n} {s:.0%}" for n, s in zip(CLASS_NAMES, shares, strict=True) if s))

@@ -50,7 +50,8 @@ class DPMSolverKernel(_PastKernel):
             # diffusers has no third-order update for these: their third step fails.
             raise UnsupportedSchedulerError(f"{cfg.algorithm_type} has no third-order update; use solver_order <= 2")
         if cfg.get("variance_type") is not None:
-            raise UnsupportedSchedulerError(f"variance_type {cfg.variance_type!r} needs an output wider than the sample")
+            raise UnsupportedSchedulerError(
+                f"variance_type {cfg.variance_type!r} needs an output wider than the sample")
         self.affine = not cfg.thresholding
         # Step index -> this chain's converted outputs at that step, unconditional minus each negative.
         self._gaps = {}

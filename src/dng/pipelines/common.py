@@ -13,8 +13,8 @@ from diffusers.utils.torch_utils import randn_tensor
 from dng import schedulers
 from dng.errors import ConfigError
 from dng.guidance import DynamicNegativeGuidance, Guidance, NegativePrompt, SafeLatentDiffusion
-from dng.schedulers import reverse_kernel
 from dng.sampler import STOP, sample
+from dng.schedulers import reverse_kernel
 
 METHODS = ("dng", "np", "sld")
 

@@ -88,3 +88,26 @@ def load_tensors(split: str = "train", root: str | os.PathLike | None = None):
 
     images, labels = load_split(split, root)
     return to_tensor(images), torch.from_numpy(labels)
+
+
+def parse_class(text: str) -> int:
+    """A Fashion-MNIST class from its index or (case-insensitive) name, e.g. '1', 'Trouser', 'ankle boot'."""
+    text = text.strip()
+    if text.isdigit() and int(text) < NUM_CLASSES:
+        return int(text)
+    lowered = {name.lower(): i for i, name in enumerate(CLASS_NAMES)}
+    lowered.update({name.split("/")[0].lower(): i for i, name in enumerate(CLASS_NAMES)})
+    if text.lower() in lowered:
+        return lowered[text.lower()]
+    choices = ", ".join(f"{i}={name}" for i, name in enumerate(CLASS_NAMES))
+    raise ConfigError(f"unknown class {text!r}; give an index or a name: {choices}")
+
+
+def parse_classes(text: str) -> list[int]:
+    """Comma-separated classes (or 'all'), deduplicated in order."""
+    if text.strip().lower() == "all":
+        return list(range(NUM_CLASSES))
+    classes = [parse_class(part) for part in text.split(",") if part.strip()]
+    if not classes:
+        raise ConfigError("no class given; use e.g. 'all', '3,7' or 'Trouser'")
+    return list(dict.fromkeys(classes))
