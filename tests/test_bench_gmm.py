@@ -13,7 +13,7 @@ def test_bench_gmm_cli_writes_results_and_plots(tmp_path, capsys):
     config = {"means": [[0.0, 0.0], [2.0, 0.0], [0.0, 2.0]], "stds": [0.3, 0.5, 0.4], "weights": [1, 2, 1],
               "remove": [0]}
     (tmp_path / "mix.json").write_text(json.dumps(config))
-    code = main(["bench", "gmm", "--config", str(tmp_path / "mix.json"), "--steps", "20", "--num-samples", "300",
+    code = main(["bench", "gmm", "--config", str(tmp_path / "mix.json"), "--steps", "20", "--num-images", "300",
                  "--methods", "none,np,sld,dng,dng-oracle,target", "--out", str(tmp_path / "r.json"),
                  "--plot", str(tmp_path / "plots")])
     assert code == 0
@@ -54,14 +54,14 @@ def test_bench_gmm_cli_writes_results_and_plots(tmp_path, capsys):
 def test_malformed_configs_get_clear_errors(tmp_path, capsys, text, message):
     path = tmp_path / "bad.json"
     path.write_text(text)
-    assert main(["bench", "gmm", "--config", str(path), "--steps", "2", "--num-samples", "10"]) == 2
+    assert main(["bench", "gmm", "--config", str(path), "--steps", "2", "--num-images", "10"]) == 2
     assert message in capsys.readouterr().err
 
 
 def test_missing_config_and_unknown_method(tmp_path, capsys):
     assert main(["bench", "gmm", "--config", str(tmp_path / "nope.json")]) == 2
     assert "does not exist" in capsys.readouterr().err
-    assert main(["bench", "gmm", "--methods", "none,cfg", "--steps", "2", "--num-samples", "10"]) == 2
+    assert main(["bench", "gmm", "--methods", "none,cfg", "--steps", "2", "--num-images", "10"]) == 2
     assert "unknown method 'cfg'" in capsys.readouterr().err
 
 

@@ -4,11 +4,32 @@ The `check_*` helpers validate options before any model loads or runs, each with
 the option and the fix (the CLI exits 2 on it, without a traceback).
 """
 
+import argparse
+import sys
 import tempfile
 from pathlib import Path
 
 # The names of `dng.schedulers.SAMPLERS`, written out so that building the parser need not import diffusers.
 SAMPLER_NAMES = ("ddpm", "euler-a", "dpmpp-2m-sde", "ddim")
+
+
+class _Renamed(argparse.Action):
+    """An old spelling of an option: takes the value for the new one, with a note on stderr naming it."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"dng: note: {option_string} is now {self.metavar}; the old spelling will be removed", file=sys.stderr)
+        setattr(namespace, self.dest, values if self.nargs != 0 else self.const)
+
+
+def add_renamed(parser, old: str, new: str, dest: str, **kwargs) -> None:
+    """Accept `old` as a hidden alias of the option `new` (same `dest`), with a deprecation note when used."""
+    parser.add_argument(old, dest=dest, action=_Renamed, metavar=new, help=argparse.SUPPRESS, **kwargs)
+
+
+def add_mode_argument(parser, default: str | None, what: str) -> None:
+    """--mode independent|exclusive: how several negative concepts combine in DNG."""
+    parser.add_argument("--mode", choices=("independent", "exclusive"), default=default,
+                        help=f"how several concepts combine: independent (free text) or exclusive (classes); {what}")
 
 
 def add_scheduler_argument(parser, default: str) -> None:
@@ -159,7 +180,8 @@ def _check_writable(folder: Path, option: str) -> None:
 
 def add_sweep_arguments(parser, steps: int = 25, scheduler: str = "euler-a") -> None:
     """The options the Fashion-MNIST benches share: samples, sampler, seed, models, batch, dtype, threads, --out."""
-    parser.add_argument("--num-samples", type=int, default=500, help="samples per cell (default 500)")
+    parser.add_argument("--num-images", dest="num_samples", type=int, default=500, help="images per cell (default 500)")
+    add_renamed(parser, "--num-samples", "--num-images", "num_samples", type=int)
     parser.add_argument("--steps", type=int, default=steps, help=f"sampling steps (default {steps})")
     add_scheduler_argument(parser, scheduler)
     parser.add_argument("--seed", type=int, default=0)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dng.commands import add_scheduler_argument, check_count, check_out_dir, check_out_file, check_threads
+from dng.commands import add_renamed, add_scheduler_argument, check_count, check_out_dir, check_out_file, check_threads
 from dng.errors import ConfigError
 
 
@@ -13,7 +13,8 @@ def register(groups) -> None:
     add_scheduler_argument(p, "ddpm")
     p.add_argument("--variance", default="fixed_large", choices=("fixed_large", "fixed_small"),
                    help="the DDPM sampler's step variance: beta_t (default) or the posterior's beta_tilde_t")
-    p.add_argument("--num-samples", type=int, default=4000)
+    p.add_argument("--num-images", dest="num_samples", type=int, default=4000, help="samples per row (default 4000)")
+    add_renamed(p, "--num-samples", "--num-images", "num_samples", type=int)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--methods", default="none,np,sld,dng,dng-oracle,target",
                    help="comma-separated: none, np, sld, dng, dng-oracle, target")

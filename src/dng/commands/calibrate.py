@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dng.commands import (
     add_dtype_argument,
+    add_mode_argument,
+    add_renamed,
     add_scheduler_argument,
     check_generator_sampler,
     check_out_file,
@@ -19,16 +21,16 @@ def register(groups) -> None:
                     "the generator (or --out); dng sample, demo and bench class-removal use it on every sampler "
                     "and step count, since its offset is a rate per unit of log-SNR.")
     p.add_argument("--classes", default="all", help="'all' or comma-separated indices or names")
-    p.add_argument("--num-samples", type=int, default=300, help="unguided chains (default 300)")
+    p.add_argument("--num-images", dest="num_samples", type=int, default=300, help="unguided chains (default 300)")
+    add_renamed(p, "--num-samples", "--num-images", "num_samples", type=int)
     # The defaults are those the shipped calibration was made with.
     p.add_argument("--steps", type=int, default=25, help="sampling steps (default 25)")
     add_scheduler_argument(p, "euler-a")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--p-max", type=float, default=0.95, help="the tracker's upper clamp the fit assumes")
-    p.add_argument("--exclusive", action="store_true",
-                   help="fit the joint tracker with the clamp DNG uses when it removes several classes at once (mode "
-                        "'exclusive'); by default the clamp of one class at a time, which removal of a single class "
-                        "uses")
+    add_mode_argument(p, "independent", "the joint fit replays the clamp of this mode: exclusive for removing "
+                                        "several classes at once, independent (default) for one class at a time")
+    add_renamed(p, "--exclusive", "--mode exclusive", "mode", nargs=0, const="exclusive")
     p.add_argument("--generator", default=None, help="generator safetensors (default: the shipped one)")
     p.add_argument("--classifier", default=None, help="classifier safetensors (default: the shipped one)")
     add_dtype_argument(p)
@@ -86,7 +88,7 @@ def run(args) -> int:
         raise ConfigError("no class has 5 samples of each outcome; draw more --num-samples")
     # The joint fit pools the temperature and offset over the classes; it replays the clamp of the mode it is for.
     fits = {"all": calibration.fit(trace.llr[:, :, enough], gains, outcome[:, enough], p_max=args.p_max,
-                                   exclusive=args.exclusive)}
+                                   exclusive=args.mode == "exclusive")}
     fits.update({CLASS_NAMES[classes[j]]: calibration.fit(trace.llr[:, :, [j]], gains, outcome[:, [j]],
                                                           p_max=args.p_max) for j in enough})
     print(f"{'class':<12} {'share':>6} {'prior':>7} {'temp':>6} {'offset':>9} {'nll/base':>8}  AUC at "
@@ -96,7 +98,7 @@ def run(args) -> int:
         print(f"{name:<12} {np.mean(fit.positives) / fit.samples:6.3f} {np.mean(fit.priors):7.3f} "
               f"{fit.temperature:6.3f} {fit.offset:9.2e} {fit.nll / fit.baseline_nll:8.3f}  {aucs}")
     made_from = {k: getattr(args, k) for k in ("classes", "num_samples", "steps", "scheduler", "seed", "p_max",
-                                               "exclusive", "generator", "dtype")}
+                                               "mode", "generator", "dtype")}
     save_calibration(out, fits, [classes[j] for j in enough], made_from,
                      generator=args.generator or default_weights("generator"))
     print(f"wrote {out}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dng.commands import (
     add_dng_arguments,
     add_dtype_argument,
+    add_mode_argument,
     add_scheduler_argument,
     check_count,
     check_generator_sampler,
@@ -24,6 +25,7 @@ def register(groups) -> None:
     p.add_argument("--scale", type=float, default=1.0, help="NP's scale (default 1)")
     p.add_argument("--preset", default="medium", help="SLD preset: weak, medium, strong, max")
     add_dng_arguments(p)
+    add_mode_argument(p, None, "default exclusive for several --remove classes")
     p.add_argument("--num-images", type=int, default=64)
     p.add_argument("--steps", type=int, default=25)
     add_scheduler_argument(p, "euler-a")
@@ -66,7 +68,7 @@ def run(args) -> int:
     check_generator_sampler(args)
     config = None
     if method == "dng":
-        config, source = generator_dng(args, removed)
+        config, source = generator_dng(args, removed, **({"mode": args.mode} if args.mode else {}))
         print(f"DNG {args.dng_preset} ({source}): {config.describe()}")
     rule = generate.make_rule(method, np_scale=args.scale, sld_preset=args.preset, dng=config)
     if rule is not None:
