@@ -12,10 +12,13 @@ import torch
 from dng import calibration, cli
 from dng.bench import class_removal
 from dng.commands.demo import DEFAULT_REMOVE
+from dng.config import PRESETS
 from dng.errors import ConfigError
-from dng.guidance import DNG_PRESETS
 from dng.schedulers import SAMPLERS
 from dng.vision import generate, models
+from dng.vision.branches import ClassBranches, ClassPosterior
+from dng.vision.data import parse_class, parse_classes
+from dng.vision.images import classify
 
 TINY_UNET = dict(models.GENERATOR_CONFIG, block_out_channels=[8, 8, 16], norm_num_groups=8, attention_head_dim=8)
 TINY_CLASSIFIER = dict(channels=[4, 8, 8], convs=[1, 1, 1], features=16, num_classes=10, dropout=0.0)
@@ -69,8 +72,8 @@ def test_bench_writes_rows_csv_figures_and_resumes(tiny, tmp_path, monkeypatch):
     assert len((out / "results.csv").read_text().splitlines()) == 3
     figures = out / "figures"
     for name in ("tradeoff_class_kl.png", "tradeoff_unguided_kl.png", "tradeoff_fid.png", "histograms/class1.png",
-                 "grids/class1-none.png", "grids/class1-dng-default-scale=1.png",
-                 "trajectories/class1-dng-default-scale=1.png"):
+                 "grids/class1-none.png", "grids/class1-dng-default-lam0=1.png",
+                 "trajectories/class1-dng-default-lam0=1.png"):
         assert (figures / name).read_bytes()[:4] == b"\x89PNG", name
 
     calls = []
@@ -88,12 +91,12 @@ def test_bench_writes_rows_csv_figures_and_resumes(tiny, tmp_path, monkeypatch):
 
     assert _bench(tiny, out, classes="Trouser,Dress", dng_scales="3") == 0  # a new scale is a new cell per class
     rows = json.loads((out / "results.json").read_text())["rows"]
-    assert [(r["class"], r["method"], r["params"]["scale"]) for r in rows if r["method"] == "dng"] == [
+    assert [(r["class"], r["method"], r["params"]["lam0"]) for r in rows if r["method"] == "dng"] == [
         (1, "dng", 1.0), (1, "dng", 3.0), (3, "dng", 1.0), (3, "dng", 3.0)]
     assert {r["params"]["prior"] for r in rows if r["method"] == "dng"} == {0.1}
     summary = json.loads((out / "results.json").read_text())["summary"]
     assert [class_removal.setting_label(s["method"], s["params"]) for s in summary] == [
-        "none", "dng default scale=1", "dng default scale=3"]
+        "none", "dng default lam0=1", "dng default lam0=3"]
 
 
 def test_sweep_is_keyed_on_the_weights_not_the_card(tiny, tmp_path):
@@ -124,10 +127,10 @@ def test_dng_cells_are_named_by_preset_and_what_the_user_set(tiny, tmp_path):
     assert _bench(tiny, out, dng_scales="2", extra=("--dng", "late_boost=4", "--dng", "boost_sigma=1")) == 0
     rows = json.loads((out / "results.json").read_text())["rows"]
     dng = {class_removal.setting_label(r["method"], r["params"]): r["params"] for r in rows if r["method"] == "dng"}
-    assert set(dng) == {"dng default scale=2", "dng default late_boost=4 boost_sigma=1 scale=2"}
-    for key, boost, below in (("class1-dng-default-scale=2", DNG_PRESETS["default"]["late_boost"],
-                               DNG_PRESETS["default"]["boost_sigma"]),
-                              ("class1-dng-default-late_boost=4-boost_sigma=1-scale=2", 4.0, 1.0)):
+    assert set(dng) == {"dng default lam0=2", "dng default late_boost=4 boost_sigma=1 lam0=2"}
+    for key, boost, below in (("class1-dng-default-lam0=2", PRESETS["default"].late_boost,
+                               PRESETS["default"].boost_sigma),
+                              ("class1-dng-default-late_boost=4-boost_sigma=1-lam0=2", 4.0, 1.0)):
         with np.load(out / "cells" / f"{key}.npz") as f:
             odds = f["p"] / (1 - f["p"])
             lam0 = np.where(f["sigma"] < below, 2.0 * boost, 2.0)[:, None]
@@ -189,31 +192,32 @@ def test_summary_leaves_unguided_kl_out_without_an_unguided_cell(tiny, tmp_path)
     result = json.loads((out / "results.json").read_text())
     assert result["rows"][0]["unguided_kl"] is None and result["summary"][0]["unguided_kl"] is None
     assert not (out / "figures" / "tradeoff_unguided_kl.png").exists()
-    assert "| dng default scale=1 | 1 | " in (out / "summary.md").read_text()
+    assert "| dng default lam0=1 | 1 | " in (out / "summary.md").read_text()
     assert _bench(tiny, out, methods="none") == 0  # the unguided cell, run later, fills it in
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert all(r["unguided_kl"] >= 0 for r in rows)
 
 
 def test_settings_sort_by_method_then_strength():
-    settings = [("dng", {"preset": "default", "set": {"scale": 6.0}, "scale": 6.0}), ("sld", {"preset": "max"}),
-                ("np", {"scale": 2.0}), ("dng", {"preset": "default", "set": {}, "scale": 1.0}),
+    settings = [("dng", {"preset": "default", "set": {"lam0": 6.0}, "lam0": 6.0}), ("sld", {"preset": "max"}),
+                ("np", {"scale": 2.0}), ("dng", {"preset": "default", "set": {}, "lam0": 1.0}),
                 ("sld", {"preset": "weak"}), ("none", {}), ("np", {"scale": 0.5})]
     ordered = sorted(settings, key=lambda s: class_removal.setting_order(*s))
     assert [class_removal.setting_label(*s) for s in ordered] == [
-        "none", "np 0.5", "np 2.0", "sld weak", "sld max", "dng default", "dng default scale=6"]
+        "none", "np 0.5", "np 2.0", "sld weak", "sld max", "dng default", "dng default lam0=6"]
 
 
 def test_generate_with_every_scheduler_and_cfg(tiny):
     unet = models.load_generator(tiny[1])
     noise = torch.randn(3, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     for name in SAMPLERS:
-        factory = generate.guidance_factory("dng", exclusive=True)
-        x, trace = generate.generate(unet, name, factory, [1, 2], noise, 5, seed=0, positive=0, cfg_scale=2.0, chunk=2)
+        rule = generate.make_rule("dng", dng=PRESETS["default"].replace(mode="exclusive"))
+        x, trace = generate.generate(unet, noise, scheduler=name, guidance=rule, negatives=[1, 2], steps=5, seed=0,
+                                     positive=0, cfg_scale=2.0, chunk=2)
         assert x.shape == noise.shape and x.abs().max() <= 1
         assert trace.p.shape == (5, 3, 2) and torch.isfinite(trace.scale).all()
     with pytest.raises(ConfigError, match="unknown scheduler"):
-        generate.make_scheduler("plms")
+        models.generator_sampler("plms")
 
 
 def test_bfloat16_runs_the_unet_in_bfloat16_and_returns_float32(tiny):
@@ -278,8 +282,8 @@ def test_demo_end_to_end(tiny, tmp_path, capsys):
         (["sample", "--method", "np", "--out", "x.png"], "needs --remove"),
         (["sample", "--remove", "1", "--class", "Trouser", "--out", "x.png"], "also removed"),
         (["demo", "--remove", "Hat"], "unknown class 'Hat'"),
-        (["demo", "--dng", "scale=-1"], "scale must be a finite number >= 0"),
-        (["demo", "--dng", "lam0=2"], "NAME one of scale, prior"),
+        (["demo", "--dng", "lam0=-1"], "lam0 must be a finite number >= 0"),
+        (["demo", "--dng", "strength=2"], "NAME one of lam0, prior"),
         (["demo", "--dng-preset", "strongest"], "unknown DNG preset"),
         (["demo", "--np-scale", "nan"], "--np-scale must be a finite number >= 0"),
         (["demo", "--dtype", "half"], "unknown dtype 'half'"),
@@ -315,28 +319,33 @@ def test_calibration_sets_dng_on_every_sampler(tiny, tmp_path, capsys):
     settings = {"scheduler": "ddpm", "steps": 3, "p_max": 0.9}
     models.save_calibration(models.calibration_path(gen), _calibration(), [1, 3], settings)
     cal = models.load_calibration(gen)
-    dng, source = generate.dng_settings([3], cal)
-    assert dng == {"prior": 0.2, "temperature": 0.3, "offset": 0.002, "p_max": 0.9} and "calibration" in source
-    assert generate.dng_settings([1, 3], cal)[0]["prior"] == [0.05, 0.2]
-    assert generate.dng_settings([3], cal, prior=0.5)[0]["prior"] == 0.5
-    assert "prior" not in generate.dng_settings([7], cal)[0]  # an uncalibrated class keeps the preset's
+    assert models.load_generator(gen).dng_calibration == cal  # the calibration travels with the model
+    default = PRESETS["default"]
+    assert models.dng_config(cal, [3]) == default.replace(prior=0.2, temperature=0.3, offset=0.002, p_max=0.9)
+    assert "calibration" in models.dng_source(cal, "default")
+    assert models.dng_config(cal, [1, 3]).prior == (0.05, 0.2) and models.dng_config(cal, [1, 3]).exclusive
+    assert models.dng_config(cal, [3], prior=0.5).prior == 0.5
+    assert models.dng_config(cal, [7]).prior == default.prior  # an uncalibrated class keeps the preset's
     # ... also beside calibrated ones, which keep theirs.
-    assert generate.dng_settings([3, 7], cal)[0]["prior"] == [0.2, DNG_PRESETS["default"]["prior"]]
-    assert generate.dng_settings([7, 1], cal, "paper-sd")[0]["prior"] == [DNG_PRESETS["paper-sd"]["prior"], 0.05]
-    assert generate.dng_settings([3], None) == ({}, "library defaults (no calibration)")
+    assert models.dng_config(cal, [3, 7]).prior == (0.2, default.prior)
+    # A published preset runs as published: the calibration is not applied to it.
+    assert models.dng_config(cal, [7, 1], "paper-sd") == PRESETS["paper-sd"].replace(mode="exclusive")
+    assert "as published" in models.dng_source(cal, "paper-sd")
+    assert models.dng_config(None, [3]) == default
+    assert models.dng_source(None, "default") == "library defaults (no calibration)"
     with pytest.raises(ConfigError, match="unknown DNG preset 'strong'"):
-        generate.dng_settings([3], cal, "strong")
+        models.dng_config(cal, [3], "strong")
 
     out = tmp_path / "sweep"
     for scheduler in ("ddpm", "euler-a"):  # one fit, whatever the sampler
         assert _bench(tiny, out / scheduler, classes="Dress", extra=("--scheduler", scheduler)) == 0
         rows = json.loads((out / scheduler / "results.json").read_text())["rows"]
-        assert rows[1]["params"] == {**DNG_PRESETS["default"], "preset": "default", "set": {"scale": 1.0},
-                                     "prior": 0.2, "temperature": 0.3, "offset": 0.002, "p_max": 0.9, "scale": 1.0}
+        assert rows[1]["params"] == {**default.to_dict(), "preset": "default", "set": {"lam0": 1.0},
+                                     "prior": 0.2, "temperature": 0.3, "offset": 0.002, "p_max": 0.9, "lam0": 1.0}
     models.save_calibration(models.calibration_path(gen), _calibration(temperature=0.5), [1, 3], settings)
     ddpm = ("--scheduler", "ddpm")
     assert _bench(tiny, out / "ddpm", classes="Dress", extra=ddpm) == 2  # a new calibration would mix into old cells
-    assert "class3-dng-default-scale=1 with other parameters" in capsys.readouterr().err
+    assert "class3-dng-default-lam0=1 with other parameters" in capsys.readouterr().err
     assert _bench(tiny, out / "ddpm", classes="Dress", methods="none", extra=ddpm) == 0  # other cells stay valid
 
     with pytest.raises(ConfigError, match="needs the joint fit"):
@@ -435,5 +444,5 @@ def test_the_class_posterior_row_reads_p_from_every_branch(tiny, tmp_path, monke
     assert [r["method"] for r in rows] == ["none", "dng", "dng-branches"]
     assert len(seen) == 3  # one read per step, and only for its own row
     with pytest.raises(ConfigError, match="DNG rule"):
-        generate.generate(models.load_generator(tiny[1]), "ddpm", generate.guidance_factory("np"), [1],
-                          torch.randn(2, 1, 28, 28), 2, 0, class_posterior=True)
+        generate.generate(models.load_generator(tiny[1]), torch.randn(2, 1, 28, 28), scheduler="ddpm",
+                          guidance=generate.make_rule("np"), negatives=[1], steps=2, seed=0, class_posterior=True)

@@ -44,8 +44,8 @@ def _unwritable() -> str:
         return "/sys/dng-out"
 
 
-def _refused(argv, message, capsys):
-    assert cli.main(argv) == 2
+def _refused(argv, message, capsys, code=2):
+    assert cli.main(argv) == code
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     return err
@@ -123,13 +123,28 @@ def nan_generator(tiny, tmp_path):
     return [*tiny[:1], str(path), *tiny[2:]]
 
 
-def test_nan_weights_are_an_error_and_no_image_is_written(nan_generator, tmp_path, capsys):
+def test_nan_weights_are_a_numerical_error_and_no_image_is_written(nan_generator, tmp_path, capsys):
+    """A blow-up is not bad input: its own error type and exit code 3."""
     err = _refused(["sample", "--num-images", "2", "--steps", "2", "--out", "s.png", *nan_generator],
-                   "the model returned NaN or inf at step 1 of 2", capsys)
+                   "the model returned NaN or inf at step 1 of 2", capsys, code=3)
+    assert err.startswith("dng: numerical error:")
     assert "unconditional branch for 2 of 2 samples" in err and "NaN or inf weights" in err
     assert not list(tmp_path.glob("s.*"))
-    _refused(["demo", "--num-images", "4", "--steps", "2", "--out", "demo", *nan_generator], "NaN", capsys)
+    _refused(["demo", "--num-images", "4", "--steps", "2", "--out", "demo", *nan_generator], "NaN", capsys, code=3)
     assert not list((tmp_path / "demo").glob("*.png"))
+
+
+def test_version_and_renamed_options(tiny, capsys):
+    from dng import __version__
+
+    with pytest.raises(SystemExit) as done:
+        cli.main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"dng {__version__}"
+    # An old spelling still works, with a note naming the new one.
+    err = _refused(["bench", "gmm", "--num-samples", "3", "--steps", "2", "--threads", "0"], "--threads", capsys)
+    assert "--num-samples is now --num-images" in err
+    err = _refused(["sample", "--dng", "scale=-1", "--remove", "Bag", "--out", "x.png", *tiny], "lam0 must be", capsys)
+    assert "--dng scale= is now --dng lam0=" in err
 
 
 def test_demo_flags_a_method_whose_images_are_noise(tiny, tmp_path, capsys):

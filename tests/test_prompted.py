@@ -51,13 +51,13 @@ def test_rows_reference_and_files(tiny, tmp_path):  # noqa: F811
 
 def test_dng_at_scale_0_is_the_cfg_row(tiny, tmp_path):  # noqa: F811
     out = tmp_path / "p"
-    assert _bench(tiny, out, pairs="Trouser:Bag", extra=["--methods", "dng", "--dng", "scale=0"]) == 0
+    assert _bench(tiny, out, pairs="Trouser:Bag", extra=["--methods", "dng", "--dng", "lam0=0"]) == 0
     cfg, dng = json.loads((out / "results.json").read_text())["rows"]
-    assert dng["method"] == "dng" and dng["params"]["scale"] == 0
+    assert dng["method"] == "dng" and dng["params"]["lam0"] == 0
     assert dng["change_vs_cfg"] == 0 and dng["max_scale"] == 0 and dng["activated_rate"] == 0
     assert (dng["positive_rate"], dng["negative_rate"]) == (cfg["positive_rate"], cfg["negative_rate"])
     samples = out / "samples"
-    with np.load(samples / "pos1-cfg.npz") as a, np.load(samples / "pos1-neg8-dng-default-scale=0.npz") as b:
+    with np.load(samples / "pos1-cfg.npz") as a, np.load(samples / "pos1-neg8-dng-default-lam0=0.npz") as b:
         assert np.array_equal(a["images"], b["images"])
 
 

@@ -19,3 +19,33 @@ def test_readme_example_runs(code, one_thread):
 
 def test_readme_has_a_runnable_example():
     assert any("from_pretrained" not in b for b in BLOCKS)
+
+
+def test_readme_sample_and_demo_run_the_same_dng(tmp_path, capsys, monkeypatch):
+    """The README's rule, `dng sample --method dng --remove Bag` and `dng demo --remove Bag` use one DNG config."""
+    from dng import cli
+    from dng.config import DNGConfig
+    from dng.vision import generate
+
+    code = next(b for b in BLOCKS if "from_pretrained" not in b)
+    namespace: dict = {}
+    exec(compile(code.split("out = sample(")[0], str(README), "exec"), namespace)
+    readme = namespace["rule"].config
+
+    seen = {}
+    real = generate.make_rule
+
+    def record(method, *, dng=None, **kwargs):
+        if method != "dng":
+            return real(method, **kwargs)
+        seen[command] = dng
+        raise SystemExit(0)  # the settings are all this test needs: stop before sampling
+
+    monkeypatch.setattr(generate, "make_rule", record)
+    for command, out in (("sample", tmp_path / "g.png"), ("demo", tmp_path / "demo")):
+        method = ["--method", "dng"] if command == "sample" else []
+        with pytest.raises(SystemExit):
+            cli.main([command, *method, "--remove", "Bag", "--out", str(out)])
+    assert seen["sample"] == seen["demo"] == readme
+    # The generator's calibration is in force, not the library default.
+    assert readme != DNGConfig() and readme.temperature < 1 and readme.offset > 0

@@ -17,6 +17,7 @@ from test_class_removal import TINY_UNET, tiny  # noqa: F401 - the fixture
 from dng import cli
 from dng.distributed import World, gather, shard
 from dng.vision import generate, models
+from dng.vision.seeding import seeded_noise
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -41,16 +42,20 @@ def _torchrun(nproc, argv, **kwargs):
 
 def test_noise_depends_on_the_sample_index_only():
     unet = models.make_generator(TINY_UNET)
+
+    def unguided(noise, **kwargs):
+        return generate.generate(unet, noise, scheduler="euler-a", guidance=None, negatives=[], steps=3, **kwargs)
+
     noise = seeded_noise(5, 0, 6)
     assert torch.equal(seeded_noise(5, 2, 4), noise[2:])
     assert not torch.equal(seeded_noise(6, 0, 6), noise)
-    full, _ = generate.generate(unet, "euler-a", None, [], noise, 3, seed=5, chunk=2)
-    tail, _ = generate.generate(unet, "euler-a", None, [], noise[2:], 3, seed=5, chunk=2, first_index=2)
+    full, _ = unguided(noise, seed=5, chunk=2)
+    tail, _ = unguided(noise[2:], seed=5, chunk=2, first_index=2)
     assert torch.equal(tail, full[2:])  # the same batches: bit for bit
-    other, _ = generate.generate(unet, "euler-a", None, [], noise, 3, seed=5, chunk=4)
+    other, _ = unguided(noise, seed=5, chunk=4)
     # Other batches change the UNet's arithmetic in its last bits only: the step noise is the same.
     torch.testing.assert_close(other, full, atol=1e-4, rtol=0)
-    assert (generate.generate(unet, "euler-a", None, [], noise, 3, seed=6, chunk=2)[0] - full).abs().max() > 1e-2
+    assert (unguided(noise, seed=6, chunk=2)[0] - full).abs().max() > 1e-2
 
 
 def test_shard_and_gather_are_inverse_on_one_process():

@@ -330,7 +330,7 @@ def test_export_refuses_another_kind_and_existing_weights_and_keeps_what_it_repl
 
     # The same weights again (a new card): their calibration stays, the replaced files are kept.
     again = export(tmp_path / "a", "generator", weights_dir=w, data_root=fmnist, force=True)
-    assert again.stale_calibration is None and models.load_calibration(first.weights)["temperature"] == 0.3
+    assert again.stale_calibration is None and models.load_calibration(first.weights).temperature == 0.3
     assert [p.read_bytes() for p in again.backups] == [old, (w / "generator.md").read_bytes()]
 
     assert cli.main([*argv, "--kind", "generator", "--force"]) == 0
@@ -355,7 +355,8 @@ def test_a_calibration_is_applied_to_the_weights_it_was_fitted_to_only(tmp_path)
     models.save_model(model, gen, "generator", TINY_UNET, {"note": "a new card"})
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert models.load_calibration(gen)["priors"] == {1: 0.05, 3: 0.2}
+        cal = models.load_calibration(gen)
+        assert (cal.prior_of("Trouser"), cal.prior_of("Dress"), cal.prior_of("Bag")) == (0.05, 0.2, None)
 
     with torch.no_grad():
         next(model.parameters()).add_(1e-3)

@@ -7,7 +7,7 @@ import importlib
 import importlib.util
 import sys
 
-from dng.errors import ConfigError
+from dng.errors import ConfigError, NonFiniteError
 
 # Each module defines register(groups) where groups maps "top", "bench" and "train" to subparser sets.
 COMMAND_MODULES = [
@@ -23,7 +23,10 @@ COMMAND_MODULES = [
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from dng import __version__
+
     parser = argparse.ArgumentParser(prog="dng", description="Dynamic Negative Guidance for diffusion models.")
+    parser.add_argument("--version", action="version", version=f"dng {__version__}")
     top = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     bench = top.add_parser("bench", help="run a benchmark").add_subparsers(dest="bench", required=True)
     train = top.add_parser("train", help="train a shipped model").add_subparsers(dest="model", required=True)
@@ -50,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"dng: error: {err}", file=sys.stderr)
         return 2
+    except NonFiniteError as err:
+        print(f"dng: numerical error: {err}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print("dng: interrupted", file=sys.stderr)
         return 130

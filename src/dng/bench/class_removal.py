@@ -16,19 +16,30 @@ import numpy as np
 import torch
 
 from dng import metrics
-from dng.bench.sweep import SampleSet, Sweep, one_thread, read_json, read_npz
+from dng.bench.sweep import SampleSet, Sweep, dng_cells, dng_params, one_thread, read_json, read_npz
+from dng.config import check_scale
 from dng.distributed import World
 from dng.errors import ConfigError
-from dng.guidance import DNG_PRESETS, SLD_PRESETS, check_scale
+from dng.guidance import SLD_PRESETS
 from dng.io import write_atomic, write_json
 from dng.sampler import Trace
 from dng.vision import generate
+from dng.vision.branches import check_dtype
 from dng.vision.data import CLASS_NAMES, NUM_CLASSES, load_split
-from dng.vision.models import default_weights, load_calibration, load_classifier, load_generator, weights_sha256
+from dng.vision.images import classify, grid, npz_bytes, save_png
+from dng.vision.models import (
+    default_weights,
+    generator_sampler,
+    load_calibration,
+    load_classifier,
+    load_generator,
+    weights_sha256,
+)
 
 # "data" is the metric's own floor: real train images of the kept classes, scored like samples (the test images are
 # the FID reference, so the train split keeps the two sets apart). "dng-branches" is DNG's rule with the model's own
-# posterior read from every class's branch (`generate.ClassPosterior`) instead of tracked: what tracking costs.
+# posterior read from every class's branch (`dng.vision.branches.ClassPosterior`) instead of tracked: what tracking
+# costs.
 METHODS = ("data", "none", "np", "sld", "dng", "dng-branches")
 NP_SCALES = (0.5, 1.0, 2.0)
 METRICS = ("forbidden_rate", "class_kl", "unguided_kl", "fid", "precision", "recall", "artifact_rate", "seconds")
@@ -57,14 +68,9 @@ def parse_scales(text: str, option: str) -> tuple[float, ...]:
     return scales
 
 
-def configs(methods: list[str], dng: dict, np_scales=NP_SCALES, dng_preset: str = "default",
-            dng_set: dict | None = None, dng_scales=None) -> list[tuple[str, dict, object]]:
-    """(method, params, guidance factory or None) of every cell the methods ask for, for one removed class.
-
-    DNG is the preset `dng_preset` with the removed class's calibration `dng` (`generate.dng_settings`) and the
-    user's settings `dng_set` over it: one cell, or one per lam0 in `dng_scales`. A DNG cell's params hold the
-    preset and what the user set ("set"), which name the cell, and every parameter the rule ran with.
-    """
+def configs(methods: list[str], dng: list, np_scales=NP_SCALES) -> list[tuple[str, dict, object]]:
+    """(method, params, rule or None) of every cell the methods ask for, for one removed class; `dng` is that
+    class's DNG cells (`dng.bench.sweep.dng_cells`)."""
     cells = []
     for method in methods:
         if method == "data":
@@ -72,17 +78,13 @@ def configs(methods: list[str], dng: dict, np_scales=NP_SCALES, dng_preset: str 
         elif method == "none":
             cells.append((method, {}, None))
         elif method == "np":
-            cells += [(method, {"scale": s}, generate.guidance_factory("np", scale=s)) for s in np_scales]
+            cells += [(method, {"scale": s}, generate.make_rule("np", np_scale=s)) for s in np_scales]
         elif method == "sld":
-            cells += [(method, {"preset": name, **preset}, generate.guidance_factory("sld", sld_preset=name))
+            cells += [(method, {"preset": name, **preset}, generate.make_rule("sld", sld_preset=name))
                       for name, preset in SLD_PRESETS.items()]
         else:  # dng, dng-branches
-            for scale in dng_scales or [None]:
-                user = {**(dng_set or {}), **({} if scale is None else {"scale": scale})}
-                rule = {**dng, **user}
-                # Every parameter the rule runs with: a changed preset then makes stored cells stale, not mixed.
-                params = {"preset": dng_preset, "set": user, **DNG_PRESETS[dng_preset], **rule}
-                cells.append((method, params, generate.guidance_factory("dng", dng_preset=dng_preset, **rule)))
+            cells += [(method, dng_params(preset, user, config), generate.make_rule("dng", dng=config))
+                      for preset, user, config in dng]
     return cells
 
 
@@ -111,7 +113,7 @@ class Reference:
         images, labels = load_split("test")
         images, labels = images[:limit], labels[:limit]
         self.labels = labels
-        _, self.features = generate.classify(classifier, images)
+        _, self.features = classify(classifier, images)
         self.artifact_threshold = metrics.artifact_threshold(images)
         self._stats: dict[tuple, tuple] = {}
 
@@ -147,8 +149,8 @@ class ClassRemovalBench:
         if steps < 1 or num_samples < 4 or batch_size < 1:
             raise ConfigError(f"need --steps >= 1, --num-samples >= 4 and --batch-size >= 1, got {steps}, "
                               f"{num_samples} and {batch_size}")
-        generate.make_scheduler(scheduler)  # fails early on an unknown name
-        generate.check_dtype(dtype)
+        generator_sampler(scheduler)  # fails early on an unknown name
+        check_dtype(dtype)
         gen_path = Path(generator) if generator else default_weights("generator")
         clf_path = Path(classifier) if classifier else default_weights("classifier")
         with one_thread():  # the reference features, like every score, do not depend on the thread count
@@ -176,9 +178,6 @@ class ClassRemovalBench:
         pick = np.random.default_rng(self.settings["seed"]).choice(kept, self.settings["num_samples"], replace=False)
         return images[np.sort(pick)]
 
-    def dng_settings(self, klass: int) -> dict:
-        """DNG's parameters for removing `klass` that the generator's calibration gives."""
-        return generate.dng_settings([klass], self.calibration)[0]
 
     def score_cell(self, klass: int, method: str, params: dict) -> None:
         """Score one cell from its stored sample set (real images for 'data') into DIR/cells."""
@@ -192,11 +191,11 @@ class ClassRemovalBench:
             if "p" in stored:
                 arrays.update(timesteps=stored["timesteps"], sigma=stored["sigma"],
                               p=stored["p"][:, :TRACE_SAMPLES, 0], scale=stored["scale"][:, :TRACE_SAMPLES, 0])
-        pred, feats = generate.classify(self.reference.classifier, images)
+        pred, feats = classify(self.reference.classifier, images)
         row = {"class": klass, "method": method, "params": params,
                **self.reference.metrics([klass], images, pred, feats, self.settings["seed"]), "seconds": seconds}
         write_atomic(self.sweep.cell_path(key).with_suffix(".npz"),
-                     generate.npz_bytes(grid=images[:GRID_IMAGES], **arrays))
+                     npz_bytes(grid=images[:GRID_IMAGES], **arrays))
         counts = np.bincount(pred, minlength=NUM_CLASSES).tolist()
         write_json(self.sweep.cell_path(key), {"row": row, "counts": counts})
 
@@ -204,13 +203,14 @@ class ClassRemovalBench:
             dng_set: dict | None = None, dng_scales=None) -> int:
         """Draw and score every missing cell, split over the ranks; returns how many cells were missing."""
         cells = [(k, *c) for k in classes
-                 for c in configs(methods, self.dng_settings(k), np_scales, dng_preset, dng_set, dng_scales)]
+                 for c in configs(methods, [(dng_preset, *cell) for cell in dng_cells(
+                     self.calibration, k, dng_preset, dng_set, dng_scales)], np_scales)]
         self.sweep.refuse_stale({cell_key(k, method, params): params for k, method, params, _ in cells})
         sets = {}
-        for k, method, params, factory in cells:
+        for k, method, params, rule in cells:
             if method != "data":
                 key = sample_set_key(k, method, params)
-                sets[key] = SampleSet(key, factory, () if factory is None else (k,),
+                sets[key] = SampleSet(key, rule, () if rule is None else (k,),
                                       class_posterior=method == "dng-branches")
         missing = [c for c in cells if not self.sweep.cell_path(cell_key(*c[:3])).is_file()]
         self.sweep.draw([sets[sample_set_key(*c[:3])] for c in missing if c[1] != "data"])
@@ -316,7 +316,7 @@ def write_results(out) -> dict[str, Path]:
         for c in mine:
             key = cell_key(klass, c["row"]["method"], c["row"]["params"])
             f = read_npz(out / "cells" / f"{key}.npz")
-            generate.save_png(generate.grid(f["grid"]), figures / "grids" / f"{key}.png")
+            save_png(grid(f["grid"]), figures / "grids" / f"{key}.png")
             if "p" in f:
                 sigma = torch.from_numpy(f["sigma"])[:, None].expand(-1, 2)
                 trace = Trace(torch.from_numpy(f["timesteps"]), torch.from_numpy(f["p"])[..., None],

@@ -23,15 +23,24 @@ import numpy as np
 import torch
 
 from dng import metrics
-from dng.bench.sweep import SampleSet, Sweep, read_json, read_npz
+from dng.bench.sweep import SampleSet, Sweep, dng_cells, dng_params, read_json, read_npz
+from dng.config import check_scale
 from dng.distributed import World
 from dng.errors import ConfigError
-from dng.guidance import DNG_PRESETS, check_scale
 from dng.io import write_atomic, write_json
 from dng.sampler import ACTIVATION_P, Trace
 from dng.vision import generate
-from dng.vision.data import CLASS_NAMES, NUM_CLASSES
-from dng.vision.models import default_weights, load_calibration, load_classifier, load_generator, weights_sha256
+from dng.vision.branches import check_dtype
+from dng.vision.data import CLASS_NAMES, NUM_CLASSES, parse_class
+from dng.vision.images import classify, grid, npz_bytes
+from dng.vision.models import (
+    default_weights,
+    generator_sampler,
+    load_calibration,
+    load_classifier,
+    load_generator,
+    weights_sha256,
+)
 
 METHODS = ("cfg", "np", "dng")
 DEFAULT_PAIRS = "Trouser:Bag,Shirt:T-shirt/top,Pullover:Coat,Sneaker:Ankle boot"
@@ -56,7 +65,7 @@ def parse_pairs(text: str) -> list[tuple[int, int]]:
         positive, sep, negative = item.partition(":")
         if not sep:
             raise ConfigError(f"--pairs {item!r}: write POSITIVE:NEGATIVE, e.g. Trouser:Bag or 1:8")
-        pairs.append((generate.parse_class(positive), generate.parse_class(negative)))
+        pairs.append((parse_class(positive), parse_class(negative)))
     if not pairs:
         raise ConfigError("--pairs needs at least one POSITIVE:NEGATIVE pair, e.g. Trouser:Bag, or 'all'")
     return list(dict.fromkeys(pairs))
@@ -76,27 +85,24 @@ def cell_key(positive: int, negative: int, method: str, params: dict) -> str:
     return f"pos{positive}-neg{negative}-{setting_label(method, params).replace(' ', '-')}"
 
 
-def configs(positive: int, negative: int, methods: list[str], cfg_scale: float, np_scales, dng: dict,
-            dng_preset: str = "default", dng_set: dict | None = None, dng_scales=None) -> list[tuple]:
+def configs(positive: int, negative: int, methods: list[str], cfg_scale: float, np_scales, dng: list) -> list[tuple]:
     """(method, params, SampleSet) of every cell of one pair. The cfg samples of a positive class are shared by
-    all its pairs; `dng` is the negative's calibration (`generate.dng_settings`) and `dng_set` the user's
-    settings over the preset."""
+    all its pairs; `dng` is the negative's DNG cells, (preset, what the user set, config) each
+    (`dng.bench.sweep.dng_cells`)."""
     cells = [("cfg", {"cfg_scale": cfg_scale}, SampleSet(f"pos{positive}-cfg", None, (), positive, cfg_scale))]
     for method in methods:
         if method == "np":
             for scale in np_scales:
                 params = {"cfg_scale": cfg_scale, "scale": scale, "diffusers": scale == cfg_scale - 1}
                 key = cell_key(positive, negative, method, params)
-                cells.append((method, params, SampleSet(key, generate.guidance_factory("np", scale=scale),
+                cells.append((method, params, SampleSet(key, generate.make_rule("np", np_scale=scale),
                                                         (negative,), positive, cfg_scale)))
         elif method == "dng":
-            for scale in dng_scales or [None]:
-                user = {**(dng_set or {}), **({} if scale is None else {"scale": scale})}
-                rule = {**dng, **user}
-                params = {"cfg_scale": cfg_scale, "preset": dng_preset, "set": user, **DNG_PRESETS[dng_preset], **rule}
+            for preset, user, config in dng:
+                params = {"cfg_scale": cfg_scale, **dng_params(preset, user, config)}
                 key = cell_key(positive, negative, method, params)
-                factory = generate.guidance_factory("dng", dng_preset=dng_preset, **rule)
-                cells.append((method, params, SampleSet(key, factory, (negative,), positive, cfg_scale)))
+                rule = generate.make_rule("dng", dng=config)
+                cells.append((method, params, SampleSet(key, rule, (negative,), positive, cfg_scale)))
     return cells
 
 
@@ -134,8 +140,8 @@ class PromptedBench:
         if check_scale("--cfg-scale", cfg_scale) <= 1:
             raise ConfigError(f"--cfg-scale must be above 1 (at 1 CFG is the positive branch alone and diffusers "
                               f"ignores the negative prompt), got {cfg_scale}")
-        generate.make_scheduler(scheduler)
-        generate.check_dtype(dtype)
+        generator_sampler(scheduler)
+        check_dtype(dtype)
         gen_path = Path(generator) if generator else default_weights("generator")
         clf_path = Path(classifier) if classifier else default_weights("classifier")
         self.classifier = load_classifier(clf_path)
@@ -154,8 +160,8 @@ class PromptedBench:
         w = self.settings["cfg_scale"]
         np_scales = np_scales or tuple(f * (w - 1) for f in NP_FACTORS)
         return [(k, j, *c) for k, j in pairs
-                for c in configs(k, j, methods, w, np_scales, generate.dng_settings([j], self.calibration)[0],
-                                 dng_preset, dng_set, dng_scales)]
+                for c in configs(k, j, methods, w, np_scales, [(dng_preset, *cell) for cell in dng_cells(
+                    self.calibration, j, dng_preset, dng_set, dng_scales)])]
 
     def _classified(self, key: str) -> tuple[dict, np.ndarray, np.ndarray]:
         """A stored sample set with its predicted classes and features; the cfg sets, which every cell of their
@@ -163,7 +169,7 @@ class PromptedBench:
         if key in self._scored:
             return self._scored[key]
         stored = self.sweep.load(key)
-        scored = (stored, *generate.classify(self.classifier, stored["images"]))
+        scored = (stored, *classify(self.classifier, stored["images"]))
         if key.endswith("-cfg"):
             self._scored[key] = scored
         return scored
@@ -189,7 +195,7 @@ class PromptedBench:
             arrays.update(sigma=stored["sigma"], p=stored["p"][:, :TRACE_SAMPLES, 0],
                           scale=stored["scale"][:, :TRACE_SAMPLES, 0], negative=pred[:TRACE_SAMPLES] == negative)
         path = self.sweep.cell_path(cell_key(positive, negative, method, params))
-        write_atomic(path.with_suffix(".npz"), generate.npz_bytes(**arrays))
+        write_atomic(path.with_suffix(".npz"), npz_bytes(**arrays))
         write_json(path, {"row": row})
 
     def run(self, pairs, methods, np_scales=None, dng_preset="default", dng_set=None, dng_scales=None) -> int:
@@ -304,7 +310,7 @@ def write_results(out) -> dict[str, Path]:
                   read_npz(out / "cells" / f"{cell_key(k, j, r['method'], r['params'])}.npz")) for r in mine]
         title = f"{CLASS_NAMES[k]} with the negative {CLASS_NAMES[j]} (CFG {mine[0]['params']['cfg_scale']:g})"
         files[f"grids_{name}"] = plots.grids_side_by_side(
-            [(label, generate.grid(f["grid"])) for label, f in grids], figures / "grids" / f"{name}.png", title)
+            [(label, grid(f["grid"])) for label, f in grids], figures / "grids" / f"{name}.png", title)
         for label, f in grids:
             if "negative" in f:
                 trace = Trace(torch.arange(len(f["sigma"])), torch.from_numpy(f["p"])[..., None],

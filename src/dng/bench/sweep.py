@@ -23,10 +23,15 @@ import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 
+from dng.config import DNGConfig
 from dng.distributed import World, rounds
 from dng.errors import ConfigError
+from dng.guidance import Guidance
 from dng.io import write_atomic, write_json
 from dng.vision import generate
+from dng.vision.images import npz_bytes, to_uint8
+from dng.vision.models import dng_config
+from dng.vision.seeding import seeded_noise
 
 # Recorded in every sweep's settings: folders whose noise was drawn another way are refused, not mixed.
 NOISE = "per-sample generators (dng.vision.generate.sample_generators)"
@@ -34,15 +39,32 @@ NOISE = "per-sample generators (dng.vision.generate.sample_generators)"
 
 @dataclass(frozen=True)
 class SampleSet:
-    """The sweep's noise sampled with one rule: `factory` (None: no negative) against `negatives`, with
+    """The sweep's noise sampled with one rule: `rule` (None: no negative) against `negatives`, with
     classifier-free guidance on `positive` at `cfg_scale` when given; `class_posterior` as in `generate.generate`."""
 
     key: str
-    factory: Callable | None = None
+    rule: Guidance | None = None
     negatives: tuple[int, ...] = ()
     positive: int | None = None
     cfg_scale: float | None = None
     class_posterior: bool = False
+
+
+def dng_cells(calibration, klass: int, preset: str, user: dict | None, lam0s=None) -> list[tuple[dict, DNGConfig]]:
+    """DNG's cells for removing `klass` (both benches): the preset with the generator's `calibration` and the user's
+    settings over it (`dng.vision.models.dng_config`), one cell, or one per lam0 in `lam0s`. Returns (what the user
+    set, the configuration) per cell."""
+    cells = []
+    for lam0 in lam0s or [None]:
+        changes = {**(user or {}), **({} if lam0 is None else {"lam0": lam0})}
+        cells.append((changes, dng_config(calibration, [klass], preset, **changes)))
+    return cells
+
+
+def dng_params(preset: str, user: dict, config: DNGConfig) -> dict:
+    """A DNG cell's stored params: the preset and what the user set ("set"), which name the cell, and every value
+    the rule ran with, so that a changed preset or calibration makes stored cells stale, not mixed."""
+    return {"preset": preset, "set": user, **config.to_dict()}
 
 
 def read_npz(path: Path) -> dict[str, np.ndarray]:
@@ -151,15 +173,15 @@ class Sweep:
         s = self.settings
         begin = time.perf_counter()
         x, trace = generate.generate(
-            self.unet, s["scheduler"], sample_set.factory, list(sample_set.negatives),
-            generate.initial_noise(s["seed"], start, stop - start).to(self.world.device), s["steps"], s["seed"],
+            self.unet, seeded_noise(s["seed"], start, stop - start).to(self.world.device), scheduler=s["scheduler"],
+            guidance=sample_set.rule, negatives=list(sample_set.negatives), steps=s["steps"], seed=s["seed"],
             positive=sample_set.positive, cfg_scale=sample_set.cfg_scale, chunk=s["batch_size"],
             dtype=s["dtype"], first_index=start, class_posterior=sample_set.class_posterior)
-        arrays = {"images": generate.to_uint8(x.cpu()), "seconds": np.float64(time.perf_counter() - begin)}
+        arrays = {"images": to_uint8(x.cpu()), "seconds": np.float64(time.perf_counter() - begin)}
         if trace is not None:
             arrays.update(timesteps=trace.timesteps.numpy(), sigma=trace.sigma[:, 0].numpy(),
                           p=trace.p.numpy(), scale=trace.scale.numpy())
-        write_atomic(self.shard_path(sample_set.key, start, stop), generate.npz_bytes(**arrays))
+        write_atomic(self.shard_path(sample_set.key, start, stop), npz_bytes(**arrays))
 
     def _merge(self, key: str) -> None:
         parts = [read_npz(self.shard_path(key, *shard)) for shard in self.shards()]
@@ -169,7 +191,7 @@ class Sweep:
             merged.update(timesteps=parts[0]["timesteps"], sigma=parts[0]["sigma"],
                           p=np.concatenate([p["p"] for p in parts], 1),
                           scale=np.concatenate([p["scale"] for p in parts], 1))
-        write_atomic(self.sample_path(key), generate.npz_bytes(**merged))
+        write_atomic(self.sample_path(key), npz_bytes(**merged))
         shutil.rmtree(self.out / "shards" / key)
 
     def load(self, key: str) -> dict[str, np.ndarray]:

@@ -102,7 +102,7 @@ def generator_dng(args, removed, **changes):
 
     calibration = load_calibration(args.generator)
     try:
-        config = dng_config(calibration, removed, args.dng_preset, **changes, **dng_changes(args))
+        config = dng_config(calibration, removed, args.dng_preset, **{**changes, **dng_changes(args)})
     except ConfigError as err:
         raise ConfigError(f"--dng-preset / --dng: {err}") from None
     return config, dng_source(calibration, args.dng_preset)

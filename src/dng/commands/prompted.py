@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dng.commands import add_dng_arguments, add_sweep_arguments, dng_overrides, finish_sweep, start_sweep
+from dng.commands import add_dng_arguments, add_sweep_arguments, dng_changes, finish_sweep, start_sweep
 
 
 def register(groups) -> None:
@@ -34,7 +34,7 @@ def run(args) -> int:
     pairs, methods = parse_pairs(args.pairs), parse_methods(args.methods, METHODS)
     np_scales = parse_scales(args.np_scales, "--np-scales") if args.np_scales else None
     dng_scales = parse_scales(args.dng_scales, "--dng-scales") if args.dng_scales else None
-    dng_set = dng_overrides(args)
+    dng_set = dng_changes(args)
     world = start_sweep(args, [pairs, methods, np_scales, dng_scales, args.dng_preset, dng_set])
     bench = PromptedBench(args.out, args.steps, args.num_samples, args.scheduler, args.seed, args.cfg_scale,
                           args.generator, args.classifier, args.batch_size, args.progress, args.dtype, world)
