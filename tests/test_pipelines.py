@@ -23,11 +23,13 @@ from diffusers import (
 
 from dng import cli
 from dng.commands import sd as sd_command
+from dng.config import PRESETS, DNGConfig
 from dng.errors import ConfigError
-from dng.guidance import DNG_PRESETS, DynamicNegativeGuidance, NegativePrompt, log_snr_gain
+from dng.guidance import DynamicNegativeGuidance, NegativePrompt
 from dng.pipelines import StableDiffusionDNGPipeline, StableDiffusionXLDNGPipeline
 from dng.pipelines.report import summarize
 from dng.pipelines.tiny import sd_components, sdxl_components
+from dng.posterior import log_snr_gain
 from dng.sampler import Trace
 
 CALL = dict(prompt=["a cat", "a dog"], num_inference_steps=3, height=16, width=16, output_type="np")
@@ -80,7 +82,7 @@ def test_zero_scale_equals_parent_plain_cfg(pair, request):
 def test_frozen_posterior_equals_three_branch_np(pair, request):
     _, pipe = request.getfixturevalue(pair)
     lam0, prior = 12.0, 0.05
-    rule = DynamicNegativeGuidance(scale=lam0, prior=prior, temperature=0.0, offset=0.0, late_boost=1.0, push_cap=0.0)
+    rule = DynamicNegativeGuidance(lam0=lam0, prior=prior, temperature=0.0, offset=0.0, late_boost=1.0, push_cap=0.0)
     frozen = pipe(**CALL, negative_prompt="red", negative_guidance=rule, generator=_seed(), return_trace=True)
     np_out = pipe(**CALL, negative_prompt="red", negative_guidance=NegativePrompt(lam0 * prior / (1 - prior)),
                   generator=_seed(), return_trace=True)
@@ -106,12 +108,12 @@ def test_several_negatives_trace(sd_pair):
     assert out.images.shape == (4, 16, 16, 3) and np.isfinite(out.images).all()
     assert trace.p.shape == trace.scale.shape == trace.llr.shape == (3, 4, 3)
     assert trace.p.dtype == torch.float32 and len(trace.timesteps) == 3
-    torch.testing.assert_close(trace.p[0], torch.full((4, 3), DNG_PRESETS["default"]["prior"]))
+    torch.testing.assert_close(trace.p[0], torch.full((4, 3), PRESETS["default"].prior))
     assert torch.all((trace.p >= 1e-6 * (1 - 1e-5)) & (trace.p <= 0.5 * (1 + 1e-5)))
     torch.testing.assert_close(trace.scale, default_scale(trace, trace.p / (1 - trace.p)))
     # The last Euler step adds no noise, so it carries no likelihood ratio.
     assert torch.isfinite(trace.llr[:-1]).all() and torch.isnan(trace.llr[-1]).all()
-    assert not torch.all(trace.p[1:] == DNG_PRESETS["default"]["prior"])
+    assert not torch.all(trace.p[1:] == PRESETS["default"].prior)
 
 
 def default_scale(trace, odds) -> torch.Tensor:
@@ -120,10 +122,10 @@ def default_scale(trace, odds) -> torch.Tensor:
 
 
 def _default_scale(sigma, sigma_next, odds):
-    rule = DynamicNegativeGuidance()
+    config = DNGConfig()
     gain = log_snr_gain(sigma, sigma_next)
-    scale = rule.lam0(sigma) * odds
-    return scale.clamp(max=rule.push_cap / gain) if gain else scale
+    scale = config.lam0_at(sigma) * odds
+    return scale.clamp(max=config.push_cap / gain) if gain else scale
 
 
 def test_exclusive_mode_and_tuple_output(sd_pair):
@@ -163,7 +165,7 @@ def test_deterministic_schedulers_are_refused(sd_parent):
     (dict(negative_prompt="red", negative_concepts=["cat"]), "not both"),
     (dict(negative_prompt="red", dng_prior=1.5), "prior"),
     (dict(negative_prompt="red", dng_p_min=0.5, dng_p_max=0.4), "p_min"),
-    (dict(negative_prompt="red", dng_scale=-1.0), "scale"),
+    (dict(negative_prompt="red", dng_scale=-1.0), "lam0"),
     (dict(negative_prompt="red", dng_temperature=float("nan")), "temperature"),
     (dict(negative_prompt="red", dng_mode="both"), "mode"),
     (dict(negative_prompt="red", negative_guidance="cfg"), "negative_guidance"),
@@ -235,7 +237,7 @@ def test_posterior_stays_float32_under_bfloat16(tmp_path):
                generator=_seed(), return_trace=True)
     assert out.images.dtype == torch.bfloat16
     assert out.trace.p.dtype == torch.float32 and torch.isfinite(out.trace.llr[:-1]).all()
-    assert torch.all((out.trace.p > 0) & (out.trace.p <= DNG_PRESETS["default"]["p_max"] + 1e-6))
+    assert torch.all((out.trace.p > 0) & (out.trace.p <= PRESETS["default"].p_max + 1e-6))
 
 
 def _sd_command(argv):
@@ -281,17 +283,17 @@ def test_sd_command_writes_images_trace_and_plot(sd_parent, tmp_path):
 def test_summary_reads_activation_from_the_posterior():
     # Image 0 stays near the prior; image 1's p crosses 1/2 at the second step; scales as lam0 p / (1 - p), lam0 2.
     p = torch.tensor([[0.1, 0.1], [0.05, 0.6], [0.01, 0.3]])[:, :, None]
-    trace = Trace(torch.tensor([999, 500, 1]), p, 2 * p / (1 - p), torch.zeros_like(p))
+    trace = Trace(torch.tensor([999, 500, 1]), p, 2 * p / (1 - p), torch.zeros_like(p), torch.ones(3, 2))
     rows = summarize(trace, ["red"], ["a.png", "b.png"])
     assert [(r["image"], r["activated"]) for r in rows] == [("a.png", False), ("b.png", True)]
     assert [(r["final_p"], r["max_p"]) for r in rows] == [pytest.approx((0.01, 0.1)), pytest.approx((0.3, 0.6))]
     assert rows[1]["max_scale"] == pytest.approx(3.0)
     assert rows[1]["mean_scale"] == pytest.approx((2 / 9 + 3 + 6 / 7) / 3)
     # lam0 0 tracks without acting: nothing activated.
-    idle = Trace(trace.timesteps, p, torch.zeros_like(p), trace.llr)
+    idle = Trace(trace.timesteps, p, torch.zeros_like(p), trace.llr, trace.sigma)
     assert [r["activated"] for r in summarize(idle, ["red"], ["a.png", "b.png"])] == [False, False]
     # NP and SLD have no posterior: their scale is summarised, activation is left empty.
-    constant = Trace(trace.timesteps, torch.full_like(p, float("nan")), torch.full_like(p, 6.5), p)
+    constant = Trace(trace.timesteps, torch.full_like(p, float("nan")), torch.full_like(p, 6.5), p, trace.sigma)
     assert [(r["mean_scale"], r["max_scale"], r["activated"], r["max_p"]) for r in summarize(constant, ["red"], ["a"])
             ] == [(6.5, 6.5, None, None)]
 
@@ -311,9 +313,9 @@ def _sd_folder(tmp_path, class_name="StableDiffusionPipeline"):
     (["--images", "0"], "--images must be >= 1"),
     (["--seed", "-1"], "--seed must be a whole number from 0"),
     (["--negative", " "], "--negative is empty"),
-    (["--dng", "scale=nan"], "scale must be a finite number"),
+    (["--dng", "lam0=nan"], "lam0 must be a finite number"),
     (["--dng", "prior=1.5"], "prior"),
-    (["--dng", "tau=1"], "NAME one of scale, prior"),
+    (["--dng", "tau=1"], "NAME one of lam0, prior"),
     (["--method", "np", "--dng", "prior=0.2"], "--dng applies to --method dng only, not np"),
     (["--method", "sld", "--dng-preset", "paper-sd"], "--dng-preset applies to --method dng only"),
     (["--method", "sld", "--np-scale", "3"], "--np-scale applies to --method np only"),
@@ -341,11 +343,11 @@ def test_sd_command_sets_dng_like_the_other_commands(tmp_path):
     parser = argparse.ArgumentParser()
     sd_command.register({"top": parser.add_subparsers()})
     args = parser.parse_args(["sd", "--model", "m", "--prompt", "a", "--negative", "b", "--negative", "c", "--out", "o",
-                              "--dng-preset", "paper-sd", "--dng", "scale=3", "--dng", "prior=0.2,0.3",
+                              "--dng-preset", "paper-sd", "--dng", "lam0=3", "--dng", "prior=0.2,0.3",
                               "--mode", "exclusive"])
     rule = sd_command._guidance(args)
-    assert rule.scale == 3 and rule.tracker.priors == [0.2, 0.3] and rule.tracker.exclusive
-    assert rule.tracker.p_max == DNG_PRESETS["paper-sd"]["p_max"]
+    assert rule.config.lam0 == 3 and rule.config.prior == (0.2, 0.3) and rule.config.exclusive
+    assert rule.config.p_max == PRESETS["paper-sd"].p_max
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a torch build without CUDA")
