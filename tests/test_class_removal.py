@@ -78,7 +78,7 @@ def test_bench_writes_rows_csv_figures_and_resumes(tiny, tmp_path, monkeypatch):
 
     calls = []
     real = generate.generate
-    monkeypatch.setattr(generate, "generate", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    monkeypatch.setattr(generate, "generate", lambda *a, **k: calls.append(k["guidance"]) or real(*a, **k))
     assert _bench(tiny, out) == 0  # every cell is stored: nothing is sampled again
     assert calls == [] and json.loads((out / "results.json").read_text())["rows"] == rows
     assert _bench(tiny, out, classes="Trouser,Dress") == 0  # the unguided samples are reused for class 3
@@ -260,7 +260,7 @@ def test_demo_end_to_end(tiny, tmp_path, capsys):
     assert cli.main(["demo", "--num-images", "8", "--steps", "3", "--out", str(out), *tiny]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["removed_name"] == DEFAULT_REMOVE and list(report["methods"]) == ["none", "np", "dng"]
-    assert report["methods"]["dng"]["params"]["dng_preset"] == "default"
+    assert report["methods"]["dng"]["params"]["preset"] == "default"
     assert report["methods"]["np"]["params"]["scale"] == 1
     assert all(ROW_KEYS - {"class", "method"} <= set(m) for m in report["methods"].values())
     for name in ("comparison.png", "dng_trajectories.png", "grid_none.png", "grid_np.png", "grid_dng.png"):
@@ -403,7 +403,7 @@ def test_calibrate_command_writes_a_fit_in_log_snr_units(tmp_path, capsys):
     assert code == 0, capsys.readouterr().err
     entry = json.loads(out.read_text())
     assert entry["offset_unit"] == models.OFFSET_UNIT and entry["settings"]["scheduler"] == "euler-a"
-    assert entry["settings"]["exclusive"] is True
+    assert entry["settings"]["mode"] == "exclusive"
     fit = entry["fits"]["all"]
     assert len(fit["priors"]) == len(entry["classes"]) >= 1 and math.isfinite(fit["offset"])
     assert all(0 < p < 1 for p in fit["priors"]) and "wrote" in capsys.readouterr().out

@@ -281,7 +281,7 @@ def evaluate_generator(model, images, labels, seed: int = 0, batch_size: int = 5
     """Mean denoising loss on fixed noise and timesteps: comparable across checkpoints and precisions."""
     model.eval()
     gen = torch.Generator().manual_seed(seed)
-    scheduler = models.make_scheduler()
+    scheduler = models.training_scheduler()
     losses = [
         denoising_loss(model, scheduler, images[i : i + batch_size], labels[i : i + batch_size], gen).item()
         for i in range(0, len(images), batch_size)
@@ -358,7 +358,7 @@ def train_generator(
     ema.load_state_dict(model.state_dict())
     ema.requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    scheduler = models.make_scheduler()
+    scheduler = models.training_scheduler()
     rng = torch.Generator().manual_seed(seed)
     hyper["data"] = str(data.data_dir() if data_root is None else data_root)
     modules = {"model": model, "ema": ema}
