@@ -142,7 +142,7 @@ def run(args) -> int:
     pipe.to(device)
     out = pipe(args.prompt, height=args.height, width=args.width, num_inference_steps=args.steps, eta=eta,
                guidance_scale=args.cfg, num_images_per_prompt=args.images, negative_concepts=args.negative,
-               negative_guidance=guidance, generator=torch.Generator(device).manual_seed(args.seed),
+               dng=guidance, generator=torch.Generator(device).manual_seed(args.seed),
                return_trace=True)
     names = [f"image_{i}.png" for i in range(len(out.images))]
     for name, image in zip(names, out.images, strict=True):
