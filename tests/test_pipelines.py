@@ -377,14 +377,17 @@ def _sd_command(argv):
     return args.func(args)
 
 
-def test_sd_command_writes_images_trace_and_plot(sd_parent, tmp_path):
+def test_sd_command_writes_images_trace_and_plot(sd_parent, tmp_path, capsys):
     sd_parent.save_pretrained(tmp_path / "model")
     out = tmp_path / "out"
     assert _sd_command(["--model", str(tmp_path / "model"), "--prompt", "a cat", "--negative", "red", "--negative",
-                        "dog", "--steps", "3", "--images", "2", "--height", "16", "--width", "16",
-                        "--out", str(out)]) == 0
+                        "dog", "--steps", "3", "--num-images", "2", "--cfg-scale", "5", "--height", "16", "--width",
+                        "16", "--out", str(out)]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["image_0.png", "image_1.png", "summary.csv", "trace.csv",
                                                      "trace.png"]
+    # The pipeline samples DNG with the sibling of the folder's PNDM; the command says so.
+    assert ("sampling with EulerAncestralDiscreteScheduler (the stochastic sibling of the folder's PNDMScheduler, as "
+            "DNG needs)") in capsys.readouterr().out
     with open(out / "trace.csv") as f:
         rows = list(csv.DictReader(f))
     with open(out / "summary.csv") as f:
@@ -444,10 +447,10 @@ def _sd_folder(tmp_path, class_name="StableDiffusionPipeline"):
 @pytest.mark.parametrize("argv,match", [
     (["--height", "20"], r"--height must be a positive multiple of 8, got 20; e\.g\. 24"),
     (["--width", "0"], "--width must be a positive multiple of 8"),
-    (["--cfg", "nan"], "--cfg must be a finite number"),
-    (["--cfg", "-2"], "--cfg must be a finite number >= 0"),
+    (["--cfg-scale", "nan"], "--cfg-scale must be a finite number"),
+    (["--cfg-scale", "-2"], "--cfg-scale must be a finite number >= 0"),
     (["--steps", "0"], "--steps must be >= 1"),
-    (["--images", "0"], "--images must be >= 1"),
+    (["--num-images", "0"], "--num-images must be >= 1"),
     (["--seed", "-1"], "--seed must be a whole number from 0"),
     (["--negative", " "], "--negative is empty"),
     (["--dng", "lam0=nan"], "lam0 must be a finite number"),
@@ -474,6 +477,21 @@ def test_sd_command_refuses_bad_options_before_loading(sd_cli, tmp_path, argv, m
     assert sd_cli(["sd", *base, *argv]) == 2
     err = capsys.readouterr().err
     assert re.search(match, err) and err.count("\n") == 1, err
+
+
+def test_sd_command_takes_the_former_spellings_with_a_note(capsys):
+    parser = argparse.ArgumentParser()
+    sd_command.register({"top": parser.add_subparsers()})
+    args = parser.parse_args(["sd", "--model", "m", "--prompt", "a", "--negative", "b", "--out", "o", "--cfg", "2",
+                              "--images", "3"])
+    assert (args.cfg_scale, args.num_images) == (2.0, 3)
+    assert capsys.readouterr().err.splitlines() == ["dng: note: --cfg is now --cfg-scale",
+                                                     "dng: note: --images is now --num-images"]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["sd", "--help"])
+    usage = capsys.readouterr().out
+    assert "--cfg-scale" in usage and "--num-images" in usage
+    assert not re.search(r"--cfg\b(?!-)|--images", usage)
 
 
 def test_sd_command_sets_dng_like_the_other_commands(tmp_path):
