@@ -56,7 +56,8 @@ class DNGPipelineMixin:
     `_dng_conditioning`; `_dng_denoise(x, t, cond, args)`, one denoiser call on every branch; `_dng_decode(latents,
     args)`, the output's fields; `_dng_output`, the output class (with `trace`); and `_dng_unsupported`, the
     parent's arguments a call with negative concepts refuses when set. Without a negative concept the call is the
-    parent's own.
+    parent's own. `_dng_size`, `_dng_noise` and the check for a guidance-embedding UNet read `self.unet.config`: a
+    transformer pipeline (SD3, Flux) adapts those.
     """
 
     _dng_unsupported: tuple[str, ...] = ()
