@@ -59,7 +59,7 @@ def main() -> None:
     runs = {
         "parent negative prompt (2 branches)": lambda: step_times(parent, **call, negative_prompt="red"),
         "NP, 3 branches": lambda: step_times(pipe, **call, negative_prompt="red",
-                                             negative_guidance=NegativePrompt(6.5)),
+                                             dng=NegativePrompt(6.5)),
         "DNG, 3 branches": lambda: step_times(pipe, **call, negative_prompt="red", negative_guidance="dng"),
     }
     for run in runs.values():

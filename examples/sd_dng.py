@@ -4,7 +4,8 @@
         --negative "cars" --negative "people" --out sd_dng_out
 
 Writes np.png (NP at scale cfg - 1 per concept; for one concept exactly diffusers' negative prompt), dng.png (same
-seed, DNG with the library default), trace.csv and trace.png (p_t and the scale per step and concept).
+seed and sampler, DNG with the library default or --dng-preset), trace.csv and trace.png (p_t and the applied scale
+per step and concept).
 """
 
 import argparse
@@ -25,6 +26,7 @@ def main() -> None:
     parser.add_argument("--xl", action="store_true", help="the folder holds an SDXL pipeline")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dng-preset", default="default", help="DNG's preset: default, paper-sd, paper-cifar10")
     parser.add_argument("--out", type=Path, default=Path("sd_dng_out"))
     args = parser.parse_args()
 
@@ -32,7 +34,8 @@ def main() -> None:
     dtype = torch.float16 if device == "cuda" else torch.float32
     cls = StableDiffusionXLDNGPipeline if args.xl else StableDiffusionDNGPipeline
     pipe = cls.from_pretrained(args.model, dtype=dtype, local_files_only=True).to(device)
-    # SD ships PNDM, which adds no noise: the posterior update needs a stochastic sampler.
+    # One stochastic sampler for both methods, so that they compare at one seed: a DNG call would sample with the
+    # stochastic sibling of SD's PNDM by itself, but NP would keep PNDM.
     pipe.scheduler = stochastic(pipe.scheduler)
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -40,7 +43,7 @@ def main() -> None:
                   guidance_scale=7.5)
     baseline = pipe(**common, negative_guidance="np", generator=torch.Generator(device).manual_seed(args.seed))
     baseline.images[0].save(args.out / "np.png")
-    out = pipe(**common, negative_guidance="dng", return_trace=True,
+    out = pipe(**common, dng=args.dng_preset, return_trace=True,
                generator=torch.Generator(device).manual_seed(args.seed))
     out.images[0].save(args.out / "dng.png")
     write_trace_csv(out.trace, args.out / "trace.csv", args.negative)

@@ -3,6 +3,7 @@
 import argparse
 import csv
 import inspect
+import logging
 import re
 
 import numpy as np
@@ -14,6 +15,7 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     DPMSolverSinglestepScheduler,
     EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
     KDPM2AncestralDiscreteScheduler,
     LCMScheduler,
     StableDiffusionPipeline,
@@ -22,15 +24,18 @@ from diffusers import (
 )
 
 from dng import cli
+from dng.calibration import ModelCalibration
 from dng.commands import sd as sd_command
 from dng.config import PRESETS, DNGConfig
 from dng.errors import ConfigError
-from dng.guidance import DynamicNegativeGuidance, NegativePrompt
+from dng.guidance import DynamicNegativeGuidance, NegativePrompt, SafeLatentDiffusion
 from dng.pipelines import StableDiffusionDNGPipeline, StableDiffusionXLDNGPipeline
+from dng.pipelines.common import guidance_rule
 from dng.pipelines.report import summarize
 from dng.pipelines.tiny import sd_components, sdxl_components
 from dng.posterior import log_snr_gain
 from dng.sampler import Trace
+from dng.schedulers import stochastic
 
 CALL = dict(prompt=["a cat", "a dog"], num_inference_steps=3, height=16, width=16, output_type="np")
 PIPELINES = [(StableDiffusionDNGPipeline, StableDiffusionPipeline), (StableDiffusionXLDNGPipeline,
@@ -73,8 +78,8 @@ def _seed(seed=0):
 def test_zero_scale_equals_parent_plain_cfg(pair, request):
     parent, pipe = request.getfixturevalue(pair)
     expected = parent(**CALL, generator=_seed()).images
-    out = pipe(**CALL, negative_prompt="red", dng_scale=0.0, generator=_seed(), return_trace=True)
-    np.testing.assert_allclose(out.images, expected, atol=1e-5)
+    out = pipe(**CALL, negative_prompt="red", dng=DNGConfig(lam0=0), generator=_seed(), return_trace=True)
+    np.testing.assert_array_equal(out.images, expected)
     assert torch.all(out.trace.scale == 0)
 
 
@@ -83,16 +88,16 @@ def test_frozen_posterior_equals_three_branch_np(pair, request):
     _, pipe = request.getfixturevalue(pair)
     lam0, prior = 12.0, 0.05
     rule = DynamicNegativeGuidance(lam0=lam0, prior=prior, temperature=0.0, offset=0.0, late_boost=1.0, push_cap=0.0)
-    frozen = pipe(**CALL, negative_prompt="red", negative_guidance=rule, generator=_seed(), return_trace=True)
-    np_out = pipe(**CALL, negative_prompt="red", negative_guidance=NegativePrompt(lam0 * prior / (1 - prior)),
-                  generator=_seed(), return_trace=True)
+    frozen = pipe(**CALL, negative_prompt="red", dng=rule, generator=_seed(), return_trace=True)
+    np_out = pipe(**CALL, negative_prompt="red", dng=NegativePrompt(lam0 * prior / (1 - prior)), generator=_seed(),
+                  return_trace=True)
     np.testing.assert_allclose(frozen.images, np_out.images, atol=1e-6)
     torch.testing.assert_close(frozen.trace.p, torch.full_like(frozen.trace.p, prior))
     assert torch.isnan(np_out.trace.p).all()
 
 
 def test_np_is_diffusers_negative_prompt_on_any_scheduler(sd_parent):
-    # PNDM is deterministic: NP needs no posterior, so it runs; DNG is refused on it (below).
+    # PNDM is deterministic: NP needs no posterior, so it runs on PNDM itself.
     pipe = _quiet(StableDiffusionDNGPipeline.from_pipe(sd_parent))
     expected = sd_parent(**CALL, negative_prompt=["red", "red"], generator=_seed()).images
     out = pipe(**CALL, negative_prompt="red", negative_guidance="np", generator=_seed())
@@ -103,7 +108,7 @@ def test_np_is_diffusers_negative_prompt_on_any_scheduler(sd_parent):
 def test_several_negatives_trace(sd_pair):
     _, pipe = sd_pair
     out = pipe(**CALL, negative_concepts=["red", ["cat", "dog"], "dog"], num_images_per_prompt=2,
-               dng_temperature=1.0, dng_p_max=0.5, generator=_seed(), return_trace=True)
+               dng={"temperature": 1.0, "p_max": 0.5}, generator=_seed(), return_trace=True)
     trace = out.trace
     assert out.images.shape == (4, 16, 16, 3) and np.isfinite(out.images).all()
     assert trace.p.shape == trace.scale.shape == trace.llr.shape == (3, 4, 3)
@@ -122,16 +127,17 @@ def default_scale(trace, odds) -> torch.Tensor:
 
 
 def _default_scale(sigma, sigma_next, odds):
-    config = DNGConfig()
+    config = PRESETS["default"]
     gain = log_snr_gain(sigma, sigma_next)
-    scale = config.lam0_at(sigma) * odds
+    lam0 = config.lam0 * (config.late_boost if sigma < config.boost_sigma else 1.0)
+    scale = lam0 * odds
     return scale.clamp(max=config.push_cap / gain) if gain else scale
 
 
 def test_exclusive_mode_and_tuple_output(sd_pair):
     _, pipe = sd_pair
-    images, nsfw, trace = pipe(**CALL, negative_concepts=["cat", "dog"], dng_mode="exclusive", return_dict=False,
-                               return_trace=True)
+    images, nsfw, trace = pipe(**CALL, negative_concepts=["cat", "dog"], dng={"mode": "exclusive"},
+                               return_dict=False, return_trace=True)
     p = trace.p
     torch.testing.assert_close(trace.scale, default_scale(trace, p / (1 - p.sum(-1, keepdim=True))))
     assert images.shape[0] == 2 and nsfw is None
@@ -145,17 +151,97 @@ def test_sdxl_runs_every_method(sdxl_pair, method):
     assert np.isfinite(out.images).all() and out.trace.scale.shape == (3, 2, 2)
 
 
-def test_deterministic_schedulers_are_refused(sd_parent):
+NOTE = "DNG reads its posterior from the noise each step adds"
+
+
+def _notes(caplog):
+    return [r for r in caplog.records if r.name == "dng.pipelines.common" and r.message.startswith(NOTE)]
+
+
+def test_untracked_scheduler_samples_with_its_sibling_and_leaves_the_pipeline_as_it_is(sd_parent, caplog):
     pipe = _quiet(StableDiffusionDNGPipeline.from_pipe(sd_parent))
-    with pytest.raises(ConfigError, match=r"dng\.schedulers\.stochastic\(pipe\.scheduler\), or pass dng_stochastic"):
+    scheduler, config = pipe.scheduler, dict(pipe.scheduler.config)
+    components = dict(pipe.components)
+    parent = _quiet(StableDiffusionPipeline.from_pipe(sd_parent))
+    parent.scheduler = stochastic(sd_parent.scheduler)
+    expected = parent(**CALL, generator=_seed()).images
+    with caplog.at_level(logging.INFO):
+        out = pipe(**CALL, negative_prompt="red", dng={"lam0": 0.0}, generator=_seed(), return_trace=True)
+        guided = pipe(**CALL, negative_prompt="red", generator=_seed(), return_trace=True)
+    # DNG ran, on the sibling: its noise levels and evidence, and the parent's image on that sibling at lam0 0.
+    np.testing.assert_array_equal(out.images, expected)
+    assert torch.isfinite(guided.trace.llr[:-1]).all() and (guided.trace.scale > 0).all()
+    assert pipe.scheduler is scheduler and type(scheduler).__name__ == "PNDMScheduler"
+    assert dict(pipe.scheduler.config) == config and pipe.components == components
+    [note] = _notes(caplog)
+    assert note.levelno == logging.WARNING
+    assert "PNDMScheduler adds none" in note.message and "with EulerAncestralDiscreteScheduler" in note.message
+    assert "pipe.scheduler is left as it is" in note.message
+
+
+@pytest.mark.parametrize("make,eta,said", [
+    (DDIMScheduler.from_config, 1.0, "eta 1 (DDPM-like)"),
+    (TCDScheduler.from_config, 0.3, "gamma 0.3, TCD's default"),
+])
+def test_eta_schedulers_get_their_noise_where_the_call_gives_none(sd_parent, make, eta, said, caplog):
+    parent = _quiet(StableDiffusionPipeline.from_pipe(sd_parent))
+    parent.scheduler = make(sd_parent.scheduler.config)
+    pipe = _quiet(StableDiffusionDNGPipeline.from_pipe(parent))
+    expected = parent(**CALL, eta=eta, generator=_seed()).images
+    with caplog.at_level(logging.INFO):
+        out = pipe(**CALL, negative_prompt="red", dng={"lam0": 0.0}, generator=_seed(), return_trace=True)
+        given = pipe(**CALL, negative_prompt="red", eta=eta, dng={"lam0": 0.0}, generator=_seed())
+        plain = pipe(**CALL, negative_prompt="red", negative_guidance="np", generator=_seed())
+    np.testing.assert_array_equal(out.images, expected)
+    np.testing.assert_array_equal(given.images, expected)
+    assert torch.isfinite(out.trace.llr).any() and pipe.scheduler is parent.scheduler
+    [note] = _notes(caplog)  # the call that gave eta itself, and NP, change nothing
+    assert f"{type(parent.scheduler).__name__} at eta 0 adds none" in note.message and said in note.message
+    # NP samples at the call's eta 0, as the parent does.
+    np.testing.assert_allclose(plain.images, parent(**CALL, eta=0.0, negative_prompt=["red"] * 2,
+                                                    generator=_seed()).images, atol=1e-5)
+
+
+def test_a_scheduler_without_a_stochastic_sibling_is_refused_before_any_model_runs(sd_parent, monkeypatch):
+    pipe = _quiet(StableDiffusionDNGPipeline.from_pipe(sd_parent))
+    pipe.scheduler = DDPMScheduler.from_config(sd_parent.scheduler.config, variance_type="learned")
+    _no_model_may_run(pipe, monkeypatch)
+    with pytest.raises(ConfigError, match="DDPMScheduler cannot be used with posterior tracking"):
         pipe(**CALL, negative_prompt="red")
-    with pytest.warns(UserWarning, match="PNDMScheduler was replaced by its sibling EulerAncestralDiscreteScheduler"):
-        assert np.isfinite(pipe(**CALL, negative_prompt="red", dng_stochastic=True).images).all()
-    assert type(pipe.scheduler) is EulerAncestralDiscreteScheduler
-    pipe.scheduler = DDIMScheduler.from_config(sd_parent.scheduler.config)
-    with pytest.raises(ConfigError, match="eta"):
-        pipe(**CALL, negative_prompt="red")
-    assert np.isfinite(pipe(**CALL, negative_prompt="red", eta=1.0).images).all()
+
+
+def test_a_calibration_is_applied_for_the_calls_concepts(sd_pair):
+    _, pipe = sd_pair
+    calibration = ModelCalibration(("red", "cat"), (0.02, 0.3), temperature=0.25, offset=0.5, p_max=0.9)
+    out = pipe(**CALL, negative_concepts=["red", "dog"], dng=calibration, generator=_seed(), return_trace=True)
+    # "dog" is not calibrated: it keeps the default preset's prior.
+    torch.testing.assert_close(out.trace.p[0], torch.tensor([[0.02, 0.1]] * 2))
+    config = PRESETS["default"].replace(prior=(0.02, 0.1), temperature=0.25, offset=0.5, p_max=0.9)
+    assert guidance_rule(None, calibration, 7.5, ["red", "dog"]).config == config
+    explicit = pipe(**CALL, negative_concepts=["red", "dog"], dng=config, generator=_seed(), return_trace=True)
+    np.testing.assert_array_equal(out.images, explicit.images)
+    torch.testing.assert_close(out.trace.llr, explicit.trace.llr, rtol=0, atol=0, equal_nan=True)
+    # The calibrated temperature scales the evidence: at lam0 0 the chains are the same, and so is the raw ratio.
+    idle = dict(lam0=0.0, prior=(0.02, 0.1), offset=0.0, p_max=0.9)
+    tempered, raw = (pipe(**CALL, negative_concepts=["red", "dog"], dng=DNGConfig(**idle, temperature=temperature),
+                          generator=_seed(), return_trace=True).trace.llr for temperature in (0.25, 1.0))
+    torch.testing.assert_close(tempered[:-1], 0.25 * raw[:-1])
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(dng_scale=3.0), r"dng_scale was replaced by one argument: dng=DNGConfig\(lam0=3\.0\)"),
+    (dict(dng_preset="paper-sd", dng_prior=0.02), r"dng_preset, dng_prior were replaced by one argument: "
+                                                  r"dng=DNGConfig\.preset\('paper-sd', prior=0\.02\)"),
+    (dict(dng_preset="paper-sd"), r"dng='paper-sd'"),
+    (dict(dng_mode="exclusive", dng_stochastic=True), r"dng=DNGConfig\(mode='exclusive'\).*dng_stochastic was "
+                                                      r"removed: .*leaving pipe\.scheduler as it is; drop it"),
+])
+@pytest.mark.parametrize("negative", [dict(negative_prompt="red"), {}])
+def test_the_former_dng_arguments_name_their_replacement(sd_pair, kwargs, match, negative, monkeypatch):
+    _, pipe = sd_pair
+    _no_model_may_run(pipe, monkeypatch)
+    with pytest.raises(ConfigError, match=match):
+        pipe(**CALL, **negative, **kwargs)
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -163,19 +249,39 @@ def test_deterministic_schedulers_are_refused(sd_parent):
     (dict(negative_prompt=["red", "cat", "dog"]), "list of 2 strings"),
     (dict(negative_concepts=["red", ["cat"]]), "list of 2 strings"),
     (dict(negative_prompt="red", negative_concepts=["cat"]), "not both"),
-    (dict(negative_prompt="red", dng_prior=1.5), "prior"),
-    (dict(negative_prompt="red", dng_p_min=0.5, dng_p_max=0.4), "p_min"),
-    (dict(negative_prompt="red", dng_scale=-1.0), "lam0"),
-    (dict(negative_prompt="red", dng_temperature=float("nan")), "temperature"),
-    (dict(negative_prompt="red", dng_mode="both"), "mode"),
+    (dict(negative_prompt="red", dng={"prior": 1.5}), "prior"),
+    (dict(negative_prompt="red", dng={"prior": (0.1, 0.2)}), "2 priors given for 1 negative concepts"),
+    (dict(negative_prompt="red", dng={"p_min": 0.5, "p_max": 0.4}), "p_min"),
+    (dict(negative_prompt="red", dng={"lam0": -1.0}), "lam0"),
+    (dict(negative_prompt="red", dng={"scale": 2.0}), "unknown DNG setting 'scale'; the settings are lam0"),
+    (dict(negative_prompt="red", dng={"temperature": float("nan")}), "temperature"),
+    (dict(negative_prompt="red", dng={"mode": "both"}), "mode"),
+    (dict(negative_prompt="red", dng="paper"), "unknown DNG preset 'paper'"),
+    (dict(negative_prompt="red", dng=2.0), "dng= takes a preset name"),
     (dict(negative_prompt="red", negative_guidance="cfg"), "negative_guidance"),
+    (dict(negative_prompt="red", negative_guidance="np", dng={"lam0": 2.0}),
+     r"dng= sets DNG, which negative_guidance='np' does not use"),
+    (dict(negative_prompt="red", negative_guidance="sld", dng="paper-sd"), "negative_guidance='sld' does not use"),
+    (dict(negative_prompt="red", negative_guidance=NegativePrompt(2.0)),
+     r"negative_guidance takes a method name.*dng=NegativePrompt\(\.\.\.\)"),
+    (dict(negative_prompt="red", negative_guidance="dng", dng=NegativePrompt(2.0)),
+     r"dng=NegativePrompt\(\.\.\.\) is the rule itself; drop negative_guidance='dng'"),
+    (dict(dng="paper-sd"), "dng needs a negative concept"),
+    (dict(negative_guidance="np"), "negative_guidance needs a negative concept"),
     (dict(negative_prompt="red", guidance_rescale=0.7), "guidance_rescale"),
     (dict(negative_prompt="red", timesteps=[999, 500]), "timesteps"),
+    (dict(negative_prompt="red", callback_steps=2), "callback_steps"),
     (dict(return_trace=True), "return_trace"),
     (dict(negative_prompt="red", height=20), r"multiples of 8, got 20 x 16; e\.g\. 24 x 16"),
     (dict(negative_prompt="red", width=-8), "positive multiples of 8"),
     (dict(negative_prompt="red", guidance_scale=float("nan")), "guidance_scale must be a finite number"),
     (dict(negative_prompt="red", callback_on_step_end_tensor_inputs=["noise"]), "callback_on_step_end_tensor_inputs"),
+    (dict(negative_prompt="red", negative_guidance="np", callback_on_step_end_tensor_inputs=["dng_p"]),
+     "asks for 'dng_p', which this call cannot give: NegativePrompt has no posterior"),
+    (dict(negative_prompt="red", dng=SafeLatentDiffusion("max"), callback_on_step_end_tensor_inputs=["dng_p"]),
+     "SafeLatentDiffusion has no posterior"),
+    (dict(callback_on_step_end_tensor_inputs=["latents", "dng_applied_scale"]),
+     "callback_on_step_end_tensor_inputs 'dng_applied_scale' needs a negative concept"),
 ])
 @pytest.mark.parametrize("pair", ["sd_pair", "sdxl_pair"])
 def test_bad_inputs(pair, request, kwargs, match, monkeypatch):
@@ -221,20 +327,44 @@ def test_callback_sees_posterior_and_may_replace_latents(sd_pair):
     seen = []
 
     def callback(p, i, t, tensors):
-        seen.append((tensors["dng_p"].shape, tensors["prompt_embeds"].shape[0]))
-        return {"latents": torch.zeros_like(tensors["latents"])} if i == 2 else {}
+        seen.append({k: v.clone() for k, v in tensors.items()})
+        # diffusers' callbacks return what they were given, read-only entries included; a new tensor replaces.
+        return {**tensors, "latents": torch.zeros_like(tensors["latents"])} if i == 2 else tensors
 
+    inputs = ["latents", "prompt_embeds", "dng_p", "dng_applied_scale"]
     out = pipe(**{**CALL, "output_type": "latent"}, negative_prompt="red", callback_on_step_end=callback,
-               callback_on_step_end_tensor_inputs=["latents", "prompt_embeds", "dng_p"])
-    assert seen == [(torch.Size([2, 1]), 6)] * 3
-    assert torch.all(out.images == 0)
+               callback_on_step_end_tensor_inputs=inputs, generator=_seed(), return_trace=True)
+    assert [sorted(step) for step in seen] == [sorted(inputs)] * 3
+    assert [step["prompt_embeds"].shape[0] for step in seen] == [6] * 3
+    torch.testing.assert_close(torch.stack([step["dng_p"] for step in seen]), out.trace.p)
+    torch.testing.assert_close(torch.stack([step["dng_applied_scale"] for step in seen]), out.trace.scale)
+    assert torch.all(out.images == 0) and not torch.all(seen[-1]["latents"] == 0)
+
+
+def test_callback_may_replace_the_conditioning_but_not_its_rows(sd_pair):
+    _, pipe = sd_pair
+
+    def unconditional_negative(p, i, t, tensors):
+        embeds = tensors["prompt_embeds"].clone()
+        embeds[4:] = embeds[:2]  # the negative branch becomes the unconditional one: no evidence, no push
+        return {"prompt_embeds": embeds}
+
+    out = pipe(**CALL, negative_prompt="red", callback_on_step_end=unconditional_negative,
+               callback_on_step_end_tensor_inputs=["prompt_embeds"], generator=_seed(), return_trace=True)
+    assert torch.all(out.trace.llr[1:-1] == 0) and torch.all(out.trace.p[2:] == out.trace.p[1])
+
+    def cut(p, i, t, tensors):
+        return {"prompt_embeds": tensors["prompt_embeds"][-1:]}  # diffusers' SDCFGCutoffCallback, on 2 branches
+
+    with pytest.raises(ConfigError, match="returned prompt_embeds with 1 rows; it holds every branch"):
+        pipe(**CALL, negative_prompt="red", callback_on_step_end=cut,
+             callback_on_step_end_tensor_inputs=["prompt_embeds"])
 
 
 def test_posterior_stays_float32_under_bfloat16(tmp_path):
     pipe = _quiet(StableDiffusionDNGPipeline(**sd_components(tmp_path))).to(torch.bfloat16)
     pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
-    out = pipe(**{**CALL, "output_type": "latent"}, negative_prompt="red", dng_temperature=1.0,
-               generator=_seed(), return_trace=True)
+    out = pipe(**{**CALL, "output_type": "latent"}, negative_prompt="red", generator=_seed(), return_trace=True)
     assert out.images.dtype == torch.bfloat16
     assert out.trace.p.dtype == torch.float32 and torch.isfinite(out.trace.llr[:-1]).all()
     assert torch.all((out.trace.p > 0) & (out.trace.p <= PRESETS["default"].p_max + 1e-6))
@@ -247,14 +377,17 @@ def _sd_command(argv):
     return args.func(args)
 
 
-def test_sd_command_writes_images_trace_and_plot(sd_parent, tmp_path):
+def test_sd_command_writes_images_trace_and_plot(sd_parent, tmp_path, capsys):
     sd_parent.save_pretrained(tmp_path / "model")
     out = tmp_path / "out"
     assert _sd_command(["--model", str(tmp_path / "model"), "--prompt", "a cat", "--negative", "red", "--negative",
-                        "dog", "--steps", "3", "--images", "2", "--height", "16", "--width", "16",
-                        "--out", str(out)]) == 0
+                        "dog", "--steps", "3", "--num-images", "2", "--cfg-scale", "5", "--height", "16", "--width",
+                        "16", "--out", str(out)]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["image_0.png", "image_1.png", "summary.csv", "trace.csv",
                                                      "trace.png"]
+    # The pipeline samples DNG with the sibling of the folder's PNDM; the command says so.
+    assert ("sampling with EulerAncestralDiscreteScheduler (the stochastic sibling of the folder's PNDMScheduler, as "
+            "DNG needs)") in capsys.readouterr().out
     with open(out / "trace.csv") as f:
         rows = list(csv.DictReader(f))
     with open(out / "summary.csv") as f:
@@ -298,6 +431,13 @@ def test_summary_reads_activation_from_the_posterior():
             ] == [(6.5, 6.5, None, None)]
 
 
+@pytest.fixture()
+def sd_cli(monkeypatch):
+    """`dng` with the sd command alone, so that these tests read no other command's module."""
+    monkeypatch.setattr(cli, "COMMAND_MODULES", ["dng.commands.sd"])
+    return cli.main
+
+
 def _sd_folder(tmp_path, class_name="StableDiffusionPipeline"):
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "model_index.json").write_text(f'{{"_class_name": "{class_name}"}}')
@@ -307,10 +447,10 @@ def _sd_folder(tmp_path, class_name="StableDiffusionPipeline"):
 @pytest.mark.parametrize("argv,match", [
     (["--height", "20"], r"--height must be a positive multiple of 8, got 20; e\.g\. 24"),
     (["--width", "0"], "--width must be a positive multiple of 8"),
-    (["--cfg", "nan"], "--cfg must be a finite number"),
-    (["--cfg", "-2"], "--cfg must be a finite number >= 0"),
+    (["--cfg-scale", "nan"], "--cfg-scale must be a finite number"),
+    (["--cfg-scale", "-2"], "--cfg-scale must be a finite number >= 0"),
     (["--steps", "0"], "--steps must be >= 1"),
-    (["--images", "0"], "--images must be >= 1"),
+    (["--num-images", "0"], "--num-images must be >= 1"),
     (["--seed", "-1"], "--seed must be a whole number from 0"),
     (["--negative", " "], "--negative is empty"),
     (["--dng", "lam0=nan"], "lam0 must be a finite number"),
@@ -326,7 +466,7 @@ def _sd_folder(tmp_path, class_name="StableDiffusionPipeline"):
     (["--out", "{file}"], "is a file; give a folder"),
     (["--out", "{file}/sub"], "is a file, not a folder"),
 ])
-def test_sd_command_refuses_bad_options_before_loading(tmp_path, argv, match, monkeypatch, capsys):
+def test_sd_command_refuses_bad_options_before_loading(sd_cli, tmp_path, argv, match, monkeypatch, capsys):
     def load(*args, **kwargs):
         raise AssertionError("loaded a model before checking the options")
 
@@ -334,9 +474,24 @@ def test_sd_command_refuses_bad_options_before_loading(tmp_path, argv, match, mo
     (tmp_path / "file").write_text("")
     argv = [a.replace("{file}", str(tmp_path / "file")) for a in argv]
     base = ["--model", str(_sd_folder(tmp_path)), "--prompt", "a cat", "--negative", "red", "--out", str(tmp_path)]
-    assert cli.main(["sd", *base, *argv]) == 2
+    assert sd_cli(["sd", *base, *argv]) == 2
     err = capsys.readouterr().err
     assert re.search(match, err) and err.count("\n") == 1, err
+
+
+def test_sd_command_takes_the_former_spellings_with_a_note(capsys):
+    parser = argparse.ArgumentParser()
+    sd_command.register({"top": parser.add_subparsers()})
+    args = parser.parse_args(["sd", "--model", "m", "--prompt", "a", "--negative", "b", "--out", "o", "--cfg", "2",
+                              "--images", "3"])
+    assert (args.cfg_scale, args.num_images) == (2.0, 3)
+    assert capsys.readouterr().err.splitlines() == ["dng: note: --cfg is now --cfg-scale",
+                                                     "dng: note: --images is now --num-images"]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["sd", "--help"])
+    usage = capsys.readouterr().out
+    assert "--cfg-scale" in usage and "--num-images" in usage
+    assert not re.search(r"--cfg\b(?!-)|--images", usage)
 
 
 def test_sd_command_sets_dng_like_the_other_commands(tmp_path):
@@ -346,14 +501,13 @@ def test_sd_command_sets_dng_like_the_other_commands(tmp_path):
                               "--dng-preset", "paper-sd", "--dng", "lam0=3", "--dng", "prior=0.2,0.3",
                               "--mode", "exclusive"])
     rule = sd_command._guidance(args)
-    assert rule.config.lam0 == 3 and rule.config.prior == (0.2, 0.3) and rule.config.exclusive
-    assert rule.config.p_max == PRESETS["paper-sd"].p_max
+    assert rule.config == PRESETS["paper-sd"].replace(lam0=3.0, prior=(0.2, 0.3), mode="exclusive")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a torch build without CUDA")
-def test_sd_command_refuses_cuda_on_a_cpu_build(tmp_path, capsys):
+def test_sd_command_refuses_cuda_on_a_cpu_build(sd_cli, tmp_path, capsys):
     base = ["--model", str(_sd_folder(tmp_path)), "--prompt", "a", "--negative", "b", "--out", str(tmp_path)]
-    assert cli.main(["sd", *base, "--device", "cuda"]) == 2
+    assert sd_cli(["sd", *base, "--device", "cuda"]) == 2
     assert "--device cuda is not usable here (Torch not compiled with CUDA enabled); use --device cpu" in \
         capsys.readouterr().err
 
@@ -391,7 +545,7 @@ def test_dng_at_scale_zero_is_plain_cfg_on_every_stochastic_scheduler(sd_parent,
     pipe = _quiet(StableDiffusionDNGPipeline.from_pipe(parent))
     call = {**CALL, "num_inference_steps": 4, "eta": eta}
     expected = parent(**call, generator=_seed()).images
-    out = pipe(**call, negative_prompt="red", dng_scale=0.0, generator=_seed(), return_trace=True)
+    out = pipe(**call, negative_prompt="red", dng={"lam0": 0.0}, generator=_seed(), return_trace=True)
     np.testing.assert_array_equal(out.images, expected)
     assert torch.isfinite(out.trace.llr).any()  # the tracker read the steps
     guided = pipe(**call, negative_prompt="red", generator=_seed(), return_trace=True)
@@ -412,6 +566,7 @@ def test_takes_the_parents_arguments_and_forwards_them_by_keyword(cls, parent, m
     monkeypatch.setattr(parent, "__call__", keyword_only)
     # A distinct value per argument, so that a dropped, swapped or positional argument shows.
     values = {p.name: object() for p in params[1:] if p.name not in ("negative_prompt", "negative_prompt_embeds")}
+    values["callback_on_step_end_tensor_inputs"] = ["latents", "prompt_embeds"]  # read for DNG's names first
     values["callback_steps"] = object()  # the parent's deprecated **kwargs pass through too
     cls.__call__(cls.__new__(cls), **values)
     assert forwarded == {**values, "negative_prompt": None, "negative_prompt_embeds": None}
@@ -424,7 +579,7 @@ def test_without_cfg_the_base_is_the_prompt_branch_as_in_the_parent(pair, scale,
     call = {**CALL, "guidance_scale": scale}
     # The parent ignores its negative prompt without CFG; "np" is that negative prompt, DNG at lam0 0 adds nothing.
     expected = parent(**call, negative_prompt="red", generator=_seed()).images
-    for rule in (dict(negative_guidance="np"), dict(dng_scale=0.0)):
+    for rule in (dict(negative_guidance="np"), dict(dng={"lam0": 0.0})):
         np.testing.assert_allclose(pipe(**call, negative_prompt="red", **rule, generator=_seed()).images, expected,
                                    atol=1e-5)
     # DNG's term is against the unconditional branch, which the call still evaluates: it keeps working.
@@ -444,7 +599,7 @@ def test_interrupt_from_the_callback_stops_after_that_step_as_in_the_parent(pair
 
     call = {**CALL, "num_inference_steps": 4, "output_type": "latent", "callback_on_step_end": stop_after_first}
     expected = parent(**call, generator=_seed()).images
-    out = pipe(**call, negative_prompt="red", dng_scale=0.0, generator=_seed(), return_trace=True)
+    out = pipe(**call, negative_prompt="red", dng={"lam0": 0.0}, generator=_seed(), return_trace=True)
     assert steps == [0, 0]  # one step each
     torch.testing.assert_close(out.images, expected, atol=1e-5, rtol=0)
     assert out.trace.scale.shape[0] == len(out.trace.timesteps) == 1
@@ -452,11 +607,18 @@ def test_interrupt_from_the_callback_stops_after_that_step_as_in_the_parent(pair
 
 @pytest.mark.parametrize("cls,parent", PIPELINES)
 def test_docstring_example_runs(cls, parent, request, tmp_path, monkeypatch):
-    pipe = request.getfixturevalue("sd_pair" if cls is StableDiffusionDNGPipeline else "sdxl_pair")[1]
-    # The example as a user runs it, with the tiny pipeline standing in for the downloaded weights.
-    monkeypatch.setattr(cls, "from_pretrained", classmethod(lambda c, *args, **kwargs: c.from_pipe(pipe)))
+    # The example as a user runs it, with a tiny pipeline on the scheduler the real folder ships standing in for the
+    # downloaded weights: SD's PNDM, SDXL's Euler.
+    if cls is StableDiffusionDNGPipeline:
+        pipe, made = request.getfixturevalue("sd_parent"), ("street.png", "final_p", (1, 2))
+    else:
+        pipe, made = request.getfixturevalue("sdxl_pair")[0], ("beach.png", "activated", (1, 1))
+        pipe = _quiet(StableDiffusionXLPipeline.from_pipe(pipe))
+        pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    monkeypatch.setattr(cls, "from_pretrained", classmethod(lambda c, *args, **kwargs: _quiet(c.from_pipe(pipe))))
     monkeypatch.chdir(tmp_path)
     code = "\n".join(re.findall(r"^\s*(?:>>>|\.\.\.) ?(.*)$", cls.__call__.__doc__, flags=re.M))
     namespace = {}
     exec(code.replace("num_inference_steps=30", "num_inference_steps=3"), namespace)
-    assert (tmp_path / "street.png").is_file() and namespace["final_p"].shape == (1, 2)
+    file, name, shape = made
+    assert (tmp_path / file).is_file() and namespace[name].shape == shape

@@ -2,15 +2,29 @@
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import math
+import sys
 from pathlib import Path
 
 from dng.commands import add_dng_arguments, check_count, check_out_dir, dng_changes
 from dng.errors import ConfigError
 
 DTYPES = ("float32", "float16", "bfloat16")
+
+
+class Renamed(argparse.Action):
+    """A former spelling of an option: hidden, stores into the new option, with a note on stderr."""
+
+    def __init__(self, option_strings, dest, new: str, **kwargs):
+        super().__init__(option_strings, dest, help=argparse.SUPPRESS, **kwargs)
+        self.new = new
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"dng: note: {option_string} is now {self.new}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
 
 
 def register(groups) -> None:
@@ -25,12 +39,14 @@ def register(groups) -> None:
     p.add_argument("--method", choices=("dng", "np", "sld"), default="dng")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--images", type=int, default=1, help="images per prompt")
-    p.add_argument("--cfg", type=float, default=7.5,
+    p.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    p.add_argument("--images", dest="num_images", type=int, action=Renamed, new="--num-images")
+    p.add_argument("--cfg-scale", type=float, default=7.5,
                    help="classifier-free guidance scale; at most 1 turns CFG off, as in diffusers")
+    p.add_argument("--cfg", dest="cfg_scale", type=float, action=Renamed, new="--cfg-scale")
     add_dng_arguments(p)
     p.add_argument("--np-scale", type=float, default=None,
-                   help="np: the constant scale (default cfg - 1, diffusers' negative prompt)")
+                   help="np: the constant scale (default cfg-scale - 1, diffusers' negative prompt)")
     p.add_argument("--mode", choices=("independent", "exclusive"), default=None,
                    help="dng: how several concepts combine (default independent)")
     p.add_argument("--sld-preset", choices=("weak", "medium", "strong", "max"), default=None,
@@ -46,12 +62,12 @@ def register(groups) -> None:
 def check_args(args) -> None:
     """Refuse bad options before anything is loaded."""
     check_count("--steps", args.steps)
-    check_count("--images", args.images)
+    check_count("--num-images", args.num_images)
     if not 0 <= args.seed < 2**64:
         raise ConfigError(f"--seed must be a whole number from 0 to 2**64 - 1 (torch's seed range), got {args.seed}")
-    if not math.isfinite(args.cfg) or args.cfg < 0:
-        raise ConfigError(f"--cfg must be a finite number >= 0, got {args.cfg} (at most 1 turns classifier-free "
-                          f"guidance off, as in diffusers)")
+    if not math.isfinite(args.cfg_scale) or args.cfg_scale < 0:
+        raise ConfigError(f"--cfg-scale must be a finite number >= 0, got {args.cfg_scale} (at most 1 turns "
+                          f"classifier-free guidance off, as in diffusers)")
     for name in ("height", "width"):
         value = getattr(args, name)
         if value is not None and (value <= 0 or value % 8):
@@ -97,7 +113,7 @@ def _guidance(args):
         changes = {"mode": args.mode or "independent", **dng_changes(args)}
         return DynamicNegativeGuidance(DNGConfig.preset(args.dng_preset, **changes))
     if args.method == "np":
-        scale = max(args.cfg - 1, 0.0) if args.np_scale is None else args.np_scale
+        scale = max(args.cfg_scale - 1, 0.0) if args.np_scale is None else args.np_scale
         return NegativePrompt(check_scale("--np-scale", scale))
     return SafeLatentDiffusion.preset(args.sld_preset or "medium")
 
@@ -122,9 +138,9 @@ def run(args) -> int:
     import torch
 
     from dng.io import write_atomic
+    from dng.pipelines.common import sampler_for
     from dng.pipelines.report import plot_trace, summarize, write_summary_csv, write_trace_csv
     from dng.sampler import check_steps
-    from dng.schedulers import needs_eta, stochastic
 
     dtype = getattr(torch, args.dtype or ("float16" if device.startswith("cuda") else "float32"))
     try:
@@ -132,18 +148,16 @@ def run(args) -> int:
     except (OSError, ValueError, KeyError) as err:
         raise ConfigError(f"could not load {args.model} as {cls.__name__}: {err}") from None
     check_steps(args.steps, pipe.scheduler, "--steps")
-    # DNG needs a stochastic sampler: the folder's own, or its stochastic sibling on the same schedule. Every method
-    # uses the same one so that their images compare at one seed.
-    old = type(pipe.scheduler).__name__
-    pipe.scheduler = stochastic(pipe.scheduler)
-    if type(pipe.scheduler).__name__ != old:
-        print(f"sampling with {type(pipe.scheduler).__name__}, the stochastic sibling of the folder's {old}")
-    eta = 1.0 if needs_eta(pipe.scheduler) else 0.0  # DDIM's eta, TCD's gamma: the step's noise
+    # The pipeline chooses the sampler (for DNG a stochastic one); say which, as the images depend on it.
+    sampler, _ = sampler_for(pipe.scheduler, guidance, 0.0)
+    ran, folder = type(sampler.scheduler).__name__, type(pipe.scheduler).__name__
+    how = ("the folder's" if sampler.scheduler is pipe.scheduler else
+           f"the stochastic sibling of the folder's {folder}, as DNG needs")
+    print(f"sampling with {ran}{f' at eta {sampler.eta:g}' if sampler.eta else ''} ({how})")
     pipe.to(device)
-    out = pipe(args.prompt, height=args.height, width=args.width, num_inference_steps=args.steps, eta=eta,
-               guidance_scale=args.cfg, num_images_per_prompt=args.images, negative_concepts=args.negative,
-               negative_guidance=guidance, generator=torch.Generator(device).manual_seed(args.seed),
-               return_trace=True)
+    out = pipe(args.prompt, height=args.height, width=args.width, num_inference_steps=args.steps,
+               guidance_scale=args.cfg_scale, num_images_per_prompt=args.num_images, negative_concepts=args.negative,
+               dng=guidance, generator=torch.Generator(device).manual_seed(args.seed), return_trace=True)
     names = [f"image_{i}.png" for i in range(len(out.images))]
     for name, image in zip(names, out.images, strict=True):
         png = io.BytesIO()

@@ -1,79 +1,234 @@
-"""What the SD and SDXL pipelines share: the checks and set-up of a call, the guidance rule, the sampler call."""
+"""The call every DNG pipeline shares (`DNGPipelineMixin`): checks, the guidance rule, the sampler, the loop."""
 
 from __future__ import annotations
 
+import inspect
 import math
-import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
 
-from dng import schedulers
-from dng.errors import ConfigError
+from dng.calibration import ModelCalibration
+from dng.config import PRESETS, DNGConfig
+from dng.errors import ConfigError, UnsupportedSchedulerError
 from dng.guidance import DynamicNegativeGuidance, Guidance, NegativePrompt, SafeLatentDiffusion
 from dng.sampler import STOP, sample
-from dng.schedulers import reverse_kernel
+from dng.schedulers import NamedSampler, needs_eta, reverse_kernel, stochastic
+
+logger = logging.get_logger(__name__)
 
 METHODS = ("dng", "np", "sld")
+# The keyword-only arguments a DNG pipeline adds to its parent's call.
+DNG_ARGUMENTS = ("negative_concepts", "negative_guidance", "dng", "return_trace")
+# What callback_on_step_end may ask for besides the latents and the batched conditioning: the posterior and the
+# applied scale lam0 p/(1-p), [images, concepts].
+DNG_TENSOR_INPUTS = ("dng_p", "dng_applied_scale")
+# DDIM and TCD add noise through the eta of their step: a DNG call that gives eta 0 samples with these instead.
+NOISY_ETA = {"DDIMScheduler": (1.0, "eta 1 (DDPM-like)"),
+             "TCDScheduler": (0.3, "gamma 0.3, TCD's default (its step takes gamma as eta)")}
+# Arguments of the former call -> the DNGConfig setting each became.
+RENAMED = {"dng_scale": "lam0", "dng_prior": "prior", "dng_temperature": "temperature", "dng_offset": "offset",
+           "dng_p_min": "p_min", "dng_p_max": "p_max", "dng_mode": "mode"}
+REMOVED = ("dng_preset", *RENAMED, "dng_stochastic")
 
 
 @dataclass
 class CallSetup:
-    """What a checked call hands to its encoding and sampling steps."""
+    """What a checked call hands to its encoding, sampling and decoding."""
 
-    guidance: Guidance
+    rule: Guidance
+    sampler: NamedSampler  # pipe.scheduler, or for DNG its stochastic sibling, and the eta the steps get
     batch_size: int
     concepts: list[list[str]]  # per negative concept given as text: one string per prompt
+    num_negatives: int  # the text concepts, and negative_prompt_embeds last when given
     encode: dict  # keyword arguments of encode_prompt that every branch shares
     tensor_inputs: list[str]  # what callback_on_step_end asks for
 
 
-def set_up(pipe, check_inputs: Callable[[list[str]], None], *, prompt, prompt_embeds, height: int, width: int,
-           guidance_scale: float, negative_prompt, negative_concepts, negative_prompt_embeds,
-           num_images_per_prompt: int, eta: float, cross_attention_kwargs, clip_skip, callback_on_step_end,
-           callback_on_step_end_tensor_inputs, negative_guidance, dng_preset: str, dng: dict, dng_stochastic: bool,
-           unsupported: dict) -> CallSetup:
-    """Check every input before any model runs, build the rule and set the parent's call state.
+class DNGPipelineMixin:
+    """A diffusers text-to-image pipeline whose negative concepts are branches of their own, guided by DNG, NP or SLD.
 
-    `check_inputs(tensor_inputs)` runs the parent's own checks; their ValueError becomes a ConfigError.
+    A pipeline lists it before its diffusers parent and adds only what is its own: `__call__` with the parent's
+    signature plus `DNG_ARGUMENTS` (keyword-only), handing `locals()` to `_dng_call`; `_dng_encode(args, setup)`,
+    the batched conditioning {name: tensor} with [unconditional, prompt, concepts...] along the batch axis, named in
+    `_dng_conditioning`; `_dng_denoise(x, t, cond, args)`, one denoiser call on every branch; `_dng_decode(latents,
+    args)`, the output's fields; `_dng_output`, the output class (with `trace`); and `_dng_unsupported`, the
+    parent's arguments a call with negative concepts refuses when set. Without a negative concept the call is the
+    parent's own. `_dng_size`, `_dng_noise` and the check for a guidance-embedding UNet read `self.unet.config`: a
+    transformer pipeline (SD3, Flux) adapts those.
     """
-    if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
-        callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-    if not math.isfinite(float(guidance_scale)):
-        raise ConfigError(f"guidance_scale must be a finite number, got {guidance_scale} (at most 1 turns "
-                          f"classifier-free guidance off, as in diffusers)")
-    check_size(pipe, height, width)
-    try:
-        check_inputs(callback_on_step_end_tensor_inputs)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-    if negative_prompt_embeds is not None and negative_concepts is not None:
-        raise ConfigError("give negative_prompt_embeds (one concept) or negative_concepts, not both")
-    guidance = make_guidance(negative_guidance, guidance_scale, dng_preset, **dng)
-    check_pipeline(pipe, guidance, eta, dng_stochastic, **unsupported)
 
-    batch_size = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else len(prompt_embeds)
-    if negative_prompt_embeds is not None and len(negative_prompt_embeds) != batch_size:
-        raise ConfigError(f"negative_prompt_embeds has {len(negative_prompt_embeds)} rows for {batch_size} "
-                          f"prompts; give one per prompt")
-    concepts = concept_prompts(negative_prompt, negative_concepts, batch_size)
-    # The parent's properties (do_classifier_free_guidance, interrupt, ...) read these.
-    pipe._guidance_scale, pipe._guidance_rescale, pipe._clip_skip = guidance_scale, 0.0, clip_skip
-    pipe._cross_attention_kwargs, pipe._interrupt = cross_attention_kwargs, False
-    encode = dict(device=pipe._execution_device, num_images_per_prompt=num_images_per_prompt,
-                  lora_scale=(cross_attention_kwargs or {}).get("scale"), clip_skip=clip_skip)
-    return CallSetup(guidance, batch_size, concepts, encode, callback_on_step_end_tensor_inputs)
+    _dng_unsupported: tuple[str, ...] = ()
+
+    def _dng_call(self, call_locals: dict):
+        """The call, from the `locals()` of the pipeline's `__call__`."""
+        args = {name: value for name, value in call_locals.items() if name not in ("self", "kwargs")}
+        kwargs = call_locals["kwargs"]
+        refuse_removed(kwargs)
+        options = {name: args.pop(name) for name in DNG_ARGUMENTS}
+        tensor_inputs = args["callback_on_step_end_tensor_inputs"]
+        if isinstance(args["callback_on_step_end"], (PipelineCallback, MultiPipelineCallbacks)):
+            tensor_inputs = args["callback_on_step_end"].tensor_inputs
+        if all(args[name] is None for name in ("negative_prompt", "negative_prompt_embeds")) and \
+                options["negative_concepts"] is None:
+            refuse_without_concept(options, tensor_inputs)
+            return super().__call__(**args, **kwargs)
+
+        setup = self._dng_set_up(args, options, tensor_inputs, kwargs)
+        cond = self._dng_encode(args, setup)
+        noise = self._dng_noise(args, setup.batch_size, cond["prompt_embeds"].dtype)
+        result = self._dng_run(args, setup, cond, noise, options["return_trace"])
+        fields = self._dng_decode(result.samples, args)
+        self.maybe_free_model_hooks()
+        if not args["return_dict"]:
+            return (*fields.values(), result.trace) if options["return_trace"] else tuple(fields.values())
+        return self._dng_output(**fields, trace=result.trace)
+
+    def _dng_set_up(self, args: dict, options: dict, tensor_inputs: list[str], kwargs: dict) -> CallSetup:
+        """Check every input before any model runs, build the rule, choose the sampler, set the parent's call state;
+        `kwargs` are the parent's deprecated extra arguments, refused here."""
+        guidance_scale = args["guidance_scale"]
+        if not math.isfinite(float(guidance_scale)):
+            raise ConfigError(f"guidance_scale must be a finite number, got {guidance_scale} (at most 1 turns "
+                              f"classifier-free guidance off, as in diffusers)")
+        args["height"], args["width"] = self._dng_size(args["height"], args["width"])
+        for name, value in {**{name: args[name] for name in self._dng_unsupported}, **kwargs}.items():
+            if value is not None and not (isinstance(value, (int, float)) and value == 0):
+                raise ConfigError(f"{name} is not supported together with negative concepts; leave it unset")
+        checks = {name: args.get(name) for name in inspect.signature(self.check_inputs).parameters}
+        try:
+            self.check_inputs(**{**checks, "callback_on_step_end_tensor_inputs": tensor_inputs})
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        if self.unet.config.time_cond_proj_dim is not None:
+            raise ConfigError("this UNet embeds the guidance scale (LCM-style): no unconditional branch to guide")
+
+        prompt, embeds = args["prompt"], args["negative_prompt_embeds"]
+        if embeds is not None and options["negative_concepts"] is not None:
+            raise ConfigError("give negative_prompt_embeds (one concept) or negative_concepts, not both")
+        batch_size = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else len(args["prompt_embeds"])
+        if embeds is not None and len(embeds) != batch_size:
+            raise ConfigError(f"negative_prompt_embeds has {len(embeds)} rows for {batch_size} prompts; give one per "
+                              f"prompt")
+        concepts = concept_prompts(args["negative_prompt"], options["negative_concepts"], batch_size)
+        # A concept's name (what a calibration knows it by) is its text where every image has the same one.
+        names = [texts[0] if len(set(texts)) == 1 else None for texts in concepts] + [None] * (embeds is not None)
+        rule = guidance_rule(options["negative_guidance"], options["dng"], guidance_scale, names)
+        rule.check(len(names))
+        sampler = self._dng_sampler(rule, args["eta"])
+        check_tensor_inputs(tensor_inputs, rule, self._dng_conditioning)
+
+        # The parent's properties (do_classifier_free_guidance, interrupt, ...) read these.
+        clip_skip, cross_attention_kwargs = args["clip_skip"], args["cross_attention_kwargs"]
+        self._guidance_scale, self._guidance_rescale, self._clip_skip = guidance_scale, 0.0, clip_skip
+        self._cross_attention_kwargs, self._interrupt = cross_attention_kwargs, False
+        encode = dict(device=self._execution_device, num_images_per_prompt=args["num_images_per_prompt"],
+                      lora_scale=(cross_attention_kwargs or {}).get("scale"), clip_skip=clip_skip)
+        return CallSetup(rule, sampler, batch_size, concepts, len(names), encode, tensor_inputs)
+
+    def _dng_size(self, height: int | None, width: int | None) -> tuple[int, int]:
+        """Height and width, each defaulting to the UNet's sample size, checked against the VAE's factor."""
+        size = self.unet.config.sample_size
+        default = (size, size) if isinstance(size, int) else size
+        height, width = (v or d * self.vae_scale_factor for v, d in zip((height, width), default, strict=True))
+        factor = math.lcm(8, self.vae_scale_factor)
+        if min(height, width) <= 0 or height % factor or width % factor:
+            fix = " x ".join(str(max(factor, math.ceil(v / factor) * factor)) for v in (height, width))
+            raise ConfigError(f"height and width must be positive multiples of {factor}, got {height} x {width}; "
+                              f"e.g. {fix}")
+        return height, width
+
+    def _dng_sampler(self, rule: Guidance, eta: float) -> NamedSampler:
+        """`sampler_for` pipe.scheduler; its note is logged once per pipeline."""
+        sampler, note = sampler_for(self.scheduler, rule, eta)
+        said = getattr(self, "_dng_notes", None)
+        if said is None:
+            said = self._dng_notes = set()
+        if note is not None and note not in said:
+            said.add(note)
+            logger.warning(note)
+        return sampler
+
+    def _dng_noise(self, args: dict, batch_size: int, dtype):
+        """x_T before init_noise_sigma, drawn exactly as the parent's prepare_latents draws it."""
+        images = batch_size * args["num_images_per_prompt"]
+        shape = (images, self.unet.config.in_channels, int(args["height"]) // self.vae_scale_factor,
+                 int(args["width"]) // self.vae_scale_factor)
+        generator, latents, device = args["generator"], args["latents"], self._execution_device
+        if isinstance(generator, list) and len(generator) != images:
+            raise ConfigError(f"{len(generator)} generators given for {images} images; give one per image")
+        if latents is not None:
+            if tuple(latents.shape) != shape:
+                raise ConfigError(f"latents have shape {tuple(latents.shape)}; expected {shape}")
+            return latents.to(device=device, dtype=dtype)
+        return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+
+    def _dng_run(self, args: dict, setup: CallSetup, cond: dict, noise, return_trace: bool):
+        """Sample through dng.sampler.sample; `cond` holds the batched conditioning a callback may replace."""
+        callback = args["callback_on_step_end"]
+        self._num_timesteps = args["num_inference_steps"]
+
+        def on_step(i, t, x_prev, info):
+            available = {"latents": x_prev, **cond, "dng_p": info.get("p"), "dng_applied_scale": info.get("scale")}
+            outputs = callback(self, i, t, {k: available[k] for k in setup.tensor_inputs}) or {}
+            for key in cond.keys() & outputs.keys():
+                if outputs[key].shape[0] != cond[key].shape[0]:
+                    raise ConfigError(f"callback_on_step_end returned {key} with {outputs[key].shape[0]} rows; it "
+                                      f"holds every branch, [unconditional, prompt, concepts...], in "
+                                      f"{cond[key].shape[0]} rows: keep them")
+                cond[key] = outputs[key]
+            if "latents" in outputs:
+                # The sampler continues from this very tensor, so replacing it in place is replacing the latents.
+                x_prev.copy_(outputs["latents"])
+            # The parent skips every step after the one whose callback set pipe._interrupt.
+            return STOP if self.interrupt else None
+
+        return sample(
+            lambda x, t: self._dng_denoise(x, t, cond, args), setup.sampler.scheduler, setup.rule, noise=noise,
+            num_inference_steps=args["num_inference_steps"], num_negatives=setup.num_negatives,
+            # Without CFG (guidance_scale <= 1) the parent uses the prompt's branch alone, which is CFG at w = 1.
+            cfg_scale=self.guidance_scale if self.do_classifier_free_guidance else 1.0, eta=setup.sampler.eta,
+            generator=args["generator"], callback=on_step if callback is not None else None,
+            progress=not getattr(self, "_progress_bar_config", {}).get("disable", False), return_trace=return_trace,
+        )
 
 
-def check_size(pipe, height: int, width: int) -> None:
-    """Height and width are positive multiples of 8 and of the VAE's downsampling factor."""
-    factor = math.lcm(8, pipe.vae_scale_factor)
-    if min(height, width) <= 0 or height % factor or width % factor:
-        fix = " x ".join(str(max(factor, math.ceil(v / factor) * factor)) for v in (height, width))
-        raise ConfigError(f"height and width must be positive multiples of {factor}, got {height} x {width}; "
-                          f"e.g. {fix}")
+def refuse_removed(kwargs: dict) -> None:
+    """The former DNG arguments, refused with the `dng=` that replaces them."""
+    old = [name for name in REMOVED if name in kwargs]
+    if not old:
+        return
+    messages = []
+    settings = [name for name in old if name != "dng_stochastic"]
+    if settings:
+        changes = ", ".join(f"{RENAMED[name]}={kwargs[name]!r}" for name in settings
+                            if name in RENAMED and kwargs[name] is not None)
+        preset = kwargs.get("dng_preset")
+        if preset is None:
+            new = f"dng=DNGConfig({changes})"
+        else:
+            new = f"dng=DNGConfig.preset({preset!r}, {changes})" if changes else f"dng={preset!r}"
+        lam0 = "; lam0 is the former dng_scale, 'scale' now being the applied scale lam0 p/(1-p)" * (
+            "dng_scale" in settings)
+        messages.append(f"{', '.join(settings)} {'was' if len(settings) == 1 else 'were'} replaced by one argument: "
+                        f"{new} (DNGConfig from dng.config{lam0})")
+    if "dng_stochastic" in old:
+        messages.append("dng_stochastic was removed: a DNG call samples with the stochastic sibling of a scheduler it "
+                        "cannot track by itself, leaving pipe.scheduler as it is; drop it")
+    raise ConfigError("; ".join(messages))
+
+
+def refuse_without_concept(options: dict, tensor_inputs: list[str]) -> None:
+    """A call without a negative concept is the parent's: refuse what only a guided call can honour."""
+    given = [name for name in ("negative_guidance", "dng") if options[name] is not None]
+    given += ["return_trace"] * bool(options["return_trace"])
+    given += [f"callback_on_step_end_tensor_inputs {name!r}" for name in DNG_TENSOR_INPUTS if name in tensor_inputs]
+    if given:
+        raise ConfigError(f"{', '.join(given)} need{'s' * (len(given) == 1)} a negative concept "
+                          f"(negative_prompt, negative_concepts or negative_prompt_embeds); without one the call is "
+                          f"the parent's plain classifier-free guidance")
 
 
 def concept_prompts(negative_prompt, negative_concepts, batch_size: int) -> list[list[str]]:
@@ -96,80 +251,91 @@ def concept_prompts(negative_prompt, negative_concepts, batch_size: int) -> list
     return prompts
 
 
-def make_guidance(method, guidance_scale: float, dng_preset: str = "default", **dng) -> Guidance:
-    """The rule named by `negative_guidance`, or the Guidance object itself; `dng` overrides the DNG preset where
-    not None."""
+def guidance_rule(method: str | None, dng, guidance_scale: float, concepts: list[str | None]) -> Guidance:
+    """The call's rule: `dng` itself where it is a Guidance, else the method `negative_guidance` names (DNG by
+    default, with the settings `dng_config` reads from `dng`); `concepts` are the concepts' names (None: no name)."""
     if isinstance(method, Guidance):
-        return method
-    if method == "dng":
-        changes = {("lam0" if k == "scale" else k): v for k, v in dng.items() if v is not None}
-        return DynamicNegativeGuidance.preset(dng_preset, **changes)
+        raise ConfigError(f"negative_guidance takes a method name, one of {METHODS}; pass the rule object as "
+                          f"dng={type(method).__name__}(...)")
+    if method is not None and method not in METHODS:
+        raise ConfigError(f"negative_guidance must be one of {METHODS}, got {method!r} (a rule object goes in dng=)")
+    if isinstance(dng, Guidance):
+        if method is not None:
+            raise ConfigError(f"dng={type(dng).__name__}(...) is the rule itself; drop negative_guidance={method!r}")
+        return dng
+    if method in ("np", "sld") and dng is not None:
+        raise ConfigError(f"dng= sets DNG, which negative_guidance={method!r} does not use; drop dng=, or drop "
+                          f"negative_guidance to guide with DNG")
     if method == "np":
         # With the empty prompt as the unconditional branch, diffusers' negative prompt is NP at scale w - 1; without
         # CFG (w <= 1) the parent ignores its negative prompt, and so does scale 0.
         return NegativePrompt(max(guidance_scale - 1.0, 0.0))
     if method == "sld":
         return SafeLatentDiffusion.preset("medium")
-    raise ConfigError(f"negative_guidance must be one of {METHODS} or a dng.guidance.Guidance, got {method!r}")
+    return DynamicNegativeGuidance(dng_config(dng, concepts))
 
 
-def check_pipeline(pipe, guidance: Guidance, eta: float, stochastic: bool = False, **unsupported) -> None:
-    """Refuse what the DNG loop cannot honour before any model runs; with `stochastic`, switch a scheduler DNG
-    cannot track to its stochastic sibling (`dng.schedulers.stochastic`) and say so."""
-    for name, value in unsupported.items():
-        if value is not None and not (isinstance(value, (int, float)) and value == 0):
-            raise ConfigError(f"{name} is not supported together with negative concepts; leave it unset")
-    if pipe.unet.config.time_cond_proj_dim is not None:
-        raise ConfigError("this UNet embeds the guidance scale (LCM-style) and has no unconditional branch to guide")
-    if not isinstance(guidance, DynamicNegativeGuidance):
-        return
+def dng_config(dng, concepts: list[str | None]) -> DNGConfig:
+    """The DNG settings `dng=` gives: None (the default preset), a preset name, a DNGConfig, a dict of changes over
+    the default preset, or a ModelCalibration applied to the default preset for `concepts`."""
+    if dng is None:
+        return PRESETS["default"]
+    if isinstance(dng, str):
+        return DNGConfig.preset(dng)
+    if isinstance(dng, DNGConfig):
+        return dng
+    if isinstance(dng, dict):
+        return DNGConfig.preset("default", **dng)
+    if isinstance(dng, ModelCalibration):
+        # A concept the calibration has no prior for (or without one text) keeps the preset's.
+        return dng.apply(PRESETS["default"], concepts)
+    raise ConfigError(f"dng= takes a preset name ({', '.join(PRESETS)}), a DNGConfig, a dict of settings over the "
+                      f"default preset, a dng.calibration.ModelCalibration or a dng.guidance.Guidance rule; got "
+                      f"{type(dng).__name__}")
+
+
+def sampler_for(scheduler, rule: Guidance, eta: float) -> tuple[NamedSampler, str | None]:
+    """The scheduler and eta a call with `rule` samples with, and a note where they are not the call's own.
+
+    DNG reads its posterior from each step's noise: on a scheduler it cannot track, it samples with the stochastic
+    sibling (`dng.schedulers.stochastic`, a new scheduler from the same config), and on DDIM or TCD at eta 0 with
+    `NOISY_ETA`. NP and SLD sample with the scheduler and eta as given.
+    """
+    if not isinstance(rule, DynamicNegativeGuidance):
+        return NamedSampler(scheduler, eta), None
     try:
-        reverse_kernel(pipe.scheduler, eta)
-        return
-    except ConfigError as err:
-        if not stochastic or schedulers.needs_eta(pipe.scheduler):
-            raise ConfigError(f"{err} On a pipeline: pipe.scheduler = dng.schedulers.stochastic(pipe.scheduler), "
-                              "or pass dng_stochastic=True") from None
-    old = type(pipe.scheduler).__name__
-    pipe.scheduler = schedulers.stochastic(pipe.scheduler)
-    warnings.warn(f"dng_stochastic=True: DNG needs a stochastic sampler; {old} was replaced by its sibling "
-                  f"{type(pipe.scheduler).__name__} from the same config", stacklevel=4)
+        reverse_kernel(scheduler, eta)
+        return NamedSampler(scheduler, eta), None
+    except UnsupportedSchedulerError:
+        sibling = stochastic(scheduler)  # refuses a scheduler with no stochastic sibling
+    how = []
+    if sibling is not scheduler:
+        changes = ""
+        if type(sibling) is type(scheduler):  # e.g. DPM++ 2M -> DPM++ 2M SDE: name what differs
+            changes = "(" + ", ".join(f"{key}={value!r}" for key, value in sibling.config.items()
+                                      if scheduler.config.get(key) != value) + ")"
+        how.append(f"with {type(sibling).__name__}{changes}, its stochastic sibling from the same config "
+                   f"(pipe.scheduler is left as it is; assign a stochastic scheduler to it to choose the sampler "
+                   f"yourself)")
+    noiseless = needs_eta(sibling) and eta == 0
+    if noiseless:
+        eta, said = NOISY_ETA[type(sibling).__name__]
+        how.append(f"with {said} where the call gives eta 0 (pass eta > 0 to choose it yourself)")
+    reverse_kernel(sibling, eta)
+    name = type(scheduler).__name__ + " at eta 0" * noiseless
+    return NamedSampler(sibling, eta), (f"DNG reads its posterior from the noise each step adds, and {name} adds "
+                                        f"none: DNG calls on this pipeline sample {' and '.join(how)}")
 
 
-def initial_noise(pipe, batch: int, height: int, width: int, dtype, device, generator, latents):
-    """x_T before init_noise_sigma, drawn exactly as the parent's prepare_latents draws it."""
-    shape = (batch, pipe.unet.config.in_channels, int(height) // pipe.vae_scale_factor,
-             int(width) // pipe.vae_scale_factor)
-    if isinstance(generator, list) and len(generator) != batch:
-        raise ConfigError(f"{len(generator)} generators given for {batch} images; give one per image")
-    if latents is not None:
-        if tuple(latents.shape) != shape:
-            raise ConfigError(f"latents have shape {tuple(latents.shape)}; expected {shape}")
-        return latents.to(device=device, dtype=dtype)
-    return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-
-
-def run(pipe, unet_fn, cond: dict, guidance: Guidance, noise, *, num_inference_steps: int, num_negatives: int,
-        eta: float, generator, callback_on_step_end, tensor_inputs, return_trace: bool):
-    """Sample through dng.sampler.sample; `cond` holds the batched UNet conditioning a callback may replace."""
-    pipe._num_timesteps = num_inference_steps
-
-    def on_step(i, t, x_prev, info):
-        available = {"latents": x_prev, "dng_p": info.get("p"), "dng_scale": info.get("scale"), **cond}
-        outputs = callback_on_step_end(pipe, i, t, {k: available[k] for k in tensor_inputs}) or {}
-        for key in cond:
-            cond[key] = outputs.pop(key, cond[key])
-        if "latents" in outputs:
-            # The sampler continues from this very tensor, so replacing it in place is replacing the latents.
-            x_prev.copy_(outputs.pop("latents"))
-        # The parent skips every step after the one whose callback set pipe._interrupt.
-        return STOP if pipe.interrupt else None
-
-    return sample(
-        # Without CFG (guidance_scale <= 1) the parent uses the prompt's branch alone, which is CFG at w = 1.
-        unet_fn, pipe.scheduler, guidance, noise=noise, num_inference_steps=num_inference_steps,
-        num_negatives=num_negatives, cfg_scale=pipe.guidance_scale if pipe.do_classifier_free_guidance else 1.0,
-        eta=eta, generator=generator, callback=on_step if callback_on_step_end is not None else None,
-        progress=not getattr(pipe, "_progress_bar_config", {}).get("disable", False),
-        return_trace=return_trace,
-    )
+def check_tensor_inputs(tensor_inputs: list[str], rule: Guidance, conditioning: tuple[str, ...]) -> None:
+    """Refuse, before the loop, a callback tensor that this call cannot give (`conditioning`: the batched ones)."""
+    available = ["latents", *conditioning, "dng_applied_scale"]
+    if isinstance(rule, DynamicNegativeGuidance):
+        available.append("dng_p")
+    for name in tensor_inputs:
+        if name not in available:
+            why = (f"{type(rule).__name__} has no posterior (DNG tracks one)" if name == "dng_p" else
+                   "with negative concepts the conditioning of every branch, [unconditional, prompt, concepts...], "
+                   f"is batched in {', '.join(conditioning)}")
+            raise ConfigError(f"callback_on_step_end_tensor_inputs asks for {name!r}, which this call cannot give: "
+                              f"{why}; it can give {', '.join(available)}")

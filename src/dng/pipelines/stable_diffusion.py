@@ -9,8 +9,7 @@ from diffusers import StableDiffusionPipeline
 from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
 from diffusers.utils import replace_example_docstring
 
-from dng.errors import ConfigError
-from dng.pipelines import common
+from dng.pipelines.common import DNG_TENSOR_INPUTS, DNGPipelineMixin
 from dng.sampler import Trace
 
 EXAMPLE_DOC_STRING = """
@@ -18,16 +17,14 @@ EXAMPLE_DOC_STRING = """
         ```py
         >>> import torch
         >>> from dng.pipelines import StableDiffusionDNGPipeline
-        >>> from dng.schedulers import stochastic
 
         >>> device = "cuda" if torch.cuda.is_available() else "cpu"
         >>> dtype = torch.float16 if device == "cuda" else torch.float32
         >>> pipe = StableDiffusionDNGPipeline.from_pretrained(
         ...     "stable-diffusion-v1-5/stable-diffusion-v1-5", dtype=dtype
         ... ).to(device)
-        >>> # DNG reads its evidence from the noise of each step: PNDM adds none, its stochastic sibling does.
-        >>> pipe.scheduler = stochastic(pipe.scheduler)
 
+        >>> # DNG reads its evidence from the noise of each step: PNDM adds none, so DNG samples with Euler ancestral.
         >>> out = pipe("a city street at night, photo", negative_concepts=["cars", "people"],
         ...            num_inference_steps=30, generator=torch.Generator(device).manual_seed(0), return_trace=True)
         >>> out.images[0].save("street.png")
@@ -43,7 +40,7 @@ class StableDiffusionDNGPipelineOutput(StableDiffusionPipelineOutput):
     trace: Trace | None = None
 
 
-class StableDiffusionDNGPipeline(StableDiffusionPipeline):
+class StableDiffusionDNGPipeline(DNGPipelineMixin, StableDiffusionPipeline):
     """StableDiffusionPipeline whose negative prompts are applied by DNG (or NP / SLD), several at once.
 
     The unconditional branch is always the empty prompt; each negative concept is a branch of its own,
@@ -51,8 +48,11 @@ class StableDiffusionDNGPipeline(StableDiffusionPipeline):
     call is exactly the parent's.
     """
 
-    # "prompt_embeds" is the batched conditioning [unconditional, positive, negatives...] of every branch.
-    _callback_tensor_inputs = ["latents", "prompt_embeds", "dng_p", "dng_scale"]
+    _callback_tensor_inputs = [*StableDiffusionPipeline._callback_tensor_inputs, *DNG_TENSOR_INPUTS]
+    # With negative concepts "prompt_embeds" is the batched conditioning [unconditional, prompt, concepts...].
+    _dng_conditioning = ("prompt_embeds",)
+    _dng_output = StableDiffusionDNGPipelineOutput
+    _dng_unsupported = ("timesteps", "sigmas", "ip_adapter_image", "ip_adapter_image_embeds", "guidance_rescale")
 
     @torch.no_grad()
     @replace_example_docstring(EXAMPLE_DOC_STRING)
@@ -83,16 +83,8 @@ class StableDiffusionDNGPipeline(StableDiffusionPipeline):
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 - the parent's default
         *,
         negative_concepts: list[str | list[str]] | None = None,
-        negative_guidance="dng",
-        dng_preset: str = "default",
-        dng_scale: float | None = None,
-        dng_prior: float | list[float] | None = None,
-        dng_temperature: float | None = None,
-        dng_offset: float | None = None,
-        dng_p_min: float | None = None,
-        dng_p_max: float | None = None,
-        dng_mode: str = "independent",
-        dng_stochastic: bool = False,
+        negative_guidance: str | None = None,
+        dng=None,
         return_trace: bool = False,
         **kwargs,
     ):
@@ -108,29 +100,30 @@ class StableDiffusionDNGPipeline(StableDiffusionPipeline):
                 branch alone is the base. The negative concepts' term is added on top, against the unconditional
                 branch, in either case.
             negative_prompt (`str` or `list[str]`, *optional*):
-                One negative concept (one string, or one per prompt), applied by `negative_guidance`. Unlike the
-                parent, it does not replace the unconditional branch, which stays the empty prompt.
+                One negative concept (one string, or one per prompt). Unlike the parent, it does not replace the
+                unconditional branch, which stays the empty prompt.
+            eta (`float`, *optional*, defaults to 0.0):
+                As in the parent. DNG reads its posterior from the noise each step adds: on a scheduler that adds
+                none, a DNG call samples with its stochastic sibling (`dng.schedulers.stochastic`, built from the
+                same config; `pipe.scheduler` is left as it is), and on DDIM / TCD at eta 0 with eta 1 / gamma 0.3.
+                It is said once per pipeline in a log warning.
             negative_prompt_embeds (`torch.Tensor`, *optional*):
                 One negative concept as text embeddings, one row per prompt.
             callback_on_step_end (`Callable`, *optional*):
-                As in the parent; it may also ask for `"dng_p"` and `"dng_scale"` (`[images, concepts]`), and its
+                As in the parent: it returns a dict of the tensors it replaces. It may also ask for `"dng_p"` (DNG's
+                posterior) and `"dng_applied_scale"` (`lam0 p/(1-p)`), both `[images, concepts]`; its
                 `"prompt_embeds"` is the batched conditioning `[unconditional, prompt, concepts...]`. Setting
                 `pipe._interrupt = True` in it stops the loop after that step, as in the parent.
             negative_concepts (`list[str | list[str]]`, *optional*):
                 Several negative concepts, each a string or one string per prompt, each with its own posterior.
-            negative_guidance (`str` or `dng.guidance.Guidance`, *optional*, defaults to `"dng"`):
+            negative_guidance (`str`, *optional*, defaults to `"dng"`):
                 `"dng"`, `"np"` (constant scale `guidance_scale - 1`, which is diffusers' negative prompt; 0 without
-                CFG, where the parent ignores its negative prompt), `"sld"` (the medium preset) or a rule object.
-            dng_preset (`str`, *optional*, defaults to `"default"`):
-                The named setting of `dng.guidance.DNG_PRESETS` that DNG starts from.
-            dng_scale, dng_prior, dng_temperature, dng_offset, dng_p_min, dng_p_max (`float`, *optional*):
-                Override the preset's lam0, prior (one value or one per concept), temperature, offset and posterior
-                clamp where given.
-            dng_mode (`str`, *optional*, defaults to `"independent"`):
-                How several concepts combine: `"independent"` (free text) or `"exclusive"` (classes).
-            dng_stochastic (`bool`, *optional*, defaults to `False`):
-                Replace a scheduler DNG cannot track by its stochastic sibling (`dng.schedulers.stochastic`), with a
-                warning.
+                CFG, where the parent ignores its negative prompt) or `"sld"` (the medium preset).
+            dng (*optional*):
+                DNG's settings: a preset name of `dng.config.PRESETS` (`"default"`, `"paper-sd"`, ...), a
+                `dng.config.DNGConfig`, a dict of settings over the default preset (`{"lam0": 2}`), or a
+                `dng.calibration.ModelCalibration` (applied to the default preset; a concept's name is its text).
+                Or a `dng.guidance.Guidance` rule object, which is then the call's rule whatever its method.
             return_trace (`bool`, *optional*, defaults to `False`):
                 Add `trace` (`dng.sampler.Trace`: per step, image and concept, `p`, the applied `scale`, `llr`).
 
@@ -140,83 +133,32 @@ class StableDiffusionDNGPipeline(StableDiffusionPipeline):
             [`StableDiffusionDNGPipelineOutput`] or `tuple`: the parent's output plus `trace`; as a tuple
             `(images, nsfw_content_detected)`, with the trace appended when `return_trace`.
         """
-        # 0. Without a negative concept the call is the parent's own.
-        if negative_concepts is None and negative_prompt is None and negative_prompt_embeds is None:
-            if return_trace:
-                raise ConfigError("return_trace needs a negative concept (negative_prompt or negative_concepts)")
-            return super().__call__(
-                prompt=prompt, height=height, width=width, num_inference_steps=num_inference_steps,
-                timesteps=timesteps, sigmas=sigmas, guidance_scale=guidance_scale, negative_prompt=negative_prompt,
-                num_images_per_prompt=num_images_per_prompt, eta=eta, generator=generator, latents=latents,
-                prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
-                ip_adapter_image=ip_adapter_image, ip_adapter_image_embeds=ip_adapter_image_embeds,
-                output_type=output_type, return_dict=return_dict, cross_attention_kwargs=cross_attention_kwargs,
-                guidance_rescale=guidance_rescale, clip_skip=clip_skip, callback_on_step_end=callback_on_step_end,
-                callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, **kwargs,
-            )
+        return self._dng_call(locals())
 
-        # 1. Default height and width to the UNet's, as the parent does.
-        if not height or not width:
-            size = self.unet.config.sample_size
-            height, width = (size, size) if isinstance(size, int) else size
-            height, width = height * self.vae_scale_factor, width * self.vae_scale_factor
-
-        # 2. Check every input before any model runs; build the guidance rule.
-        setup = common.set_up(
-            self, lambda tensor_inputs: self.check_inputs(
-                prompt, height, width, None, negative_prompt, prompt_embeds, negative_prompt_embeds,
-                ip_adapter_image, ip_adapter_image_embeds, tensor_inputs),
-            prompt=prompt, prompt_embeds=prompt_embeds, height=height, width=width, guidance_scale=guidance_scale,
-            negative_prompt=negative_prompt, negative_concepts=negative_concepts,
-            negative_prompt_embeds=negative_prompt_embeds, num_images_per_prompt=num_images_per_prompt, eta=eta,
-            cross_attention_kwargs=cross_attention_kwargs, clip_skip=clip_skip,
-            callback_on_step_end=callback_on_step_end,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-            negative_guidance=negative_guidance, dng_preset=dng_preset,
-            dng=dict(scale=dng_scale, prior=dng_prior, temperature=dng_temperature, offset=dng_offset,
-                     p_min=dng_p_min, p_max=dng_p_max, mode=dng_mode),
-            dng_stochastic=dng_stochastic,
-            unsupported=dict(timesteps=timesteps, sigmas=sigmas, ip_adapter_image=ip_adapter_image,
-                             ip_adapter_image_embeds=ip_adapter_image_embeds, guidance_rescale=guidance_rescale,
-                             **kwargs),
-        )
-
-        # 3. Encode the prompt, the empty prompt (the unconditional branch) and every negative concept.
+    def _dng_encode(self, args: dict, setup) -> dict:
         # do_classifier_free_guidance=True with no negative prompt encodes the empty prompt, as the parent does.
-        positive, uncond = self.encode_prompt(prompt, do_classifier_free_guidance=True, prompt_embeds=prompt_embeds,
-                                              **setup.encode)
+        positive, uncond = self.encode_prompt(args["prompt"], do_classifier_free_guidance=True,
+                                              prompt_embeds=args["prompt_embeds"], **setup.encode)
         concepts = [self.encode_prompt(texts, do_classifier_free_guidance=False, **setup.encode)[0]
                     for texts in setup.concepts]
-        if negative_prompt_embeds is not None:
+        if args["negative_prompt_embeds"] is not None:
             concepts.append(self.encode_prompt(None, do_classifier_free_guidance=False,
-                                               prompt_embeds=negative_prompt_embeds, **setup.encode)[0])
-        cond = {"prompt_embeds": torch.cat([uncond, positive, *concepts])}
+                                               prompt_embeds=args["negative_prompt_embeds"], **setup.encode)[0])
+        return {"prompt_embeds": torch.cat([uncond, positive, *concepts])}
 
-        # 4. Draw the initial noise as the parent's prepare_latents does.
-        device = setup.encode["device"]
-        noise = common.initial_noise(self, setup.batch_size * num_images_per_prompt, height, width, positive.dtype,
-                                     device, generator, latents)
+    def _dng_denoise(self, x, t, cond: dict, args: dict):
+        return self.unet(x, t, encoder_hidden_states=cond["prompt_embeds"],
+                         cross_attention_kwargs=args["cross_attention_kwargs"], return_dict=False)[0]
 
-        # 5. Denoising loop: every branch in one batched UNet call per step, the posterior update after each step.
-        def unet(x, t):
-            return self.unet(x, t, encoder_hidden_states=cond["prompt_embeds"],
-                             cross_attention_kwargs=cross_attention_kwargs, return_dict=False)[0]
-
-        result = common.run(self, unet, cond, setup.guidance, noise, num_inference_steps=num_inference_steps,
-                            num_negatives=len(concepts), eta=eta, generator=generator,
-                            callback_on_step_end=callback_on_step_end, tensor_inputs=setup.tensor_inputs,
-                            return_trace=return_trace)
-
-        # 6. Decode, run the safety checker and postprocess, as the parent does.
+    def _dng_decode(self, latents, args: dict) -> dict:
+        """Decode, run the safety checker and postprocess, as the parent does."""
+        output_type = args["output_type"]
         if output_type == "latent":
-            image, nsfw = result.samples, None
+            image, nsfw = latents, None
         else:
-            image = self.vae.decode(result.samples / self.vae.config.scaling_factor, return_dict=False,
-                                    generator=generator)[0]
-            image, nsfw = self.run_safety_checker(image, device, positive.dtype)
+            image = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False,
+                                    generator=args["generator"])[0]
+            image, nsfw = self.run_safety_checker(image, self._execution_device, latents.dtype)
         denormalize = [True] * image.shape[0] if nsfw is None else [not flagged for flagged in nsfw]
         image = self.image_processor.postprocess(image, output_type=output_type, do_denormalize=denormalize)
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return (image, nsfw, result.trace) if return_trace else (image, nsfw)
-        return StableDiffusionDNGPipelineOutput(images=image, nsfw_content_detected=nsfw, trace=result.trace)
+        return {"images": image, "nsfw_content_detected": nsfw}

@@ -66,16 +66,20 @@ def _vae(width: int):
     ).eval()
 
 
+def _unet(width: int, **extra):
+    """A two-level conditional UNet on 8x8 latents with 32-wide cross-attention, plus `extra` config."""
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(width, 2 * width),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=2, norm_num_groups=width // 4, **extra,
+    ).eval()
+
+
 def sd_components(directory: Path, width: int = 8, seed: int = 0) -> dict:
     """Components of a tiny SD 1.x-style pipeline (text width 32, UNet channels (width, 2*width), 8x8 latents)."""
     torch.manual_seed(seed)
     tokenizer = write_tokenizer(directory / "tokenizer")
-    unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(width, 2 * width),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=2, norm_num_groups=width // 4,
-    ).eval()
-    return dict(unet=unet, vae=_vae(8), text_encoder=_text_encoder(tokenizer, 32), tokenizer=tokenizer,
+    return dict(unet=_unet(width), vae=_vae(8), text_encoder=_text_encoder(tokenizer, 32), tokenizer=tokenizer,
                 scheduler=PNDMScheduler(skip_prk_steps=True, **SD_SCHEDULER), safety_checker=None,
                 feature_extractor=None, image_encoder=None, requires_safety_checker=False)
 
@@ -84,12 +88,8 @@ def sdxl_components(directory: Path, width: int = 8, seed: int = 0) -> dict:
     """Components of a tiny SDXL-style pipeline: two text encoders (16 + 16 wide), text_time micro-conditioning."""
     torch.manual_seed(seed)
     tokenizer = write_tokenizer(directory / "tokenizer")
-    unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(width, 2 * width),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=2, norm_num_groups=width // 4, use_linear_projection=True,
-        addition_embed_type="text_time", addition_time_embed_dim=4, projection_class_embeddings_input_dim=6 * 4 + 16,
-    ).eval()
+    unet = _unet(width, use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=4,
+                 projection_class_embeddings_input_dim=6 * 4 + 16)
     return dict(unet=unet, vae=_vae(8), text_encoder=_text_encoder(tokenizer, 16), tokenizer=tokenizer,
                 text_encoder_2=_text_encoder(tokenizer, 16, projection=True), tokenizer_2=tokenizer,
                 scheduler=EulerAncestralDiscreteScheduler(**SD_SCHEDULER), image_encoder=None, feature_extractor=None,
