@@ -11,6 +11,7 @@ import torch
 
 from dng import calibration, cli
 from dng.bench import class_removal
+from dng.bench.table import setting_label
 from dng.commands.demo import DEFAULT_REMOVE
 from dng.errors import ConfigError
 from dng.guidance import DNG_PRESETS
@@ -92,7 +93,7 @@ def test_bench_writes_rows_csv_figures_and_resumes(tiny, tmp_path, monkeypatch):
         (1, "dng", 1.0), (1, "dng", 3.0), (3, "dng", 1.0), (3, "dng", 3.0)]
     assert {r["params"]["prior"] for r in rows if r["method"] == "dng"} == {0.1}
     summary = json.loads((out / "results.json").read_text())["summary"]
-    assert [class_removal.setting_label(s["method"], s["params"]) for s in summary] == [
+    assert [setting_label(s["method"], s["params"]) for s in summary] == [
         "none", "dng default scale=1", "dng default scale=3"]
 
 
@@ -123,7 +124,7 @@ def test_dng_cells_are_named_by_preset_and_what_the_user_set(tiny, tmp_path):
     assert _bench(tiny, out, dng_scales="2") == 0
     assert _bench(tiny, out, dng_scales="2", extra=("--dng", "late_boost=4", "--dng", "boost_sigma=1")) == 0
     rows = json.loads((out / "results.json").read_text())["rows"]
-    dng = {class_removal.setting_label(r["method"], r["params"]): r["params"] for r in rows if r["method"] == "dng"}
+    dng = {setting_label(r["method"], r["params"]): r["params"] for r in rows if r["method"] == "dng"}
     assert set(dng) == {"dng default scale=2", "dng default late_boost=4 boost_sigma=1 scale=2"}
     for key, boost, below in (("class1-dng-default-scale=2", DNG_PRESETS["default"]["late_boost"],
                                DNG_PRESETS["default"]["boost_sigma"]),
@@ -200,7 +201,7 @@ def test_settings_sort_by_method_then_strength():
                 ("np", {"scale": 2.0}), ("dng", {"preset": "default", "set": {}, "scale": 1.0}),
                 ("sld", {"preset": "weak"}), ("none", {}), ("np", {"scale": 0.5})]
     ordered = sorted(settings, key=lambda s: class_removal.setting_order(*s))
-    assert [class_removal.setting_label(*s) for s in ordered] == [
+    assert [setting_label(*s) for s in ordered] == [
         "none", "np 0.5", "np 2.0", "sld weak", "sld max", "dng default", "dng default scale=6"]
 
 

@@ -17,6 +17,7 @@ import torch
 
 from dng import metrics
 from dng.bench.sweep import SampleSet, Sweep, one_thread, read_json, read_npz
+from dng.bench.table import setting_label
 from dng.distributed import World
 from dng.errors import ConfigError
 from dng.guidance import DNG_PRESETS, SLD_PRESETS, check_scale
@@ -84,19 +85,6 @@ def configs(methods: list[str], dng: dict, np_scales=NP_SCALES, dng_preset: str 
                 params = {"preset": dng_preset, "set": user, **DNG_PRESETS[dng_preset], **rule}
                 cells.append((method, params, generate.guidance_factory("dng", dng_preset=dng_preset, **rule)))
     return cells
-
-
-def setting_label(method: str, params: dict) -> str:
-    """Short name of a setting: 'np 2.0', 'sld medium', 'dng default', 'dng default scale=3', 'dng-branches default'."""
-    if method.startswith("dng"):
-        user = "".join(f" {k}={v:g}" if isinstance(v, float) else f" {k}={v}"
-                       for k, v in params.get("set", {}).items())
-        return f"{method} {params.get('preset', 'default')}{user}"
-    if method == "np":
-        return f"{method} {params['scale']}"
-    if method == "sld":
-        return f"sld {params['preset']}"
-    return method
 
 
 def cell_key(klass: int, method: str, params: dict) -> str:
@@ -309,10 +297,13 @@ def write_results(out) -> dict[str, Path]:
     for x in ("class_kl", "unguided_kl", "fid"):
         known = [s for s in summary if s[x] is not None]
         if known:
-            files[f"tradeoff_{x}"] = plots.removal_tradeoff(known, figures / f"tradeoff_{x}.png", x)
+            files[f"tradeoff_{x}"] = plots.removal_tradeoff(known, figures / f"tradeoff_{x}.png", x,
+                                                            [setting_label(s["method"], s["params"]) for s in known])
     for klass in sorted({r["class"] for r in rows}):
         mine = [c for c in cells if c["row"]["class"] == klass]
-        files[f"histogram_{klass}"] = plots.class_histogram(mine, figures / "histograms" / f"class{klass}.png")
+        files[f"histogram_{klass}"] = plots.class_histogram(
+            mine, figures / "histograms" / f"class{klass}.png",
+            [setting_label(c["row"]["method"], c["row"]["params"]) for c in mine])
         for c in mine:
             key = cell_key(klass, c["row"]["method"], c["row"]["params"])
             f = read_npz(out / "cells" / f"{key}.npz")

@@ -24,6 +24,7 @@ import torch
 
 from dng import metrics
 from dng.bench.sweep import SampleSet, Sweep, read_json, read_npz
+from dng.bench.table import setting_label
 from dng.distributed import World
 from dng.errors import ConfigError
 from dng.guidance import DNG_PRESETS, check_scale
@@ -44,6 +45,8 @@ METRICS = ("positive_rate", "negative_rate", "change_vs_cfg", "fid_vs_cfg", "mea
 UNRELATED, RELATED = 0.01, 0.03
 GRID_IMAGES = 32
 TRACE_SAMPLES = 60
+# NP's labels write its scale with "g" ("np 1"): they name the stored cells.
+SCALE_FORMAT = "g"
 
 
 def parse_pairs(text: str) -> list[tuple[int, int]]:
@@ -62,18 +65,8 @@ def parse_pairs(text: str) -> list[tuple[int, int]]:
     return list(dict.fromkeys(pairs))
 
 
-def setting_label(method: str, params: dict) -> str:
-    """'cfg', 'np 1', 'dng default', 'dng default scale=3'."""
-    if method == "np":
-        return f"np {params['scale']:g}"
-    if method == "dng":
-        user = "".join(f" {k}={v:g}" if isinstance(v, float) else f" {k}={v}" for k, v in params["set"].items())
-        return f"dng {params['preset']}{user}"
-    return method
-
-
 def cell_key(positive: int, negative: int, method: str, params: dict) -> str:
-    return f"pos{positive}-neg{negative}-{setting_label(method, params).replace(' ', '-')}"
+    return f"pos{positive}-neg{negative}-{setting_label(method, params, SCALE_FORMAT).replace(' ', '-')}"
 
 
 def configs(positive: int, negative: int, methods: list[str], cfg_scale: float, np_scales, dng: dict,
@@ -214,7 +207,7 @@ def load_cells(out) -> list[dict]:
         r["relation"] = relation(cfg[pair], *pair) if pair in cfg else None
     order = {m: i for i, m in enumerate(METHODS)}
     return sorted(rows, key=lambda r: (r["positive"], r["negative"], order[r["method"]], r["params"].get("scale", 0),
-                                       setting_label(r["method"], r["params"])))
+                                       setting_label(r["method"], r["params"], SCALE_FORMAT)))
 
 
 def comparable(rows: list[dict]) -> list[dict]:
@@ -222,7 +215,8 @@ def comparable(rows: list[dict]) -> list[dict]:
     compare settings on different pairs (a sweep of CFG alone over all pairs beside a few pairs with every rule)."""
     labels: dict[tuple, set] = {}
     for r in rows:
-        labels.setdefault((r["positive"], r["negative"]), set()).add(setting_label(r["method"], r["params"]))
+        labels.setdefault((r["positive"], r["negative"]), set()).add(
+            setting_label(r["method"], r["params"], SCALE_FORMAT))
     wanted: dict[str, set] = {}
     for r in rows:
         wanted.setdefault(r["relation"], set()).update(labels[(r["positive"], r["negative"])])
@@ -233,7 +227,8 @@ def summarize(rows: list[dict]) -> list[dict]:
     """Mean and standard deviation over pairs of every metric, per relation and setting, over `comparable` pairs."""
     groups: dict[tuple, list[dict]] = {}
     for r in comparable(rows):
-        groups.setdefault((r["relation"], r["method"], setting_label(r["method"], r["params"])), []).append(r)
+        label = setting_label(r["method"], r["params"], SCALE_FORMAT)
+        groups.setdefault((r["relation"], r["method"], label), []).append(r)
     relations = ("unrelated", "related", "between", "self", None)
     out = []
     for (rel, method, label), members in sorted(groups.items(), key=lambda g: (relations.index(g[0][0]),
@@ -292,15 +287,18 @@ def write_results(out) -> dict[str, Path]:
     writer.writerow(["positive", "negative", "relation", "method", "setting", "params", *METRICS])
     for r in rows:
         writer.writerow([CLASS_NAMES[r["positive"]], CLASS_NAMES[r["negative"]], r["relation"], r["method"],
-                         setting_label(r["method"], r["params"]), json.dumps(r["params"]), *(r[m] for m in METRICS)])
+                         setting_label(r["method"], r["params"], SCALE_FORMAT), json.dumps(r["params"]),
+                         *(r[m] for m in METRICS)])
     files["csv"] = write_atomic(out / "results.csv", buf.getvalue())
     files["summary"] = write_atomic(out / "summary.md", format_summary(summary, held, rows))
     figures = out / "figures"
-    files["summary_plot"] = plots.change_vs_negative(rows, figures / "change_vs_negative_rate.png")
+    files["summary_plot"] = plots.change_vs_negative(
+        rows, figures / "change_vs_negative_rate.png",
+        [setting_label(r["method"], r["params"], SCALE_FORMAT) for r in rows])
     for k, j in sorted({(r["positive"], r["negative"]) for r in rows}):
         mine = [r for r in rows if (r["positive"], r["negative"]) == (k, j)]
         name = f"pos{k}-neg{j}"
-        grids = [(setting_label(r["method"], r["params"]),
+        grids = [(setting_label(r["method"], r["params"], SCALE_FORMAT),
                   read_npz(out / "cells" / f"{cell_key(k, j, r['method'], r['params'])}.npz")) for r in mine]
         title = f"{CLASS_NAMES[k]} with the negative {CLASS_NAMES[j]} (CFG {mine[0]['params']['cfg_scale']:g})"
         files[f"grids_{name}"] = plots.grids_side_by_side(
