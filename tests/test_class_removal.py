@@ -141,7 +141,7 @@ def test_summary_compares_settings_on_the_same_classes():
                 **{m: fr for m in class_removal.METRICS}}
 
     rows = [row(1, "none", 0.2), row(1, "np", 0.0), row(3, "none", 0.4)]  # class 3's np cell is not done yet
-    summary = {s["method"]: s for s in class_removal.summarize(class_removal.comparable(rows))}
+    summary = {s["method"]: s for s in class_removal.summarize(class_removal.TABLE.comparable(rows))}
     assert summary["none"]["forbidden_rate"] == 0.2 and summary["none"]["classes"] == 1
 
 
@@ -200,8 +200,8 @@ def test_settings_sort_by_method_then_strength():
     settings = [("dng", {"preset": "default", "set": {"scale": 6.0}, "scale": 6.0}), ("sld", {"preset": "max"}),
                 ("np", {"scale": 2.0}), ("dng", {"preset": "default", "set": {}, "scale": 1.0}),
                 ("sld", {"preset": "weak"}), ("none", {}), ("np", {"scale": 0.5})]
-    ordered = sorted(settings, key=lambda s: class_removal.setting_order(*s))
-    assert [setting_label(*s) for s in ordered] == [
+    ordered = sorted(({"class": 1, "method": m, "params": p} for m, p in settings), key=class_removal.TABLE.order)
+    assert [class_removal.TABLE.label(r) for r in ordered] == [
         "none", "np 0.5", "np 2.0", "sld weak", "sld max", "dng default", "dng default scale=6"]
 
 

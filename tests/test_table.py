@@ -1,13 +1,16 @@
-"""The one label of a setting (labels name stored cells), and figures that take labels as data."""
+"""The benches' shared results table: labels (they name stored cells), DNG's cells, comparable groups, the files."""
 
 import ast
+import csv
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
 
 from dng.bench import class_removal, prompted
-from dng.bench.table import setting_label
+from dng.bench.table import Table, dng_configs, markdown, mean_std, setting_label
+from dng.guidance import DNG_PRESETS
 
 DNG = {"preset": "default", "set": {}, "scale": 1.0, "prior": 0.1}
 
@@ -49,6 +52,60 @@ def test_gmm_labels():
     assert setting_label("dng", {"preset": "default", "prior": 0.1}) == "dng default"
     assert setting_label("dng-oracle", {"scale": 1.0, "posterior": "exact"}) == "dng-oracle"
     assert setting_label("target", {}) == "target"
+
+
+def test_dng_configs_name_the_preset_and_what_the_user_set():
+    cells = dng_configs({"prior": 0.2}, "default", {"late_boost": 4.0}, [1.0, 3.0], cfg_scale=2.0)
+    params = [p for p, _ in cells]
+    assert [list(p)[:3] for p in params] == [["cfg_scale", "preset", "set"]] * 2
+    assert [p["set"] for p in params] == [{"late_boost": 4.0, "scale": 1.0}, {"late_boost": 4.0, "scale": 3.0}]
+    assert all(p["prior"] == 0.2 and p["late_boost"] == 4.0 and p["p_max"] == DNG_PRESETS["default"]["p_max"]
+               for p in params)
+    assert [p["scale"] for p in params] == [1.0, 3.0] and all(callable(f) for _, f in cells)
+    (only, _), = dng_configs({}, "default")
+    assert only["set"] == {} and only["scale"] == DNG_PRESETS["default"]["scale"]
+
+
+def _table():
+    return Table(("pair",), ("cfg", "np"), ("rate", "seconds"), {"pair": lambda r: r["pair"]}, "g")
+
+
+def _row(pair, method, rate, family="a", **params):
+    return {"pair": pair, "method": method, "params": params, "family": family, "rate": rate, "seconds": 1.0}
+
+
+def test_comparable_keeps_the_groups_with_every_setting_of_their_family():
+    rows = [_row(1, "cfg", 0.1), _row(1, "np", 0.2, scale=1.0), _row(2, "cfg", 0.3),
+            _row(3, "cfg", 0.4, "b")]
+    table = _table()
+    assert table.comparable(rows) == rows[:2]
+    assert table.comparable(rows, lambda r: r["family"]) == [*rows[:2], rows[3]]
+
+
+def test_stats_and_summary_text():
+    table = _table()
+    stats = table.stats([_row(1, "cfg", 0.1), _row(2, "cfg", 0.3)])
+    assert list(stats) == ["rate", "rate_std", "seconds", "seconds_std"]
+    assert stats["rate"] == pytest.approx(0.2) and stats["rate_std"] == pytest.approx(0.1)
+    assert table.stats([_row(1, "cfg", 0.1), _row(2, "cfg", None)])["rate"] is None
+    assert [mean_std(stats, m) for m in ("rate", "seconds")] == ["0.2000 ± 0.1000", "1"]
+    assert mean_std({"rate": None}, "rate") == "-"
+    assert markdown(["a", "b"], [[1, "x"], [None, "y"]]) == "| a | b |\n|---|---|\n| 1 | x |\n| None | y |\n"
+
+
+def test_write_and_load(tmp_path):
+    table = _table()
+    rows = [_row(1, "np", 0.2, scale=1.0), _row(1, "cfg", 0.1)]
+    for r in rows:
+        (tmp_path / "cells").mkdir(exist_ok=True)
+        (tmp_path / "cells" / f"{table.label(r)}.json").write_text(json.dumps({"row": r}))
+    assert [c["row"]["method"] for c in table.load(tmp_path)] == ["cfg", "np"]
+    files = table.write(tmp_path, {"rows": rows}, rows, "text\n")
+    assert json.loads(files["results"].read_text()) == {"rows": rows} and files["summary"].read_text() == "text\n"
+    with open(files["csv"], newline="") as f:
+        lines = list(csv.reader(f))
+    assert lines[0] == ["pair", "method", "setting", "params", "rate", "seconds"]
+    assert lines[1] == ["1", "np", "np 1", '{"scale": 1.0}', "0.2", "1.0"]
 
 
 def test_figures_import_no_bench():

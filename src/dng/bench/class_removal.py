@@ -7,22 +7,17 @@ from the cells.
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from dng import metrics
-from dng.bench.sweep import SampleSet, Sweep, one_thread, read_json, read_npz
-from dng.bench.table import setting_label
+from dng.bench.sweep import SampleSet, Sweep, one_thread, read_npz
+from dng.bench.table import Table, dng_configs, grouped, markdown, mean_std, setting_label, stored_trace
 from dng.distributed import World
 from dng.errors import ConfigError
-from dng.guidance import DNG_PRESETS, SLD_PRESETS, check_scale
+from dng.guidance import SLD_PRESETS, check_scale
 from dng.io import write_atomic, write_json
-from dng.sampler import Trace
 from dng.vision import generate
 from dng.vision.data import CLASS_NAMES, NUM_CLASSES, load_split
 from dng.vision.models import default_weights, load_calibration, load_classifier, load_generator, weights_sha256
@@ -35,6 +30,8 @@ NP_SCALES = (0.5, 1.0, 2.0)
 METRICS = ("forbidden_rate", "class_kl", "unguided_kl", "fid", "precision", "recall", "artifact_rate", "seconds")
 GRID_IMAGES = 64
 TRACE_SAMPLES = 40
+TABLE = Table(("class",), METHODS, METRICS,
+              {"class": lambda r: r["class"], "class_name": lambda r: CLASS_NAMES[r["class"]]})
 
 
 def parse_methods(text: str, methods=METHODS) -> list[str]:
@@ -60,12 +57,8 @@ def parse_scales(text: str, option: str) -> tuple[float, ...]:
 
 def configs(methods: list[str], dng: dict, np_scales=NP_SCALES, dng_preset: str = "default",
             dng_set: dict | None = None, dng_scales=None) -> list[tuple[str, dict, object]]:
-    """(method, params, guidance factory or None) of every cell the methods ask for, for one removed class.
-
-    DNG is the preset `dng_preset` with the removed class's calibration `dng` (`generate.dng_settings`) and the
-    user's settings `dng_set` over it: one cell, or one per lam0 in `dng_scales`. A DNG cell's params hold the
-    preset and what the user set ("set"), which name the cell, and every parameter the rule ran with.
-    """
+    """(method, params, guidance factory or None) of every cell the methods ask for, for one removed class; DNG's
+    as `table.dng_configs` makes them from the removed class's calibration `dng`."""
     cells = []
     for method in methods:
         if method == "data":
@@ -78,12 +71,8 @@ def configs(methods: list[str], dng: dict, np_scales=NP_SCALES, dng_preset: str 
             cells += [(method, {"preset": name, **preset}, generate.guidance_factory("sld", sld_preset=name))
                       for name, preset in SLD_PRESETS.items()]
         else:  # dng, dng-branches
-            for scale in dng_scales or [None]:
-                user = {**(dng_set or {}), **({} if scale is None else {"scale": scale})}
-                rule = {**dng, **user}
-                # Every parameter the rule runs with: a changed preset then makes stored cells stale, not mixed.
-                params = {"preset": dng_preset, "set": user, **DNG_PRESETS[dng_preset], **rule}
-                cells.append((method, params, generate.guidance_factory("dng", dng_preset=dng_preset, **rule)))
+            cells += [(method, params, factory)
+                      for params, factory in dng_configs(dng, dng_preset, dng_set, dng_scales)]
     return cells
 
 
@@ -226,104 +215,60 @@ def unguided_kl(counts, unguided_counts, klass: int) -> float:
 
 def load_cells(out) -> list[dict]:
     """Every stored cell of DIR, ordered by class, method and setting."""
-    cells = [read_json(p) for p in sorted((Path(out) / "cells").glob("*.json"))]
+    cells = TABLE.load(out)
     # Computed here rather than stored: a cell finished before its class's unguided cell gets it too.
     unguided = {c["row"]["class"]: c["counts"] for c in cells if c["row"]["method"] == "none"}
     for c in cells:
         c["row"].setdefault("artifact_rate", None)  # cells stored before it was measured
         klass = c["row"]["class"]
         c["row"]["unguided_kl"] = unguided_kl(c["counts"], unguided[klass], klass) if klass in unguided else None
-    return sorted(cells, key=lambda c: (c["row"]["class"], *setting_order(c["row"]["method"], c["row"]["params"])))
-
-
-def setting_order(method: str, params: dict) -> tuple[int, float, str]:
-    """Sort key of a setting: by method, then by scale (SLD: weak to max), whichever sweep made the cell."""
-    if method == "sld":
-        return METHODS.index(method), list(SLD_PRESETS).index(params["preset"]), ""
-    return METHODS.index(method), params.get("scale", 0.0), setting_label(method, params)
-
-
-def comparable(rows: list[dict]) -> list[dict]:
-    """The rows of the removed classes that every setting has finished: means over different classes of an
-    interrupted sweep would compare settings on different classes."""
-    settings = {setting_label(r["method"], r["params"]) for r in rows}
-    done: dict[int, set] = {}
-    for r in rows:
-        done.setdefault(r["class"], set()).add(setting_label(r["method"], r["params"]))
-    return [r for r in rows if done[r["class"]] == settings]
+    return cells
 
 
 def summarize(rows: list[dict]) -> list[dict]:
     """Mean and standard deviation over removed classes of every metric, one row per setting."""
-    groups: dict[str, list[dict]] = {}
-    for row in rows:
-        groups.setdefault(setting_label(row["method"], row["params"]), []).append(row)
     out = []
-    for members in groups.values():
+    for members in grouped(rows, TABLE.label).values():
         # A calibrated DNG has a prior per removed class: the summary keeps the parameters all classes share.
         first = members[0]["params"]
         shared = {k: v for k, v in first.items() if all(m["params"].get(k) == v for m in members)}
-        summary = {"method": members[0]["method"], "params": shared, "classes": len(members)}
-        for m in METRICS:
-            values = np.array([r[m] for r in members if r.get(m) is not None], dtype=np.float64)
-            # unguided_kl is None where the sweep has no unguided cell: a mean over some classes would mislead.
-            full = len(values) == len(members)
-            summary[m] = float(values.mean()) if full else None
-            summary[f"{m}_std"] = float(values.std()) if full else None
-        out.append(summary)
+        out.append({"method": members[0]["method"], "params": shared, "classes": len(members),
+                    **TABLE.stats(members)})
     return out
 
 
 def write_results(out) -> dict[str, Path]:
     """results.json, results.csv, summary.md and the figures, rebuilt from the stored cells."""
-    from dng import plots
+    from dng import plots  # matplotlib: an optional extra, and slow to import
 
     out = Path(out)
     cells = load_cells(out)
-    if not cells:
-        raise ConfigError(f"{out} holds no finished cells")
     rows = [c["row"] for c in cells]
-    summary = summarize(comparable(rows))
-    files = {"results": write_json(out / "results.json", {"rows": rows, "summary": summary})}
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(["class", "class_name", "method", "setting", "params", *METRICS])
-    for r in rows:
-        writer.writerow([r["class"], CLASS_NAMES[r["class"]], r["method"], setting_label(r["method"], r["params"]),
-                         json.dumps(r["params"]), *(r[m] for m in METRICS)])
-    files["csv"] = write_atomic(out / "results.csv", buf.getvalue())
-    files["summary"] = write_atomic(out / "summary.md", format_summary(summary))
+    summary = summarize(TABLE.comparable(rows))
+    files = TABLE.write(out, {"rows": rows, "summary": summary}, rows, format_summary(summary))
     figures = out / "figures"
     for x in ("class_kl", "unguided_kl", "fid"):
         known = [s for s in summary if s[x] is not None]
         if known:
             files[f"tradeoff_{x}"] = plots.removal_tradeoff(known, figures / f"tradeoff_{x}.png", x,
-                                                            [setting_label(s["method"], s["params"]) for s in known])
+                                                            [TABLE.label(s) for s in known])
     for klass in sorted({r["class"] for r in rows}):
         mine = [c for c in cells if c["row"]["class"] == klass]
-        files[f"histogram_{klass}"] = plots.class_histogram(
-            mine, figures / "histograms" / f"class{klass}.png",
-            [setting_label(c["row"]["method"], c["row"]["params"]) for c in mine])
+        files[f"histogram_{klass}"] = plots.class_histogram(mine, figures / "histograms" / f"class{klass}.png",
+                                                            [TABLE.label(c["row"]) for c in mine])
         for c in mine:
             key = cell_key(klass, c["row"]["method"], c["row"]["params"])
             f = read_npz(out / "cells" / f"{key}.npz")
             generate.save_png(generate.grid(f["grid"]), figures / "grids" / f"{key}.png")
             if "p" in f:
-                sigma = torch.from_numpy(f["sigma"])[:, None].expand(-1, 2)
-                trace = Trace(torch.from_numpy(f["timesteps"]), torch.from_numpy(f["p"])[..., None],
-                              torch.from_numpy(f["scale"])[..., None], torch.empty(0), sigma)
                 files[f"trajectories_{klass}"] = plots.trajectories(
-                    trace, figures / "trajectories" / f"{key}.png",
+                    stored_trace(f), figures / "trajectories" / f"{key}.png",
                     title=f"DNG removing {CLASS_NAMES[klass]}: posterior and scale per sample")
     return files
 
 
 def format_summary(summary: list[dict]) -> str:
     """Markdown table: mean ± std over removed classes per setting."""
-    lines = ["| setting | classes | forbidden rate | class KL | KL to unguided | FID | precision | recall | artifacts "
-             "| seconds |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for s in summary:
-        cols = " | ".join("-" if s[m] is None else f"{s[m]:.0f}" if m == "seconds" else
-                          f"{s[m]:.4f} ± {s[m + '_std']:.4f}" for m in METRICS)
-        lines.append(f"| {setting_label(s['method'], s['params'])} | {s['classes']} | {cols} |")
-    return "\n".join(lines) + "\n"
+    header = ["setting", "classes", "forbidden rate", "class KL", "KL to unguided", "FID", "precision", "recall",
+              "artifacts", "seconds"]
+    return markdown(header, [[TABLE.label(s), s["classes"], *(mean_std(s, m) for m in METRICS)] for s in summary])
