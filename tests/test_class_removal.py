@@ -387,6 +387,17 @@ def test_trajectory_figure_reads_sigma_when_the_rule_has_one(tmp_path):
         assert path.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_grids_side_by_side_takes_the_figure_size(tmp_path):
+    from PIL import Image
+
+    from dng import plots
+
+    grid = np.zeros((60, 120), np.uint8)
+    small = plots.grids_side_by_side([("a", grid), ("b", grid)], tmp_path / "small.png", "title")
+    large = plots.grids_side_by_side([("a", grid), ("b", grid)], tmp_path / "large.png", "title", 6, 4)
+    assert Image.open(large).width > 1.5 * Image.open(small).width
+
+
 def test_calibrate_command_writes_a_fit_in_log_snr_units(tmp_path, capsys):
     """On the shipped models (a tiny random generator makes too few of any class to fit), a few short chains."""
     out = tmp_path / "g.calibration.json"

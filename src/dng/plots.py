@@ -80,9 +80,11 @@ def trajectories(trace, path, max_lines: int = 40, title: str = "DNG along the s
     return _save(fig, path)
 
 
-def grids_side_by_side(panels: list[tuple[str, object]], path, title: str = "") -> Path:
-    """Image grids (uint8 arrays) next to each other, each under its label."""
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 2.2), squeeze=False)
+def grids_side_by_side(panels: list[tuple[str, object]], path, title: str = "", width: float = 3.2,
+                       height: float = 2.2) -> Path:
+    """Image grids (uint8 arrays) next to each other, each under its label: `width` inches per grid, `height` inches
+    tall with the titles."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(width * len(panels), height), squeeze=False, layout="constrained")
     for ax, (label, image) in zip(axes[0], panels, strict=True):
         ax.imshow(image, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
         ax.set_title(label, fontsize=10)
