@@ -11,6 +11,7 @@ import torch
 
 from dng import calibration, cli
 from dng.bench import class_removal
+from dng.bench.table import setting_label
 from dng.commands.demo import DEFAULT_REMOVE
 from dng.config import PRESETS
 from dng.errors import ConfigError
@@ -95,7 +96,7 @@ def test_bench_writes_rows_csv_figures_and_resumes(tiny, tmp_path, monkeypatch):
         (1, "dng", 1.0), (1, "dng", 3.0), (3, "dng", 1.0), (3, "dng", 3.0)]
     assert {r["params"]["prior"] for r in rows if r["method"] == "dng"} == {0.1}
     summary = json.loads((out / "results.json").read_text())["summary"]
-    assert [class_removal.setting_label(s["method"], s["params"]) for s in summary] == [
+    assert [setting_label(s["method"], s["params"]) for s in summary] == [
         "none", "dng default lam0=1", "dng default lam0=3"]
 
 
@@ -126,7 +127,7 @@ def test_dng_cells_are_named_by_preset_and_what_the_user_set(tiny, tmp_path):
     assert _bench(tiny, out, dng_scales="2") == 0
     assert _bench(tiny, out, dng_scales="2", extra=("--dng", "late_boost=4", "--dng", "boost_sigma=1")) == 0
     rows = json.loads((out / "results.json").read_text())["rows"]
-    dng = {class_removal.setting_label(r["method"], r["params"]): r["params"] for r in rows if r["method"] == "dng"}
+    dng = {setting_label(r["method"], r["params"]): r["params"] for r in rows if r["method"] == "dng"}
     assert set(dng) == {"dng default lam0=2", "dng default late_boost=4 boost_sigma=1 lam0=2"}
     for key, boost, below in (("class1-dng-default-lam0=2", PRESETS["default"].late_boost,
                                PRESETS["default"].boost_sigma),
@@ -143,7 +144,7 @@ def test_summary_compares_settings_on_the_same_classes():
                 **{m: fr for m in class_removal.METRICS}}
 
     rows = [row(1, "none", 0.2), row(1, "np", 0.0), row(3, "none", 0.4)]  # class 3's np cell is not done yet
-    summary = {s["method"]: s for s in class_removal.summarize(class_removal.comparable(rows))}
+    summary = {s["method"]: s for s in class_removal.summarize(class_removal.TABLE.comparable(rows))}
     assert summary["none"]["forbidden_rate"] == 0.2 and summary["none"]["classes"] == 1
 
 
@@ -202,8 +203,8 @@ def test_settings_sort_by_method_then_strength():
     settings = [("dng", {"preset": "default", "set": {"lam0": 6.0}, "lam0": 6.0}), ("sld", {"preset": "max"}),
                 ("np", {"scale": 2.0}), ("dng", {"preset": "default", "set": {}, "lam0": 1.0}),
                 ("sld", {"preset": "weak"}), ("none", {}), ("np", {"scale": 0.5})]
-    ordered = sorted(settings, key=lambda s: class_removal.setting_order(*s))
-    assert [class_removal.setting_label(*s) for s in ordered] == [
+    ordered = sorted(({"class": 1, "method": m, "params": p} for m, p in settings), key=class_removal.TABLE.order)
+    assert [class_removal.TABLE.label(r) for r in ordered] == [
         "none", "np 0.5", "np 2.0", "sld weak", "sld max", "dng default", "dng default lam0=6"]
 
 
@@ -393,6 +394,17 @@ def test_trajectory_figure_reads_sigma_when_the_rule_has_one(tmp_path):
     for name, sigma in (("dng", with_levels), ("np", without), ("old", None)):
         path = plots.trajectories(Trace(torch.arange(4), p, p, p, sigma), tmp_path / f"{name}.png")
         assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_grids_side_by_side_takes_the_figure_size(tmp_path):
+    from PIL import Image
+
+    from dng import plots
+
+    grid = np.zeros((60, 120), np.uint8)
+    small = plots.grids_side_by_side([("a", grid), ("b", grid)], tmp_path / "small.png", "title")
+    large = plots.grids_side_by_side([("a", grid), ("b", grid)], tmp_path / "large.png", "title", 6, 4)
+    assert Image.open(large).width > 1.5 * Image.open(small).width
 
 
 def test_calibrate_command_writes_a_fit_in_log_snr_units(tmp_path, capsys):

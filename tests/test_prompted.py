@@ -9,6 +9,7 @@ from test_class_removal import tiny  # noqa: F401 - the fixture
 
 from dng import cli
 from dng.bench import class_removal, prompted
+from dng.bench.table import setting_label
 from dng.errors import ConfigError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -25,7 +26,7 @@ def test_rows_reference_and_files(tiny, tmp_path):  # noqa: F811
     out = tmp_path / "p"
     assert _bench(tiny, out, extra=["--np-scales", "1,3"]) == 0
     rows = json.loads((out / "results.json").read_text())["rows"]
-    assert [(r["positive"], r["negative"], prompted.setting_label(r["method"], r["params"])) for r in rows] == [
+    assert [(r["positive"], r["negative"], setting_label(r["method"], r["params"], "g")) for r in rows] == [
         (1, 8, "cfg"), (1, 8, "np 1"), (1, 8, "np 3"), (1, 8, "dng default"),
         (3, 3, "cfg"), (3, 3, "np 1"), (3, 3, "np 3"), (3, 3, "dng default")]
     for r in rows:

@@ -1,4 +1,7 @@
-"""Figures: the safety / fidelity trade-off of guidance rules and DNG's posterior and scale over the steps."""
+"""Figures: the safety / fidelity trade-off of guidance rules and DNG's posterior and scale over the steps.
+
+Settings are labelled by the caller (`dng.bench.table.setting_label`): the figures only draw.
+"""
 
 from __future__ import annotations
 
@@ -20,20 +23,12 @@ def _save(fig, path) -> Path:
     return path
 
 
-def _label(row: dict) -> str:
-    params = row["params"]
-    for key in ("preset", "scale"):
-        if key in params and row["method"] in ("np", "sld"):
-            return f"{row['method']} {params[key]}"
-    return row["method"]
-
-
 def tradeoff(rows: list[dict], path, x: str = "class_kl", y: str = "forbidden_rate", title: str = "") -> Path:
-    """Scatter of one metric against another, one point per row, labelled by method and setting."""
+    """Scatter of one metric against another, one point per row, labelled by its "setting"."""
     fig, ax = plt.subplots(figsize=(6, 4.5))
     markers = {"none": "o", "np": "s", "sld": "^", "dng": "*", "dng-oracle": "P", "target": "X"}
     for row in rows:
-        ax.scatter(row[x], row[y], marker=markers.get(row["method"], "o"), s=70, label=_label(row))
+        ax.scatter(row[x], row[y], marker=markers.get(row["method"], "o"), s=70, label=row["setting"])
     ax.set_xscale("symlog", linthresh=1e-3)
     ax.set_yscale("symlog", linthresh=1e-3)
     ax.set_xlabel(x.replace("_", " "))
@@ -85,9 +80,11 @@ def trajectories(trace, path, max_lines: int = 40, title: str = "DNG along the s
     return _save(fig, path)
 
 
-def grids_side_by_side(panels: list[tuple[str, object]], path, title: str = "") -> Path:
-    """Image grids (uint8 arrays) next to each other, each under its label."""
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 2.2), squeeze=False)
+def grids_side_by_side(panels: list[tuple[str, object]], path, title: str = "", width: float = 3.2,
+                       height: float = 2.2) -> Path:
+    """Image grids (uint8 arrays) next to each other, each under its label: `width` inches per grid, `height` inches
+    tall with the titles."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(width * len(panels), height), squeeze=False, layout="constrained")
     for ax, (label, image) in zip(axes[0], panels, strict=True):
         ax.imshow(image, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
         ax.set_title(label, fontsize=10)
@@ -96,19 +93,15 @@ def grids_side_by_side(panels: list[tuple[str, object]], path, title: str = "") 
     return _save(fig, path)
 
 
-def change_vs_negative(rows: list[dict], path) -> Path:
-    """Each (pair, setting) of the prompted bench: its change from the CFG images against its negative rate."""
-    from dng.bench.prompted import setting_label
-
+def change_vs_negative(rows: list[dict], path, labels: list[str]) -> Path:
+    """Each (pair, setting) of the prompted bench, labelled by `labels` (one per row): its change from the CFG images
+    against its negative rate."""
     fig, ax = plt.subplots(figsize=(6.5, 4.8))
     markers = {"unrelated": "o", "related": "^", "between": "s", "self": "x", None: "."}
-    labels = sorted({setting_label(r["method"], r["params"]) for r in rows if r["method"] != "cfg"},
-                    key=lambda lab: (lab.split()[0] != "np", lab))
-    colours = dict(zip(labels, plt.cm.tab10.colors, strict=False))
-    for r in rows:
-        label = setting_label(r["method"], r["params"])
-        if r["method"] == "cfg":
-            continue
+    guided = [(r, label) for r, label in zip(rows, labels, strict=True) if r["method"] != "cfg"]
+    colours = dict(zip(sorted({label for _, label in guided}, key=lambda lab: (lab.split()[0] != "np", lab)),
+                       plt.cm.tab10.colors, strict=False))
+    for r, label in guided:
         ax.scatter(r["change_vs_cfg"], r["negative_rate"], marker=markers[r["relation"]], color=colours[label],
                    s=28, alpha=0.8)
     from matplotlib.lines import Line2D
@@ -128,16 +121,15 @@ def change_vs_negative(rows: list[dict], path) -> Path:
     return _save(fig, path)
 
 
-def removal_tradeoff(summary: list[dict], path, x: str) -> Path:
-    """Forbidden rate against `x`, one point per setting: mean with the spread over removed classes as bars."""
-    from dng.bench.class_removal import setting_label
-
+def removal_tradeoff(summary: list[dict], path, x: str, labels: list[str]) -> Path:
+    """Forbidden rate against `x`, one point per setting (labelled by `labels`): mean with the spread over removed
+    classes as bars."""
     fig, ax = plt.subplots(figsize=(6, 4.5))
     markers = {"data": "D", "none": "o", "np": "s", "sld": "^", "dng": "*", "dng-branches": "P"}
     # One colour family per method, darker for stronger settings, so that ten or more settings stay apart.
     shades = {"data": None, "none": None, "np": plt.cm.Oranges, "sld": plt.cm.Purples, "dng": plt.cm.Greens,
               "dng-branches": plt.cm.Blues}
-    for s in summary:
+    for s, setting in zip(summary, labels, strict=True):
         family = [t for t in summary if t["method"] == s["method"]]
         cmap = shades[s["method"]]
         color = {"data": "gray", "none": "black"}.get(s["method"]) or cmap(
@@ -146,7 +138,7 @@ def removal_tradeoff(summary: list[dict], path, x: str) -> Path:
         xerr = [[min(s[f"{x}_std"], s[x])], [s[f"{x}_std"]]]
         yerr = [[min(s["forbidden_rate_std"], s["forbidden_rate"])], [s["forbidden_rate_std"]]]
         ax.errorbar(s[x], s["forbidden_rate"], xerr=xerr, yerr=yerr, capsize=2, color=color,
-                    marker=markers[s["method"]], ms=8, ls="none", label=setting_label(s["method"], s["params"]))
+                    marker=markers[s["method"]], ms=8, ls="none", label=setting)
     # The forbidden rate spans 0 to tens of percent: linear near 0, logarithmic above 0.1 %.
     ax.set_yscale("symlog", linthresh=1e-3)
     ax.set_ylim(bottom=0)
@@ -161,20 +153,19 @@ def removal_tradeoff(summary: list[dict], path, x: str) -> Path:
     return _save(fig, path)
 
 
-def class_histogram(cells: list[dict], path) -> Path:
-    """Grouped bars: share of samples classified as each class, one bar per setting (one removed class)."""
+def class_histogram(cells: list[dict], path, labels: list[str]) -> Path:
+    """Grouped bars: share of samples classified as each class, one bar per setting (one removed class), labelled by
+    `labels`."""
     import numpy as np
 
-    from dng.bench.class_removal import setting_label
     from dng.vision.data import CLASS_NAMES, NUM_CLASSES
 
     klass = cells[0]["row"]["class"]
     fig, ax = plt.subplots(figsize=(10, 4))
     width = 0.8 / len(cells)
-    for j, c in enumerate(cells):
+    for j, (c, label) in enumerate(zip(cells, labels, strict=True)):
         share = np.array(c["counts"], dtype=np.float64) / max(1, sum(c["counts"]))
-        ax.bar(np.arange(NUM_CLASSES) + (j - (len(cells) - 1) / 2) * width, share, width,
-               label=setting_label(c["row"]["method"], c["row"]["params"]))
+        ax.bar(np.arange(NUM_CLASSES) + (j - (len(cells) - 1) / 2) * width, share, width, label=label)
     ax.axhline(1 / (NUM_CLASSES - 1), color="k", lw=0.8, ls="--", label="uniform over kept")
     ax.set_xticks(range(NUM_CLASSES), [n.split("/")[0] for n in CLASS_NAMES], rotation=30)
     ax.set_ylabel("share of samples (classifier)")

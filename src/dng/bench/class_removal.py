@@ -7,22 +7,18 @@ from the cells.
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from dng import metrics
-from dng.bench.sweep import SampleSet, Sweep, dng_cells, dng_params, one_thread, read_json, read_npz
+from dng.bench.sweep import SampleSet, Sweep, one_thread, read_npz
+from dng.bench.table import Table, dng_cells, dng_params, grouped, markdown, mean_std, setting_label, stored_trace
 from dng.config import check_scale
 from dng.distributed import World
 from dng.errors import ConfigError
 from dng.guidance import SLD_PRESETS
 from dng.io import write_atomic, write_json
-from dng.sampler import Trace
 from dng.vision import generate
 from dng.vision.branches import check_dtype
 from dng.vision.data import CLASS_NAMES, NUM_CLASSES, load_split
@@ -45,6 +41,8 @@ NP_SCALES = (0.5, 1.0, 2.0)
 METRICS = ("forbidden_rate", "class_kl", "unguided_kl", "fid", "precision", "recall", "artifact_rate", "seconds")
 GRID_IMAGES = 64
 TRACE_SAMPLES = 40
+TABLE = Table(("class",), METHODS, METRICS,
+              {"class": lambda r: r["class"], "class_name": lambda r: CLASS_NAMES[r["class"]]})
 
 
 def parse_methods(text: str, methods=METHODS) -> list[str]:
@@ -70,7 +68,7 @@ def parse_scales(text: str, option: str) -> tuple[float, ...]:
 
 def configs(methods: list[str], dng: list, np_scales=NP_SCALES) -> list[tuple[str, dict, object]]:
     """(method, params, rule or None) of every cell the methods ask for, for one removed class; `dng` is that
-    class's DNG cells (`dng.bench.sweep.dng_cells`)."""
+    class's DNG cells (`dng.bench.table.dng_cells`)."""
     cells = []
     for method in methods:
         if method == "data":
@@ -86,19 +84,6 @@ def configs(methods: list[str], dng: list, np_scales=NP_SCALES) -> list[tuple[st
             cells += [(method, dng_params(preset, user, config), generate.make_rule("dng", dng=config))
                       for preset, user, config in dng]
     return cells
-
-
-def setting_label(method: str, params: dict) -> str:
-    """Short name of a setting: 'np 2.0', 'sld medium', 'dng default', 'dng default scale=3', 'dng-branches default'."""
-    if method.startswith("dng"):
-        user = "".join(f" {k}={v:g}" if isinstance(v, float) else f" {k}={v}"
-                       for k, v in params.get("set", {}).items())
-        return f"{method} {params.get('preset', 'default')}{user}"
-    if method == "np":
-        return f"{method} {params['scale']}"
-    if method == "sld":
-        return f"sld {params['preset']}"
-    return method
 
 
 def cell_key(klass: int, method: str, params: dict) -> str:
@@ -238,101 +223,60 @@ def unguided_kl(counts, unguided_counts, klass: int) -> float:
 
 def load_cells(out) -> list[dict]:
     """Every stored cell of DIR, ordered by class, method and setting."""
-    cells = [read_json(p) for p in sorted((Path(out) / "cells").glob("*.json"))]
+    cells = TABLE.load(out)
     # Computed here rather than stored: a cell finished before its class's unguided cell gets it too.
     unguided = {c["row"]["class"]: c["counts"] for c in cells if c["row"]["method"] == "none"}
     for c in cells:
         c["row"].setdefault("artifact_rate", None)  # cells stored before it was measured
         klass = c["row"]["class"]
         c["row"]["unguided_kl"] = unguided_kl(c["counts"], unguided[klass], klass) if klass in unguided else None
-    return sorted(cells, key=lambda c: (c["row"]["class"], *setting_order(c["row"]["method"], c["row"]["params"])))
-
-
-def setting_order(method: str, params: dict) -> tuple[int, float, str]:
-    """Sort key of a setting: by method, then by scale (SLD: weak to max), whichever sweep made the cell."""
-    if method == "sld":
-        return METHODS.index(method), list(SLD_PRESETS).index(params["preset"]), ""
-    return METHODS.index(method), params.get("scale", 0.0), setting_label(method, params)
-
-
-def comparable(rows: list[dict]) -> list[dict]:
-    """The rows of the removed classes that every setting has finished: means over different classes of an
-    interrupted sweep would compare settings on different classes."""
-    settings = {setting_label(r["method"], r["params"]) for r in rows}
-    done: dict[int, set] = {}
-    for r in rows:
-        done.setdefault(r["class"], set()).add(setting_label(r["method"], r["params"]))
-    return [r for r in rows if done[r["class"]] == settings]
+    return cells
 
 
 def summarize(rows: list[dict]) -> list[dict]:
     """Mean and standard deviation over removed classes of every metric, one row per setting."""
-    groups: dict[str, list[dict]] = {}
-    for row in rows:
-        groups.setdefault(setting_label(row["method"], row["params"]), []).append(row)
     out = []
-    for members in groups.values():
+    for members in grouped(rows, TABLE.label).values():
         # A calibrated DNG has a prior per removed class: the summary keeps the parameters all classes share.
         first = members[0]["params"]
         shared = {k: v for k, v in first.items() if all(m["params"].get(k) == v for m in members)}
-        summary = {"method": members[0]["method"], "params": shared, "classes": len(members)}
-        for m in METRICS:
-            values = np.array([r[m] for r in members if r.get(m) is not None], dtype=np.float64)
-            # unguided_kl is None where the sweep has no unguided cell: a mean over some classes would mislead.
-            full = len(values) == len(members)
-            summary[m] = float(values.mean()) if full else None
-            summary[f"{m}_std"] = float(values.std()) if full else None
-        out.append(summary)
+        out.append({"method": members[0]["method"], "params": shared, "classes": len(members),
+                    **TABLE.stats(members)})
     return out
 
 
 def write_results(out) -> dict[str, Path]:
     """results.json, results.csv, summary.md and the figures, rebuilt from the stored cells."""
-    from dng import plots
+    from dng import plots  # matplotlib: an optional extra, and slow to import
 
     out = Path(out)
     cells = load_cells(out)
-    if not cells:
-        raise ConfigError(f"{out} holds no finished cells")
     rows = [c["row"] for c in cells]
-    summary = summarize(comparable(rows))
-    files = {"results": write_json(out / "results.json", {"rows": rows, "summary": summary})}
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(["class", "class_name", "method", "setting", "params", *METRICS])
-    for r in rows:
-        writer.writerow([r["class"], CLASS_NAMES[r["class"]], r["method"], setting_label(r["method"], r["params"]),
-                         json.dumps(r["params"]), *(r[m] for m in METRICS)])
-    files["csv"] = write_atomic(out / "results.csv", buf.getvalue())
-    files["summary"] = write_atomic(out / "summary.md", format_summary(summary))
+    summary = summarize(TABLE.comparable(rows))
+    files = TABLE.write(out, {"rows": rows, "summary": summary}, rows, format_summary(summary))
     figures = out / "figures"
     for x in ("class_kl", "unguided_kl", "fid"):
         known = [s for s in summary if s[x] is not None]
         if known:
-            files[f"tradeoff_{x}"] = plots.removal_tradeoff(known, figures / f"tradeoff_{x}.png", x)
+            files[f"tradeoff_{x}"] = plots.removal_tradeoff(known, figures / f"tradeoff_{x}.png", x,
+                                                            [TABLE.label(s) for s in known])
     for klass in sorted({r["class"] for r in rows}):
         mine = [c for c in cells if c["row"]["class"] == klass]
-        files[f"histogram_{klass}"] = plots.class_histogram(mine, figures / "histograms" / f"class{klass}.png")
+        files[f"histogram_{klass}"] = plots.class_histogram(mine, figures / "histograms" / f"class{klass}.png",
+                                                            [TABLE.label(c["row"]) for c in mine])
         for c in mine:
             key = cell_key(klass, c["row"]["method"], c["row"]["params"])
             f = read_npz(out / "cells" / f"{key}.npz")
             save_png(grid(f["grid"]), figures / "grids" / f"{key}.png")
             if "p" in f:
-                sigma = torch.from_numpy(f["sigma"])[:, None].expand(-1, 2)
-                trace = Trace(torch.from_numpy(f["timesteps"]), torch.from_numpy(f["p"])[..., None],
-                              torch.from_numpy(f["scale"])[..., None], torch.empty(0), sigma)
                 files[f"trajectories_{klass}"] = plots.trajectories(
-                    trace, figures / "trajectories" / f"{key}.png",
+                    stored_trace(f), figures / "trajectories" / f"{key}.png",
                     title=f"DNG removing {CLASS_NAMES[klass]}: posterior and scale per sample")
     return files
 
 
 def format_summary(summary: list[dict]) -> str:
     """Markdown table: mean ± std over removed classes per setting."""
-    lines = ["| setting | classes | forbidden rate | class KL | KL to unguided | FID | precision | recall | artifacts "
-             "| seconds |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for s in summary:
-        cols = " | ".join("-" if s[m] is None else f"{s[m]:.0f}" if m == "seconds" else
-                          f"{s[m]:.4f} ± {s[m + '_std']:.4f}" for m in METRICS)
-        lines.append(f"| {setting_label(s['method'], s['params'])} | {s['classes']} | {cols} |")
-    return "\n".join(lines) + "\n"
+    header = ["setting", "classes", "forbidden rate", "class KL", "KL to unguided", "FID", "precision", "recall",
+              "artifacts", "seconds"]
+    return markdown(header, [[TABLE.label(s), s["classes"], *(mean_std(s, m) for m in METRICS)] for s in summary])

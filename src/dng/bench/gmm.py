@@ -13,6 +13,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from dng import metrics
+from dng.bench.table import setting_label
 from dng.errors import ConfigError
 from dng.gmm import GaussianMixture, default_mixture_config
 from dng.guidance import SLD_PRESETS, DynamicNegativeGuidance, NegativePrompt, SafeLatentDiffusion
@@ -190,6 +191,7 @@ class GMMBench:
         return {
             "method": method,
             "params": {k: v for k, v in params.items() if not callable(v)},
+            "setting": setting_label(method, params),
             "forbidden_rate": float(torch.isin(labels, torch.tensor(self.remove)).double().mean()),
             "class_kl": metrics.class_kl(labels.numpy(), self.kept, self.gmm.weights[self.kept].numpy()),
             "target_log_density": float(log_density[finite].mean()) if finite.any() else -math.inf,

@@ -14,21 +14,18 @@ and step noise as every other cell (`dng.bench.sweep`):
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from dng import metrics
-from dng.bench.sweep import SampleSet, Sweep, dng_cells, dng_params, read_json, read_npz
+from dng.bench.sweep import SampleSet, Sweep, read_npz
+from dng.bench.table import Table, dng_cells, dng_params, grouped, markdown, mean_std, setting_label, stored_trace
 from dng.config import check_scale
 from dng.distributed import World
 from dng.errors import ConfigError
 from dng.io import write_atomic, write_json
-from dng.sampler import ACTIVATION_P, Trace
+from dng.sampler import ACTIVATION_P
 from dng.vision import generate
 from dng.vision.branches import check_dtype
 from dng.vision.data import CLASS_NAMES, NUM_CLASSES, parse_class
@@ -53,6 +50,10 @@ METRICS = ("positive_rate", "negative_rate", "change_vs_cfg", "fid_vs_cfg", "mea
 UNRELATED, RELATED = 0.01, 0.03
 GRID_IMAGES = 32
 TRACE_SAMPLES = 60
+# NP's labels write its scale with "g" ("np 1"): they name the stored cells.
+TABLE = Table(("positive", "negative"), METHODS, METRICS,
+              {"positive": lambda r: CLASS_NAMES[r["positive"]], "negative": lambda r: CLASS_NAMES[r["negative"]],
+               "relation": lambda r: r["relation"]}, scale_format="g")
 
 
 def parse_pairs(text: str) -> list[tuple[int, int]]:
@@ -71,24 +72,14 @@ def parse_pairs(text: str) -> list[tuple[int, int]]:
     return list(dict.fromkeys(pairs))
 
 
-def setting_label(method: str, params: dict) -> str:
-    """'cfg', 'np 1', 'dng default', 'dng default scale=3'."""
-    if method == "np":
-        return f"np {params['scale']:g}"
-    if method == "dng":
-        user = "".join(f" {k}={v:g}" if isinstance(v, float) else f" {k}={v}" for k, v in params["set"].items())
-        return f"dng {params['preset']}{user}"
-    return method
-
-
 def cell_key(positive: int, negative: int, method: str, params: dict) -> str:
-    return f"pos{positive}-neg{negative}-{setting_label(method, params).replace(' ', '-')}"
+    return f"pos{positive}-neg{negative}-{setting_label(method, params, TABLE.scale_format).replace(' ', '-')}"
 
 
 def configs(positive: int, negative: int, methods: list[str], cfg_scale: float, np_scales, dng: list) -> list[tuple]:
     """(method, params, SampleSet) of every cell of one pair. The cfg samples of a positive class are shared by
     all its pairs; `dng` is the negative's DNG cells, (preset, what the user set, config) each
-    (`dng.bench.sweep.dng_cells`)."""
+    (`dng.bench.table.dng_cells`)."""
     cells = [("cfg", {"cfg_scale": cfg_scale}, SampleSet(f"pos{positive}-cfg", None, (), positive, cfg_scale))]
     for method in methods:
         if method == "np":
@@ -213,43 +204,24 @@ class PromptedBench:
 
 def load_cells(out) -> list[dict]:
     """Every stored row, each with its pair's relation, ordered by pair and setting."""
-    rows = [read_json(p)["row"] for p in sorted((Path(out) / "cells").glob("*.json"))]
+    rows = [c["row"] for c in TABLE.load(out)]
     cfg = {(r["positive"], r["negative"]): r["negative_rate"] for r in rows if r["method"] == "cfg"}
     for r in rows:
         pair = (r["positive"], r["negative"])
         r["relation"] = relation(cfg[pair], *pair) if pair in cfg else None
-    order = {m: i for i, m in enumerate(METHODS)}
-    return sorted(rows, key=lambda r: (r["positive"], r["negative"], order[r["method"]], r["params"].get("scale", 0),
-                                       setting_label(r["method"], r["params"])))
-
-
-def comparable(rows: list[dict]) -> list[dict]:
-    """The rows of the pairs that have every setting their relation's pairs have: a mean over other pairs would
-    compare settings on different pairs (a sweep of CFG alone over all pairs beside a few pairs with every rule)."""
-    labels: dict[tuple, set] = {}
-    for r in rows:
-        labels.setdefault((r["positive"], r["negative"]), set()).add(setting_label(r["method"], r["params"]))
-    wanted: dict[str, set] = {}
-    for r in rows:
-        wanted.setdefault(r["relation"], set()).update(labels[(r["positive"], r["negative"])])
-    return [r for r in rows if labels[(r["positive"], r["negative"])] == wanted[r["relation"]]]
+    return rows
 
 
 def summarize(rows: list[dict]) -> list[dict]:
-    """Mean and standard deviation over pairs of every metric, per relation and setting, over `comparable` pairs."""
-    groups: dict[tuple, list[dict]] = {}
-    for r in comparable(rows):
-        groups.setdefault((r["relation"], r["method"], setting_label(r["method"], r["params"])), []).append(r)
+    """Mean and standard deviation over pairs of every metric, per relation and setting. Only pairs that have every
+    setting their relation's pairs have count: a mean over other pairs would compare settings on different pairs
+    (a sweep of CFG alone over all pairs beside a few pairs with every rule)."""
+    comparable = TABLE.comparable(rows, family=lambda r: r["relation"])
+    groups = grouped(comparable, lambda r: (r["relation"], r["method"], TABLE.label(r)))
     relations = ("unrelated", "related", "between", "self", None)
-    out = []
-    for (rel, method, label), members in sorted(groups.items(), key=lambda g: (relations.index(g[0][0]),
-                                                                                METHODS.index(g[0][1]))):
-        summary = {"relation": rel, "method": method, "setting": label, "pairs": len(members)}
-        for m in METRICS:
-            values = np.array([r[m] for r in members], dtype=np.float64)
-            summary[m], summary[f"{m}_std"] = float(values.mean()), float(values.std())
-        out.append(summary)
-    return out
+    return [{"relation": rel, "method": method, "setting": label, "pairs": len(members), **TABLE.stats(members)}
+            for (rel, method, label), members in sorted(groups.items(), key=lambda g: (relations.index(g[0][0]),
+                                                                                        METHODS.index(g[0][1])))]
 
 
 def claims(rows: list[dict]) -> dict:
@@ -285,40 +257,29 @@ def claims(rows: list[dict]) -> dict:
 
 def write_results(out) -> dict[str, Path]:
     """results.json, results.csv, summary.md and the figures, rebuilt from the stored cells."""
-    from dng import plots
+    from dng import plots  # matplotlib: an optional extra, and slow to import
 
     out = Path(out)
     rows = load_cells(out)
-    if not rows:
-        raise ConfigError(f"{out} holds no finished cells")
     summary, held = summarize(rows), claims(rows)
-    files = {"results": write_json(out / "results.json", {"rows": rows, "summary": summary, "claims": held})}
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(["positive", "negative", "relation", "method", "setting", "params", *METRICS])
-    for r in rows:
-        writer.writerow([CLASS_NAMES[r["positive"]], CLASS_NAMES[r["negative"]], r["relation"], r["method"],
-                         setting_label(r["method"], r["params"]), json.dumps(r["params"]), *(r[m] for m in METRICS)])
-    files["csv"] = write_atomic(out / "results.csv", buf.getvalue())
-    files["summary"] = write_atomic(out / "summary.md", format_summary(summary, held, rows))
+    files = TABLE.write(out, {"rows": rows, "summary": summary, "claims": held}, rows,
+                        format_summary(summary, held, rows))
     figures = out / "figures"
-    files["summary_plot"] = plots.change_vs_negative(rows, figures / "change_vs_negative_rate.png")
+    files["summary_plot"] = plots.change_vs_negative(rows, figures / "change_vs_negative_rate.png",
+                                                     [TABLE.label(r) for r in rows])
     for k, j in sorted({(r["positive"], r["negative"]) for r in rows}):
         mine = [r for r in rows if (r["positive"], r["negative"]) == (k, j)]
         name = f"pos{k}-neg{j}"
-        grids = [(setting_label(r["method"], r["params"]),
-                  read_npz(out / "cells" / f"{cell_key(k, j, r['method'], r['params'])}.npz")) for r in mine]
+        grids = [(TABLE.label(r), read_npz(out / "cells" / f"{cell_key(k, j, r['method'], r['params'])}.npz"))
+                 for r in mine]
         title = f"{CLASS_NAMES[k]} with the negative {CLASS_NAMES[j]} (CFG {mine[0]['params']['cfg_scale']:g})"
         files[f"grids_{name}"] = plots.grids_side_by_side(
             [(label, grid(f["grid"])) for label, f in grids], figures / "grids" / f"{name}.png", title)
         for label, f in grids:
             if "negative" in f:
-                trace = Trace(torch.arange(len(f["sigma"])), torch.from_numpy(f["p"])[..., None],
-                              torch.from_numpy(f["scale"])[..., None], torch.empty(0),
-                              torch.from_numpy(f["sigma"])[:, None].expand(-1, 2))
                 files[f"trajectories_{name}"] = plots.trajectories(
-                    trace, figures / "trajectories" / f"{name}-{label.replace(' ', '-')}.png", TRACE_SAMPLES,
-                    f"{label}: {CLASS_NAMES[k]} against {CLASS_NAMES[j]}, per sample", f["negative"],
+                    stored_trace(f), figures / "trajectories" / f"{name}-{label.replace(' ', '-')}.png",
+                    TRACE_SAMPLES, f"{label}: {CLASS_NAMES[k]} against {CLASS_NAMES[j]}, per sample", f["negative"],
                     f"classified {CLASS_NAMES[j]}")
     return files
 
@@ -327,16 +288,12 @@ def format_summary(summary: list[dict], held: dict, rows: list[dict]) -> str:
     """Markdown: mean ± std over pairs per relation and setting, then the claim's pair counts."""
     shown = ("positive_rate", "negative_rate", "change_vs_cfg", "fid_vs_cfg", "mean_scale", "max_scale",
              "activated_rate")
-    lines = ["| pairs | setting | n | " + " | ".join(m.replace("_", " ") for m in shown) + " |",
-             "|---|---|---|" + "---|" * len(shown)]
-    for s in summary:
-        cols = " | ".join(f"{s[m]:.4f} ± {s[m + '_std']:.4f}" for m in shown)
-        lines.append(f"| {s['relation']} | {s['setting']} | {s['pairs']} | {cols} |")
-    lines += ["", f"Relation by CFG's own negative rate: unrelated <= {UNRELATED:.0%}, related >= {RELATED:.0%}.", ""]
+    table = markdown(["pairs", "setting", "n", *(m.replace("_", " ") for m in shown)],
+                     [[s["relation"], s["setting"], s["pairs"], *(mean_std(s, m) for m in shown)] for s in summary])
+    lines = ["", f"Relation by CFG's own negative rate: unrelated <= {UNRELATED:.0%}, related >= {RELATED:.0%}.", ""]
     for rel, count in held.items():
         if count["pairs"]:
             lines.append(f"- {rel} pairs where the claim holds for `dng default`: {count['held']} of {count['pairs']}")
     if any(r["positive"] == r["negative"] for r in rows):
         lines.append(f"- {SELF_NOTE}")
-    return "\n".join(lines) + "\n"
-
+    return table + "\n".join(lines) + "\n"

@@ -23,14 +23,12 @@ import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 
-from dng.config import DNGConfig
 from dng.distributed import World, rounds
 from dng.errors import ConfigError
 from dng.guidance import Guidance
 from dng.io import write_atomic, write_json
 from dng.vision import generate
 from dng.vision.images import npz_bytes, to_uint8
-from dng.vision.models import dng_config
 from dng.vision.seeding import seeded_noise
 
 # Recorded in every sweep's settings: folders whose noise was drawn another way are refused, not mixed.
@@ -48,23 +46,6 @@ class SampleSet:
     positive: int | None = None
     cfg_scale: float | None = None
     class_posterior: bool = False
-
-
-def dng_cells(calibration, klass: int, preset: str, user: dict | None, lam0s=None) -> list[tuple[dict, DNGConfig]]:
-    """DNG's cells for removing `klass` (both benches): the preset with the generator's `calibration` and the user's
-    settings over it (`dng.vision.models.dng_config`), one cell, or one per lam0 in `lam0s`. Returns (what the user
-    set, the configuration) per cell."""
-    cells = []
-    for lam0 in lam0s or [None]:
-        changes = {**(user or {}), **({} if lam0 is None else {"lam0": lam0})}
-        cells.append((changes, dng_config(calibration, [klass], preset, **changes)))
-    return cells
-
-
-def dng_params(preset: str, user: dict, config: DNGConfig) -> dict:
-    """A DNG cell's stored params: the preset and what the user set ("set"), which name the cell, and every value
-    the rule ran with, so that a changed preset or calibration makes stored cells stale, not mixed."""
-    return {"preset": preset, "set": user, **config.to_dict()}
 
 
 def read_npz(path: Path) -> dict[str, np.ndarray]:

@@ -115,16 +115,11 @@ def run(args) -> int:
 
 def side_by_side(grids: dict, results: dict, class_name: str, path):
     """The methods' grids next to each other, titled with their forbidden rate."""
-    from dng.plots import _save, plt
+    from dng.plots import grids_side_by_side
 
     h, w = next(iter(grids.values())).shape
-    fig, axes = plt.subplots(1, len(grids), figsize=(4 * len(grids), 4 * h / w + 0.9), layout="constrained")
-    for ax, (name, grid) in zip(axes, grids.items(), strict=True):
-        ax.imshow(grid, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
-        ax.set_title(f"{name}: {results[name]['forbidden_rate']:.0%} {class_name}")
-        ax.axis("off")
-    fig.suptitle(f"Removing {class_name}: same noise, same step noise")
-    return _save(fig, path)
+    panels = [(f"{name}: {results[name]['forbidden_rate']:.0%} {class_name}", grid) for name, grid in grids.items()]
+    return grids_side_by_side(panels, path, f"Removing {class_name}: same noise, same step noise", 4, 4 * h / w + 0.9)
 
 
 def degenerate(results: dict) -> list[str]:
