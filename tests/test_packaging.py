@@ -1,10 +1,12 @@
 """What the installed package promises: its public API, type information, extras, and a core without matplotlib."""
 
+import ast
 import importlib
 import importlib.metadata
 import importlib.resources
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -61,3 +63,37 @@ def test_figure_commands_name_the_plots_extra_without_matplotlib(argv, monkeypat
     assert cli.main(argv) == 2
     assert f"dng {argv[0]} writes figures with matplotlib, which is not installed: pip install 'dng[plots]'" \
         in capsys.readouterr().err
+
+
+def _dng_imports(path: Path, module: str, modules: set[str]) -> set[str]:
+    """The dng modules `path` imports anywhere (module level or inside functions)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("dng"):
+            found |= {node.module, *(f"{node.module}.{alias.name}" for alias in node.names)}
+        elif isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+    return (found & modules) - {module}
+
+
+def test_no_import_circle_in_the_package():
+    """Counting imports inside functions too: a circle there is hidden, not gone."""
+    src = Path(__file__).resolve().parents[1] / "src" / "dng"
+    paths = {".".join(("dng", *p.relative_to(src).with_suffix("").parts)).removesuffix(".__init__"): p
+             for p in src.rglob("*.py")}
+    graph = {m: _dng_imports(p, m, set(paths)) for m, p in paths.items()}
+    done, active = set(), []
+
+    def visit(module):
+        if module in active:
+            raise AssertionError("import circle: " + " -> ".join(active[active.index(module):] + [module]))
+        if module in done:
+            return
+        active.append(module)
+        for other in sorted(graph[module]):
+            visit(other)
+        active.pop()
+        done.add(module)
+
+    for module in sorted(graph):
+        visit(module)

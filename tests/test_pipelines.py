@@ -31,7 +31,7 @@ from dng.errors import ConfigError
 from dng.guidance import DynamicNegativeGuidance, NegativePrompt, SafeLatentDiffusion
 from dng.pipelines import StableDiffusionDNGPipeline, StableDiffusionXLDNGPipeline
 from dng.pipelines.common import guidance_rule
-from dng.pipelines.report import summarize
+from dng.pipelines.report import summarize_trace
 from dng.pipelines.tiny import sd_components, sdxl_components
 from dng.posterior import log_snr_gain
 from dng.sampler import Trace
@@ -417,18 +417,18 @@ def test_summary_reads_activation_from_the_posterior():
     # Image 0 stays near the prior; image 1's p crosses 1/2 at the second step; scales as lam0 p / (1 - p), lam0 2.
     p = torch.tensor([[0.1, 0.1], [0.05, 0.6], [0.01, 0.3]])[:, :, None]
     trace = Trace(torch.tensor([999, 500, 1]), p, 2 * p / (1 - p), torch.zeros_like(p), torch.ones(3, 2))
-    rows = summarize(trace, ["red"], ["a.png", "b.png"])
+    rows = summarize_trace(trace, ["red"], ["a.png", "b.png"])
     assert [(r["image"], r["activated"]) for r in rows] == [("a.png", False), ("b.png", True)]
     assert [(r["final_p"], r["max_p"]) for r in rows] == [pytest.approx((0.01, 0.1)), pytest.approx((0.3, 0.6))]
     assert rows[1]["max_scale"] == pytest.approx(3.0)
     assert rows[1]["mean_scale"] == pytest.approx((2 / 9 + 3 + 6 / 7) / 3)
     # lam0 0 tracks without acting: nothing activated.
     idle = Trace(trace.timesteps, p, torch.zeros_like(p), trace.llr, trace.sigma)
-    assert [r["activated"] for r in summarize(idle, ["red"], ["a.png", "b.png"])] == [False, False]
+    assert [r["activated"] for r in summarize_trace(idle, ["red"], ["a.png", "b.png"])] == [False, False]
     # NP and SLD have no posterior: their scale is summarised, activation is left empty.
     constant = Trace(trace.timesteps, torch.full_like(p, float("nan")), torch.full_like(p, 6.5), p, trace.sigma)
-    assert [(r["mean_scale"], r["max_scale"], r["activated"], r["max_p"]) for r in summarize(constant, ["red"], ["a"])
-            ] == [(6.5, 6.5, None, None)]
+    rows = summarize_trace(constant, ["red"], ["a"])
+    assert [(r["mean_scale"], r["max_scale"], r["activated"], r["max_p"]) for r in rows] == [(6.5, 6.5, None, None)]
 
 
 @pytest.fixture()

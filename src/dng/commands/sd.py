@@ -12,7 +12,7 @@ from pathlib import Path
 from dng.commands import add_dng_arguments, check_count, check_out_dir, dng_changes
 from dng.errors import ConfigError
 
-DTYPES = ("float32", "float16", "bfloat16")
+PIPELINE_DTYPES = ("float32", "float16", "bfloat16")
 
 
 class Renamed(argparse.Action):
@@ -54,7 +54,7 @@ def register(groups) -> None:
     p.add_argument("--height", type=int, default=None, help="a multiple of 8 (default: the model's)")
     p.add_argument("--width", type=int, default=None, help="a multiple of 8 (default: the model's)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--dtype", choices=DTYPES, default=None, help="default: float16 on cuda, float32 on cpu")
+    p.add_argument("--dtype", choices=PIPELINE_DTYPES, default=None, help="default: float16 on cuda, float32 on cpu")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.set_defaults(func=run)
 
@@ -139,7 +139,7 @@ def run(args) -> int:
 
     from dng.io import write_atomic
     from dng.pipelines.common import sampler_for
-    from dng.pipelines.report import plot_trace, summarize, write_summary_csv, write_trace_csv
+    from dng.pipelines.report import plot_trace, summarize_trace, write_summary_csv, write_trace_csv
     from dng.sampler import check_steps
 
     dtype = getattr(torch, args.dtype or ("float16" if device.startswith("cuda") else "float32"))
@@ -164,7 +164,7 @@ def run(args) -> int:
         image.save(png, format="PNG")
         write_atomic(args.out / name, png.getvalue())
     write_trace_csv(out.trace, args.out / "trace.csv", args.negative)
-    rows = summarize(out.trace, args.negative, names)
+    rows = summarize_trace(out.trace, args.negative, names)
     write_summary_csv(rows, args.out / "summary.csv")
     plot_trace(out.trace, args.out / "trace.png", args.negative)
     for row in rows:

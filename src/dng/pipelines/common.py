@@ -253,7 +253,8 @@ def concept_prompts(negative_prompt, negative_concepts, batch_size: int) -> list
 
 def guidance_rule(method: str | None, dng, guidance_scale: float, concepts: list[str | None]) -> Guidance:
     """The call's rule: `dng` itself where it is a Guidance, else the method `negative_guidance` names (DNG by
-    default, with the settings `dng_config` reads from `dng`); `concepts` are the concepts' names (None: no name)."""
+    default, with the settings `config_from_argument` reads from `dng`); `concepts` are the concepts' names (None:
+    no name)."""
     if isinstance(method, Guidance):
         raise ConfigError(f"negative_guidance takes a method name, one of {METHODS}; pass the rule object as "
                           f"dng={type(method).__name__}(...)")
@@ -272,10 +273,10 @@ def guidance_rule(method: str | None, dng, guidance_scale: float, concepts: list
         return NegativePrompt(max(guidance_scale - 1.0, 0.0))
     if method == "sld":
         return SafeLatentDiffusion.preset("medium")
-    return DynamicNegativeGuidance(dng_config(dng, concepts))
+    return DynamicNegativeGuidance(config_from_argument(dng, concepts))
 
 
-def dng_config(dng, concepts: list[str | None]) -> DNGConfig:
+def config_from_argument(dng, concepts: list[str | None]) -> DNGConfig:
     """The DNG settings `dng=` gives: None (the default preset), a preset name, a DNGConfig, a dict of changes over
     the default preset, or a ModelCalibration applied to the default preset for `concepts`."""
     if dng is None:

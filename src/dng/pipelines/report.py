@@ -29,7 +29,7 @@ def write_trace_csv(trace: Trace, path: Path, concepts: list[str]) -> None:
     write_atomic(path, text.getvalue())
 
 
-def summarize(trace: Trace, concepts: list[str], images: list[str]) -> list[dict]:
+def summarize_trace(trace: Trace, concepts: list[str], images: list[str]) -> list[dict]:
     """Per image and concept, the guidance's action over the steps: mean and max applied scale, final and largest
     p_t, and whether DNG activated (p_t reached ACTIVATION_P at a step where it guided, as the prompted bench
     counts it); p and activated are None for rules without a posterior (NP, SLD)."""
@@ -48,7 +48,7 @@ def summarize(trace: Trace, concepts: list[str], images: list[str]) -> list[dict
 
 
 def write_summary_csv(rows: list[dict], path: Path) -> None:
-    """The rows of `summarize`; empty cells where a rule has no posterior."""
+    """The rows of `summarize_trace`; empty cells where a rule has no posterior."""
     text = io.StringIO()
     out = csv.writer(text)
     out.writerow(SUMMARY_COLUMNS)
