@@ -243,17 +243,17 @@ def test_parse_class_by_name_or_index():
 
 
 def test_sample_writes_grid_and_npz(tiny, tmp_path):
-    out = tmp_path / "s" / "dng.png"
+    out = tmp_path / "s"
     argv = ["sample", "--method", "dng", "--remove", "Trouser,3", "--class", "0", "--num-images", "5", "--steps", "2",
             "--dtype", "bfloat16"]
     assert cli.main([*argv, "--out", str(out), *tiny]) == 0
-    assert out.read_bytes()[:4] == b"\x89PNG"
-    with np.load(out.with_suffix(".npz")) as f:
+    assert (out / "grid.png").read_bytes()[:4] == b"\x89PNG"
+    with np.load(out / "samples.npz") as f:
         assert f["images"].shape == (5, 28, 28) and f["images"].dtype == np.uint8
         assert f["labels"].shape == (5,) and f["removed"].tolist() == [1, 3]
-    cfg = tmp_path / "cfg.png"  # no --remove: plain class-conditional sampling
+    cfg = tmp_path / "cfg"  # no --remove: plain class-conditional sampling
     assert cli.main(["sample", "--class", "Bag", "--num-images", "2", "--steps", "2", "--out", str(cfg), *tiny]) == 0
-    assert np.load(cfg.with_suffix(".npz"))["removed"].tolist() == []
+    assert np.load(cfg / "samples.npz")["removed"].tolist() == []
 
 
 def test_demo_end_to_end(tiny, tmp_path, capsys):
@@ -279,9 +279,9 @@ def test_demo_end_to_end(tiny, tmp_path, capsys):
         (["bench", "class-removal", "--np-scales", "1,-2", "--out", "x"], "--np-scales must be a finite number >= 0"),
         (["bench", "class-removal", "--dng-scales", "nan", "--out", "x"], "--dng-scales must be a finite number >= 0"),
         (["bench", "class-removal", "--dng-scales", ",", "--out", "x"], "--dng-scales needs at least one scale"),
-        (["sample", "--method", "foo", "--remove", "1", "--out", "x.png"], "unknown method 'foo'"),
-        (["sample", "--method", "np", "--out", "x.png"], "needs --remove"),
-        (["sample", "--remove", "1", "--class", "Trouser", "--out", "x.png"], "also removed"),
+        (["sample", "--method", "foo", "--remove", "1", "--out", "x"], "unknown method 'foo'"),
+        (["sample", "--method", "np", "--out", "x"], "needs --remove"),
+        (["sample", "--remove", "1", "--class", "Trouser", "--out", "x"], "also removed"),
         (["demo", "--remove", "Hat"], "unknown class 'Hat'"),
         (["demo", "--dng", "lam0=-1"], "lam0 must be a finite number >= 0"),
         (["demo", "--dng", "strength=2"], "NAME one of lam0, prior"),
@@ -291,7 +291,7 @@ def test_demo_end_to_end(tiny, tmp_path, capsys):
         (["bench", "class-removal", "--dtype", "fp16", "--out", "x"], "unknown dtype 'fp16'"),
         (["bench", "class-removal", "--dng", "late_boost=-1", "--out", "x"], "--dng-preset / --dng"),
         (["demo", "--dng", "boost_sigma=x"], "'x' is not a number"),
-        (["sample", "--remove", "1", "--dng", "late_boost=nan", "--out", "x.png"], "late_boost"),
+        (["sample", "--remove", "1", "--dng", "late_boost=nan", "--out", "x"], "late_boost"),
     ],
 )
 def test_bad_inputs_say_what_to_fix(tiny, tmp_path, monkeypatch, capsys, argv, message):
@@ -300,7 +300,7 @@ def test_bad_inputs_say_what_to_fix(tiny, tmp_path, monkeypatch, capsys, argv, m
     assert message in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv", [["demo"], ["sample", "--method", "none", "--out", "x.png"],
+@pytest.mark.parametrize("argv", [["demo"], ["sample", "--method", "none", "--out", "x"],
                                   ["bench", "class-removal", "--out", "x"]])
 def test_missing_weights_say_how_to_make_them(tmp_path, monkeypatch, capsys, argv):
     monkeypatch.setattr(models, "WEIGHTS_DIR", tmp_path)

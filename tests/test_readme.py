@@ -42,7 +42,7 @@ def test_readme_sample_and_demo_run_the_same_dng(tmp_path, capsys, monkeypatch):
         raise SystemExit(0)  # the settings are all this test needs: stop before sampling
 
     monkeypatch.setattr(generate, "make_rule", record)
-    for command, out in (("sample", tmp_path / "g.png"), ("demo", tmp_path / "demo")):
+    for command, out in (("sample", tmp_path / "g"), ("demo", tmp_path / "demo")):
         method = ["--method", "dng"] if command == "sample" else []
         with pytest.raises(SystemExit):
             cli.main([command, *method, "--remove", "Bag", "--out", str(out)])

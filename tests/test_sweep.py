@@ -24,7 +24,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _args(tiny, out, extra=()):  # noqa: F811
     return ["bench", "class-removal", "--classes", "1,3", "--methods", "none,np,dng", "--np-scales", "1",
-            "--num-samples", "10", "--batch-size", "4", "--steps", "3", "--out", str(out), *extra, *tiny]
+            "--num-images", "10", "--batch-size", "4", "--steps", "3", "--out", str(out), *extra, *tiny]
 
 
 def _rows(out):
@@ -150,7 +150,7 @@ def test_scaling_guide_example_gives_the_same_images_on_two_ranks(tmp_path):
     (["--batch-size", "0"], "--batch-size must be >= 1"),
     (["--threads", "-2"], "--threads must be >= 1"),
     (["--steps", "2000", "--scheduler", "ddpm"], "more than the scheduler's 1000 training timesteps"),
-    (["--num-samples", "2"], "--num-samples must be >= 4"),
+    (["--num-images", "2"], "--num-images must be >= 4"),
 ])
 def test_bad_sweep_options_are_refused_before_any_model_loads(tmp_path, capsys, monkeypatch, bench, extra, message):
     from dng.vision import models as vision_models
@@ -169,8 +169,8 @@ def test_an_out_that_is_a_file_is_refused(tmp_path, capsys):
 
 def test_sample_on_two_ranks_writes_the_images_of_one_process(tiny, tmp_path):  # noqa: F811
     argv = ["sample", "--remove", "Bag", "--num-images", "10", "--batch-size", "4", "--steps", "3", *tiny]
-    assert cli.main([*argv, "--out", str(tmp_path / "one.png")]) == 0
-    proc = _torchrun(2, [*argv, "--out", str(tmp_path / "two.png")])
+    assert cli.main([*argv, "--out", str(tmp_path / "one")]) == 0
+    proc = _torchrun(2, [*argv, "--out", str(tmp_path / "two")])
     assert proc.wait(timeout=300) == 0, proc.stdout.read()
-    with np.load(tmp_path / "one.npz") as one, np.load(tmp_path / "two.npz") as two:
+    with np.load(tmp_path / "one" / "samples.npz") as one, np.load(tmp_path / "two" / "samples.npz") as two:
         assert one["images"].shape == (10, 28, 28) and np.array_equal(one["images"], two["images"])

@@ -203,7 +203,7 @@ def check_sweep_arguments(args) -> None:
     """`add_sweep_arguments`' options, checked before any model loads."""
     from dng.vision.branches import check_dtype
 
-    check_count("--num-samples", args.num_samples, 4)
+    check_count("--num-images", args.num_samples, 4)
     check_count("--batch-size", args.batch_size)
     check_threads(args.threads)
     check_generator_sampler(args)

@@ -9,7 +9,7 @@ from dng.commands import (
     add_scheduler_argument,
     check_count,
     check_generator_sampler,
-    check_out_file,
+    check_out_dir,
     check_threads,
     generator_dng,
 )
@@ -30,7 +30,7 @@ def register(groups) -> None:
     p.add_argument("--steps", type=int, default=25)
     add_scheduler_argument(p, "euler-a")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, help="PNG grid; the .npz (images, predicted labels) goes beside it")
+    p.add_argument("--out", required=True, help="folder for grid.png and samples.npz (images, predicted labels)")
     p.add_argument("--generator", default=None, help="generator safetensors (default: the shipped one)")
     p.add_argument("--classifier", default=None, help="classifier safetensors (default: the shipped one)")
     add_dtype_argument(p)
@@ -79,8 +79,7 @@ def run(args) -> int:
         raise ConfigError(f"--class {CLASS_NAMES[positive]} is also removed")
     check_dtype(args.dtype)
     check_count("--num-images", args.num_images)
-    out = check_out_file(args.out, suffix=".png")
-    check_out_file(out.with_suffix(".npz"), "--out (its .npz beside it)")
+    out = check_out_dir(args.out)
     check_count("--batch-size", args.batch_size)
     world = World.from_env()
     threads_per_rank(world, args.threads)
@@ -103,12 +102,13 @@ def run(args) -> int:
     x = torch.cat(parts)
     images = to_uint8(x)
     labels, _ = classify(classifier, images)
-    save_png(grid(images), out)
-    npz = write_atomic(out.with_suffix(".npz"), npz_bytes(
+    png = out / "grid.png"
+    save_png(grid(images), png)
+    npz = write_atomic(out / "samples.npz", npz_bytes(
         images=images, labels=labels, removed=np.array(removed, dtype=np.int64)))
     shares = np.bincount(labels, minlength=len(CLASS_NAMES)) / len(labels)
     print("classified as: " + ", ".join(f"{n} {s:.0%}" for n, s in zip(CLASS_NAMES, shares, strict=True) if s))
     if removed:
         print(f"removed classes: {np.isin(labels, removed).mean():.1%} of the images")
-    print(f"wrote {out} and {npz}")
+    print(f"wrote {png} and {npz}")
     return 0
