@@ -213,8 +213,9 @@ def test_generate_with_every_scheduler_and_cfg(tiny):
     noise = torch.randn(3, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     for name in SAMPLERS:
         rule = generate.make_rule("dng", dng=PRESETS["default"].replace(mode="exclusive"))
+        # A random UNet is no denoiser: DPM++'s x0 estimates carry its chain out of any data range.
         x, trace = generate.generate(unet, noise, scheduler=name, guidance=rule, negatives=[1, 2], steps=5, seed=0,
-                                     positive=0, cfg_scale=2.0, chunk=2)
+                                     positive=0, cfg_scale=2.0, chunk=2, max_rms=None)
         assert x.shape == noise.shape and x.abs().max() <= 1
         assert trace.p.shape == (5, 3, 2) and torch.isfinite(trace.scale).all()
     with pytest.raises(ConfigError, match="unknown scheduler"):
@@ -458,3 +459,28 @@ def test_the_class_posterior_row_reads_p_from_every_branch(tiny, tmp_path, monke
     with pytest.raises(ConfigError, match="DNG rule"):
         generate.generate(models.load_generator(tiny[1]), torch.randn(2, 1, 28, 28), scheduler="ddpm",
                           guidance=generate.make_rule("np"), negatives=[1], steps=2, seed=0, class_posterior=True)
+
+
+def test_class_branches_declare_their_layout(tiny):
+    """A 2-label model under cfg_scale ran with a 'positive' branch half null, half Bag; a 3-label one under one
+    negative failed inside the UNet. Both are refused before the first call; noise of another float type runs."""
+    from dng.guidance import DynamicNegativeGuidance
+    from dng.sampler import sample
+
+    unet = models.load_generator(tiny[1])
+    scheduler, eta = models.generator_sampler("euler-a")
+    noise = torch.randn(2, 1, 28, 28)
+    two = ClassBranches(unet, [models.NULL_LABEL, 8])
+    for model, kwargs in ((two, dict(cfg_scale=2.0)), (ClassBranches(unet, [models.NULL_LABEL, 3, 8]), {})):
+        with pytest.raises(ConfigError, match="branches per call but this sample"):
+            sample(model, scheduler, DynamicNegativeGuidance(), noise=noise, num_inference_steps=2, num_negatives=1,
+                   progress=False, **kwargs)
+    with pytest.raises(ConfigError, match=r"noise has samples of shape \(1, 14, 14\)"):
+        sample(two, scheduler, DynamicNegativeGuidance(), noise=torch.randn(2, 1, 14, 14), num_inference_steps=2,
+               num_negatives=1, progress=False)
+    for dtype in (torch.float64, torch.bfloat16, torch.float16):
+        out = sample(two, scheduler, DynamicNegativeGuidance(), noise=noise.to(dtype), num_inference_steps=2,
+                     num_negatives=1, progress=False)
+        assert torch.isfinite(out.samples).all()
+    with pytest.raises(ConfigError, match="labels must be class indices 0-10"):
+        ClassBranches(unet, [models.NULL_LABEL, 11])

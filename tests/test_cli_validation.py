@@ -1,7 +1,6 @@
 """Bad options of demo, sample, bench gmm and calibrate fail before any model runs: exit 2, one line, no traceback;
 a NaN model is an error, not an image; the demo's report does not take noise for success."""
 
-import json
 import tempfile
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import torch
 from test_class_removal import TINY_CLASSIFIER, TINY_UNET, _write_idx
 
 from dng import cli, commands
-from dng.commands.demo import DEGENERATE_SHARE, format_report
+from dng.commands.demo import format_report
 from dng.errors import ConfigError
 from dng.vision import models
 
@@ -145,12 +144,11 @@ def test_version_and_renamed_options(tiny, capsys):
     assert "--dng scale= is now --dng lam0=" in err
 
 
-def test_demo_flags_a_method_whose_images_are_noise(tiny, tmp_path, capsys):
-    assert cli.main(["demo", "--num-images", "4", "--steps", "2", "--np-scale", "1e9", "--out", "demo",
-                     "--no-progress", *tiny]) == 0
-    report = json.loads((tmp_path / "demo" / "report.json").read_text())
-    assert "np" in report["degenerate"] and report["methods"]["np"]["saturated_rate"] >= DEGENERATE_SHARE
-    assert "np: 100% of its images are saturated noise or speckled" in (tmp_path / "demo" / "report.md").read_text()
+def test_a_scale_that_leaves_the_models_range_is_an_error_with_its_step(tiny, tmp_path, capsys):
+    """NP at 1e9 gave saturated noise reported as results; now the step and the likely cause are named (exit 3)."""
+    err = _refused(["demo", "--num-images", "4", "--steps", "2", "--np-scale", "1e9", "--out", "demo",
+                    "--no-progress", *tiny], "left the model's range at step 1 of 2", capsys, code=3)
+    assert "guidance scale too large" in err and not (tmp_path / "demo" / "report.json").exists()
 
 
 def test_report_warns_only_about_degenerate_methods():

@@ -15,11 +15,11 @@ from diffusers import (
 
 from dng.bench.gmm import GMMBench
 from dng.config import DNGConfig
-from dng.errors import ConfigError, NonFiniteError
+from dng.errors import ConfigError, NonFiniteError, SampleRangeError
 from dng.gmm import default_mixture_config
 from dng.guidance import DynamicNegativeGuidance, NegativePrompt, SafeLatentDiffusion
 from dng.posterior import log_snr_gain
-from dng.sampler import sample
+from dng.sampler import STOP, sample
 
 
 def dummy_model(n_branches):
@@ -33,12 +33,13 @@ def dummy_model(n_branches):
 
 
 def run(guidance, scheduler=None, n_neg=1, steps=10, cfg=None, **kw):
+    """The dummy model does not denoise, so the sample's range check is off."""
     scheduler = scheduler or DDPMScheduler()
     noise = torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(0))
     n_branches = 1 + n_neg + (cfg is not None)
     return sample(dummy_model(n_branches), scheduler, guidance, noise=noise, num_inference_steps=steps,
                   num_negatives=n_neg if guidance else 0, cfg_scale=cfg, generator=torch.Generator().manual_seed(1),
-                  progress=False, **kw)
+                  progress=False, **{"max_rms": None, **kw})
 
 
 def test_full_loop_regression_is_pinned():
@@ -294,3 +295,83 @@ def test_offset_is_a_drift_per_unit_of_log_snr_whatever_the_step_count(scheduler
     sigma = out.trace.sigma[:, 0]
     expected = math.log(prior) + rate * 2 * torch.log(sigma[0] / sigma)
     torch.testing.assert_close(out.trace.p[:, 0, 0].double().log(), expected, rtol=0, atol=1e-5)
+
+
+def _mixture_run(rule, scheduler=None, **kw):
+    """The exact mixture's model (data RMS about 0.6) on Euler ancestral, 10 steps."""
+    from diffusers import EulerAncestralDiscreteScheduler
+
+    bench = GMMBench(default_mixture_config(), steps=10, num_samples=4, seed=0)
+    model = bench.gmm.branch_model([0] if rule is not None else [])
+    noise = torch.randn(4, bench.gmm.dim, generator=torch.Generator().manual_seed(0))
+    return sample(model, scheduler or EulerAncestralDiscreteScheduler(), rule, noise=noise, num_inference_steps=10,
+                  num_negatives=1 if rule is not None else 0, generator=torch.Generator().manual_seed(1),
+                  progress=False, **kw)
+
+
+@pytest.mark.parametrize("rule", [NegativePrompt(1e6), DynamicNegativeGuidance(lam0=1e30)])
+def test_a_huge_scale_is_an_error_with_its_step_not_samples(rule):
+    """Finite samples far out of the model's range were returned as results; now the step and cause are named."""
+    with pytest.raises(SampleRangeError, match=r"left the model's range at step \d+ of 10 .* guidance scale too large"):
+        _mixture_run(rule)
+    try:  # asked for, the range is not checked (the mixture's model may still overflow later)
+        _mixture_run(rule, max_rms=None)
+    except NonFiniteError as err:
+        assert not isinstance(err, SampleRangeError)
+    _mixture_run(NegativePrompt(1.0))  # usual scales stay in range
+
+
+class _Declared:
+    """A model that says how many branches it evaluates and the shape of one sample."""
+
+    def __init__(self, n, shape=(2, 4, 4)):
+        self.num_branches, self.sample_shape, self.model = n, shape, dummy_model(n)
+
+    def __call__(self, x, t):
+        return self.model(x, t)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(model=_Declared(2), cfg_scale=2.0, num_negatives=1), "evaluates 2 branches per call but this sample"),
+    (dict(model=_Declared(2), num_negatives=2), "needs 3"),
+    (dict(model=_Declared(3, (1, 4, 4)), num_negatives=2), r"noise has samples of shape \(2, 4, 4\); the model"),
+    (dict(model=dummy_model(2), num_negatives=1.5), "num_negatives must be a whole number, got 1.5"),
+    (dict(model=dummy_model(2), num_negatives=1, noise=torch.randn(6)), r"noise must be \[batch, ...\]"),
+    (dict(model=dummy_model(2), num_negatives=1, noise=torch.ones(2, 3, dtype=torch.long)), "floating-point"),
+    (dict(model=lambda x, t: {"eps": x}, num_negatives=1), "the model returned dict; return a tensor"),
+])
+def test_mis_wired_models_and_inputs_are_refused_before_any_step(kwargs, message):
+    calls = []
+    model = kwargs.pop("model")
+    kwargs = {"noise": torch.randn(3, 2, 4, 4), **kwargs}
+
+    def counted(x, t):
+        calls.append(1)
+        return model(x, t)
+
+    counted.num_branches, counted.sample_shape = (getattr(model, k, None) for k in ("num_branches", "sample_shape"))
+    with pytest.raises(ConfigError, match=message):
+        sample(counted, DDPMScheduler(), DynamicNegativeGuidance(), num_inference_steps=2, progress=False, **kwargs)
+    assert calls in ([], [1])  # at most the call whose output is refused
+
+
+def test_tuples_and_diffusers_outputs_are_read_as_their_first_tensor():
+    from diffusers.models.unets.unet_2d import UNet2DOutput
+
+    plain = run(NegativePrompt(1.0)).samples
+    for wrap in (lambda out: (out,), lambda out: UNet2DOutput(sample=out)):
+        model = dummy_model(2)
+        out = sample(lambda x, t, m=model, w=wrap: w(m(x, t)), DDPMScheduler(), NegativePrompt(1.0),
+                     noise=torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(0)), num_inference_steps=10,
+                     num_negatives=1, generator=torch.Generator().manual_seed(1), progress=False, max_rms=None)
+        torch.testing.assert_close(out.samples, plain)
+
+
+def test_a_callback_that_returns_its_dict_does_not_stop_the_loop():
+    """diffusers' callbacks return a dict of tensors; only dng.sampler.STOP stops."""
+    seen = []
+    out = run(NegativePrompt(1.0), callback=lambda i, t, x, info: seen.append(i) or {"latents": x})
+    assert seen == list(range(10)) and torch.equal(out.samples, run(NegativePrompt(1.0)).samples)
+    seen.clear()
+    run(NegativePrompt(1.0), callback=lambda i, t, x, info: seen.append(i) or (STOP if i == 3 else torch.ones(2)))
+    assert seen == [0, 1, 2, 3]

@@ -18,3 +18,7 @@ class KernelMismatchError(ConfigError):
 class NonFiniteError(RuntimeError):
     """A model output, a tracked posterior or a sample that became NaN or infinite during sampling: it names where,
     and the likely cause (NaN weights, a scale too large for the model's range). Not bad input: the CLI exits 3."""
+
+
+class SampleRangeError(NonFiniteError):
+    """Finite samples that left the model's range during sampling (a guidance scale too large): the CLI exits 3."""

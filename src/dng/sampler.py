@@ -10,7 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dng.config import check_finite
-from dng.errors import ConfigError, NonFiniteError
+from dng.errors import ConfigError, NonFiniteError, SampleRangeError
 from dng.guidance import Guidance, Step, base_prediction
 
 # A sample "activated" DNG when its tracked p_t reached 1/2 at some step: the concept had become more likely than
@@ -18,6 +18,12 @@ from dng.guidance import Guidance, Step, base_prediction
 # that it means the same whatever lam0, its late boost and its cap; from the default prior 0.1 it takes evidence
 # that multiplies the odds by 9.
 ACTIVATION_P = 0.5
+
+
+# A sample whose RMS is this many times the chain's largest noise level has left any normalised model's range: data
+# are trained at about unit variance, and a chain stays within its noise level plus the data's (the shipped generator
+# on Euler ancestral, x_T at RMS 157: at most 116 with NP up to scale 20, 5.5e5 at NP 1e6, 1e22 at DNG lam0 1e30).
+MAX_RMS = 100.0
 
 
 class _Stop:
@@ -94,6 +100,71 @@ def _check_finite_output(out, batch, i, t, steps, n_pos, num_negatives) -> None:
                          f"samples; likely cause: {cause}")
 
 
+def _whole(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        raise ConfigError(f"{name} must be a whole number, got {value!r}")
+    return int(value)
+
+
+def _check_noise(noise) -> None:
+    if not isinstance(noise, torch.Tensor) or not noise.is_floating_point():
+        raise ConfigError(f"noise must be a floating-point tensor, got {type(noise).__name__}"
+                          f"{f' of {noise.dtype}' if isinstance(noise, torch.Tensor) else ''}")
+    if noise.dim() < 2 or noise.shape[0] < 1:
+        raise ConfigError(f"noise must be [batch, ...] with at least one sample, got shape {tuple(noise.shape)}")
+
+
+def _check_layout(model, n_branches: int, n_pos: int, num_negatives: int, noise) -> None:
+    """Refuse, before any model call, a model that declares another branch count or sample shape."""
+    branches = getattr(model, "num_branches", None)
+    if branches is not None and branches != n_branches:
+        layout = ", ".join(["unconditional"] + ["positive"] * n_pos + [f"{num_negatives} negative(s)"] * bool(
+            num_negatives))
+        raise ConfigError(f"the model evaluates {branches} branches per call but this sample() call needs "
+                          f"{n_branches} ({layout}); give the model one branch per role, or change cfg_scale / "
+                          f"num_negatives")
+    shape = getattr(model, "sample_shape", None)
+    if shape is not None and tuple(noise.shape[1:]) != tuple(shape):
+        raise ConfigError(f"noise has samples of shape {tuple(noise.shape[1:])}; the model takes {tuple(shape)}")
+
+
+def _first_tensor(out) -> torch.Tensor:
+    """A model's output as a tensor: a diffusers output object or a tuple is read as its first field."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)) or hasattr(out, "to_tuple"):
+        first = out[0] if len(out) else None
+        if isinstance(first, torch.Tensor):
+            return first
+    raise ConfigError(f"the model returned {type(out).__name__}; return a tensor (or a tuple / diffusers output "
+                      f"whose first field is one)")
+
+
+def _call(model, x, t, i: int):
+    """The model's call; a dtype mismatch on the first step is the noise's, restated as such."""
+    try:
+        return model(x, t)
+    except RuntimeError as err:
+        if i or "type" not in str(err):
+            raise
+        raise ConfigError(f"the model failed on noise of dtype {x.dtype} ({str(err).splitlines()[0]}); draw the "
+                          f"noise in the model's dtype") from None
+
+
+def _check_range(x, bound, i: int, steps: int, t) -> None:
+    if bound is None:
+        return
+    # float64: a float32 sum of squares overflows long before the samples do.
+    flat = x.detach().flatten(1).double()
+    rms = flat.pow(2).mean(1).sqrt()
+    far = torch.isfinite(rms) & (rms > bound)  # non-finite samples get their own error after the loop
+    if far.any():
+        raise SampleRangeError(f"{int(far.sum())} of {len(x)} samples left the model's range at step {i + 1} of "
+                               f"{steps} (timestep {float(t):g}): RMS up to "
+                               f"{float(rms.max()):.3g} against at most {bound:.3g}; likely cause: a guidance scale "
+                               f"too large for the model (lower it), or pass max_rms=None to sample() to allow it")
+
+
 def sample(
     model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     scheduler,
@@ -109,6 +180,7 @@ def sample(
     progress: bool = True,
     return_trace: bool = False,
     set_timesteps_kwargs: dict | None = None,
+    max_rms: float | None = MAX_RMS,
 ) -> SampleOutput:
     """Sample from `noise` (x_T before the scheduler's init_noise_sigma) with a guidance rule.
 
@@ -120,8 +192,17 @@ def sample(
     (diffusers' `pipe._interrupt`), any other return value is ignored. The progress bar
     shows on a terminal only (tqdm's own rule), so logs of batch jobs stay readable. `set_timesteps_kwargs` go to
     `scheduler.set_timesteps`, e.g. {"mu": 0.8} for a flow-matching scheduler with `use_dynamic_shifting`.
+
+    `model` may declare `num_branches` (how many branches one call evaluates) and `sample_shape` (one sample's
+    shape): a layout that does not match is refused before the first call. A sample whose RMS leaves the model's
+    range (above `max_rms` times the largest noise level of the chain, x_T's, or 1) raises `SampleRangeError` with
+    the step: a guidance scale too large for the model; `max_rms=None` turns the check off.
     """
-    num_negatives = int(num_negatives)
+    num_negatives = _whole("num_negatives", num_negatives)
+    if guidance is not None and not isinstance(guidance, Guidance):
+        raise ConfigError(f"guidance must be a dng.guidance.Guidance rule (e.g. DynamicNegativeGuidance()) or None, "
+                          f"got {type(guidance).__name__}")
+    _check_noise(noise)
     if guidance is None and num_negatives:
         raise ConfigError(f"{num_negatives} negative branches were given but no guidance rule to use them")
     if guidance is not None and num_negatives < 1:
@@ -134,6 +215,7 @@ def sample(
     batch = noise.shape[0]
     n_pos = 0 if cfg_scale is None else 1
     n_branches = 1 + n_pos + num_negatives
+    _check_layout(model, n_branches, n_pos, num_negatives, noise)
     extra = dict(set_timesteps_kwargs or {})
     try:
         scheduler.set_timesteps(steps, device=noise.device, **extra)
@@ -151,11 +233,16 @@ def sample(
     kwargs = step_kwargs(scheduler, eta, generator)
     # Flow-matching schedulers start from unit noise and take the model input as it is.
     x = noise * getattr(scheduler, "init_noise_sigma", 1.0)
+    # Along the chain a sample's RMS stays within a few noise levels of the data's; the largest noise level is x_T's.
+    bound = None if max_rms is None else max_rms * max(1.0, float(getattr(scheduler, "init_noise_sigma", 1.0)))
     scale_input = getattr(scheduler, "scale_model_input", lambda sample, t: sample)
     records = []
     for i, t in enumerate(tqdm(scheduler.timesteps, disable=not progress or None, desc="sampling", leave=False)):
         x_in = scale_input(x, t)
-        out = model(x_in.repeat((n_branches,) + (1,) * (x.dim() - 1)), t)
+        out = _first_tensor(_call(model, x_in.repeat((n_branches,) + (1,) * (x.dim() - 1)), t, i))
+        if out.dtype != x.dtype and out.is_floating_point():
+            # Noise in another float type than the model's: the chain continues in the model's.
+            x = x.to(out.dtype)
         if out.shape[0] != n_branches * batch or out.shape[1:] != x.shape[1:]:
             raise ConfigError(f"the model returned shape {tuple(out.shape)}; expected "
                               f"{(n_branches * batch,) + tuple(x.shape[1:])} ({n_branches} branches of {batch})")
@@ -174,6 +261,7 @@ def sample(
             info.update(guidance.after_step(x_prev))
             if return_trace:
                 records.append(info)
+        _check_range(x_prev, bound, i, steps, t)
         x = x_prev
         if callback is not None and callback(i, t, x_prev, info) is STOP:
             break

@@ -176,7 +176,9 @@ class GMMBench:
 
             out = sample(self.gmm.branch_model(negatives), self.scheduler, guidance, noise=noise,
                          num_inference_steps=self.steps, num_negatives=len(negatives), eta=self.eta, generator=g,
-                         callback=measure, progress=progress, return_trace=guidance is not None)
+                         callback=measure, progress=progress, return_trace=guidance is not None,
+                         # A mixture's scale is its config's, and divergence is scored here ("diverged").
+                         max_rms=None)
             x, trace = out.samples, out.trace
             mae = float(torch.stack(errors).mean()) if errors else None
         seconds = time.perf_counter() - start

@@ -27,11 +27,19 @@ class ClassBranches:
 
     With `every_class`, the same call also evaluates every class the sampler did not ask for and keeps all NUM_CLASSES
     + 1 predictions of the step, by label, in `last` [NUM_CLASSES + 1, batch, ...] (for `ClassPosterior`).
+    `num_branches` and `sample_shape` tell the sampler the layout it evaluates, so that a wrong one is refused.
     """
 
     def __init__(self, unet, labels: Sequence[int], dtype: str = "float32", every_class: bool = False):
         self.unet = unet
         self.labels = torch.tensor([int(c) for c in labels])
+        if not len(self.labels) or not all(0 <= c <= NULL_LABEL for c in self.labels.tolist()):
+            raise ConfigError(f"labels must be class indices 0-{NULL_LABEL} ({NULL_LABEL}: unconditional), one per "
+                              f"branch; got {list(labels)}")
+        self.num_branches = len(self.labels)
+        config = unet.config
+        self.sample_shape = (config.in_channels, *((config.sample_size,) * 2 if isinstance(config.sample_size, int)
+                                                   else config.sample_size))
         self.bf16 = check_dtype(dtype) == "bfloat16"
         others = [k for k in range(NUM_CLASSES + 1) if k not in self.labels.tolist()] if every_class else []
         self.others = torch.tensor(others, dtype=torch.long)
@@ -46,6 +54,8 @@ class ClassBranches:
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         n = len(self.labels)
         batch = x.shape[0] // n
+        # The UNet's own dtype: noise drawn in another float type would fail inside its first conv.
+        x = x.to(self.unet.dtype)
         labels = torch.cat([self.labels, self.others])
         if len(self.others):
             x = torch.cat([x, x[:batch].repeat((len(self.others),) + (1,) * (x.dim() - 1))])

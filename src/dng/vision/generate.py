@@ -10,7 +10,7 @@ from dng.config import DNGConfig
 from dng.errors import ConfigError
 from dng.guidance import DynamicNegativeGuidance, Guidance, NegativePrompt, SafeLatentDiffusion
 from dng.posterior import ReadPosterior
-from dng.sampler import Trace, sample
+from dng.sampler import MAX_RMS, Trace, sample
 from dng.vision.branches import ClassBranches, ClassPosterior
 from dng.vision.models import NULL_LABEL, generator_sampler
 from dng.vision.seeding import sample_generators
@@ -49,6 +49,7 @@ def generate(
     dtype: str = "float32",
     first_index: int = 0,
     class_posterior: bool = False,
+    max_rms: float | None = MAX_RMS,
 ) -> tuple[torch.Tensor, Trace | None]:
     """Samples in [-1, 1] from `noise` [N, 1, 28, 28] with the sampler named `scheduler`, `chunk` images per sampler
     run; the trace if guided.
@@ -56,7 +57,7 @@ def generate(
     Sample j's step noise comes from its own generator (`sample_generators`, index `first_index + j`), so the same
     seed and index give the same step noise for every method, batch size and process. `dtype` 'bfloat16' runs the
     UNet under bfloat16 autocast (`DTYPES`). `class_posterior`: DNG reads p from every class's branch
-    (`ClassPosterior`) instead of tracking it.
+    (`ClassPosterior`) instead of tracking it. `max_rms` is `dng.sampler.sample`'s range check.
     """
     guided = guidance is not None
     if guided and not negatives:
@@ -84,6 +85,7 @@ def generate(
             generator=sample_generators(seed, first_index + start, len(x_T), 1),
             progress=progress,
             return_trace=guided,
+            max_rms=max_rms,
         )
         samples.append(out.samples)
         traces.append(out.trace)
