@@ -243,3 +243,23 @@ def test_sd_command_refuses_flux_guidance_for_other_models(tmp_path):
     with pytest.raises(ConfigError, match="--distilled-guidance is Flux's embedded guidance; .* StableDiffusion3Pipe"):
         _sd_command(["--model", str(tmp_path / "model"), "--prompt", "a", "--negative", "b", "--out",
                      str(tmp_path / "out"), "--distilled-guidance", "3"])
+
+
+def test_docstring_example_runs(model, monkeypatch, tmp_path):
+    # The example as a user runs it, with the tiny pipeline standing in for the downloaded weights.
+    name, pipe, parent = model
+    if name == "flux-schnell":
+        pytest.skip("the example is Flux-dev's")
+    cls = type(pipe)
+
+    def load(c, *args, **kwargs):
+        tiny = _quiet(c.from_pipe(parent))
+        tiny.default_sample_size = 8  # Flux's default 1024 px is a 4096-patch image: 16 px here
+        return tiny
+
+    monkeypatch.setattr(cls, "from_pretrained", classmethod(load))
+    monkeypatch.chdir(tmp_path)
+    code = "\n".join(re.findall(r"^\s*(?:>>>|\.\.\.) ?(.*)$", cls.__call__.__doc__, flags=re.M))
+    namespace = {}
+    exec(code.replace("num_inference_steps=28", "num_inference_steps=3"), namespace)
+    assert len(list(tmp_path.glob("*.png"))) == 1 and namespace["out"].trace.p.shape == (3, 1, 1 + (name == "sd3"))
