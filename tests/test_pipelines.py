@@ -500,7 +500,7 @@ def test_sd_command_sets_dng_like_the_other_commands(tmp_path):
     args = parser.parse_args(["sd", "--model", "m", "--prompt", "a", "--negative", "b", "--negative", "c", "--out", "o",
                               "--dng-preset", "paper-sd", "--dng", "lam0=3", "--dng", "prior=0.2,0.3",
                               "--mode", "exclusive"])
-    rule = sd_command._guidance(args)
+    rule = sd_command._guidance(args, 7.5)
     assert rule.config == PRESETS["paper-sd"].replace(lam0=3.0, prior=(0.2, 0.3), mode="exclusive")
 
 
@@ -523,7 +523,8 @@ def test_sd_command_refuses_more_steps_than_the_schedule_has(sd_parent, tmp_path
 @pytest.mark.parametrize("make,match", [
     (lambda d: d / "missing", "not a folder"),
     (lambda d: d, "no model_index.json"),
-    (lambda d: (d / "model_index.json").write_text('{"_class_name": "FluxPipeline"}') and d, "FluxPipeline"),
+    (lambda d: (d / "model_index.json").write_text('{"_class_name": "KandinskyPipeline"}') and d,
+     "KandinskyPipeline"),
 ])
 def test_sd_command_explains_bad_model_folders(tmp_path, make, match):
     with pytest.raises(ConfigError, match=match):

@@ -29,7 +29,11 @@ class Step:
 
 def base_prediction(eps_u, eps_p=None, cfg_scale: float = 1.0):
     """Unconditional epsilon, or classifier-free guidance eps_u + w (eps_p - eps_u) with a positive branch."""
-    return eps_u if eps_p is None else eps_u + cfg_scale * (eps_p - eps_u)
+    if eps_p is None:
+        return eps_u
+    # At w = 1 the prompt's branch itself, to the bit: what a pipeline without CFG (or Flux's distilled guidance)
+    # steps with, and eps_u + (eps_p - eps_u) rounds differently.
+    return eps_p if cfg_scale == 1 else eps_u + cfg_scale * (eps_p - eps_u)
 
 
 def _push(base, eps_u, eps_n, scale):

@@ -1,4 +1,4 @@
-"""`dng sd`: text-to-image with Stable Diffusion 1.x / 2.x / XL from local weights, with DNG, NP or SLD."""
+"""`dng sd`: text-to-image with Stable Diffusion 1.x / 2.x / XL / 3 or Flux from local weights, with DNG, NP or SLD."""
 
 from __future__ import annotations
 
@@ -13,6 +13,14 @@ from dng.commands import add_dng_arguments, check_count, check_out_dir, dng_chan
 from dng.errors import ConfigError
 
 PIPELINE_DTYPES = ("float32", "float16", "bfloat16")
+# A folder's pipeline (model_index.json's _class_name, diffusers' or ours) -> the DNG pipeline that loads it.
+PIPELINES = {"StableDiffusionPipeline": "StableDiffusionDNGPipeline",
+             "StableDiffusionXLPipeline": "StableDiffusionXLDNGPipeline",
+             "StableDiffusion3Pipeline": "StableDiffusion3DNGPipeline", "FluxPipeline": "FluxDNGPipeline"}
+# DNG pipeline -> the call argument --cfg-scale sets and its default: the CFG scale of the base. Flux's guidance is
+# distilled, so its CFG is diffusers' true CFG, off by default (the prompt's branch alone is the base).
+CFG = {"StableDiffusionDNGPipeline": ("guidance_scale", 7.5), "StableDiffusionXLDNGPipeline": ("guidance_scale", 7.5),
+       "StableDiffusion3DNGPipeline": ("guidance_scale", 7.0), "FluxDNGPipeline": ("true_cfg_scale", 1.0)}
 
 
 class Renamed(argparse.Action):
@@ -28,10 +36,11 @@ class Renamed(argparse.Action):
 
 
 def register(groups) -> None:
-    p = groups["top"].add_parser("sd", help="generate images with Stable Diffusion (local weights) and DNG",
-                                 description="Generate with a local diffusers Stable Diffusion folder; saves the "
-                                             "images, the trace as CSV, a per-image summary of the guidance's "
-                                             "action (summary.csv) and a plot of p_t and the scale per step.")
+    p = groups["top"].add_parser("sd", help="generate images with Stable Diffusion or Flux (local weights) and DNG",
+                                 description="Generate with a local diffusers Stable Diffusion 1.x / 2.x / XL / 3 or "
+                                             "Flux folder; saves the images, the trace as CSV, a per-image summary of "
+                                             "the guidance's action (summary.csv) and a plot of p_t and the scale per "
+                                             "step.")
     p.add_argument("--model", type=Path, required=True, help="local diffusers folder (with model_index.json)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative", action="append", required=True, metavar="TEXT",
@@ -41,8 +50,12 @@ def register(groups) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
     p.add_argument("--images", dest="num_images", type=int, action=Renamed, new="--num-images")
-    p.add_argument("--cfg-scale", type=float, default=7.5,
-                   help="classifier-free guidance scale; at most 1 turns CFG off, as in diffusers")
+    p.add_argument("--cfg-scale", type=float, default=None,
+                   help="classifier-free guidance scale of the base; at most 1 turns CFG off, as in diffusers "
+                        "(default 7.5; SD3 7.0; Flux 1: on Flux it is diffusers' true_cfg_scale)")
+    p.add_argument("--distilled-guidance", type=float, default=None,
+                   help="Flux-dev: the guidance its transformer embeds, in every branch (diffusers' guidance_scale, "
+                        "default 3.5); Flux-schnell has none and ignores it, as in diffusers")
     p.add_argument("--cfg", dest="cfg_scale", type=float, action=Renamed, new="--cfg-scale")
     add_dng_arguments(p)
     p.add_argument("--np-scale", type=float, default=None,
@@ -65,9 +78,12 @@ def check_args(args) -> None:
     check_count("--num-images", args.num_images)
     if not 0 <= args.seed < 2**64:
         raise ConfigError(f"--seed must be a whole number from 0 to 2**64 - 1 (torch's seed range), got {args.seed}")
-    if not math.isfinite(args.cfg_scale) or args.cfg_scale < 0:
+    if args.cfg_scale is not None and (not math.isfinite(args.cfg_scale) or args.cfg_scale < 0):
         raise ConfigError(f"--cfg-scale must be a finite number >= 0, got {args.cfg_scale} (at most 1 turns "
                           f"classifier-free guidance off, as in diffusers)")
+    if args.distilled_guidance is not None and (not math.isfinite(args.distilled_guidance)
+                                                or args.distilled_guidance < 0):
+        raise ConfigError(f"--distilled-guidance must be a finite number >= 0, got {args.distilled_guidance}")
     for name in ("height", "width"):
         value = getattr(args, name)
         if value is not None and (value <= 0 or value % 8):
@@ -86,9 +102,10 @@ def check_args(args) -> None:
 
 
 def _pipeline_class(model: Path):
+    """The DNG pipeline class for the folder's model_index.json."""
     index = model / "model_index.json"
     if not model.is_dir():
-        raise ConfigError(f"--model {model} is not a folder; give a local diffusers Stable Diffusion folder")
+        raise ConfigError(f"--model {model} is not a folder; give a local diffusers Stable Diffusion or Flux folder")
     if not index.is_file():
         raise ConfigError(f"--model {model} has no model_index.json; give a diffusers folder (e.g. one written by "
                           f"pipe.save_pretrained or `huggingface-cli download <repo> --local-dir DIR`)")
@@ -96,16 +113,29 @@ def _pipeline_class(model: Path):
         name = json.loads(index.read_text()).get("_class_name", "")
     except (json.JSONDecodeError, AttributeError) as err:
         raise ConfigError(f"{index} is not valid JSON: {err}") from None
-    from dng.pipelines import StableDiffusionDNGPipeline, StableDiffusionXLDNGPipeline
+    ours = PIPELINES.get(name, name if name in PIPELINES.values() else None)
+    if ours is None:
+        raise ConfigError(f"{model} holds a {name or 'unnamed'} pipeline; dng sd takes folders of "
+                          f"{', '.join(PIPELINES)} (Stable Diffusion 1.x/2.x, XL, 3 / 3.5 and Flux.1)")
+    import dng.pipelines
 
-    if name.startswith("StableDiffusionXL"):
-        return StableDiffusionXLDNGPipeline
-    if name.startswith("StableDiffusion"):
-        return StableDiffusionDNGPipeline
-    raise ConfigError(f"{model} holds a {name or 'unnamed'} pipeline; dng sd supports Stable Diffusion 1.x/2.x/XL")
+    return getattr(dng.pipelines, ours)
 
 
-def _guidance(args):
+def _cfg(args, cls) -> tuple[float, dict]:
+    """The base's CFG scale for the pipeline `cls`, and the call arguments --cfg-scale and --distilled-guidance set."""
+    name, default = CFG[cls.__name__]
+    if args.distilled_guidance is not None and name != "true_cfg_scale":
+        raise ConfigError(f"--distilled-guidance is Flux's embedded guidance; {args.model} holds a "
+                          f"{cls.__name__.replace('DNG', '')}: drop it")
+    scale = default if args.cfg_scale is None else args.cfg_scale
+    given = {name: scale}
+    return scale, given if args.distilled_guidance is None else {**given, "guidance_scale": args.distilled_guidance}
+
+
+def _guidance(args, cfg_scale: float):
+    """The rule of --method; NP's scale defaults to `cfg_scale` - 1 (the base's CFG scale), diffusers' negative
+    prompt."""
     from dng.config import DNGConfig, check_scale
     from dng.guidance import DynamicNegativeGuidance, NegativePrompt, SafeLatentDiffusion
 
@@ -113,7 +143,7 @@ def _guidance(args):
         changes = {"mode": args.mode or "independent", **dng_changes(args)}
         return DynamicNegativeGuidance(DNGConfig.preset(args.dng_preset, **changes))
     if args.method == "np":
-        scale = max(args.cfg_scale - 1, 0.0) if args.np_scale is None else args.np_scale
+        scale = max(cfg_scale - 1, 0.0) if args.np_scale is None else args.np_scale
         return NegativePrompt(check_scale("--np-scale", scale))
     return SafeLatentDiffusion.preset(args.sld_preset or "medium")
 
@@ -132,8 +162,9 @@ def _device(name: str | None) -> str:
 
 def run(args) -> int:
     check_args(args)
-    cls = _pipeline_class(args.model)  # checks the folder before the slow imports below
-    guidance = _guidance(args)
+    cls = _pipeline_class(args.model)  # checks the folder before loading it
+    cfg_scale, cfg = _cfg(args, cls)
+    guidance = _guidance(args, cfg_scale)
     device = _device(args.device)
     import torch
 
@@ -156,8 +187,8 @@ def run(args) -> int:
     print(f"sampling with {ran}{f' at eta {sampler.eta:g}' if sampler.eta else ''} ({how})")
     pipe.to(device)
     out = pipe(args.prompt, height=args.height, width=args.width, num_inference_steps=args.steps,
-               guidance_scale=args.cfg_scale, num_images_per_prompt=args.num_images, negative_concepts=args.negative,
-               dng=guidance, generator=torch.Generator(device).manual_seed(args.seed), return_trace=True)
+               num_images_per_prompt=args.num_images, negative_concepts=args.negative, dng=guidance,
+               generator=torch.Generator(device).manual_seed(args.seed), return_trace=True, **cfg)
     names = [f"image_{i}.png" for i in range(len(out.images))]
     for name, image in zip(names, out.images, strict=True):
         png = io.BytesIO()

@@ -1,9 +1,15 @@
-"""Diffusers pipelines with Dynamic Negative Guidance: Stable Diffusion 1.x / 2.x and SDXL."""
+"""Diffusers pipelines with Dynamic Negative Guidance: Stable Diffusion 1.x / 2.x, SDXL, SD3 and Flux."""
 
+from dng.pipelines.flux import FluxDNGPipeline, FluxDNGPipelineOutput
 from dng.pipelines.stable_diffusion import StableDiffusionDNGPipeline, StableDiffusionDNGPipelineOutput
+from dng.pipelines.stable_diffusion_3 import StableDiffusion3DNGPipeline, StableDiffusion3DNGPipelineOutput
 from dng.pipelines.stable_diffusion_xl import StableDiffusionXLDNGPipeline, StableDiffusionXLDNGPipelineOutput
 
 __all__ = [
+    "FluxDNGPipeline",
+    "FluxDNGPipelineOutput",
+    "StableDiffusion3DNGPipeline",
+    "StableDiffusion3DNGPipelineOutput",
     "StableDiffusionDNGPipeline",
     "StableDiffusionDNGPipelineOutput",
     "StableDiffusionXLDNGPipeline",

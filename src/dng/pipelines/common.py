@@ -6,6 +6,7 @@ import inspect
 import math
 from dataclasses import dataclass
 
+import torch
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
@@ -14,7 +15,7 @@ from dng.calibration import ModelCalibration
 from dng.config import PRESETS, DNGConfig
 from dng.errors import ConfigError, UnsupportedSchedulerError
 from dng.guidance import DynamicNegativeGuidance, Guidance, NegativePrompt, SafeLatentDiffusion
-from dng.sampler import STOP, sample
+from dng.sampler import STOP, check_steps, sample
 from dng.schedulers import NamedSampler, needs_eta, reverse_kernel, stochastic
 
 logger = logging.get_logger(__name__)
@@ -40,6 +41,7 @@ class CallSetup:
 
     rule: Guidance
     sampler: NamedSampler  # pipe.scheduler, or for DNG its stochastic sibling, and the eta the steps get
+    cfg_scale: float  # the base's classifier-free guidance scale; 1 is the prompt's branch alone
     batch_size: int
     concepts: list[list[str]]  # per negative concept given as text: one string per prompt
     num_negatives: int  # the text concepts, and negative_prompt_embeds last when given
@@ -50,14 +52,21 @@ class CallSetup:
 class DNGPipelineMixin:
     """A diffusers text-to-image pipeline whose negative concepts are branches of their own, guided by DNG, NP or SLD.
 
-    A pipeline lists it before its diffusers parent and adds only what is its own: `__call__` with the parent's
-    signature plus `DNG_ARGUMENTS` (keyword-only), handing `locals()` to `_dng_call`; `_dng_encode(args, setup)`,
-    the batched conditioning {name: tensor} with [unconditional, prompt, concepts...] along the batch axis, named in
-    `_dng_conditioning`; `_dng_denoise(x, t, cond, args)`, one denoiser call on every branch; `_dng_decode(latents,
+    A pipeline lists it (through `UNetDNGPipelineMixin` or `dng.pipelines.flow.FlowDNGPipelineMixin`) before its
+    diffusers parent and adds only what is its own: `__call__` with the parent's signature plus `DNG_ARGUMENTS`
+    (keyword-only), handing `locals()` to `_dng_call`; `_dng_encode(args, setup)`, the batched conditioning
+    {name: tensor} with [unconditional, prompt, concepts...] along the batch axis, of which `_dng_conditioning` names
+    what a callback may see; `_dng_denoise(x, t, cond, args)`, one denoiser call on every branch; `_dng_decode(latents,
     args)`, the output's fields; `_dng_output`, the output class (with `trace`); and `_dng_unsupported`, the
     parent's arguments a call with negative concepts refuses when set. Without a negative concept the call is the
-    parent's own. `_dng_size`, `_dng_noise` and the check for a guidance-embedding UNet read `self.unet.config`: a
-    transformer pipeline (SD3, Flux) adapts those.
+    parent's own.
+
+    What differs between denoisers are hooks, which `UNetDNGPipelineMixin` and `FlowDNGPipelineMixin` fill in:
+    `_dng_prepare(args)` (the model's own checks, the parent's call state, the encode_prompt arguments every branch
+    shares), `_dng_default_size()` and `_dng_size_multiple()` (in pixels), `_dng_latent_shape(height, width)` (one
+    image's latents as the parent draws them); and with defaults here, `_dng_pack(latents)` (their layout in the
+    denoiser: as drawn), `_dng_schedule(args, noise)` (set_timesteps arguments: none) and `_dng_cfg_scale(args)`
+    (the base's CFG scale: guidance_scale).
     """
 
     _dng_unsupported: tuple[str, ...] = ()
@@ -89,10 +98,7 @@ class DNGPipelineMixin:
     def _dng_set_up(self, args: dict, options: dict, tensor_inputs: list[str], kwargs: dict) -> CallSetup:
         """Check every input before any model runs, build the rule, choose the sampler, set the parent's call state;
         `kwargs` are the parent's deprecated extra arguments, refused here."""
-        guidance_scale = args["guidance_scale"]
-        if not math.isfinite(float(guidance_scale)):
-            raise ConfigError(f"guidance_scale must be a finite number, got {guidance_scale} (at most 1 turns "
-                              f"classifier-free guidance off, as in diffusers)")
+        cfg_scale = self._dng_cfg_scale(args)
         args["height"], args["width"] = self._dng_size(args["height"], args["width"])
         for name, value in {**{name: args[name] for name in self._dng_unsupported}, **kwargs}.items():
             if value is not None and not (isinstance(value, (int, float)) and value == 0):
@@ -102,8 +108,7 @@ class DNGPipelineMixin:
             self.check_inputs(**{**checks, "callback_on_step_end_tensor_inputs": tensor_inputs})
         except ValueError as err:
             raise ConfigError(str(err)) from None
-        if self.unet.config.time_cond_proj_dim is not None:
-            raise ConfigError("this UNet embeds the guidance scale (LCM-style): no unconditional branch to guide")
+        check_steps(args["num_inference_steps"], self.scheduler)
 
         prompt, embeds = args["prompt"], args["negative_prompt_embeds"]
         if embeds is not None and options["negative_concepts"] is not None:
@@ -115,25 +120,37 @@ class DNGPipelineMixin:
         concepts = concept_prompts(args["negative_prompt"], options["negative_concepts"], batch_size)
         # A concept's name (what a calibration knows it by) is its text where every image has the same one.
         names = [texts[0] if len(set(texts)) == 1 else None for texts in concepts] + [None] * (embeds is not None)
-        rule = guidance_rule(options["negative_guidance"], options["dng"], guidance_scale, names)
+        rule = guidance_rule(options["negative_guidance"], options["dng"], cfg_scale, names)
         rule.check(len(names))
-        sampler = self._dng_sampler(rule, args["eta"])
+        # The flow-matching pipelines have no eta: their scheduler's step takes none.
+        sampler = self._dng_sampler(rule, args.get("eta", 0.0))
         check_tensor_inputs(tensor_inputs, rule, self._dng_conditioning)
 
-        # The parent's properties (do_classifier_free_guidance, interrupt, ...) read these.
-        clip_skip, cross_attention_kwargs = args["clip_skip"], args["cross_attention_kwargs"]
-        self._guidance_scale, self._guidance_rescale, self._clip_skip = guidance_scale, 0.0, clip_skip
-        self._cross_attention_kwargs, self._interrupt = cross_attention_kwargs, False
-        encode = dict(device=self._execution_device, num_images_per_prompt=args["num_images_per_prompt"],
-                      lora_scale=(cross_attention_kwargs or {}).get("scale"), clip_skip=clip_skip)
-        return CallSetup(rule, sampler, batch_size, concepts, len(names), encode, tensor_inputs)
+        shared = self._dng_prepare(args)
+        self._interrupt = False  # the parent's interrupt property reads it
+        encode = dict(device=self._execution_device, num_images_per_prompt=args["num_images_per_prompt"], **shared)
+        return CallSetup(rule, sampler, cfg_scale, batch_size, concepts, len(names), encode, tensor_inputs)
+
+    def _dng_cfg_scale(self, args: dict) -> float:
+        """The base's CFG scale: guidance_scale where it turns CFG on (> 1), else 1, the prompt's branch alone."""
+        guidance_scale = args["guidance_scale"]
+        if not math.isfinite(float(guidance_scale)):
+            raise ConfigError(f"guidance_scale must be a finite number, got {guidance_scale} (at most 1 turns "
+                              f"classifier-free guidance off, as in diffusers)")
+        return float(guidance_scale) if guidance_scale > 1 else 1.0
+
+    def _dng_schedule(self, args: dict, noise) -> dict:
+        """The keyword arguments of scheduler.set_timesteps besides the step count (e.g. sigmas, mu): none."""
+        return {}
+
+    def _dng_pack(self, latents):
+        """Drawn latents [images, channels, height, width] in the denoiser's layout: as they are."""
+        return latents
 
     def _dng_size(self, height: int | None, width: int | None) -> tuple[int, int]:
-        """Height and width, each defaulting to the UNet's sample size, checked against the VAE's factor."""
-        size = self.unet.config.sample_size
-        default = (size, size) if isinstance(size, int) else size
-        height, width = (v or d * self.vae_scale_factor for v, d in zip((height, width), default, strict=True))
-        factor = math.lcm(8, self.vae_scale_factor)
+        """Height and width, each defaulting to the model's, checked against `_dng_size_multiple`."""
+        height, width = (v or d for v, d in zip((height, width), self._dng_default_size(), strict=True))
+        factor = self._dng_size_multiple()
         if min(height, width) <= 0 or height % factor or width % factor:
             fix = " x ".join(str(max(factor, math.ceil(v / factor) * factor)) for v in (height, width))
             raise ConfigError(f"height and width must be positive multiples of {factor}, got {height} x {width}; "
@@ -154,21 +171,25 @@ class DNGPipelineMixin:
     def _dng_noise(self, args: dict, batch_size: int, dtype):
         """x_T before init_noise_sigma, drawn exactly as the parent's prepare_latents draws it."""
         images = batch_size * args["num_images_per_prompt"]
-        shape = (images, self.unet.config.in_channels, int(args["height"]) // self.vae_scale_factor,
-                 int(args["width"]) // self.vae_scale_factor)
+        shape = (images, *self._dng_latent_shape(int(args["height"]), int(args["width"])))
         generator, latents, device = args["generator"], args["latents"], self._execution_device
         if isinstance(generator, list) and len(generator) != images:
             raise ConfigError(f"{len(generator)} generators given for {images} images; give one per image")
         if latents is not None:
-            if tuple(latents.shape) != shape:
-                raise ConfigError(f"latents have shape {tuple(latents.shape)}; expected {shape}")
+            # Given latents are in the denoiser's layout, as the parent takes them: the layout's shape, with no data.
+            expected = tuple(self._dng_pack(torch.empty(shape, device="meta")).shape)
+            if tuple(latents.shape) != expected:
+                raise ConfigError(f"latents have shape {tuple(latents.shape)}; expected {expected}")
             return latents.to(device=device, dtype=dtype)
-        return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        return self._dng_pack(randn_tensor(shape, generator=generator, device=device, dtype=dtype))
 
     def _dng_run(self, args: dict, setup: CallSetup, cond: dict, noise, return_trace: bool):
         """Sample through dng.sampler.sample; `cond` holds the batched conditioning a callback may replace."""
         callback = args["callback_on_step_end"]
-        self._num_timesteps = args["num_inference_steps"]
+        schedule = self._dng_schedule(args, noise)
+        # Custom sigmas set the step count, as diffusers' retrieve_timesteps does.
+        steps = len(schedule["sigmas"]) if "sigmas" in schedule else args["num_inference_steps"]
+        self._num_timesteps = steps
 
         def on_step(i, t, x_prev, info):
             available = {"latents": x_prev, **cond, "dng_p": info.get("p"), "dng_applied_scale": info.get("scale")}
@@ -187,12 +208,36 @@ class DNGPipelineMixin:
 
         return sample(
             lambda x, t: self._dng_denoise(x, t, cond, args), setup.sampler.scheduler, setup.rule, noise=noise,
-            num_inference_steps=args["num_inference_steps"], num_negatives=setup.num_negatives,
-            # Without CFG (guidance_scale <= 1) the parent uses the prompt's branch alone, which is CFG at w = 1.
-            cfg_scale=self.guidance_scale if self.do_classifier_free_guidance else 1.0, eta=setup.sampler.eta,
-            generator=args["generator"], callback=on_step if callback is not None else None,
+            num_inference_steps=steps, num_negatives=setup.num_negatives, cfg_scale=setup.cfg_scale,
+            eta=setup.sampler.eta, generator=args["generator"], callback=on_step if callback is not None else None,
             progress=not getattr(self, "_progress_bar_config", {}).get("disable", False), return_trace=return_trace,
+            set_timesteps_kwargs=schedule,
         )
+
+
+class UNetDNGPipelineMixin(DNGPipelineMixin):
+    """The hooks of the UNet pipelines (SD 1.x/2.x, SDXL): size and latents from the UNet's config, CLIP skip and
+    cross-attention kwargs."""
+
+    def _dng_prepare(self, args: dict) -> dict:
+        if self.unet.config.time_cond_proj_dim is not None:
+            raise ConfigError("this UNet embeds the guidance scale (LCM-style): no unconditional branch to guide")
+        # The parent's properties (do_classifier_free_guidance, clip_skip, ...) read these.
+        clip_skip, cross_attention_kwargs = args["clip_skip"], args["cross_attention_kwargs"]
+        self._guidance_scale, self._guidance_rescale, self._clip_skip = args["guidance_scale"], 0.0, clip_skip
+        self._cross_attention_kwargs = cross_attention_kwargs
+        return dict(lora_scale=(cross_attention_kwargs or {}).get("scale"), clip_skip=clip_skip)
+
+    def _dng_default_size(self) -> tuple[int, int]:
+        size = self.unet.config.sample_size
+        height, width = (size, size) if isinstance(size, int) else size
+        return height * self.vae_scale_factor, width * self.vae_scale_factor
+
+    def _dng_size_multiple(self) -> int:
+        return math.lcm(8, self.vae_scale_factor)
+
+    def _dng_latent_shape(self, height: int, width: int) -> tuple[int, ...]:
+        return self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor
 
 
 def refuse_removed(kwargs: dict) -> None:
@@ -251,10 +296,20 @@ def concept_prompts(negative_prompt, negative_concepts, batch_size: int) -> list
     return prompts
 
 
-def guidance_rule(method: str | None, dng, guidance_scale: float, concepts: list[str | None]) -> Guidance:
+def other_encoder_texts(args: dict, setup: CallSetup, name: str) -> list[list[str]]:
+    """The concepts' texts for another text encoder: `name` (e.g. negative_prompt_2) for the one negative_prompt,
+    else each concept's own text, as the parent defaults it."""
+    if args[name] is None:
+        return setup.concepts
+    if args["negative_prompt"] is None:
+        raise ConfigError(f"{name} is another text encoder's text of negative_prompt; give both")
+    return concept_prompts(args[name], None, setup.batch_size)
+
+
+def guidance_rule(method: str | None, dng, cfg_scale: float, concepts: list[str | None]) -> Guidance:
     """The call's rule: `dng` itself where it is a Guidance, else the method `negative_guidance` names (DNG by
-    default, with the settings `config_from_argument` reads from `dng`); `concepts` are the concepts' names (None:
-    no name)."""
+    default, with the settings `config_from_argument` reads from `dng`); `cfg_scale` is the base's CFG scale,
+    `concepts` are the concepts' names (None: no name)."""
     if isinstance(method, Guidance):
         raise ConfigError(f"negative_guidance takes a method name, one of {METHODS}; pass the rule object as "
                           f"dng={type(method).__name__}(...)")
@@ -268,9 +323,9 @@ def guidance_rule(method: str | None, dng, guidance_scale: float, concepts: list
         raise ConfigError(f"dng= sets DNG, which negative_guidance={method!r} does not use; drop dng=, or drop "
                           f"negative_guidance to guide with DNG")
     if method == "np":
-        # With the empty prompt as the unconditional branch, diffusers' negative prompt is NP at scale w - 1; without
-        # CFG (w <= 1) the parent ignores its negative prompt, and so does scale 0.
-        return NegativePrompt(max(guidance_scale - 1.0, 0.0))
+        # With the empty prompt as the unconditional branch, diffusers' negative prompt (Flux's true CFG) is NP at
+        # scale w - 1; without CFG (w <= 1) the parent ignores its negative prompt, and so does scale 0.
+        return NegativePrompt(max(cfg_scale - 1.0, 0.0))
     if method == "sld":
         return SafeLatentDiffusion.preset("medium")
     return DynamicNegativeGuidance(config_from_argument(dng, concepts))

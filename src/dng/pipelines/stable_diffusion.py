@@ -9,7 +9,7 @@ from diffusers import StableDiffusionPipeline
 from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
 from diffusers.utils import replace_example_docstring
 
-from dng.pipelines.common import DNG_TENSOR_INPUTS, DNGPipelineMixin
+from dng.pipelines.common import DNG_TENSOR_INPUTS, UNetDNGPipelineMixin
 from dng.sampler import Trace
 
 EXAMPLE_DOC_STRING = """
@@ -40,7 +40,7 @@ class StableDiffusionDNGPipelineOutput(StableDiffusionPipelineOutput):
     trace: Trace | None = None
 
 
-class StableDiffusionDNGPipeline(DNGPipelineMixin, StableDiffusionPipeline):
+class StableDiffusionDNGPipeline(UNetDNGPipelineMixin, StableDiffusionPipeline):
     """StableDiffusionPipeline whose negative prompts are applied by DNG (or NP / SLD), several at once.
 
     The unconditional branch is always the empty prompt; each negative concept is a branch of its own,

@@ -10,8 +10,7 @@ from diffusers.pipelines.stable_diffusion_xl import StableDiffusionXLPipelineOut
 from diffusers.utils import replace_example_docstring
 from diffusers.utils.torch_utils import get_module_execution_device
 
-from dng.errors import ConfigError
-from dng.pipelines.common import DNG_TENSOR_INPUTS, DNGPipelineMixin, concept_prompts
+from dng.pipelines.common import DNG_TENSOR_INPUTS, UNetDNGPipelineMixin, other_encoder_texts
 from dng.sampler import Trace
 
 EXAMPLE_DOC_STRING = """
@@ -42,7 +41,7 @@ class StableDiffusionXLDNGPipelineOutput(StableDiffusionXLPipelineOutput):
     trace: Trace | None = None
 
 
-class StableDiffusionXLDNGPipeline(DNGPipelineMixin, StableDiffusionXLPipeline):
+class StableDiffusionXLDNGPipeline(UNetDNGPipelineMixin, StableDiffusionXLPipeline):
     """StableDiffusionXLPipeline whose negative prompts are applied by DNG (or NP / SLD), several at once.
 
     As in the parent, the unconditional branch is the empty prompt (zeros with force_zeros_for_empty_prompt);
@@ -125,10 +124,8 @@ class StableDiffusionXLDNGPipeline(DNGPipelineMixin, StableDiffusionXLPipeline):
         return self._dng_call(locals())
 
     def _dng_encode(self, args: dict, setup) -> dict:
-        if args["negative_prompt_2"] is not None and args["negative_prompt"] is None:
-            raise ConfigError("negative_prompt_2 is the second encoder's text of negative_prompt; give both")
         self._denoising_end = None  # the parent's denoising_end property reads it
-        second = concept_prompts(args["negative_prompt_2"], None, setup.batch_size) or setup.concepts
+        second = other_encoder_texts(args, setup, "negative_prompt_2")
 
         # do_classifier_free_guidance=True with no negative prompt gives the parent's unconditional branch.
         positive, uncond, pooled, uncond_pooled = self.encode_prompt(
