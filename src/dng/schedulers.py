@@ -126,6 +126,20 @@ def _sibling(scheduler) -> tuple[str, dict]:
     return target, changes
 
 
+def tracked(scheduler, eta: float = 0.0) -> bool:
+    """Whether DNG can track its posterior through this scheduler's steps at this eta."""
+    try:
+        check_tracked(scheduler, eta)
+    except UnsupportedSchedulerError:
+        return False
+    return True
+
+
+def check_tracked(scheduler, eta: float = 0.0) -> None:
+    """Refuse, with the switch to its stochastic sibling, a scheduler DNG cannot track at this eta."""
+    reverse_kernel(scheduler, eta)
+
+
 def needs_eta(scheduler) -> bool:
     """Whether the scheduler's noise is the `eta` given to its step (DDIM, TCD): sample with eta > 0."""
     return type(scheduler) in _ETA_KERNELS

@@ -13,10 +13,10 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from dng.calibration import ModelCalibration
 from dng.config import PRESETS, DNGConfig
-from dng.errors import ConfigError, UnsupportedSchedulerError
+from dng.errors import ConfigError
 from dng.guidance import DynamicNegativeGuidance, Guidance, NegativePrompt, SafeLatentDiffusion
 from dng.sampler import STOP, check_steps, sample
-from dng.schedulers import NamedSampler, needs_eta, reverse_kernel, stochastic
+from dng.schedulers import NamedSampler, check_tracked, needs_eta, stochastic, tracked
 
 logger = logging.get_logger(__name__)
 
@@ -359,11 +359,9 @@ def sampler_for(scheduler, rule: Guidance, eta: float) -> tuple[NamedSampler, st
     """
     if not isinstance(rule, DynamicNegativeGuidance):
         return NamedSampler(scheduler, eta), None
-    try:
-        reverse_kernel(scheduler, eta)
+    if tracked(scheduler, eta):
         return NamedSampler(scheduler, eta), None
-    except UnsupportedSchedulerError:
-        sibling = stochastic(scheduler)  # refuses a scheduler with no stochastic sibling
+    sibling = stochastic(scheduler)  # refuses a scheduler with no stochastic sibling
     how = []
     if sibling is not scheduler:
         changes = ""
@@ -377,7 +375,7 @@ def sampler_for(scheduler, rule: Guidance, eta: float) -> tuple[NamedSampler, st
     if noiseless:
         eta, said = NOISY_ETA[type(sibling).__name__]
         how.append(f"with {said} where the call gives eta 0 (pass eta > 0 to choose it yourself)")
-    reverse_kernel(sibling, eta)
+    check_tracked(sibling, eta)
     name = type(scheduler).__name__ + " at eta 0" * noiseless
     return NamedSampler(sibling, eta), (f"DNG reads its posterior from the noise each step adds, and {name} adds "
                                         f"none: DNG calls on this pipeline sample {' and '.join(how)}")
