@@ -14,13 +14,14 @@ from dng.gmm import default_mixture_config
 SMALL = {"means": [[0.0, 0.0], [2.0, 0.0], [0.0, 2.0]], "stds": [0.3, 0.5, 0.4], "weights": [1, 2, 1], "remove": [0]}
 
 
-def test_bench_gmm_cli_writes_results_and_plots(tmp_path, capsys):
+def test_bench_gmm_cli_writes_results_and_plots_into_its_folder(tmp_path, capsys):
     (tmp_path / "mix.json").write_text(json.dumps(SMALL))
+    out = tmp_path / "run"
     code = main(["bench", "gmm", "--config", str(tmp_path / "mix.json"), "--steps", "20", "--num-images", "300",
-                 "--methods", "none,np,sld,dng,dng-oracle,target", "--out", str(tmp_path / "r.json"),
-                 "--plot", str(tmp_path / "plots")])
+                 "--methods", "none,np,sld,dng,dng-oracle,target", "--out", str(out), "--plot"])
     assert code == 0
-    result = json.loads((tmp_path / "r.json").read_text())
+    assert sorted(p.name for p in out.iterdir()) == ["dng_trajectories.png", "results.json", "tradeoff.png"]
+    result = json.loads((out / "results.json").read_text())
     assert result["config"]["remove"] == [0] and result["variance"] == "fixed_large"
     methods = [r["method"] for r in result["rows"]]
     assert methods == ["none"] + ["np"] * 3 + ["sld"] * 4 + ["dng", "dng-oracle", "target"]
@@ -32,9 +33,12 @@ def test_bench_gmm_cli_writes_results_and_plots(tmp_path, capsys):
     rows = {r["method"]: r for r in result["rows"]}
     assert rows["dng"]["params"]["prior"] == pytest.approx(0.25)
     assert rows["none"]["forbidden_rate"] > 0.15 > rows["dng-oracle"]["forbidden_rate"]
-    assert (tmp_path / "plots" / "tradeoff.png").stat().st_size > 1000
-    assert (tmp_path / "plots" / "dng_trajectories.png").stat().st_size > 1000
+    assert (out / "tradeoff.png").stat().st_size > 1000 and (out / "dng_trajectories.png").stat().st_size > 1000
     assert "forbidden" in capsys.readouterr().out
+    # Without --plot: results.json alone.
+    assert main(["bench", "gmm", "--config", str(tmp_path / "mix.json"), "--steps", "2", "--num-images", "10",
+                 "--methods", "none", "--out", str(tmp_path / "bare")]) == 0
+    assert [p.name for p in (tmp_path / "bare").iterdir()] == ["results.json"]
 
 
 @pytest.mark.parametrize(
@@ -125,6 +129,7 @@ def test_flow_samplers_run_sd3s_shift_and_fluxs_dynamic_shifting(scheduler, opti
     (["--scheduler", "flow-euler", "--shift", "0"], "--shift must be > 0"),
     (["--scheduler", "flow-euler", "--mu", "nan"], "--mu must be a finite number"),
     (["--scheduler", "flow"], "unknown scheduler 'flow'; choose one of ddpm, euler-a, dpmpp-2m-sde, ddim, flow-euler"),
+    (["--out", "file"], "--out file is a file; give a folder"),
 ])
 def test_bad_sampler_and_output_options_are_refused(tmp_path, monkeypatch, capsys, argv, message):
     monkeypatch.chdir(tmp_path)

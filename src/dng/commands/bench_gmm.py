@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dng.commands import SAMPLER_NAMES, add_renamed, check_count, check_out_dir, check_out_file, check_threads
+from dng.commands import SAMPLER_NAMES, add_renamed, check_count, check_out_dir, check_threads
 from dng.errors import ConfigError
 
 # `dng.bench.gmm.SCHEDULERS`, written out so that building the parser need not import diffusers.
@@ -28,8 +28,8 @@ def register(groups) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--methods", default="none,np,sld,dng,dng-oracle,target",
                    help="comma-separated: none, np, sld, dng, dng-oracle, target")
-    p.add_argument("--out", help="write the results JSON here")
-    p.add_argument("--plot", help="write figures into this folder")
+    p.add_argument("--out", default="runs/gmm", help="folder for results.json and the figures (default runs/gmm)")
+    p.add_argument("--plot", action="store_true", help="also write figures into --out")
     p.add_argument("--jobs", type=int, default=1,
                    help="rows sampled in parallel processes (each with --threads torch threads; 2 on 2 cores)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per process (default: torch's choice)")
@@ -49,10 +49,7 @@ def run(args) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not methods:
         raise ConfigError("--methods is empty; give e.g. none,np,dng")
-    if args.out:
-        check_out_file(args.out)
-    if args.plot:
-        check_out_dir(args.plot, "--plot")
+    out = check_out_dir(args.out)
     config = load_config(args.config)
     bench = GMMBench(config, args.steps, args.num_samples, args.seed, args.variance, args.scheduler, args.shift,
                      args.mu)
@@ -66,12 +63,11 @@ def run(args) -> int:
     print(format_table(rows))
     result = {"config": config, "steps": args.steps, "scheduler": args.scheduler, "shift": args.shift, "mu": args.mu,
               "variance": args.variance, "num_samples": args.num_samples, "seed": args.seed, "rows": rows}
-    if args.out:
-        print(f"wrote {write_json(args.out, result)}")
+    print(f"wrote {write_json(out / 'results.json', result)}")
     if args.plot:
-        print(f"wrote {plots.tradeoff(rows, f'{args.plot}/tradeoff.png')}")
+        print(f"wrote {plots.tradeoff(rows, out / 'tradeoff.png')}")
         for row, trace in results:
             if trace is not None:
                 name = row["method"]
-                print(f"wrote {plots.trajectories(trace, f'{args.plot}/{name}_trajectories.png')}")
+                print(f"wrote {plots.trajectories(trace, out / f'{name}_trajectories.png')}")
     return 0
