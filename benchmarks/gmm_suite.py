@@ -11,7 +11,7 @@ import argparse
 import torch
 
 from dng.bench.gmm import SCHEDULERS, GMMBench
-from dng.commands import dng_overrides
+from dng.commands import dng_changes
 from dng.gmm import default_mixture_config
 from dng.guidance import DynamicNegativeGuidance
 from dng.io import write_json
@@ -53,7 +53,7 @@ def main():
     parser.add_argument("--out", default="runs/gmm-suite.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    overrides = dng_overrides(argparse.Namespace(dng=args.dng, dng_preset="default"))
+    overrides = dng_changes(argparse.Namespace(dng=args.dng, dng_preset="default"))
     results = {}
     for name, config in SUITE.items():
         bench = GMMBench(config, args.steps, args.num_samples, seed=0, variance=args.variance,
