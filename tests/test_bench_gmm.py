@@ -164,3 +164,11 @@ def test_renoising_flow_sampler_is_biased_and_its_tracker_overcounts():
     assert unguided["flow-euler-a", 100]["forbidden_rate"] == pytest.approx(0.1, abs=0.03)
     assert unguided["flow-euler", 100]["forbidden_rate"] < 0.02 < unguided["flow-euler", 25]["forbidden_rate"]
     assert mae["flow-euler-a", 100] < 0.5 < 2 < mae["flow-euler", 25] < mae["flow-euler", 100]
+
+
+def test_a_row_that_overflows_is_scored_as_diverged():
+    from dng.guidance import NegativePrompt
+
+    bench = GMMBench(SMALL, steps=5, num_samples=50, seed=0)
+    row, _ = bench.run("np", {"scale": 1e30}, lambda: NegativePrompt(1e30))
+    assert row["diverged"] == 50 and row["sliced_w2"] == float("inf") and row["forbidden_rate"] == 1.0

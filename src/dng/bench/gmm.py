@@ -15,7 +15,7 @@ import torch
 from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler, LTXEulerAncestralRFScheduler
 
 from dng import metrics
-from dng.errors import ConfigError
+from dng.errors import ConfigError, NonFiniteError
 from dng.gmm import GaussianMixture, RectifiedFlow, VariancePreserving, default_mixture_config
 from dng.guidance import SLD_PRESETS, DynamicNegativeGuidance, NegativePrompt, SafeLatentDiffusion
 from dng.sampler import check_steps, sample
@@ -230,11 +230,16 @@ class GMMBench:
                     errors.append((_logit(info["p"].clamp(lo, hi)) - _logit(exact)).abs().mean())
                 current[0] = x_prev
 
-            out = sample(self.gmm.branch_model(negatives), self.scheduler, guidance, noise=noise,
-                         num_inference_steps=self.steps, num_negatives=len(negatives), eta=self.eta, generator=g,
-                         callback=measure, progress=progress, return_trace=guidance is not None,
-                         set_timesteps_kwargs=self.set_timesteps_kwargs)
-            x, trace = out.samples, out.trace
+            try:
+                out = sample(self.gmm.branch_model(negatives), self.scheduler, guidance, noise=noise,
+                             num_inference_steps=self.steps, num_negatives=len(negatives), eta=self.eta, generator=g,
+                             callback=measure, progress=progress, return_trace=guidance is not None,
+                             set_timesteps_kwargs=self.set_timesteps_kwargs)
+                x, trace = out.samples, out.trace
+            except NonFiniteError:
+                # A rule that pushed samples out of float range (NP at scale 5 on the re-noising flow sampler): the
+                # loop stops the whole batch, so the row scores every sample as diverged.
+                x = torch.full((self.n, self.gmm.dim), math.nan)
             mae = float(torch.stack(errors).mean()) if errors else None
         seconds = time.perf_counter() - start
         return self.score(method, params, x, seconds, mae), trace
