@@ -39,6 +39,10 @@ def test_bench_gmm_cli_writes_results_and_plots_into_its_folder(tmp_path, capsys
     assert main(["bench", "gmm", "--config", str(tmp_path / "mix.json"), "--steps", "2", "--num-images", "10",
                  "--methods", "none", "--out", str(tmp_path / "bare")]) == 0
     assert [p.name for p in (tmp_path / "bare").iterdir()] == ["results.json"]
+    # A flow schedule starts at sigma = inf (pure noise), which the trajectories' log axis leaves out.
+    assert main(["bench", "gmm", "--config", str(tmp_path / "mix.json"), "--scheduler", "flow-euler", "--steps", "3",
+                 "--num-images", "10", "--methods", "dng", "--out", str(tmp_path / "flow"), "--plot"]) == 0
+    assert (tmp_path / "flow" / "dng_trajectories.png").stat().st_size > 1000
 
 
 @pytest.mark.parametrize(
