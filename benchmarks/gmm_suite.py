@@ -1,7 +1,7 @@
 """`dng bench gmm` over a family of mixtures; prints one summary line per mixture and writes the rows.
 
-Run: .venv/bin/python benchmarks/gmm_suite.py [--steps 100] [--scheduler ddpm] [--dng late_boost=1] \
-         --out runs/gmm-suite.json
+Run: .venv/bin/python benchmarks/gmm_suite.py [--steps 100] [--scheduler ddpm|euler-a|dpmpp-2m-sde|ddim|flow-euler|
+         flow-euler-a] [--shift 3 | --mu 1.1] [--dng late_boost=1] --out runs/gmm-suite.json
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import argparse
 
 import torch
 
-from dng.bench.gmm import GMMBench
-from dng.commands import dng_overrides
+from dng.bench.gmm import SCHEDULERS, GMMBench
+from dng.commands import dng_changes
 from dng.gmm import default_mixture_config
 from dng.guidance import DynamicNegativeGuidance
 from dng.io import write_json
@@ -42,7 +42,9 @@ SUITE = {
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--scheduler", default="ddpm", help="ddpm, euler-a, dpmpp-2m-sde or ddim")
+    parser.add_argument("--scheduler", default="ddpm", choices=SCHEDULERS)
+    parser.add_argument("--shift", type=float, default=None, help="the flow samplers' schedule shift (SD3: 3)")
+    parser.add_argument("--mu", type=float, default=None, help="the flow samplers with Flux's dynamic shifting")
     parser.add_argument("--num-samples", type=int, default=4000)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--variance", default="fixed_large", choices=("fixed_large", "fixed_small"))
@@ -51,11 +53,11 @@ def main():
     parser.add_argument("--out", default="runs/gmm-suite.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    overrides = dng_overrides(argparse.Namespace(dng=args.dng, dng_preset="default"))
+    overrides = dng_changes(argparse.Namespace(dng=args.dng, dng_preset="default"))
     results = {}
     for name, config in SUITE.items():
         bench = GMMBench(config, args.steps, args.num_samples, seed=0, variance=args.variance,
-                         scheduler=args.scheduler)
+                         scheduler=args.scheduler, shift=args.shift, mu=args.mu)
         cells = list(bench.configs(["none", "np", "sld", "dng", "dng-oracle", "target"]))
         if overrides:
             cells = [(m, {**p, **overrides}, lambda p=p: DynamicNegativeGuidance(
@@ -72,8 +74,9 @@ def main():
               f"sW2 {oracle['sliced_w2']:.4f} | dng forb {dng['forbidden_rate']:.4f} kl {dng['class_kl']:.4f} "
               f"sW2 {dng['sliced_w2']:.4f} mae {dng['posterior_logit_mae']:.3f} | np/sld better on both: "
               f"{len(dominated)}", flush=True)
-    write_json(args.out, {"steps": args.steps, "scheduler": args.scheduler, "variance": args.variance,
-                          "num_samples": args.num_samples, "dng": overrides, "results": results})
+    write_json(args.out, {"steps": args.steps, "scheduler": args.scheduler, "shift": args.shift, "mu": args.mu,
+                          "variance": args.variance, "num_samples": args.num_samples, "dng": overrides,
+                          "results": results})
 
 
 if __name__ == "__main__":

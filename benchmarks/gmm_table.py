@@ -5,9 +5,10 @@ Run: for s in ddpm euler-a dpmpp-2m-sde; do for n in 25 50 100; do
      .venv/bin/python benchmarks/gmm_table.py runs/gmm-suite-*.json
 
 Per mixture: forbidden rate (target / exact-posterior DNG / tracked DNG), class KL and sliced W2 of tracked DNG as a
-ratio to the target row's and to the exact-posterior row's. A mixture passes against a reference row when tracked DNG
-has sW2 <= 1.3x its sW2, forbidden <= its forbidden + max(1 point, 3 standard errors), class KL <= 0.03, and no NP or
-SLD row is at least as good on both forbidden and class KL.
+ratio to the target row's and to the exact-posterior row's; with --extra also the unguided row's forbidden rate and
+the tracked posterior's mean log-odds error against the exact one. A mixture passes against a reference row when
+tracked DNG has sW2 <= 1.3x its sW2, forbidden <= its forbidden + max(1 point, 3 standard errors), class KL <= 0.03,
+and no NP or SLD row is at least as good on both forbidden and class KL.
 """
 
 from __future__ import annotations
@@ -25,29 +26,42 @@ def passes(dng: dict, ref: dict, rows: list[dict], n: int) -> bool:
             and dng["forbidden_rate"] <= ref["forbidden_rate"] + max(0.01, 3 * se))
 
 
+def sampler_name(data: dict) -> str:
+    """The sampler's name, with the flow samplers' shift or mu when one was given."""
+    name = data.get("scheduler", "ddpm")
+    shifts = [f"{key} {data[key]:g}" for key in ("shift", "mu") if data.get(key) is not None]
+    return f"{name} ({', '.join(shifts)})" if shifts else name
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results", nargs="+", help="gmm_suite.py JSON files")
+    parser.add_argument("--extra", action="store_true",
+                        help="add the unguided forbidden rate and the tracked posterior's log-odds error")
     args = parser.parse_args()
-    print("| sampler | steps | mixture | forbidden: target / exact-posterior / DNG | class KL | sW2 / target | "
-          "sW2 / exact-posterior | passes vs target, vs exact-posterior |")
-    print("|---|---|---|---|---|---|---|---|")
+    forbidden = "none / target / exact-posterior / DNG" if args.extra else "target / exact-posterior / DNG"
+    extra = " log-odds error |" if args.extra else ""
+    print(f"| sampler | steps | mixture | forbidden: {forbidden} | class KL | sW2 / target | "
+          f"sW2 / exact-posterior |{extra} passes vs target, vs exact-posterior |")
+    print("|---" * (9 if args.extra else 8) + "|")
     totals = {}
     for path in args.results:
         data = json.load(open(path))
-        n, key = data["num_samples"], (data.get("scheduler", "ddpm"), data["steps"])
+        n, key = data["num_samples"], (sampler_name(data), data["steps"])
         for name, rows in data["results"].items():
-            by = {r["method"]: r for r in rows if r["method"] in ("dng", "dng-oracle", "target")}
+            by = {r["method"]: r for r in rows if r["method"] in ("none", "dng", "dng-oracle", "target")}
             dng, oracle, target = by["dng"], by["dng-oracle"], by["target"]
             ok = (passes(dng, target, rows, n), passes(dng, oracle, rows, n))
             totals.setdefault(key, []).append(ok)
-            print(f"| {key[0]} | {key[1]} | {name} | {100 * target['forbidden_rate']:.2f} / "
+            none = f"{100 * by['none']['forbidden_rate']:.2f} / " if args.extra else ""
+            mae = f" {dng['posterior_logit_mae']:.2f} |" if args.extra else ""
+            print(f"| {key[0]} | {key[1]} | {name} | {none}{100 * target['forbidden_rate']:.2f} / "
                   f"{100 * oracle['forbidden_rate']:.2f} / {100 * dng['forbidden_rate']:.2f} % | "
                   f"{dng['class_kl']:.4f} | {dng['sliced_w2'] / target['sliced_w2']:.2f} | "
-                  f"{dng['sliced_w2'] / oracle['sliced_w2']:.2f} | {'yes' if ok[0] else 'no'}, "
+                  f"{dng['sliced_w2'] / oracle['sliced_w2']:.2f} |{mae} {'yes' if ok[0] else 'no'}, "
                   f"{'yes' if ok[1] else 'no'} |")
     print("\n| sampler | steps | mixtures passing vs target | vs exact-posterior |\n|---|---|---|---|")
-    for (sampler, steps), oks in sorted(totals.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+    for (sampler, steps), oks in sorted(totals.items()):
         print(f"| {sampler} | {steps} | {sum(a for a, _ in oks)} / {len(oks)} | "
               f"{sum(b for _, b in oks)} / {len(oks)} |")
 

@@ -97,8 +97,8 @@ def test_output_places_are_checked_before_sampling(tiny, tmp_path, capsys):
     ]
     for argv, message in cases:
         _refused([*argv, *tiny], message, capsys)
-    for argv, message in [(["--out", "folder.png"], "is a folder"), (["--plot", "file"], "--plot file is a file"),
-                          (["--out", f"{readonly}/r.json"], "cannot write in /sys"), (["--jobs", "0"], "--jobs")]:
+    for argv, message in [(["--out", "file"], "--out file is a file"), (["--jobs", "0"], "--jobs"),
+                          (["--out", f"{readonly}/r"], "cannot write in /sys")]:
         _refused(["bench", "gmm", "--steps", "2", "--num-images", "10", *argv], message, capsys)
     assert not list(tmp_path.glob("*/grid_*.png")) and not (tmp_path / "runs").exists()
 

@@ -57,7 +57,7 @@ def test_core_runs_without_matplotlib():
 
 
 @pytest.mark.parametrize("argv", [["demo"], ["sd", "--model", "m", "--prompt", "a", "--negative", "b", "--out", "o"],
-                                  ["bench", "gmm", "--plot", "figures"]])
+                                  ["bench", "gmm", "--plot"]])
 def test_figure_commands_name_the_plots_extra_without_matplotlib(argv, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     assert cli.main(argv) == 2

@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _draws_figures(args) -> bool:
     """Whether the command writes figures, which need matplotlib (the `plots` extra); bench gmm only with --plot."""
     if args.command == "bench" and args.bench == "gmm":
-        return args.plot is not None
+        return args.plot
     return args.command in ("demo", "sd", "bench")
 
 

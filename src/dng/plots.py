@@ -71,9 +71,11 @@ def trajectories(trace, path, max_lines: int = 40, title: str = "DNG along the s
         if sigma is None:
             ax.set_xlabel("step")
         else:
-            # High noise on the left; the last step's sigma 0 (clean data) has no place on a log axis.
+            # High noise on the left; the last step's sigma 0 (clean data) and a flow schedule's first, inf (pure
+            # noise), have no place on a log axis.
+            shown = sigma[(sigma > 0) & (sigma < float("inf"))]
             ax.set_xscale("log")
-            ax.set_xlim(sigma[sigma > 0].max(), sigma[sigma > 0].min())
+            ax.set_xlim(shown.max(), shown.min())
             ax.set_xlabel("noise level sigma")
         ax.grid(alpha=0.3)
     fig.suptitle(title)

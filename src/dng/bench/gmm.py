@@ -3,22 +3,24 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import multiprocessing
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
-from diffusers import DDPMScheduler
+from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler, LTXEulerAncestralRFScheduler
 
 from dng import metrics
 from dng.bench.table import setting_label
-from dng.errors import ConfigError
-from dng.gmm import GaussianMixture, default_mixture_config
+from dng.errors import ConfigError, NonFiniteError
+from dng.gmm import GaussianMixture, RectifiedFlow, VariancePreserving, default_mixture_config
 from dng.guidance import SLD_PRESETS, DynamicNegativeGuidance, NegativePrompt, SafeLatentDiffusion
 from dng.sampler import check_steps, sample
-from dng.schedulers import named_sampler
+from dng.schedulers import SAMPLERS, named_sampler
 
 METHODS = ("none", "np", "sld", "dng", "dng-oracle", "target")
 # fixed_large (sigma_t^2 = beta_t) is the default: at 100 steps its unguided and exact-posterior samples sit within
@@ -26,6 +28,65 @@ METHODS = ("none", "np", "sld", "dng", "dng-oracle", "target")
 # docs/GMM.md), so the bench measures the guidance and not the sampler's discretisation.
 VARIANCES = ("fixed_large", "fixed_small")
 NP_SCALES = (1.0, 2.0, 5.0)
+# On the rectified-flow path: diffusers' flow-matching Euler step with stochastic_sampling (the x0 estimate re-noised
+# to the next level, SD3's and Flux's scheduler made stochastic) and Euler ancestral for rectified flow (eta 1), whose
+# chain, unlike the re-noising one, converges to the data as steps grow (docs/GMM.md). The others are
+# variance-preserving samplers on a 1000-step linear-beta schedule.
+FLOW_SAMPLERS = ("flow-euler", "flow-euler-a")
+SCHEDULERS = (*SAMPLERS, *FLOW_SAMPLERS)
+
+
+class Sampler(NamedTuple):
+    """A scheduler, the eta its step needs, the mixture's forward process under it, and set_timesteps' extras."""
+
+    scheduler: object
+    eta: float
+    path: object
+    set_timesteps_kwargs: dict
+
+
+def make_sampler(name: str, steps: int, variance: str = VARIANCES[0], shift: float | None = None,
+                 mu: float | None = None) -> Sampler:
+    """The named sampler for `steps` steps with its path; `shift` (SD3) or `mu` (Flux's dynamic shifting) on the
+    flow samplers only."""
+    if variance not in VARIANCES:
+        raise ConfigError(f"unknown sampler variance {variance!r}; choose one of {', '.join(VARIANCES)}")
+    if name not in SCHEDULERS:
+        raise ConfigError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
+    for option, value in (("--shift", shift), ("--mu", mu)):
+        if value is not None and name not in FLOW_SAMPLERS:
+            raise ConfigError(f"{option} shifts flow matching's schedule; it needs --scheduler "
+                              f"{' or '.join(FLOW_SAMPLERS)}")
+        if value is not None and not math.isfinite(value):
+            raise ConfigError(f"{option} must be a finite number, got {value}")
+    if name not in FLOW_SAMPLERS:
+        # The DDPM step's variance is the bench's `variance`; other samplers take only its training schedule.
+        training = DDPMScheduler(num_train_timesteps=1000, clip_sample=False, variance_type=variance)
+        scheduler, eta = named_sampler(name, training.config)
+        check_steps(steps, scheduler, "--steps")
+        return Sampler(scheduler, eta, VariancePreserving(scheduler.alphas_cumprod), {})
+    if shift is not None and mu is not None:
+        raise ConfigError("give --shift (SD3's fixed shift) or --mu (Flux's dynamic shifting), not both: with "
+                          "dynamic shifting the scheduler ignores shift")
+    if shift is not None and shift <= 0:
+        raise ConfigError(f"--shift must be > 0, got {shift}")
+    flow = FlowMatchEulerDiscreteScheduler(shift=1.0 if shift is None else shift, use_dynamic_shifting=mu is not None,
+                                           stochastic_sampling=True)
+    check_steps(steps, flow, "--steps")
+    path = RectifiedFlow(flow.config.num_train_timesteps)
+    extra = {} if mu is None else {"mu": mu}
+    if name == "flow-euler":
+        return Sampler(flow, 0.0, path, extra)
+    # Built from the flow-matching config, which it keeps and rebuilds its (shifted) schedule from at set_timesteps.
+    logging.getLogger("diffusers.configuration_utils").addFilter(_without_ltx_config_warning)
+    return Sampler(LTXEulerAncestralRFScheduler.from_config(flow.config, eta=1.0), 0.0, path, extra)
+
+
+def _without_ltx_config_warning(record) -> bool:
+    # That rebuild passes LTX's own eta to FlowMatchEulerDiscreteScheduler, and diffusers warns at every set_timesteps
+    # (every row) that eta is not a flow-matching key: true and harmless.
+    message = record.getMessage()
+    return not ("were passed to FlowMatchEulerDiscreteScheduler" in message and "'eta'" in message)
 
 
 def load_config(path: str | None) -> dict:
@@ -96,19 +157,16 @@ class GMMBench:
     """One mixture, one scheduler, exact reference samples; `run(method)` returns a result row."""
 
     def __init__(self, config: dict, steps: int, num_samples: int, seed: int, variance: str = VARIANCES[0],
-                 scheduler: str = "ddpm"):
+                 scheduler: str = "ddpm", shift: float | None = None, mu: float | None = None):
         if steps < 1 or num_samples < 2:
             raise ConfigError(f"need --steps >= 1 and --num-samples >= 2, got {steps} and {num_samples}")
-        if variance not in VARIANCES:
-            raise ConfigError(f"unknown sampler variance {variance!r}; choose one of {', '.join(VARIANCES)}")
         self.variance = variance
-        self.spec = (config, steps, num_samples, seed, variance, scheduler)
-        # The DDPM step's variance is the bench's `variance`; other samplers take only its training schedule.
-        training = DDPMScheduler(num_train_timesteps=1000, clip_sample=False, variance_type=variance)
-        self.scheduler, self.eta = named_sampler(scheduler, training.config)
-        check_steps(steps, self.scheduler, "--steps")
-        self.gmm = GaussianMixture(config["means"], config["stds"], config["weights"],
-                                   self.scheduler.alphas_cumprod, dtype=torch.float32)
+        self.spec = (config, steps, num_samples, seed, variance, scheduler, shift, mu)
+        self.scheduler, self.eta, path, self.set_timesteps_kwargs = make_sampler(scheduler, steps, variance, shift,
+                                                                                 mu)
+        self.gmm = GaussianMixture(config["means"], config["stds"], config["weights"], path, dtype=torch.float32)
+        # The model's input: the scheduler's sample, scaled by 1 / sqrt(1 + sigma^2) on Euler-type ones.
+        self.model_input = getattr(self.scheduler, "scale_model_input", lambda x, t: x)
         self.remove = list(config["remove"])
         self.kept = [k for k in range(self.gmm.num_classes) if k not in self.remove]
         self.steps, self.n, self.seed = steps, num_samples, seed
@@ -117,8 +175,7 @@ class GMMBench:
         self.prior = float(self.gmm.weights[self.remove].sum())
 
     def exact_posterior(self, x, t):
-        # The sampler's x is the scheduler's own sample space (scaled by sqrt(1 + sigma^2) on Euler-type ones).
-        return self.gmm.posterior(self.scheduler.scale_model_input(x, t), t)[:, self.remove]
+        return self.gmm.posterior(self.model_input(x, t), t)[:, self.remove]
 
     def configs(self, methods):
         """(method, params, guidance factory) for every row the methods ask for."""
@@ -174,12 +231,18 @@ class GMMBench:
                     errors.append((_logit(info["p"].clamp(lo, hi)) - _logit(exact)).abs().mean())
                 current[0] = x_prev
 
-            out = sample(self.gmm.branch_model(negatives), self.scheduler, guidance, noise=noise,
-                         num_inference_steps=self.steps, num_negatives=len(negatives), eta=self.eta, generator=g,
-                         callback=measure, progress=progress, return_trace=guidance is not None,
-                         # A mixture's scale is its config's, and divergence is scored here ("diverged").
-                         max_rms=None)
-            x, trace = out.samples, out.trace
+            try:
+                out = sample(self.gmm.branch_model(negatives), self.scheduler, guidance, noise=noise,
+                             num_inference_steps=self.steps, num_negatives=len(negatives), eta=self.eta, generator=g,
+                             callback=measure, progress=progress, return_trace=guidance is not None,
+                             set_timesteps_kwargs=self.set_timesteps_kwargs,
+                             # A mixture's scale is its config's, and divergence is scored here ("diverged").
+                             max_rms=None)
+                x, trace = out.samples, out.trace
+            except NonFiniteError:
+                # A rule that pushed samples out of float range (NP at scale 5 on the re-noising flow sampler): the
+                # loop stops the whole batch, so the row scores every sample as diverged.
+                x = torch.full((self.n, self.gmm.dim), math.nan)
             mae = float(torch.stack(errors).mean()) if errors else None
         seconds = time.perf_counter() - start
         return self.score(method, params, x, seconds, mae), trace
