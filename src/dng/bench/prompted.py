@@ -40,7 +40,6 @@ from dng.vision.models import (
 )
 
 METHODS = ("cfg", "np", "dng")
-DEFAULT_PAIRS = "Trouser:Bag,Shirt:T-shirt/top,Pullover:Coat,Sneaker:Ankle boot"
 # NP's scales when none are given, as multiples of w - 1 (diffusers' negative prompt): one weaker, one stronger.
 NP_FACTORS = (0.5, 1.0, 2.0)
 METRICS = ("positive_rate", "negative_rate", "change_vs_cfg", "fid_vs_cfg", "mean_scale", "max_scale",

@@ -5,9 +5,11 @@ from __future__ import annotations
 from dng.commands import add_dng_arguments, add_sweep_arguments, dng_changes, finish_sweep, start_sweep
 
 
-def register(groups) -> None:
-    from dng.bench.prompted import DEFAULT_PAIRS
+# The pairs `dng bench prompted` runs by default: one related and unrelated negative each for four positives.
+DEFAULT_PAIRS = "Trouser:Bag,Shirt:T-shirt/top,Pullover:Coat,Sneaker:Ankle boot"
 
+
+def register(groups) -> None:
     p = groups["bench"].add_parser(
         "prompted", help="a positive class with CFG against a related or unrelated negative: CFG, NP, DNG",
         description="The text-to-image situation on the shipped generator: CFG on a positive class, a negative "
