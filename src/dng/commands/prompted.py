@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dng.commands import add_dng_arguments, add_sweep_arguments, dng_changes, finish_sweep, start_sweep
 
-
 # The pairs `dng bench prompted` runs by default: one related and unrelated negative each for four positives.
 DEFAULT_PAIRS = "Trouser:Bag,Shirt:T-shirt/top,Pullover:Coat,Sneaker:Ankle boot"
 
