@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from dng.commands import add_dng_arguments, add_sweep_arguments, dng_changes, finish_sweep, start_sweep
+from dng.commands import (
+    PER_PAIR_PRECISION_RECALL,
+    add_dng_arguments,
+    add_sweep_arguments,
+    check_sweep_numbers,
+    dng_changes,
+    finish_sweep,
+    start_sweep,
+)
 
 
 def register(groups) -> None:
@@ -25,6 +33,7 @@ def register(groups) -> None:
 
 
 def run(args) -> int:
+    check_sweep_numbers(args)  # before the slow imports
     from dng.bench.class_removal import (
         NP_SCALES,
         ClassRemovalBench,
@@ -38,7 +47,9 @@ def run(args) -> int:
     np_scales = parse_scales(args.np_scales, "--np-scales") if args.np_scales else NP_SCALES
     dng_scales = parse_scales(args.dng_scales, "--dng-scales") if args.dng_scales else None
     dng_set = dng_changes(args)
-    world = start_sweep(args, [classes, methods, np_scales, dng_scales, args.dng_preset, dng_set])
+    # dng-branches evaluates the unconditional branch and every class's (`dng.vision.branches.ClassPosterior`).
+    world = start_sweep(args, [classes, methods, np_scales, dng_scales, args.dng_preset, dng_set],
+                        per_pair=PER_PAIR_PRECISION_RECALL, branches=11 if "dng-branches" in methods else 2)
     bench = ClassRemovalBench(args.out, args.steps, args.num_samples, args.scheduler, args.seed, args.generator,
                               args.classifier, args.batch_size, args.progress, args.dtype, world)
     ran = bench.run(classes, methods, np_scales, args.dng_preset, dng_set, dng_scales)

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 from dng.commands import (
+    CHECK,
+    F32,
+    FEATURES,
+    PER_PAIR_PRECISION_RECALL,
+    U8,
     add_dng_arguments,
     add_dtype_argument,
     add_scheduler_argument,
     check_count,
     check_generator_sampler,
+    check_memory,
     check_out_dir,
+    check_seed,
     check_threads,
     generator_dng,
 )
@@ -45,6 +52,13 @@ def register(groups) -> None:
 def run(args) -> int:
     import time
 
+    started = time.perf_counter()
+    # The numbers first, before the slow imports.
+    check_threads(args.threads)
+    check_count("--num-images", args.num_images, 4)
+    check_seed(args.seed)
+    check_memory("--num-images", args.num_images, bytes_per_image(args.steps), per_pair=PER_PAIR_PRECISION_RECALL)
+
     import torch
 
     from dng import metrics, plots
@@ -57,10 +71,7 @@ def run(args) -> int:
     from dng.vision.images import classify, grid, save_png, to_uint8
     from dng.vision.models import load_classifier, load_generator
 
-    started = time.perf_counter()
-    check_threads(args.threads)
     klass = parse_class(args.remove)
-    check_count("--num-images", args.num_images, 4)
     check_generator_sampler(args)
     check_scale("--np-scale", args.np_scale)
     check_dtype(args.dtype)
@@ -111,6 +122,13 @@ def run(args) -> int:
     print(text)
     print(f"wrote {out}/: comparison.png (grids side by side), dng_trajectories.png, report.md, report.json")
     return 0
+
+
+def bytes_per_image(steps: int) -> int:
+    """What the demo keeps per image (`check_memory`): the noise; per method the float32 samples, the uint8 images and
+    grid, the classifier's features; DNG's trace (p, scale, llr per step); the classifier's input and the degeneracy
+    check of one method at a time."""
+    return F32 + 3 * (F32 + 2 * U8 + FEATURES) + 3 * 4 * steps + F32 + CHECK
 
 
 def side_by_side(grids: dict, results: dict, class_name: str, path):

@@ -3,17 +3,27 @@
 from __future__ import annotations
 
 from dng.commands import (
+    CHECK,
+    F32,
+    FEATURES,
+    U8,
     add_dng_arguments,
     add_dtype_argument,
     add_mode_argument,
     add_scheduler_argument,
     check_count,
     check_generator_sampler,
+    check_memory,
     check_out_dir,
+    check_seed,
     check_threads,
     generator_dng,
 )
 from dng.errors import ConfigError
+
+# What `dng sample` keeps per image (`check_memory`): the float32 samples of the batches, their concatenation and the
+# classifier's input; the uint8 images, the grid and the .npz; the classifier's features; the degeneracy check.
+BYTES_PER_IMAGE = 3 * F32 + 3 * U8 + FEATURES + CHECK
 
 
 def register(groups) -> None:
@@ -45,6 +55,20 @@ def register(groups) -> None:
 
 
 def run(args) -> int:
+    from dng.vision.data import CLASS_NAMES, parse_class, parse_classes
+
+    # The numbers first, before the slow imports.
+    check_threads(args.threads)
+    check_count("--num-images", args.num_images)
+    check_count("--batch-size", args.batch_size)
+    check_seed(args.seed)
+    removed = parse_classes(args.remove) if args.remove else []
+    method = (args.method or ("dng" if removed else "none")).strip().lower()
+    positive = parse_class(args.klass) if args.klass is not None else None
+    branches = 1 + (positive is not None) + (len(removed) if method != "none" else 0)
+    check_memory("--num-images", args.num_images, BYTES_PER_IMAGE, batch=args.batch_size, branches=branches,
+                 batch_option="--batch-size")
+
     import numpy as np
     import torch
 
@@ -53,14 +77,10 @@ def run(args) -> int:
     from dng.io import write_atomic
     from dng.vision import generate
     from dng.vision.branches import check_dtype
-    from dng.vision.data import CLASS_NAMES, parse_class, parse_classes
     from dng.vision.images import classify, grid, npz_bytes, save_png, to_uint8
     from dng.vision.models import load_classifier, load_generator
     from dng.vision.seeding import seeded_noise
 
-    check_threads(args.threads)
-    removed = parse_classes(args.remove) if args.remove else []
-    method = (args.method or ("dng" if removed else "none")).strip().lower()
     if method in generate.GUIDED and not removed:
         raise ConfigError(f"--method {method} needs --remove (a class name or index, e.g. Trouser)")
     check_scale("--scale", args.scale)
@@ -74,13 +94,10 @@ def run(args) -> int:
     if rule is not None:
         # One --dng prior for several exclusive classes is checked here as their sum, before any model loads.
         rule.check(len(removed))
-    positive = parse_class(args.klass) if args.klass is not None else None
     if positive in removed:
         raise ConfigError(f"--class {CLASS_NAMES[positive]} is also removed")
     check_dtype(args.dtype)
-    check_count("--num-images", args.num_images)
     out = check_out_dir(args.out)
-    check_count("--batch-size", args.batch_size)
     world = World.from_env()
     threads_per_rank(world, args.threads)
     world.check_same([vars(args)[k] for k in sorted(vars(args)) if k != "func"], "the command line")
