@@ -62,8 +62,10 @@ RENAMED_DNG = {"scale": "lam0"}
 TEXT_SETTINGS = ("mode", "kernel_variance", "update")
 
 
-def dng_changes(args) -> dict:
-    """The --dng NAME=VALUE settings as `DNGConfig` changes, checked against the preset before any model loads."""
+def dng_changes(args, check: bool = True) -> dict:
+    """The --dng NAME=VALUE settings as `DNGConfig` changes, each a known name with a value of its kind; with `check`,
+    also checked against the preset (a command whose model's calibration applies to the preset checks them with
+    it instead: `generator_dng`)."""
     import sys
 
     from dng.config import PARAMETERS, DNGConfig
@@ -87,25 +89,36 @@ def dng_changes(args) -> dict:
         except ValueError:
             raise ConfigError(f"--dng {item!r}: {value!r} is not a number") from None
         changes[name] = values[0] if len(values) == 1 else tuple(values)
-    try:
-        DNGConfig.preset(args.dng_preset, **changes)
-    except ConfigError as err:
-        raise ConfigError(f"--dng-preset / --dng: {err}") from None
+    if check:
+        try:
+            DNGConfig.preset(args.dng_preset, **changes)
+        except ConfigError as err:
+            raise ConfigError(f"--dng-preset / --dng: {err}") from None
     return changes
 
 
 def generator_dng(args, removed, **changes):
     """The DNG settings of a command that removes `removed` from the generator (`dng.vision.models.dng_config`:
-    preset, the generator's calibration, --dng), checked before any model loads, and where they came from."""
+    preset, the generator's calibration, --dng), checked as they will run (the calibrated prior against a --dng
+    p_max, say) before any model loads, and where they came from."""
     from dng.errors import ConfigError
+    from dng.vision.data import CLASS_NAMES
     from dng.vision.models import dng_config, dng_source, load_calibration
 
     calibration = load_calibration(args.generator)
     try:
-        config = dng_config(calibration, removed, args.dng_preset, **{**changes, **dng_changes(args)})
+        config = dng_config(calibration, removed, args.dng_preset, **{**changes, **dng_changes(args, check=False)})
     except ConfigError as err:
-        raise ConfigError(f"--dng-preset / --dng: {err}") from None
+        names = ", ".join(CLASS_NAMES[k] for k in removed)
+        raise ConfigError(f"--dng-preset / --dng (removing {names}): {err}") from None
     return config, dng_source(calibration, args.dng_preset)
+
+
+def check_generator_dng(args, removals) -> None:
+    """The DNG settings of every class a bench removes (`removals`: one list of classes per cell), as
+    `generator_dng` builds them, before any model loads."""
+    for removed in dict.fromkeys(tuple(r) for r in removals):
+        generator_dng(args, list(removed))
 
 
 def check_count(option: str, value: int | None, minimum: int = 1) -> int | None:

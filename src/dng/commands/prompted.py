@@ -7,6 +7,7 @@ from dng.commands import (
     U8,
     add_dng_arguments,
     add_sweep_arguments,
+    check_generator_dng,
     check_sweep_numbers,
     dng_changes,
     finish_sweep,
@@ -46,7 +47,9 @@ def run(args) -> int:
     pairs, methods = parse_pairs(args.pairs), parse_methods(args.methods, METHODS)
     np_scales = parse_scales(args.np_scales, "--np-scales") if args.np_scales else None
     dng_scales = parse_scales(args.dng_scales, "--dng-scales") if args.dng_scales else None
-    dng_set = dng_changes(args)
+    dng_set = dng_changes(args, check=False)
+    if "dng" in methods:
+        check_generator_dng(args, [[negative] for _, negative in pairs])
     # Beyond a sweep's sample set: the float64 copies of a cell's and CFG's images that change_vs_cfg compares, FID's
     # float64 features, and the CFG sets of every positive class, which stay in memory with their features.
     positives = len({k for k, _ in pairs})
