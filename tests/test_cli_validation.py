@@ -11,8 +11,9 @@ import torch
 from test_class_removal import TINY_CLASSIFIER, TINY_UNET, _write_idx
 
 from dng import cli, commands
-from dng.commands.demo import DEGENERATE_SHARE, format_report
+from dng.commands.demo import format_report
 from dng.errors import ConfigError
+from dng.metrics import DEGENERATE_SHARE
 from dng.vision import models
 
 pytestmark = pytest.mark.usefixtures("one_thread")
