@@ -19,6 +19,7 @@ from dng.commands import (
     check_out_dir,
     check_seed,
     check_threads,
+    dng_changes,
     generator_dng,
 )
 from dng.errors import ConfigError
@@ -109,7 +110,8 @@ def run(args) -> int:
     world.check_same([vars(args)[k] for k in sorted(vars(args)) if k != "func"], "the command line")
     # What ran, as the .npz records it: the method and every value of its rule.
     params = {"none": {}, "np": {"scale": args.scale}, "sld": {"preset": args.preset},
-              "dng": {"preset": args.dng_preset, **config.to_dict()} if config is not None else {}}.get(method, {})
+              "dng": {"preset": args.dng_preset, "set": dng_changes(args, check=False),
+                      **config.to_dict()} if config is not None else {}}.get(method, {})
     if config is not None and world.main:
         print(f"DNG {args.dng_preset} ({source}): {dng_values(config.to_dict())}")
     unet, classifier = load_generator(args.generator).to(world.device), load_classifier(args.classifier)
