@@ -214,3 +214,14 @@ def saturated_rate(images, real_images) -> float:
                           f"{real.shape}")
     most = (real == 255).mean((1, 2)).max()
     return float(((x == 255).mean((1, 2)) > most).mean())
+
+
+# A set of images at least this share of which is saturated noise or speckled is degenerate: its other metrics
+# describe noise, not the model's images. `dng demo`, `dng sample` and both benches flag such sets alike.
+DEGENERATE_SHARE = 0.5
+
+
+def degenerate(saturated_rate: float | None, artifact_rate: float | None) -> bool:
+    """Whether a set with these shares of saturated (`saturated_rate`) and speckled (`artifact_rate`) images is
+    degenerate (`DEGENERATE_SHARE`); an unknown share counts as 0."""
+    return max(saturated_rate or 0.0, artifact_rate or 0.0) >= DEGENERATE_SHARE

@@ -13,7 +13,17 @@ import numpy as np
 
 from dng import metrics
 from dng.bench.sweep import SampleSet, Sweep, one_thread, read_npz
-from dng.bench.table import Table, dng_cells, dng_params, grouped, markdown, mean_std, setting_label, stored_trace
+from dng.bench.table import (
+    Table,
+    dng_cells,
+    dng_params,
+    grouped,
+    markdown,
+    mean_std,
+    setting_label,
+    stored_trace,
+    summary_notes,
+)
 from dng.config import check_scale
 from dng.distributed import World
 from dng.errors import ConfigError
@@ -38,7 +48,8 @@ from dng.vision.models import (
 # costs.
 METHODS = ("data", "none", "np", "sld", "dng", "dng-branches")
 NP_SCALES = (0.5, 1.0, 2.0)
-METRICS = ("forbidden_rate", "class_kl", "unguided_kl", "fid", "precision", "recall", "artifact_rate", "seconds")
+METRICS = ("forbidden_rate", "class_kl", "unguided_kl", "fid", "precision", "recall", "artifact_rate",
+           "saturated_rate", "seconds")
 GRID_IMAGES = 64
 TRACE_SAMPLES = 40
 TABLE = Table(("class",), METHODS, METRICS,
@@ -91,20 +102,36 @@ def cell_key(klass: int, method: str, params: dict) -> str:
 
 
 class Reference:
-    """The classifier and the test split (its first `limit` images): scores samples against the kept classes."""
+    """The classifier and the test split (its first `limit` images): scores samples against the kept classes, and
+    flags sets of saturated noise or specks against the real images (`degeneracy`)."""
 
     def __init__(self, classifier, limit: int | None = None):
         self.classifier = classifier
         images, labels = load_split("test")
-        images, labels = images[:limit], labels[:limit]
-        self.labels = labels
-        _, self.features = classify(classifier, images)
-        self.artifact_threshold = metrics.artifact_threshold(images)
+        self.images, self.labels = images[:limit], labels[:limit]
+        self.artifact_threshold = metrics.artifact_threshold(self.images)
+        self._features = None
         self._stats: dict[tuple, tuple] = {}
+
+    @property
+    def features(self) -> np.ndarray:
+        """The classifier's features of the reference images (computed on first use: the degeneracy check needs
+        none)."""
+        if self._features is None:
+            _, self._features = classify(self.classifier, self.images)
+        return self._features
+
+    def degeneracy(self, images: np.ndarray) -> dict:
+        """artifact_rate and saturated_rate of uint8 samples, and whether they make the set degenerate
+        (`dng.metrics.degenerate`): what `dng demo`, `dng sample` and both benches report."""
+        artifacts = metrics.artifact_rate(images, self.artifact_threshold)
+        saturated = metrics.saturated_rate(images, self.images)
+        return {"artifact_rate": artifacts, "saturated_rate": saturated,
+                "degenerate": metrics.degenerate(saturated, artifacts)}
 
     def metrics(self, removed: list[int], images: np.ndarray, pred: np.ndarray, feats: np.ndarray,
                 seed: int = 0) -> dict:
-        """forbidden_rate, class_kl, fid, precision, recall and artifact_rate of uint8 samples, with their
+        """forbidden_rate, class_kl, fid, precision, recall, and `degeneracy`, of uint8 samples with their
         predicted labels and features."""
         kept = [c for c in range(NUM_CLASSES) if c not in removed]
         mask = np.isin(self.labels, kept)
@@ -121,7 +148,7 @@ class Reference:
             "fid": metrics.frechet_distance(*metrics.gaussian_stats(feats), *self._stats[key]),
             "precision": precision,
             "recall": recall,
-            "artifact_rate": metrics.artifact_rate(images, self.artifact_threshold),
+            **self.degeneracy(images),
         }
 
 
@@ -137,9 +164,8 @@ class ClassRemovalBench:
         generator_sampler(scheduler)  # fails early on an unknown name
         check_dtype(dtype)
         gen_path = Path(generator) if generator else default_weights("generator")
-        clf_path = Path(classifier) if classifier else default_weights("classifier")
-        with one_thread():  # the reference features, like every score, do not depend on the thread count
-            self.reference = Reference(load_classifier(clf_path))
+        self.classifier_path = Path(classifier) if classifier else default_weights("classifier")
+        self._reference = None
         self.calibration = load_calibration(gen_path)
         # The calibration is not in the settings: it only sets DNG's parameters, which every cell stores and `run`
         # checks, so NP and SLD cells stay valid when the generator is recalibrated. The batch size is: the UNet's
@@ -148,10 +174,19 @@ class ClassRemovalBench:
             "steps": steps, "num_samples": num_samples, "scheduler": scheduler, "seed": seed, "dtype": dtype,
             "batch_size": batch_size,
             "generator_weights_sha256": weights_sha256(gen_path, "generator"),
-            "classifier_weights_sha256": weights_sha256(clf_path, "classifier"),
+            "classifier_weights_sha256": weights_sha256(self.classifier_path, "classifier"),
         }
-        self.sweep = Sweep(out, settings, load_generator(gen_path), world, progress)
+        # The folder's settings are checked before any model loads; the generator loads when a shard is drawn.
+        self.sweep = Sweep(out, settings, lambda: load_generator(gen_path), world, progress)
         self.out, self.settings = self.sweep.out, self.sweep.settings
+
+    @property
+    def reference(self) -> Reference:
+        """The classifier and the test split, loaded when the first cell is scored."""
+        if self._reference is None:
+            with one_thread():  # the reference features, like every score, do not depend on the thread count
+                self._reference = Reference(load_classifier(self.classifier_path))
+        return self._reference
 
     def real_images(self, klass: int) -> np.ndarray:
         """`num_samples` train images of the classes other than `klass`, drawn with the sweep's seed."""
@@ -164,14 +199,14 @@ class ClassRemovalBench:
         return images[np.sort(pick)]
 
 
-    def score_cell(self, klass: int, method: str, params: dict) -> None:
-        """Score one cell from its stored sample set (real images for 'data') into DIR/cells."""
+    def score_cell(self, klass: int, method: str, params: dict, sample_set: SampleSet | None) -> None:
+        """Score one cell from its stored `sample_set` (real images for 'data', which has none) into DIR/cells."""
         key = cell_key(klass, method, params)
         arrays = {}
         if method == "data":
             images, seconds = self.real_images(klass), 0.0
         else:
-            stored = self.sweep.load(sample_set_key(klass, method, params))
+            stored = self.sweep.load(sample_set)
             images, seconds = stored["images"], float(stored["seconds"])
             if "p" in stored:
                 arrays.update(timesteps=stored["timesteps"], sigma=stored["sigma"],
@@ -196,11 +231,12 @@ class ClassRemovalBench:
             if method != "data":
                 key = sample_set_key(k, method, params)
                 sets[key] = SampleSet(key, rule, () if rule is None else (k,),
-                                      class_posterior=method == "dng-branches")
+                                      class_posterior=method == "dng-branches", params=params)
         missing = [c for c in cells if not self.sweep.cell_path(cell_key(*c[:3])).is_file()]
         self.sweep.draw([sets[sample_set_key(*c[:3])] for c in missing if c[1] != "data"])
         by_key = {cell_key(*c[:3]): c for c in cells}
-        self.sweep.score(list(by_key), lambda key: self.score_cell(*by_key[key][:3]))
+        self.sweep.score(list(by_key), lambda key: self.score_cell(
+            *by_key[key][:3], sets.get(sample_set_key(*by_key[key][:3]))))
         return len(missing)
 
 
@@ -227,20 +263,27 @@ def load_cells(out) -> list[dict]:
     # Computed here rather than stored: a cell finished before its class's unguided cell gets it too.
     unguided = {c["row"]["class"]: c["counts"] for c in cells if c["row"]["method"] == "none"}
     for c in cells:
-        c["row"].setdefault("artifact_rate", None)  # cells stored before it was measured
+        row = c["row"]
+        for metric in ("artifact_rate", "saturated_rate"):  # cells stored before they were measured
+            row.setdefault(metric, None)
+        row.setdefault("degenerate", metrics.degenerate(row["saturated_rate"], row["artifact_rate"]))
         klass = c["row"]["class"]
         c["row"]["unguided_kl"] = unguided_kl(c["counts"], unguided[klass], klass) if klass in unguided else None
     return cells
 
 
 def summarize(rows: list[dict]) -> list[dict]:
-    """Mean and standard deviation over removed classes of every metric, one row per setting."""
+    """Mean and standard deviation over removed classes of every metric, one row per setting, with the parameters
+    all its classes share, those that differ by class (a calibrated DNG's prior) and how many of its classes gave
+    degenerate images (`dng.metrics.degenerate`)."""
     out = []
     for members in grouped(rows, TABLE.label).values():
-        # A calibrated DNG has a prior per removed class: the summary keeps the parameters all classes share.
         first = members[0]["params"]
         shared = {k: v for k, v in first.items() if all(m["params"].get(k) == v for m in members)}
-        out.append({"method": members[0]["method"], "params": shared, "classes": len(members),
+        by_group = {k: {CLASS_NAMES[m["class"]]: m["params"].get(k) for m in members}
+                    for k in first if k not in shared}
+        out.append({"method": members[0]["method"], "params": shared, "by_group": by_group,
+                    "classes": len(members), "degenerate": sum(bool(m.get("degenerate")) for m in members),
                     **TABLE.stats(members)})
     return out
 
@@ -276,7 +319,9 @@ def write_results(out) -> dict[str, Path]:
 
 
 def format_summary(summary: list[dict]) -> str:
-    """Markdown table: mean ± std over removed classes per setting."""
+    """Markdown table: mean ± std over removed classes per setting; then the degenerate settings, and the DNG values
+    in force of every DNG setting."""
     header = ["setting", "classes", "forbidden rate", "class KL", "KL to unguided", "FID", "precision", "recall",
-              "artifacts", "seconds"]
-    return markdown(header, [[TABLE.label(s), s["classes"], *(mean_std(s, m) for m in METRICS)] for s in summary])
+              "artifacts", "saturated", "seconds"]
+    table = markdown(header, [[TABLE.label(s), s["classes"], *(mean_std(s, m) for m in METRICS)] for s in summary])
+    return table + summary_notes(summary, "class", "classes", TABLE.label)

@@ -19,8 +19,19 @@ from pathlib import Path
 import numpy as np
 
 from dng import metrics
+from dng.bench.class_removal import Reference
 from dng.bench.sweep import SampleSet, Sweep, read_npz
-from dng.bench.table import Table, dng_cells, dng_params, grouped, markdown, mean_std, setting_label, stored_trace
+from dng.bench.table import (
+    Table,
+    dng_cells,
+    dng_params,
+    grouped,
+    markdown,
+    mean_std,
+    setting_label,
+    stored_trace,
+    summary_notes,
+)
 from dng.config import check_scale
 from dng.distributed import World
 from dng.errors import ConfigError
@@ -40,11 +51,10 @@ from dng.vision.models import (
 )
 
 METHODS = ("cfg", "np", "dng")
-DEFAULT_PAIRS = "Trouser:Bag,Shirt:T-shirt/top,Pullover:Coat,Sneaker:Ankle boot"
 # NP's scales when none are given, as multiples of w - 1 (diffusers' negative prompt): one weaker, one stronger.
 NP_FACTORS = (0.5, 1.0, 2.0)
 METRICS = ("positive_rate", "negative_rate", "change_vs_cfg", "fid_vs_cfg", "mean_scale", "max_scale",
-           "activated_rate", "seconds")
+           "activated_rate", "artifact_rate", "saturated_rate", "seconds")
 # CFG's own negative rate separates the pairs: a negative CFG never produces is unrelated, one it often produces is
 # related; pairs in between are reported apart.
 UNRELATED, RELATED = 0.01, 0.03
@@ -80,20 +90,21 @@ def configs(positive: int, negative: int, methods: list[str], cfg_scale: float, 
     """(method, params, SampleSet) of every cell of one pair. The cfg samples of a positive class are shared by
     all its pairs; `dng` is the negative's DNG cells, (preset, what the user set, config) each
     (`dng.bench.table.dng_cells`)."""
-    cells = [("cfg", {"cfg_scale": cfg_scale}, SampleSet(f"pos{positive}-cfg", None, (), positive, cfg_scale))]
+    cfg = {"cfg_scale": cfg_scale}
+    cells = [("cfg", cfg, SampleSet(f"pos{positive}-cfg", None, (), positive, cfg_scale, params=cfg))]
     for method in methods:
         if method == "np":
             for scale in np_scales:
                 params = {"cfg_scale": cfg_scale, "scale": scale, "diffusers": scale == cfg_scale - 1}
                 key = cell_key(positive, negative, method, params)
                 cells.append((method, params, SampleSet(key, generate.make_rule("np", np_scale=scale),
-                                                        (negative,), positive, cfg_scale)))
+                                                        (negative,), positive, cfg_scale, params=params)))
         elif method == "dng":
             for preset, user, config in dng:
                 params = {"cfg_scale": cfg_scale, **dng_params(preset, user, config)}
                 key = cell_key(positive, negative, method, params)
                 rule = generate.make_rule("dng", dng=config)
-                cells.append((method, params, SampleSet(key, rule, (negative,), positive, cfg_scale)))
+                cells.append((method, params, SampleSet(key, rule, (negative,), positive, cfg_scale, params=params)))
     return cells
 
 
@@ -135,7 +146,7 @@ class PromptedBench:
         check_dtype(dtype)
         gen_path = Path(generator) if generator else default_weights("generator")
         clf_path = Path(classifier) if classifier else default_weights("classifier")
-        self.classifier = load_classifier(clf_path)
+        self.classifier_path, self._reference = clf_path, None
         self.calibration = load_calibration(gen_path)
         settings = {
             "bench": "prompted", "steps": steps, "num_samples": num_samples, "scheduler": scheduler, "seed": seed,
@@ -143,9 +154,18 @@ class PromptedBench:
             "generator_weights_sha256": weights_sha256(gen_path, "generator"),
             "classifier_weights_sha256": weights_sha256(clf_path, "classifier"),
         }
-        self.sweep = Sweep(out, settings, load_generator(gen_path), world, progress)
+        # The folder's settings are checked before any model loads; the generator loads when a shard is drawn.
+        self.sweep = Sweep(out, settings, lambda: load_generator(gen_path), world, progress)
         self.out, self.settings = self.sweep.out, self.sweep.settings
         self._scored: dict[str, tuple] = {}
+
+    @property
+    def reference(self) -> Reference:
+        """The classifier, and the test split that the degeneracy check compares with; loaded when the first cell is
+        scored."""
+        if self._reference is None:
+            self._reference = Reference(load_classifier(self.classifier_path))
+        return self._reference
 
     def cells(self, pairs, methods, np_scales=None, dng_preset="default", dng_set=None, dng_scales=None) -> list:
         w = self.settings["cfg_scale"]
@@ -154,20 +174,22 @@ class PromptedBench:
                 for c in configs(k, j, methods, w, np_scales, [(dng_preset, *cell) for cell in dng_cells(
                     self.calibration, j, dng_preset, dng_set, dng_scales)])]
 
-    def _classified(self, key: str) -> tuple[dict, np.ndarray, np.ndarray]:
+    def _classified(self, sample_set: SampleSet) -> tuple[dict, np.ndarray, np.ndarray]:
         """A stored sample set with its predicted classes and features; the cfg sets, which every cell of their
         positive class reads, stay in memory."""
-        if key in self._scored:
-            return self._scored[key]
-        stored = self.sweep.load(key)
-        scored = (stored, *classify(self.classifier, stored["images"]))
-        if key.endswith("-cfg"):
-            self._scored[key] = scored
+        if sample_set.key in self._scored:
+            return self._scored[sample_set.key]
+        stored = self.sweep.load(sample_set)
+        scored = (stored, *classify(self.reference.classifier, stored["images"]))
+        if sample_set.key.endswith("-cfg"):
+            self._scored[sample_set.key] = scored
         return scored
 
-    def score_cell(self, positive: int, negative: int, method: str, params: dict, sample_set: SampleSet) -> None:
-        stored, pred, feats = self._classified(sample_set.key)
-        cfg, _, cfg_feats = (stored, pred, feats) if method == "cfg" else self._classified(f"pos{positive}-cfg")
+    def score_cell(self, positive: int, negative: int, method: str, params: dict, sample_set: SampleSet,
+                   cfg_set: SampleSet) -> None:
+        """Score one cell from its stored `sample_set` against its positive class's CFG samples (`cfg_set`)."""
+        stored, pred, feats = self._classified(sample_set)
+        cfg, _, cfg_feats = (stored, pred, feats) if method == "cfg" else self._classified(cfg_set)
         diff = (stored["images"].astype(np.float64) - cfg["images"].astype(np.float64)) / 127.5
         scale = stored["scale"][..., 0] if "scale" in stored else np.zeros((1, len(pred)))
         row = {
@@ -177,6 +199,7 @@ class PromptedBench:
             "fid_vs_cfg": 0.0 if method == "cfg" else metrics.fid(feats, cfg_feats),
             "mean_scale": float(scale.mean()), "max_scale": float(scale.max()),
             "activated_rate": activated_rate(stored, method),
+            **self.reference.degeneracy(stored["images"]),
             "seconds": float(stored["seconds"]),
         }
         if positive == negative:
@@ -198,7 +221,7 @@ class PromptedBench:
         cfg_sets = {c[0]: c[4] for c in cells if c[2] == "cfg"}
         # A cell is scored against the cfg samples of its positive class: those are drawn too.
         self.sweep.draw([s for key in missing for s in (by_key[key][4], cfg_sets[by_key[key][0]])])
-        self.sweep.score(list(by_key), lambda key: self.score_cell(*by_key[key]))
+        self.sweep.score(list(by_key), lambda key: self.score_cell(*by_key[key], cfg_sets[by_key[key][0]]))
         return len(missing)
 
 
@@ -209,6 +232,9 @@ def load_cells(out) -> list[dict]:
     for r in rows:
         pair = (r["positive"], r["negative"])
         r["relation"] = relation(cfg[pair], *pair) if pair in cfg else None
+        for metric in ("artifact_rate", "saturated_rate"):  # cells stored before they were measured
+            r.setdefault(metric, None)
+        r.setdefault("degenerate", metrics.degenerate(r["saturated_rate"], r["artifact_rate"]))
     return rows
 
 
@@ -219,9 +245,18 @@ def summarize(rows: list[dict]) -> list[dict]:
     comparable = TABLE.comparable(rows, family=lambda r: r["relation"])
     groups = grouped(comparable, lambda r: (r["relation"], r["method"], TABLE.label(r)))
     relations = ("unrelated", "related", "between", "self", None)
-    return [{"relation": rel, "method": method, "setting": label, "pairs": len(members), **TABLE.stats(members)}
-            for (rel, method, label), members in sorted(groups.items(), key=lambda g: (relations.index(g[0][0]),
-                                                                                        METHODS.index(g[0][1])))]
+    out = []
+    for (rel, method, label), members in sorted(groups.items(), key=lambda g: (relations.index(g[0][0]),
+                                                                                 METHODS.index(g[0][1]))):
+        # A calibrated DNG has a prior per negative class: the parameters all pairs share, and those by pair.
+        first = members[0]["params"]
+        shared = {k: v for k, v in first.items() if all(m["params"].get(k) == v for m in members)}
+        by_group = {k: {f"{CLASS_NAMES[m['positive']]}:{CLASS_NAMES[m['negative']]}": m["params"].get(k)
+                        for m in members} for k in first if k not in shared}
+        out.append({"relation": rel, "method": method, "setting": label, "params": shared, "by_group": by_group,
+                    "pairs": len(members), "degenerate": sum(bool(m.get("degenerate")) for m in members),
+                    **TABLE.stats(members)})
+    return out
 
 
 def claims(rows: list[dict]) -> dict:
@@ -287,7 +322,7 @@ def write_results(out) -> dict[str, Path]:
 def format_summary(summary: list[dict], held: dict, rows: list[dict]) -> str:
     """Markdown: mean ± std over pairs per relation and setting, then the claim's pair counts."""
     shown = ("positive_rate", "negative_rate", "change_vs_cfg", "fid_vs_cfg", "mean_scale", "max_scale",
-             "activated_rate")
+             "activated_rate", "artifact_rate", "saturated_rate")
     table = markdown(["pairs", "setting", "n", *(m.replace("_", " ") for m in shown)],
                      [[s["relation"], s["setting"], s["pairs"], *(mean_std(s, m) for m in shown)] for s in summary])
     lines = ["", f"Relation by CFG's own negative rate: unrelated <= {UNRELATED:.0%}, related >= {RELATED:.0%}.", ""]
@@ -296,4 +331,4 @@ def format_summary(summary: list[dict], held: dict, rows: list[dict]) -> str:
             lines.append(f"- {rel} pairs where the claim holds for `dng default`: {count['held']} of {count['pairs']}")
     if any(r["positive"] == r["negative"] for r in rows):
         lines.append(f"- {SELF_NOTE}")
-    return table + "\n".join(lines) + "\n"
+    return table + "\n".join(lines) + "\n" + summary_notes(summary, "pair", "pairs", lambda s: s["setting"])

@@ -5,18 +5,23 @@ A *sample set* is the sweep's noise sampled with one rule. It is drawn in shards
 ranks (`dng.distributed`) draws the same shards; when every shard is there they are merged into
 DIR/samples/KEY.npz. A *cell* scores one or two sample sets into a row (DIR/cells/KEY.json). Every file is written
 atomically and skipped on rerun, so an interrupted run resumes, with any number of ranks, where it stopped.
+
+Every sample file records what it holds (`Sweep.identity`: its set's key, rule, parameters and branches, and the
+sweep's settings: seed, sampler, steps, weights); a file that holds something else (copied from another cell, or
+written by an older dng) is recomputed with a warning, like an unreadable one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import time
 import warnings
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +43,9 @@ NOISE = "per-sample generators (dng.vision.generate.sample_generators)"
 @dataclass(frozen=True)
 class SampleSet:
     """The sweep's noise sampled with one rule: `rule` (None: no negative) against `negatives`, with
-    classifier-free guidance on `positive` at `cfg_scale` when given; `class_posterior` as in `generate.generate`."""
+    classifier-free guidance on `positive` at `cfg_scale` when given; `class_posterior` as in `generate.generate`.
+    `params` are the rule's settings as its cell stores them (every value it runs with): part of the set's
+    identity."""
 
     key: str
     rule: Guidance | None = None
@@ -46,6 +53,7 @@ class SampleSet:
     positive: int | None = None
     cfg_scale: float | None = None
     class_posterior: bool = False
+    params: Mapping = field(default_factory=dict)
 
 
 def read_npz(path: Path) -> dict[str, np.ndarray]:
@@ -90,13 +98,15 @@ def one_thread():
 
 
 class Sweep:
-    """A folder bound to `settings` (everything that changes the samples), drawn with the generator `unet`."""
+    """A folder bound to `settings` (everything that changes the samples), drawn with the generator `unet` (a
+    module, or a function that loads it: called when the first shard is drawn, so that a folder of other settings
+    is refused, and a finished one rescored, without loading it)."""
 
     def __init__(self, out, settings: dict, unet, world: World | None = None, progress: bool = True):
         self.out = Path(out)
         self.settings = {**settings, "noise": NOISE}
         self.world = world or World()
-        self.unet = unet.to(self.world.device)
+        self._unet = unet
         self.progress = progress
         self.world.check_same(self.settings, "the sweep's settings")
         if self.out.exists() and not self.out.is_dir():
@@ -116,6 +126,43 @@ class Sweep:
         if self.world.main:
             write_json(path, self.settings)
         self.world.barrier()
+
+    @property
+    def unet(self) -> torch.nn.Module:
+        if not isinstance(self._unet, torch.nn.Module):
+            self._unet = self._unet()
+        self._unet = self._unet.to(self.world.device)
+        return self._unet
+
+    def identity(self, sample_set: SampleSet) -> str:
+        """A digest of what `sample_set`'s samples are: its key, rule, parameters and branches, and the sweep's
+        settings (seed, sampler, steps, batch, weights). Stored in each of its files and checked when they are
+        read."""
+        what = {"key": sample_set.key, "rule": None if sample_set.rule is None else type(sample_set.rule).__name__,
+                "params": sample_set.params, "negatives": list(sample_set.negatives), "positive": sample_set.positive,
+                "cfg_scale": sample_set.cfg_scale, "class_posterior": sample_set.class_posterior,
+                "settings": self.settings}
+        return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
+
+    def holds(self, path: Path, sample_set: SampleSet) -> bool:
+        """Whether `path` holds `sample_set`'s samples. An unreadable file, or one that holds other samples (another
+        cell's, or an older dng's that records no identity), is removed with a warning naming it, to be recomputed."""
+        if not path.is_file():
+            return False
+        try:
+            stored = read_npz(path)
+        except ConfigError:
+            stored = None
+            why = "is unreadable (a crash of another program, or a disk fault)"
+        if stored is not None:
+            found = str(stored["identity"]) if "identity" in stored else None
+            if found == self.identity(sample_set):
+                return True
+            why = (f"holds other samples than {sample_set.key!r} of these settings"
+                   if found is not None else "records no identity (written by an older dng)")
+        warnings.warn(f"{path} {why}; recomputing it", stacklevel=2)
+        path.unlink()
+        return False
 
     def holds_results(self) -> bool:
         return any(any((self.out / d).glob("**/*.*")) for d in ("shards", "samples", "cells"))
@@ -137,17 +184,16 @@ class Sweep:
         self.world.barrier()
         plan = None
         if self.world.main:
-            missing = [s.key for s in sets if not (self.sample_path(s.key).is_file()
-                                                   and readable(self.sample_path(s.key)))]
+            missing = [s.key for s in sets if not self.holds(self.sample_path(s.key), s)]
             todo = [(key, *shard) for key in missing for shard in self.shards()
-                    if not (self.shard_path(key, *shard).is_file() and readable(self.shard_path(key, *shard)))]
+                    if not self.holds(self.shard_path(key, *shard), by_key[key])]
             plan = (missing, todo)
         # Rank 0's view of the folder, so that no rank plans from a folder another rank is already writing to.
         missing, todo = self.world.all_gather(plan)[0]
         rounds(todo, lambda item: self._draw_shard(by_key[item[0]], *item[1:]), self.world, "sampling",
                self.progress)
         self.world.barrier()
-        rounds(missing, self._merge, self.world, "merging", progress=False)
+        rounds(missing, lambda key: self._merge(by_key[key]), self.world, "merging", progress=False)
         self.world.barrier()
 
     def _draw_shard(self, sample_set: SampleSet, start: int, stop: int) -> None:
@@ -158,16 +204,22 @@ class Sweep:
             guidance=sample_set.rule, negatives=list(sample_set.negatives), steps=s["steps"], seed=s["seed"],
             positive=sample_set.positive, cfg_scale=sample_set.cfg_scale, chunk=s["batch_size"],
             dtype=s["dtype"], first_index=start, class_posterior=sample_set.class_posterior)
-        arrays = {"images": to_uint8(x.cpu()), "seconds": np.float64(time.perf_counter() - begin)}
+        arrays = {"images": to_uint8(x.cpu()), "seconds": np.float64(time.perf_counter() - begin),
+                  "key": np.array(sample_set.key), "identity": np.array(self.identity(sample_set))}
         if trace is not None:
             arrays.update(timesteps=trace.timesteps.numpy(), sigma=trace.sigma[:, 0].numpy(),
                           p=trace.p.numpy(), scale=trace.scale.numpy())
         write_atomic(self.shard_path(sample_set.key, start, stop), npz_bytes(**arrays))
 
-    def _merge(self, key: str) -> None:
+    def _merge(self, sample_set: SampleSet) -> None:
+        key, identity = sample_set.key, self.identity(sample_set)
         parts = [read_npz(self.shard_path(key, *shard)) for shard in self.shards()]
+        if any(str(p.get("identity")) != identity for p in parts):
+            raise ConfigError(f"{self.out / 'shards' / key} holds shards of other samples than {key!r}; delete it to "
+                              "recompute them")
         merged = {"images": np.concatenate([p["images"] for p in parts]),
-                  "seconds": np.float64(sum(float(p["seconds"]) for p in parts))}
+                  "seconds": np.float64(sum(float(p["seconds"]) for p in parts)),
+                  "key": np.array(key), "identity": np.array(identity)}
         if "p" in parts[0]:
             merged.update(timesteps=parts[0]["timesteps"], sigma=parts[0]["sigma"],
                           p=np.concatenate([p["p"] for p in parts], 1),
@@ -175,10 +227,15 @@ class Sweep:
         write_atomic(self.sample_path(key), npz_bytes(**merged))
         shutil.rmtree(self.out / "shards" / key)
 
-    def load(self, key: str) -> dict[str, np.ndarray]:
-        """A merged sample set: images [N, 28, 28] uint8, seconds, and for a guided set timesteps, sigma [steps],
-        p and scale [steps, N, negatives]."""
-        return read_npz(self.sample_path(key))
+    def load(self, sample_set: SampleSet) -> dict[str, np.ndarray]:
+        """A merged sample set: images [N, 28, 28] uint8, seconds, its key and identity, and for a guided set
+        timesteps, sigma [steps], p and scale [steps, N, negatives]. A file that holds other samples is refused."""
+        path = self.sample_path(sample_set.key)
+        stored = read_npz(path)
+        if "identity" not in stored or str(stored["identity"]) != self.identity(sample_set):
+            raise ConfigError(f"{path} holds other samples than {sample_set.key!r} (was it replaced during the run?); "
+                              "delete it and rerun to recompute it")
+        return stored
 
     def cell_path(self, key: str) -> Path:
         return self.out / "cells" / f"{key}.json"

@@ -56,6 +56,30 @@ def dng_params(preset: str, user: dict, config: DNGConfig) -> dict:
     return {"preset": preset, "set": user, **config.to_dict()}
 
 
+def value_text(value) -> str:
+    """A setting's value as reports write it: floats to 4 significant digits, lists in brackets."""
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(value_text(v) for v in value) + "]"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def dng_values(values: dict) -> str:
+    """DNG's values in force (a `DNGConfig.to_dict()`, or a cell's params), every one, as NAME=VALUE: what every
+    report, printed line and summary lists, so that a preset is seen to be what it says."""
+    return ", ".join(f"{k}={value_text(v)}" for k, v in values.items())
+
+
+# Settings without a negative rule: no scale to lower.
+UNGUIDED = ("none", "cfg", "data")
+
+
+def degenerate_warning(name: str, how_many: str, method: str) -> str:
+    """The warning every report gives a set of images flagged by `dng.metrics.degenerate`: `name` is its setting,
+    `how_many` says which images, e.g. '100% of its images'; a guided `method` is told to lower its scale."""
+    advice = "" if method in UNGUIDED else ": lower its scale"
+    return f"{name}: {how_many} are saturated noise or speckled, so its metrics describe noise, not garments{advice}"
+
+
 def grouped(rows: list[dict], key: Callable[[dict], object]) -> dict[object, list[dict]]:
     """The rows by `key`, in the order each key first appears."""
     groups: dict[object, list[dict]] = {}
@@ -154,3 +178,28 @@ class Table:
         files["csv"] = write_atomic(out / "results.csv", buf.getvalue())
         files["summary"] = write_atomic(out / "summary.md", summary)
         return files
+
+
+# A DNG cell's params that name the cell or belong to the bench, not to DNG's configuration.
+NOT_DNG = ("preset", "set", "cfg_scale")
+
+
+def summary_notes(summary: list[dict], unit: str, units: str, label: Callable[[dict], str]) -> str:
+    """The lines under a bench's summary table: a warning per setting that gave degenerate images
+    (`dng.metrics.degenerate`) for some of its groups (`units`: classes, pairs), then the DNG values in force of
+    each DNG setting, those that differ by group (`by_group`: a calibrated prior per removed class) one per group.
+    Each summary entry has "method", "params", how many groups (under the key `units`), how many of them gave
+    degenerate images ("degenerate") and "by_group"."""
+    lines = []
+    for s in summary:
+        if s.get("degenerate"):
+            how_many = f"most images of {s['degenerate']} of its {s[units]} {units}"
+            lines.append(f"**{degenerate_warning(label(s), how_many, s['method'])}.**")
+    lines += [""] if lines else []
+    for s in summary:
+        if s["method"] in ("dng", "dng-branches"):
+            values = {k: v for k, v in s["params"].items() if k not in NOT_DNG}
+            varying = "".join(f"; {k} per {unit}: " + ", ".join(f"{g} {value_text(v)}" for g, v in per.items())
+                              for k, per in s.get("by_group", {}).items() if k not in NOT_DNG)
+            lines.append(f"- `{label(s)}`: DNG values in force {dng_values(values)}{varying}")
+    return "\n" + "\n".join(lines) + "\n" if lines else ""

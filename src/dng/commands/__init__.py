@@ -62,8 +62,10 @@ RENAMED_DNG = {"scale": "lam0"}
 TEXT_SETTINGS = ("mode", "kernel_variance", "update")
 
 
-def dng_changes(args) -> dict:
-    """The --dng NAME=VALUE settings as `DNGConfig` changes, checked against the preset before any model loads."""
+def dng_changes(args, check: bool = True) -> dict:
+    """The --dng NAME=VALUE settings as `DNGConfig` changes, each a known name with a value of its kind; with `check`,
+    also checked against the preset (a command whose model's calibration applies to the preset checks them with
+    it instead: `generator_dng`)."""
     import sys
 
     from dng.config import PARAMETERS, DNGConfig
@@ -87,25 +89,36 @@ def dng_changes(args) -> dict:
         except ValueError:
             raise ConfigError(f"--dng {item!r}: {value!r} is not a number") from None
         changes[name] = values[0] if len(values) == 1 else tuple(values)
-    try:
-        DNGConfig.preset(args.dng_preset, **changes)
-    except ConfigError as err:
-        raise ConfigError(f"--dng-preset / --dng: {err}") from None
+    if check:
+        try:
+            DNGConfig.preset(args.dng_preset, **changes)
+        except ConfigError as err:
+            raise ConfigError(f"--dng-preset / --dng: {err}") from None
     return changes
 
 
 def generator_dng(args, removed, **changes):
     """The DNG settings of a command that removes `removed` from the generator (`dng.vision.models.dng_config`:
-    preset, the generator's calibration, --dng), checked before any model loads, and where they came from."""
+    preset, the generator's calibration, --dng), checked as they will run (the calibrated prior against a --dng
+    p_max, say) before any model loads, and where they came from."""
     from dng.errors import ConfigError
+    from dng.vision.data import CLASS_NAMES
     from dng.vision.models import dng_config, dng_source, load_calibration
 
     calibration = load_calibration(args.generator)
     try:
-        config = dng_config(calibration, removed, args.dng_preset, **{**changes, **dng_changes(args)})
+        config = dng_config(calibration, removed, args.dng_preset, **{**changes, **dng_changes(args, check=False)})
     except ConfigError as err:
-        raise ConfigError(f"--dng-preset / --dng: {err}") from None
+        names = ", ".join(CLASS_NAMES[k] for k in removed)
+        raise ConfigError(f"--dng-preset / --dng (removing {names}): {err}") from None
     return config, dng_source(calibration, args.dng_preset)
+
+
+def check_generator_dng(args, removals) -> None:
+    """The DNG settings of every class a bench removes (`removals`: one list of classes per cell), as
+    `generator_dng` builds them, before any model loads."""
+    for removed in dict.fromkeys(tuple(r) for r in removals):
+        generator_dng(args, list(removed))
 
 
 def check_count(option: str, value: int | None, minimum: int = 1) -> int | None:
@@ -116,6 +129,73 @@ def check_count(option: str, value: int | None, minimum: int = 1) -> int | None:
     if value is not None and value < minimum:
         raise ConfigError(f"{option} must be >= {minimum}, got {value}")
     return value
+
+
+# Seeds of every command: numpy's and torch's generators take any whole number in this range.
+SEED_LIMIT = 2**63
+
+
+def check_seed(seed: int | None, option: str = "--seed") -> int | None:
+    """A seed from 0 to 2**63 - 1; None passes (the option's default applies)."""
+    from dng.errors import ConfigError
+
+    if seed is not None and not 0 <= seed < SEED_LIMIT:
+        raise ConfigError(f"{option} must be a whole number from 0 to 2**63 - 1, got {seed}")
+    return seed
+
+
+# What the sampling commands keep in memory, per image, for `check_memory` (bytes; an estimate, not a measurement
+# of every buffer): a uint8 image, the same as float32 (the samples, the classifier's input), the classifier's
+# float64 features, and the temporaries of the degeneracy check (`dng.metrics.background_energy` holds about four
+# float32 and ten uint8 copies of the images at once).
+U8 = 28 * 28
+F32 = 4 * U8
+FEATURES = 8 * 128
+CHECK = 4 * F32 + 10 * U8
+# Precision/recall's k-NN radii sort the samples' N x N float64 distances, with about four such matrices alive.
+PER_PAIR_PRECISION_RECALL = 4 * 8
+# The UNet's working memory per row of a batch (one image in one branch): about 1.1 MB, measured on the shipped
+# generator in float32 on a CPU (2.2 MB per image with two branches).
+UNET_BYTES_PER_ROW = 1.1e6
+
+
+def memory_available() -> int | None:
+    """The memory this machine can give a new process (Linux's MemAvailable, else the physical memory), or None where
+    the system does not say."""
+    import os
+
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_memory(option: str, count: int, per_image: float, *, batch: int = 128, branches: int = 2,
+                 per_pair: float = 0.0, batch_option: str | None = None) -> float:
+    """Refuse, before any model loads, a `count` of images whose estimated memory exceeds what the machine has:
+    `per_image` bytes kept per image, `per_pair` per pair of images (precision/recall), and the UNet's working memory
+    for a batch of min(`batch`, `count`) images in `branches` branches. Returns the estimate in bytes."""
+    from dng.errors import ConfigError
+
+    unet = UNET_BYTES_PER_ROW * branches * min(batch, count)
+    need = count * per_image + per_pair * count**2 + unet
+    have = memory_available()
+    if have is not None and need > have:
+        parts = [f"{per_image / 1e3:.3g} kB per image kept"]
+        if per_pair:
+            parts.append(f"{per_pair:g} bytes per pair of images for precision/recall")
+        parts.append(f"{UNET_BYTES_PER_ROW * branches / 1e6:.2g} MB per image of a batch in the UNet")
+        lower = option if batch_option is None or unet < need / 2 else f"{batch_option} or {option}"
+        raise ConfigError(f"{option} {count} needs about {need / 1e9:.3g} GB of memory ({', '.join(parts)}); this "
+                          f"machine has {have / 1e9:.3g} GB available: lower {lower}")
+    return need
 
 
 def check_threads(threads: int | None) -> int | None:
@@ -199,24 +279,44 @@ def add_sweep_arguments(parser, steps: int = 25, scheduler: str = "euler-a") -> 
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
 
 
-def check_sweep_arguments(args) -> None:
-    """`add_sweep_arguments`' options, checked before any model loads."""
-    from dng.vision.branches import check_dtype
+def sweep_bytes_per_image(steps: int, negatives: int = 1) -> int:
+    """What a bench keeps per image of a sample set: merging the shards (their images and p / scale traces, twice:
+    the shards and the merged arrays), then scoring it (the images and traces, the classifier's input and features,
+    the degeneracy check)."""
+    trace = 2 * 4 * steps * negatives
+    return 2 * (U8 + trace) + U8 + trace + F32 + FEATURES + CHECK
 
+
+def check_sweep_numbers(args) -> None:
+    """The whole numbers of `add_sweep_arguments` (images, batch, seed, threads): checked first, before the slow
+    imports."""
     check_count("--num-images", args.num_samples, 4)
     check_count("--batch-size", args.batch_size)
+    check_seed(args.seed)
     check_threads(args.threads)
+
+
+def check_sweep_arguments(args, per_image: float | None = None, per_pair: float = 0.0, branches: int = 2) -> None:
+    """`add_sweep_arguments`' options, checked before any model loads; the memory of --num-images images per sample
+    set with `check_memory` (default per image: `sweep_bytes_per_image`)."""
+    from dng.vision.branches import check_dtype
+
+    check_sweep_numbers(args)
     check_generator_sampler(args)
     check_dtype(args.dtype)
+    per_image = sweep_bytes_per_image(args.steps) if per_image is None else per_image
+    check_memory("--num-images", args.num_samples, per_image, batch=args.batch_size, branches=branches,
+                 per_pair=per_pair, batch_option="--batch-size")
     check_out_dir(args.out)
 
 
-def start_sweep(args, cells):
-    """Check the sweep options, join torchrun's ranks if launched by it, set each rank's threads, and refuse ranks
-    that were asked for different `cells`; returns the `dng.distributed.World`."""
+def start_sweep(args, cells, **memory):
+    """Check the sweep options (`memory`: `check_sweep_arguments`' estimate), join torchrun's ranks if launched by it,
+    set each rank's threads, and refuse ranks that were asked for different `cells`; returns the
+    `dng.distributed.World`."""
     from dng.distributed import World, threads_per_rank
 
-    check_sweep_arguments(args)
+    check_sweep_arguments(args, **memory)
     world = World.from_env()
     threads_per_rank(world, args.threads)
     world.check_same(cells, "the cells to run")

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 from dng.commands import (
+    F32,
+    FEATURES,
+    U8,
     add_dtype_argument,
     add_mode_argument,
     add_renamed,
     add_scheduler_argument,
     check_generator_sampler,
+    check_memory,
     check_out_file,
+    check_seed,
     check_threads,
 )
 
@@ -48,26 +53,34 @@ def tracking_only():
 
 
 def run(args) -> int:
+    from dng.errors import ConfigError
+    from dng.vision.data import CLASS_NAMES, parse_classes
+
+    # The numbers first, before the slow imports.
+    if args.num_samples < 10 or args.steps < 2:
+        raise ConfigError(f"need --num-images >= 10 and --steps >= 2, got {args.num_samples} and {args.steps}")
+    check_seed(args.seed)
+    check_threads(args.threads)
+    classes = parse_classes(args.classes)
+    # Kept per chain: the noise, the samples, the classifier's input; the uint8 image and features; the trace of
+    # every class (p, scale, llr) and the fit's float64 copies of it.
+    per_image = 3 * F32 + U8 + FEATURES + (3 * 4 + 3 * 8) * args.steps * len(classes)
+    check_memory("--num-images", args.num_samples, per_image, branches=1 + len(classes))
+
     import numpy as np
     import torch
 
     from dng import calibration
     from dng.config import check_probability
-    from dng.errors import ConfigError
     from dng.vision.branches import check_dtype
-    from dng.vision.data import CLASS_NAMES, parse_classes
     from dng.vision.generate import generate
     from dng.vision.images import classify, to_uint8
     from dng.vision.models import calibration_path, default_weights, load_classifier, load_generator, save_calibration
     from dng.vision.seeding import seeded_noise
 
-    if args.num_samples < 10 or args.steps < 2:
-        raise ConfigError(f"need --num-samples >= 10 and --steps >= 2, got {args.num_samples} and {args.steps}")
     check_probability("--p-max", args.p_max)
     check_dtype(args.dtype)
     check_generator_sampler(args)
-    classes = parse_classes(args.classes)
-    check_threads(args.threads)
     out = check_out_file(args.out or calibration_path(args.generator))
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-from dng.commands import add_dng_arguments, add_sweep_arguments, dng_changes, finish_sweep, start_sweep
+from dng.commands import (
+    PER_PAIR_PRECISION_RECALL,
+    add_dng_arguments,
+    add_sweep_arguments,
+    check_generator_dng,
+    check_sweep_numbers,
+    dng_changes,
+    finish_sweep,
+    start_sweep,
+)
 
 
 def register(groups) -> None:
@@ -25,6 +34,7 @@ def register(groups) -> None:
 
 
 def run(args) -> int:
+    check_sweep_numbers(args)  # before the slow imports
     from dng.bench.class_removal import (
         NP_SCALES,
         ClassRemovalBench,
@@ -37,8 +47,12 @@ def run(args) -> int:
     classes, methods = parse_classes(args.classes), parse_methods(args.methods)
     np_scales = parse_scales(args.np_scales, "--np-scales") if args.np_scales else NP_SCALES
     dng_scales = parse_scales(args.dng_scales, "--dng-scales") if args.dng_scales else None
-    dng_set = dng_changes(args)
-    world = start_sweep(args, [classes, methods, np_scales, dng_scales, args.dng_preset, dng_set])
+    dng_set = dng_changes(args, check=False)
+    if {"dng", "dng-branches"} & set(methods):
+        check_generator_dng(args, [[k] for k in classes])
+    # dng-branches evaluates the unconditional branch and every class's (`dng.vision.branches.ClassPosterior`).
+    world = start_sweep(args, [classes, methods, np_scales, dng_scales, args.dng_preset, dng_set],
+                        per_pair=PER_PAIR_PRECISION_RECALL, branches=11 if "dng-branches" in methods else 2)
     bench = ClassRemovalBench(args.out, args.steps, args.num_samples, args.scheduler, args.seed, args.generator,
                               args.classifier, args.batch_size, args.progress, args.dtype, world)
     ran = bench.run(classes, methods, np_scales, args.dng_preset, dng_set, dng_scales)

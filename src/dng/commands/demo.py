@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 from dng.commands import (
+    CHECK,
+    F32,
+    FEATURES,
+    PER_PAIR_PRECISION_RECALL,
+    U8,
     add_dng_arguments,
     add_dtype_argument,
     add_scheduler_argument,
     check_count,
     check_generator_sampler,
+    check_memory,
     check_out_dir,
+    check_seed,
     check_threads,
     generator_dng,
 )
@@ -20,8 +27,6 @@ NP_SCALE = 1.0
 STEPS, SCHEDULER = 25, "euler-a"
 # 64 samples cannot resolve FID finer than 2000 reference images do; the whole test split costs ~10 s more.
 REFERENCE_IMAGES = 2000
-# A method whose images are mostly saturated noise or speckled has metrics that describe noise: the report says so.
-DEGENERATE_SHARE = 0.5
 
 
 def register(groups) -> None:
@@ -45,22 +50,26 @@ def register(groups) -> None:
 def run(args) -> int:
     import time
 
+    started = time.perf_counter()
+    # The numbers first, before the slow imports.
+    check_threads(args.threads)
+    check_count("--num-images", args.num_images, 4)
+    check_seed(args.seed)
+    check_memory("--num-images", args.num_images, bytes_per_image(args.steps), per_pair=PER_PAIR_PRECISION_RECALL)
+
     import torch
 
-    from dng import metrics, plots
+    from dng import plots
     from dng.bench.class_removal import Reference
     from dng.config import check_scale
     from dng.io import write_atomic, write_json
     from dng.vision import generate
     from dng.vision.branches import check_dtype
-    from dng.vision.data import CLASS_NAMES, load_split, parse_class
+    from dng.vision.data import CLASS_NAMES, parse_class
     from dng.vision.images import classify, grid, save_png, to_uint8
     from dng.vision.models import load_classifier, load_generator
 
-    started = time.perf_counter()
-    check_threads(args.threads)
     klass = parse_class(args.remove)
-    check_count("--num-images", args.num_images, 4)
     check_generator_sampler(args)
     check_scale("--np-scale", args.np_scale)
     check_dtype(args.dtype)
@@ -74,7 +83,6 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     unet, classifier = load_generator(args.generator), load_classifier(args.classifier)
     reference = Reference(classifier, REFERENCE_IMAGES)
-    real_images = load_split("test")[0][:REFERENCE_IMAGES]
     noise = torch.randn(args.num_images, 1, 28, 28, generator=torch.Generator().manual_seed(args.seed))
     results, grids, trace = {}, {}, None
     for name, params in methods.items():
@@ -84,7 +92,6 @@ def run(args) -> int:
         images = to_uint8(x)
         pred, feats = classify(classifier, images)
         results[name] = {"params": params, **reference.metrics([klass], images, pred, feats, args.seed),
-                         "saturated_rate": metrics.saturated_rate(images, real_images),
                          "seconds": time.perf_counter() - t0}
         grids[name] = grid(images)
         trace = tr if name == "dng" else trace
@@ -113,6 +120,13 @@ def run(args) -> int:
     return 0
 
 
+def bytes_per_image(steps: int) -> int:
+    """What the demo keeps per image (`check_memory`): the noise; per method the float32 samples, the uint8 images and
+    grid, the classifier's features; DNG's trace (p, scale, llr per step); the classifier's input and the degeneracy
+    check of one method at a time."""
+    return F32 + 3 * (F32 + 2 * U8 + FEATURES) + 3 * 4 * steps + F32 + CHECK
+
+
 def side_by_side(grids: dict, results: dict, class_name: str, path):
     """The methods' grids next to each other, titled with their forbidden rate."""
     from dng.plots import grids_side_by_side
@@ -123,24 +137,25 @@ def side_by_side(grids: dict, results: dict, class_name: str, path):
 
 
 def degenerate(results: dict) -> list[str]:
-    """The methods most of whose images are saturated noise or speckled (`DEGENERATE_SHARE`)."""
-    return [name for name, m in results.items()
-            if max(m["saturated_rate"], m["artifact_rate"]) >= DEGENERATE_SHARE]
+    """The methods most of whose images are saturated noise or speckled (`dng.metrics.degenerate`)."""
+    from dng.metrics import degenerate
+
+    return [name for name, m in results.items() if degenerate(m["saturated_rate"], m["artifact_rate"])]
 
 
 def format_report(report: dict) -> str:
+    from dng.bench.table import degenerate_warning, dng_values
+    from dng.metrics import DEGENERATE_SHARE
+
     rows = "\n".join(
         f"| {name} | {m['forbidden_rate']:.3f} | {m['class_kl']:.4f} | {m['fid']:.2f} | {m['precision']:.2f} | "
         f"{m['recall']:.2f} | {m['artifact_rate']:.3f} | {m['saturated_rate']:.3f} | {m['seconds']:.1f} |"
         for name, m in report["methods"].items()
     )
-    warnings = "".join(
-        f"\n**{name}: {max(m['saturated_rate'], m['artifact_rate']):.0%} of its images are saturated noise or "
-        f"speckled, so its metrics describe noise, not garments: lower its scale.**\n"
-        for name, m in report["methods"].items() if name in report["degenerate"]
-    )
-    dng = ", ".join(f"{k} {v}" if isinstance(v, str) else f"{k} {v:.3g}"
-                    for k, v in report["methods"]["dng"]["params"].items())
+    shares = {name: max(m["saturated_rate"], m["artifact_rate"]) for name, m in report["methods"].items()}
+    warnings = "".join(f"\n**{degenerate_warning(name, f'{shares[name]:.0%} of its images', name)}.**\n"
+                       for name in report["methods"] if name in report["degenerate"])
+    dng = dng_values(report["methods"]["dng"]["params"])
     return f"""# dng demo: removing {report["removed_name"]} (class {report["removed"]})
 
 {report["num_images"]} images per method, {report["steps"]} {report["scheduler"]} steps, seed {report["seed"]}; every

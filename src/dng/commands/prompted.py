@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
-from dng.commands import add_dng_arguments, add_sweep_arguments, dng_changes, finish_sweep, start_sweep
+from dng.commands import (
+    FEATURES,
+    U8,
+    add_dng_arguments,
+    add_sweep_arguments,
+    check_generator_dng,
+    check_sweep_numbers,
+    dng_changes,
+    finish_sweep,
+    start_sweep,
+    sweep_bytes_per_image,
+)
+
+# The pairs `dng bench prompted` runs by default: one related and unrelated negative each for four positives.
+DEFAULT_PAIRS = "Trouser:Bag,Shirt:T-shirt/top,Pullover:Coat,Sneaker:Ankle boot"
 
 
 def register(groups) -> None:
-    from dng.bench.prompted import DEFAULT_PAIRS
-
     p = groups["bench"].add_parser(
         "prompted", help="a positive class with CFG against a related or unrelated negative: CFG, NP, DNG",
         description="The text-to-image situation on the shipped generator: CFG on a positive class, a negative "
@@ -28,14 +40,22 @@ def register(groups) -> None:
 
 
 def run(args) -> int:
+    check_sweep_numbers(args)  # before the slow imports
     from dng.bench.class_removal import parse_methods, parse_scales
     from dng.bench.prompted import METHODS, PromptedBench, parse_pairs, write_results
 
     pairs, methods = parse_pairs(args.pairs), parse_methods(args.methods, METHODS)
     np_scales = parse_scales(args.np_scales, "--np-scales") if args.np_scales else None
     dng_scales = parse_scales(args.dng_scales, "--dng-scales") if args.dng_scales else None
-    dng_set = dng_changes(args)
-    world = start_sweep(args, [pairs, methods, np_scales, dng_scales, args.dng_preset, dng_set])
+    dng_set = dng_changes(args, check=False)
+    if "dng" in methods:
+        check_generator_dng(args, [[negative] for _, negative in pairs])
+    # Beyond a sweep's sample set: the float64 copies of a cell's and CFG's images that change_vs_cfg compares, FID's
+    # float64 features, and the CFG sets of every positive class, which stay in memory with their features.
+    positives = len({k for k, _ in pairs})
+    per_image = sweep_bytes_per_image(args.steps) + 4 * 8 * U8 + 2 * FEATURES + positives * (U8 + FEATURES)
+    world = start_sweep(args, [pairs, methods, np_scales, dng_scales, args.dng_preset, dng_set], per_image=per_image,
+                        branches=3)
     bench = PromptedBench(args.out, args.steps, args.num_samples, args.scheduler, args.seed, args.cfg_scale,
                           args.generator, args.classifier, args.batch_size, args.progress, args.dtype, world)
     ran = bench.run(pairs, methods, np_scales, args.dng_preset, dng_set, dng_scales)

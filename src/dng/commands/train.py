@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import shlex
 
+from dng.commands import check_seed
 from dng.errors import ConfigError
 
 # The options each command records on the model card: those that change what is trained (thread counts may change
@@ -76,6 +77,7 @@ def command_line(kind: str, args, options) -> str:
 def run_generator(args) -> int:
     from dng.vision.train import train_generator
 
+    check_seed(args.seed)
     scalars = train_generator(
         args.out,
         minutes=args.minutes,
@@ -100,6 +102,7 @@ def run_generator(args) -> int:
 def run_classifier(args) -> int:
     from dng.vision.train import train_classifier
 
+    check_seed(args.seed)
     scalars = train_classifier(
         args.out,
         epochs=args.epochs,
