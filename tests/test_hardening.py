@@ -274,3 +274,16 @@ def test_dng_without_schedule_is_np_at_lam0_odds_from_the_command_line(tiny, tmp
     with np.load(tmp_path / "dng" / "samples.npz") as a, np.load(tmp_path / "np" / "samples.npz") as b:
         diff = np.abs(a["images"].astype(int) - b["images"].astype(int))
     assert diff.max() <= 1 and (diff > 0).mean() < 1e-3  # float32 rounding of p/(1-p) at most
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["bench", "gmm", "--seed", "-1"], "--seed must be a whole number from 0 to 2**63 - 1"),
+    (["bench", "gmm", "--seed", str(10**23)], "--seed must be a whole number from 0 to 2**63 - 1"),
+    (["bench", "gmm", "--num-images", "100000000000"], "needs about"),
+    (["sd", "--model", "m", "--prompt", "a", "--negative", "b", "--out", "o", "--seed", "-1"], "2**63 - 1"),
+])
+def test_bench_gmm_and_sd_check_seeds_and_counts_up_front(argv, message, capsys):
+    """bench gmm took --seed -1, overflowed on 10**23 and died allocating 1e11 samples; sd allowed seeds to 2**64."""
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

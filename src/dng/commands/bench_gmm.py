@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dng.commands import SAMPLER_NAMES, add_renamed, check_count, check_out_dir, check_threads
+from dng.commands import SAMPLER_NAMES, add_renamed, check_count, check_memory, check_out_dir, check_seed, check_threads
 from dng.errors import ConfigError
 
 # `dng.bench.gmm.SCHEDULERS`, written out so that building the parser need not import diffusers.
@@ -46,11 +46,14 @@ def run(args) -> int:
 
     check_count("--jobs", args.jobs)
     check_threads(args.threads)
+    check_seed(args.seed)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not methods:
         raise ConfigError("--methods is empty; give e.g. none,np,dng")
     out = check_out_dir(args.out)
     config = load_config(args.config)
+    # A row keeps about 16 float64 vectors of the mixture's dimension per sample (noise, chain, branches, scores).
+    check_memory("--num-images", args.num_samples, 16 * 8 * len(config["means"][0]), branches=0)
     bench = GMMBench(config, args.steps, args.num_samples, args.seed, args.variance, args.scheduler, args.shift,
                      args.mu)
     cells = list(bench.configs(methods))  # validates the methods before any sampling

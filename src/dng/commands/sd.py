@@ -9,7 +9,7 @@ import math
 import sys
 from pathlib import Path
 
-from dng.commands import add_dng_arguments, check_count, check_out_dir, dng_changes
+from dng.commands import add_dng_arguments, check_count, check_out_dir, check_seed, dng_changes
 from dng.errors import ConfigError
 
 PIPELINE_DTYPES = ("float32", "float16", "bfloat16")
@@ -76,8 +76,7 @@ def check_args(args) -> None:
     """Refuse bad options before anything is loaded."""
     check_count("--steps", args.steps)
     check_count("--num-images", args.num_images)
-    if not 0 <= args.seed < 2**64:
-        raise ConfigError(f"--seed must be a whole number from 0 to 2**64 - 1 (torch's seed range), got {args.seed}")
+    check_seed(args.seed)
     if args.cfg_scale is not None and (not math.isfinite(args.cfg_scale) or args.cfg_scale < 0):
         raise ConfigError(f"--cfg-scale must be a finite number >= 0, got {args.cfg_scale} (at most 1 turns "
                           f"classifier-free guidance off, as in diffusers)")
