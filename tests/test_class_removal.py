@@ -52,9 +52,9 @@ def tiny(tmp_path, monkeypatch):
     return ["--generator", str(gen), "--classifier", str(clf), "--no-progress"]
 
 
-def _bench(tiny, out, classes="1", methods="none,dng", steps="3", dng_scales="1", dtype="float32", extra=()):
-    return cli.main(["bench", "class-removal", "--classes", classes, "--methods", methods, "--num-samples", "16",
-                     "--steps", steps, "--dng-scales", dng_scales, "--dtype", dtype, "--out", str(out), *extra,
+def _bench(tiny, out, classes="1", methods="none,dng", steps="3", dng_lam0="1", dtype="float32", extra=()):
+    return cli.main(["bench", "class-removal", "--classes", classes, "--methods", methods, "--num-images", "16",
+                     "--steps", steps, "--dng-lam0", dng_lam0, "--dtype", dtype, "--out", str(out), *extra,
                      *tiny])
 
 
@@ -90,7 +90,7 @@ def test_bench_writes_rows_csv_figures_and_resumes(tiny, tmp_path, monkeypatch):
 
     assert _bench(tiny, out, steps="4") == 2  # other settings in the same folder are refused
 
-    assert _bench(tiny, out, classes="Trouser,Dress", dng_scales="3") == 0  # a new scale is a new cell per class
+    assert _bench(tiny, out, classes="Trouser,Dress", dng_lam0="3") == 0  # a new scale is a new cell per class
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert [(r["class"], r["method"], r["params"]["lam0"]) for r in rows if r["method"] == "dng"] == [
         (1, "dng", 1.0), (1, "dng", 3.0), (3, "dng", 1.0), (3, "dng", 3.0)]
@@ -124,8 +124,8 @@ def test_bfloat16_sweep(tiny, tmp_path):
 
 def test_dng_cells_are_named_by_preset_and_what_the_user_set(tiny, tmp_path):
     out = tmp_path / "sweep"
-    assert _bench(tiny, out, dng_scales="2") == 0
-    assert _bench(tiny, out, dng_scales="2", extra=("--dng", "late_boost=4", "--dng", "boost_sigma=1")) == 0
+    assert _bench(tiny, out, dng_lam0="2") == 0
+    assert _bench(tiny, out, dng_lam0="2", extra=("--dng", "late_boost=4", "--dng", "boost_sigma=1")) == 0
     rows = json.loads((out / "results.json").read_text())["rows"]
     dng = {setting_label(r["method"], r["params"]): r["params"] for r in rows if r["method"] == "dng"}
     assert set(dng) == {"dng default lam0=2", "dng default late_boost=4 boost_sigma=1 lam0=2"}
@@ -276,10 +276,10 @@ def test_demo_end_to_end(tiny, tmp_path, capsys):
         (["bench", "class-removal", "--classes", "Hat", "--out", "x"], "unknown class 'Hat'"),
         (["bench", "class-removal", "--methods", "none,foo", "--out", "x"], "unknown method"),
         (["bench", "class-removal", "--scheduler", "plms", "--out", "x"], "unknown scheduler"),
-        (["bench", "class-removal", "--dng-scales", "1,x", "--out", "x"], "--dng-scales takes comma-separated"),
+        (["bench", "class-removal", "--dng-lam0", "1,x", "--out", "x"], "--dng-lam0 takes comma-separated"),
         (["bench", "class-removal", "--np-scales", "1,-2", "--out", "x"], "--np-scales must be a finite number >= 0"),
-        (["bench", "class-removal", "--dng-scales", "nan", "--out", "x"], "--dng-scales must be a finite number >= 0"),
-        (["bench", "class-removal", "--dng-scales", ",", "--out", "x"], "--dng-scales needs at least one scale"),
+        (["bench", "class-removal", "--dng-lam0", "nan", "--out", "x"], "--dng-lam0 must be a finite number >= 0"),
+        (["bench", "class-removal", "--dng-lam0", ",", "--out", "x"], "--dng-lam0 needs at least one scale"),
         (["sample", "--method", "foo", "--remove", "1", "--out", "x"], "unknown method 'foo'"),
         (["sample", "--method", "np", "--out", "x"], "needs --remove"),
         (["sample", "--remove", "1", "--class", "Trouser", "--out", "x"], "also removed"),
@@ -380,7 +380,7 @@ def test_data_row_scores_real_kept_class_images(tiny, tmp_path):
     pred, _ = classify(clf, grid)
     assert rows[0]["forbidden_rate"] == pytest.approx(float((pred == 2).mean()))
     assert rows[0]["seconds"] == 0.0
-    code = cli.main(["bench", "class-removal", "--classes", "2", "--methods", "data", "--num-samples", "28",
+    code = cli.main(["bench", "class-removal", "--classes", "2", "--methods", "data", "--num-images", "28",
                      "--out", str(tmp_path / "big"), *tiny])
     assert code == 2
 
@@ -411,8 +411,8 @@ def test_grids_side_by_side_takes_the_figure_size(tmp_path):
 def test_calibrate_command_writes_a_fit_in_log_snr_units(tmp_path, capsys):
     """On the shipped models (a tiny random generator makes too few of any class to fit), a few short chains."""
     out = tmp_path / "g.calibration.json"
-    code = cli.main(["calibrate", "--num-samples", "40", "--steps", "4", "--threads", "1", "--exclusive", "--out",
-                     str(out)])
+    code = cli.main(["calibrate", "--num-images", "40", "--steps", "4", "--threads", "1", "--mode", "exclusive",
+                     "--out", str(out)])
     assert code == 0, capsys.readouterr().err
     entry = json.loads(out.read_text())
     assert entry["offset_unit"] == models.OFFSET_UNIT and entry["settings"]["scheduler"] == "euler-a"

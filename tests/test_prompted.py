@@ -18,7 +18,7 @@ ROW_KEYS = {"positive", "negative", "method", "params", "positive_rate", "negati
 
 
 def _bench(tiny, out, pairs="Trouser:Bag,3:3", extra=()):  # noqa: F811
-    return cli.main(["bench", "prompted", "--pairs", pairs, "--num-samples", "8", "--batch-size", "4",
+    return cli.main(["bench", "prompted", "--pairs", pairs, "--num-images", "8", "--batch-size", "4",
                      "--steps", "3", "--out", str(out), *extra, *tiny])
 
 

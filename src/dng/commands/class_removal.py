@@ -5,6 +5,7 @@ from __future__ import annotations
 from dng.commands import (
     PER_PAIR_PRECISION_RECALL,
     add_dng_arguments,
+    add_renamed,
     add_sweep_arguments,
     check_generator_dng,
     check_sweep_numbers,
@@ -26,8 +27,9 @@ def register(groups) -> None:
                         "dng-branches (DNG with the model's own posterior from all eleven branches instead of "
                         "tracking: a reference, 5.5x the cost)")
     p.add_argument("--np-scales", default=None, help="NP's scales, comma-separated (default 0.5,1,2)")
-    p.add_argument("--dng-scales", default=None,
+    p.add_argument("--dng-lam0", dest="dng_scales", default=None,
                    help="a sweep of DNG's lam0, comma-separated (default: one cell, the preset's own)")
+    add_renamed(p, "--dng-scales", "--dng-lam0", "dng_scales")
     add_dng_arguments(p)
     add_sweep_arguments(p)
     p.set_defaults(func=run)
@@ -46,7 +48,7 @@ def run(args) -> int:
 
     classes, methods = parse_classes(args.classes), parse_methods(args.methods)
     np_scales = parse_scales(args.np_scales, "--np-scales") if args.np_scales else NP_SCALES
-    dng_scales = parse_scales(args.dng_scales, "--dng-scales") if args.dng_scales else None
+    dng_scales = parse_scales(args.dng_scales, "--dng-lam0") if args.dng_scales else None
     dng_set = dng_changes(args, check=False)
     if {"dng", "dng-branches"} & set(methods):
         check_generator_dng(args, [[k] for k in classes])

@@ -6,6 +6,7 @@ from dng.commands import (
     FEATURES,
     U8,
     add_dng_arguments,
+    add_renamed,
     add_sweep_arguments,
     check_generator_dng,
     check_sweep_numbers,
@@ -33,7 +34,9 @@ def register(groups) -> None:
     p.add_argument("--np-scales", default=None,
                    help="NP's scales lam, comma-separated (default (w-1) x 0.5,1,2; lam = w-1 is diffusers' "
                         "negative prompt)")
-    p.add_argument("--dng-scales", default=None, help="a sweep of DNG's lam0 (default: one cell, the preset's own)")
+    p.add_argument("--dng-lam0", dest="dng_scales", default=None,
+                   help="a sweep of DNG's lam0 (default: one cell, the preset's own)")
+    add_renamed(p, "--dng-scales", "--dng-lam0", "dng_scales")
     add_dng_arguments(p)
     add_sweep_arguments(p)
     p.set_defaults(func=run)
@@ -46,7 +49,7 @@ def run(args) -> int:
 
     pairs, methods = parse_pairs(args.pairs), parse_methods(args.methods, METHODS)
     np_scales = parse_scales(args.np_scales, "--np-scales") if args.np_scales else None
-    dng_scales = parse_scales(args.dng_scales, "--dng-scales") if args.dng_scales else None
+    dng_scales = parse_scales(args.dng_scales, "--dng-lam0") if args.dng_scales else None
     dng_set = dng_changes(args, check=False)
     if "dng" in methods:
         check_generator_dng(args, [[negative] for _, negative in pairs])
