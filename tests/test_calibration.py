@@ -174,3 +174,25 @@ def test_soft_labels_set_the_prior_by_hand():
     with pytest.raises(ConfigError, match="probabilities in \\[0, 1\\]"):
         calibration.fit(llr, gains, torch.full((100,), 1.5))
 
+
+def test_self_calibration_on_the_exact_mixture_matches_the_labelled_fit():
+    """The model's own verdict labels the chains nearly as the exact labels do (it reads the samples through noise,
+    which blurs the near classes 0-2 a little), so the fits agree; the verdict finds the classes' shares itself (the
+    ten classes partition the mixture)."""
+    cfg = default_mixture_config()
+    scheduler = DDPMScheduler(num_train_timesteps=1000, clip_sample=False)
+    gmm = GaussianMixture(cfg["means"], cfg["stds"], cfg["weights"], scheduler.alphas_cumprod, torch.float32)
+    g = torch.Generator().manual_seed(0)
+    names = [f"class {k}" for k in range(10)]
+    made = calibration.self_calibrate(gmm.branch_model(range(10)), scheduler, torch.randn(600, gmm.dim, generator=g),
+                                      names, exhaustive=True, num_inference_steps=STEPS, generator=g, progress=False)
+    labels = gmm.log_joint(made.samples).argmax(-1)[:, None] == torch.arange(10)
+    assert float((made.verdict.p - labels.double()).abs().mean()) < 0.01
+    assert float((made.verdict.p.argmax(-1) == labels.double().argmax(-1)).double().mean()) > 0.99
+    labelled = calibration.fit(made.trace.llr, calibration.log_snr_gains(made.trace.sigma), labels)
+    assert made.fit.temperature == pytest.approx(labelled.temperature, abs=0.05)
+    assert made.fit.priors == pytest.approx(labelled.priors, abs=0.005)
+    assert made.calibration == calibration.ModelCalibration(tuple(names), tuple(made.fit.priors),
+                                                            made.fit.temperature, made.fit.offset, 0.95)
+    with pytest.raises(ConfigError, match="distinct names"):
+        calibration.self_calibrate(gmm.branch_model([0]), scheduler, torch.randn(4, gmm.dim), ["a", "a"])

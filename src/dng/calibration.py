@@ -8,7 +8,7 @@ Gaussian log-ratio), label each finished sample (a classifier: did it become c-?
 
 with the tracker's own clamp (`dng.posterior.clamp_log_p`, independent or exclusive), starting from log prior, by
 maximum likelihood of the labels pooled over steps. The label can also be the model's own verdict, a probability
-p(c-|x0) from its two branches (`dng.verdict`), which needs no classifier.
+p(c-|x0) from its two branches (`dng.verdict`; `self_calibrate` does it all), which needs no classifier.
 Exact Bayes with exact kernels is temperature 1, offset 0 and the true prior; a model whose branches disagree
 more than its samples do (an under-trained one, say) needs temperature < 1 and offset > 0, which this measures
 instead of guessing. The offset is a drift per unit of log-SNR lambda = -2 log sigma (as in
@@ -27,6 +27,7 @@ import torch
 from dng.config import DNGConfig, check_probability
 from dng.errors import ConfigError
 from dng.posterior import clamp_log_p, log_snr_gain
+from dng.verdict import DRAWS, MIDPOINT
 
 # Fractions of the chain at which the discrimination of the fitted p_t is reported.
 REPORT_AT = (0.25, 0.5, 0.75, 0.9)
@@ -226,3 +227,54 @@ def fit(llr: torch.Tensor, gains: torch.Tensor, outcome: torch.Tensor, p_min: fl
                        temperature=float(params[concepts].detach()), offset=float(params[concepts + 1].detach()) / unit,
                        nll=nll, baseline_nll=baseline, auc=auc, positives=positives.tolist(), samples=len(outcome))
 
+
+def tracking_only():
+    """A DNG rule that only tracks: scale 0 leaves the chain unguided, temperature 1 and offset 0 make the trace's llr
+    the raw Gaussian log-ratio that `fit` takes."""
+    from dng.guidance import DynamicNegativeGuidance
+
+    return DynamicNegativeGuidance(DNGConfig(0.0, 0.5, 1.0, 0.0, p_min=1e-30, p_max=1 - 1e-6, sigma_min=0.0))
+
+
+@dataclass
+class SelfCalibration:
+    """What `self_calibrate` made: the calibration to apply, its fit, and the chains and verdict it was fitted to."""
+
+    calibration: ModelCalibration
+    fit: Calibration
+    verdict: object  # dng.verdict.Verdict of the chains' finished samples
+    samples: torch.Tensor
+    trace: object  # dng.sampler.Trace of the chains
+
+
+def self_calibrate(model, scheduler, noise: torch.Tensor, concepts: Sequence[str], *, exhaustive: bool = False,
+                   priors=None, num_inference_steps: int = 25, eta: float = 0.0,
+                   generator: torch.Generator | None = None, p_max: float = 0.95, exclusive: bool = False,
+                   draws: int = DRAWS, midpoint: float = MIDPOINT, batch_size: int = 64, progress: bool = True,
+                   set_timesteps_kwargs: dict | None = None) -> SelfCalibration:
+    """DNG's tracker fitted to any model from its own branches, no classifier: unguided chains from `noise` with a
+    tracking-only rule, each finished sample labelled by the model's verdict (`dng.verdict`), and `fit` with the
+    verdict's p(c|x0) as soft labels.
+
+    `model(x, t)` evaluates the branches [unconditional, concept 1..K] of the K `concepts` (names, which key the
+    calibration) in one call, as `dng.sampler.sample` calls it; `scheduler` is a stochastic diffusers scheduler DNG
+    tracks (with its `eta`), whose config also gives the verdict its noising path (`dng.verdict.path_of`).
+    `exhaustive`: the concepts partition the model (a class-conditional model's classes), so the verdict finds their
+    priors itself; otherwise give `priors`, each concept's share of the model's samples. `exclusive` fits the clamp of
+    DNG's exclusive mode. `generator` draws the chains' noise, then the verdict's. Cost per image:
+    `num_inference_steps + draws` model calls of 1 + K branches.
+    """
+    from dng.sampler import sample
+    from dng.verdict import path_of, verdict
+
+    if not concepts or len(set(concepts)) != len(concepts):
+        raise ConfigError(f"concepts must be distinct names, one per concept branch, got {list(concepts)}")
+    path = path_of(scheduler)  # before sampling: a scheduler the verdict cannot read fails fast
+    out = sample(model, scheduler, tracking_only(), noise=noise, num_inference_steps=num_inference_steps,
+                 num_negatives=len(concepts), eta=eta, generator=generator, progress=progress, return_trace=True,
+                 set_timesteps_kwargs=set_timesteps_kwargs)
+    judged = verdict(model, out.samples, path, len(concepts), priors=priors, exhaustive=exhaustive, draws=draws,
+                     midpoint=midpoint, batch_size=batch_size, generator=generator, progress=progress)
+    fitted = fit(out.trace.llr, log_snr_gains(out.trace.sigma), judged.p, p_max=p_max, exclusive=exclusive)
+    calibration = ModelCalibration(tuple(concepts), tuple(fitted.priors), fitted.temperature, fitted.offset, p_max)
+    return SelfCalibration(calibration, fitted, judged, out.samples, out.trace)
