@@ -131,7 +131,7 @@ def weighting(lam, midpoint: float = MIDPOINT):
 
 def noise_levels(lam_min: float, lam_max: float, midpoint: float, levels: int, u: float):
     """`levels` stratified log-SNRs in [lam_min, lam_max] (one per stratum of the draw density, shifted by u in
-    [0, 1)) and the importance weight of each, w(lam) / density.
+    [0, 1)) and the importance weight of each: w(lam) over the normalised draw density.
 
     The draws follow w(lam) alpha(lam): at low SNR the branches' difference, and with it the spread of the integrand,
     shrinks like alpha, so draws are spent where they matter (at 16 draws on the mixture: 1.5x lower spread of the
@@ -150,9 +150,9 @@ def branch_errors(model, x0: torch.Tensor, path, num_concepts: int, lam: float, 
     a, b = path.scales(lam)
     x = (a * x0 + b * eps).repeat((num_concepts + 1,) + (1,) * (x0.dim() - 1))
     t = torch.tensor(path.timestep(lam), dtype=torch.float32, device=x0.device)
-    out = path.to_eps(model(x, t), x, lam).float().unflatten(0, (num_concepts + 1, len(x0)))
+    out = path.to_eps(model(x, t).float(), x.float(), lam).unflatten(0, (num_concepts + 1, len(x0)))
     e_u, e_c, eps = out[0], out[1:], eps.float()
-    # The difference of the two squared norms without subtracting them: exact in float32 for large images.
+    # The difference of the two squared norms without subtracting them, which keeps float32 accurate for large images.
     return 0.5 * ((e_c - e_u) * (2 * eps - e_u - e_c)).flatten(2).sum(-1).T.double()
 
 
