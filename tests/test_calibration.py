@@ -150,3 +150,49 @@ def test_roc_auc_by_hand():
     assert calibration.roc_auc(t([0.2, 0.6, 0.4]), t([True, False, False])) == 0.0
     assert calibration.roc_auc(t([0.5, 0.5, 0.9]), t([True, False, False])) == 0.25  # a tie counts half
     assert math.isnan(calibration.roc_auc(t([0.5, 0.7]), t([True, True])))
+    # Soft labels: pairs weigh y_i (1 - y_j); here 0.75 * 0.75 won against 0.25 * 0.25 lost.
+    assert calibration.roc_auc(t([0.1, 0.9]), t([0.25, 0.75])) == pytest.approx(0.9)
+    assert calibration.roc_auc(t([0.1, 0.4, 0.35, 0.8]), t([0.0, 1.0, 0.0, 1.0])) == 1.0
+
+
+def test_labels_in_0_1_given_as_floats_fit_as_the_hard_labels(chain):
+    llr, outcome, gains = chain
+    hard = calibration.fit(llr, gains, outcome, p_max=0.999)
+    assert calibration.fit(llr, gains, outcome.double(), p_max=0.999) == hard
+
+
+def test_soft_labels_set_the_prior_by_hand():
+    # No evidence (llr 0): the best constant p is the mean label, which soft labels count by their probability.
+    # 30 of 100 samples are positives; as soft labels 0.5 they count as 15.
+    llr, gains = torch.zeros(6, 100), torch.full((6,), 0.5)
+    hard = torch.arange(100) < 30
+    assert calibration.fit(llr, gains, hard).priors[0] == pytest.approx(0.3, abs=1e-4)
+    soft = calibration.fit(llr, gains, 0.5 * hard.double())
+    assert soft.priors[0] == pytest.approx(0.15, abs=1e-4) and soft.offset == pytest.approx(0, abs=1e-4)
+    assert soft.positives == [15.0] and soft.baseline_nll == pytest.approx(-(0.15 * math.log(0.15)
+                                                                            + 0.85 * math.log(0.85)))
+    with pytest.raises(ConfigError, match="probabilities in \\[0, 1\\]"):
+        calibration.fit(llr, gains, torch.full((100,), 1.5))
+
+
+def test_self_calibration_on_the_exact_mixture_matches_the_labelled_fit():
+    """The model's own verdict labels the chains nearly as the exact labels do (it reads the samples through noise,
+    which blurs the near classes 0-2 a little), so the fits agree; the verdict finds the classes' shares itself (the
+    ten classes partition the mixture)."""
+    cfg = default_mixture_config()
+    scheduler = DDPMScheduler(num_train_timesteps=1000, clip_sample=False)
+    gmm = GaussianMixture(cfg["means"], cfg["stds"], cfg["weights"], scheduler.alphas_cumprod, torch.float32)
+    g = torch.Generator().manual_seed(0)
+    names = [f"class {k}" for k in range(10)]
+    made = calibration.self_calibrate(gmm.branch_model(range(10)), scheduler, torch.randn(600, gmm.dim, generator=g),
+                                      names, exhaustive=True, num_inference_steps=STEPS, generator=g, progress=False)
+    labels = gmm.log_joint(made.samples).argmax(-1)[:, None] == torch.arange(10)
+    assert float((made.verdict.p - labels.double()).abs().mean()) < 0.01
+    assert float((made.verdict.p.argmax(-1) == labels.double().argmax(-1)).double().mean()) > 0.99
+    labelled = calibration.fit(made.trace.llr, calibration.log_snr_gains(made.trace.sigma), labels)
+    assert made.fit.temperature == pytest.approx(labelled.temperature, abs=0.05)
+    assert made.fit.priors == pytest.approx(labelled.priors, abs=0.005)
+    assert made.calibration == calibration.ModelCalibration(tuple(names), tuple(made.fit.priors),
+                                                            made.fit.temperature, made.fit.offset, 0.95)
+    with pytest.raises(ConfigError, match="distinct names"):
+        calibration.self_calibrate(gmm.branch_model([0]), scheduler, torch.randn(4, gmm.dim), ["a", "a"])

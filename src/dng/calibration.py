@@ -7,7 +7,8 @@ Gaussian log-ratio), label each finished sample (a classifier: did it become c-?
     log p_s = clamp(log p_{s-1} + temperature * llr_s + offset * (lambda_{s+1} - lambda_s))
 
 with the tracker's own clamp (`dng.posterior.clamp_log_p`, independent or exclusive), starting from log prior, by
-maximum likelihood of the labels pooled over steps.
+maximum likelihood of the labels pooled over steps. The label can also be the model's own verdict, a probability
+p(c-|x0) from its two branches (`dng.verdict`; `self_calibrate` does it all), which needs no classifier.
 Exact Bayes with exact kernels is temperature 1, offset 0 and the true prior; a model whose branches disagree
 more than its samples do (an under-trained one, say) needs temperature < 1 and offset > 0, which this measures
 instead of guessing. The offset is a drift per unit of log-SNR lambda = -2 log sigma (as in
@@ -26,6 +27,7 @@ import torch
 from dng.config import DNGConfig, check_probability
 from dng.errors import ConfigError
 from dng.posterior import clamp_log_p, log_snr_gain
+from dng.verdict import DRAWS, MIDPOINT
 
 # Fractions of the chain at which the discrimination of the fitted p_t is reported.
 REPORT_AT = (0.25, 0.5, 0.75, 0.9)
@@ -41,7 +43,7 @@ class Calibration:
     nll: float  # mean Bernoulli negative log-likelihood per (step, sample, concept), fitted
     baseline_nll: float  # the same for a constant p per concept equal to its share of the samples
     auc: dict  # fraction of the chain -> per concept, AUC of the fitted p_t for "finishes as the concept"
-    positives: list[int]
+    positives: list[float]  # samples that became each concept (expected over soft labels)
     samples: int
 
     def as_dict(self) -> dict:
@@ -109,13 +111,20 @@ def log_snr_gains(sigma: torch.Tensor) -> torch.Tensor:
 
 
 def roc_auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
-    """Probability that a positive outscores a negative (ties count half)."""
-    pos, neg = scores[labels], scores[~labels]
-    if len(pos) == 0 or len(neg) == 0:
+    """Probability that a positive outscores a negative (ties count half). A soft label y in [0, 1] counts its sample
+    as a positive with weight y and as a negative with weight 1 - y, never against itself."""
+    s = torch.as_tensor(scores, dtype=torch.float64).contiguous()
+    y = torch.as_tensor(labels, dtype=torch.float64)
+    order = s.argsort()
+    # Negative weight below each score and up to it: their mean counts ties half.
+    negative = torch.cat([torch.zeros(1, dtype=torch.float64), (1 - y[order]).cumsum(0)])
+    below = negative[torch.searchsorted(s[order], s, right=False)]
+    upto = negative[torch.searchsorted(s[order], s, right=True)]
+    own = y * (1 - y)
+    pairs = y.sum() * (1 - y).sum() - own.sum()
+    if pairs <= 0:
         return float("nan")
-    greater = (pos[:, None] > neg[None]).double().mean()
-    ties = (pos[:, None] == neg[None]).double().mean()
-    return float(greater + 0.5 * ties)
+    return float(((y * (below + upto)).sum() / 2 - own.sum() / 2) / pairs)
 
 
 def trajectory(log_prior, temperature, offset, llr, gains, p_min, p_max, exclusive=False):
@@ -134,9 +143,11 @@ def _bernoulli_nll(log_p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def _chains(llr, gains, outcome):
     """llr [tracked steps, samples, concepts] and gains [tracked steps, 1, 1] in float64, outcome [samples, concepts]
-    (bool), checked; steps whose llr is NaN (not tracked) carry no evidence and are dropped."""
+    (float64 in [0, 1]), checked; steps whose llr is NaN (not tracked) carry no evidence and are dropped."""
     llr = torch.as_tensor(llr, dtype=torch.float64)
-    outcome = torch.as_tensor(outcome).bool()
+    outcome = torch.as_tensor(outcome, dtype=torch.float64)
+    if not ((outcome >= 0) & (outcome <= 1)).all():
+        raise ConfigError("outcomes must be labels in {0, 1} or probabilities in [0, 1] (NaN is neither)")
     if llr.dim() == 2:
         llr = llr[..., None]
     if outcome.dim() == 1:
@@ -150,8 +161,8 @@ def _chains(llr, gains, outcome):
 
 def _scores(log_p, outcome) -> tuple[float, float, dict]:
     """Bernoulli NLL of the trajectory, that of the constant share per concept, and the AUC at `REPORT_AT`."""
-    y = outcome.double()[None].expand_as(log_p)
-    share = outcome.double().mean(0).clamp(1e-12, 1 - 1e-12)
+    y = outcome[None].expand_as(log_p)
+    share = outcome.mean(0).clamp(1e-12, 1 - 1e-12)
     baseline = float(-(share * share.log() + (1 - share) * torch.log1p(-share)).mean())
     auc = {q: [roc_auc(log_p[min(len(log_p) - 1, int(q * len(log_p))), :, k], outcome[:, k])
                for k in range(outcome.shape[1])] for q in REPORT_AT}
@@ -176,22 +187,23 @@ def fit(llr: torch.Tensor, gains: torch.Tensor, outcome: torch.Tensor, p_min: fl
     """Maximum-likelihood priors, temperature and offset from the raw llr and the samples' outcomes.
 
     `llr` is [steps, samples] or [steps, samples, concepts] (as in a trace), `outcome` [samples] or
-    [samples, concepts] (did the sample finish as the concept). `gains` [steps] are the steps' log-SNR gains
-    (`log_snr_gains(trace.sigma)`); steps whose llr is NaN (not tracked) carry no evidence and are dropped.
-    `exclusive` fits concepts that are tracked as mutually exclusive (DNG's mode "exclusive", e.g. several classes
-    of one classifier), whose clamp caps their total.
+    [samples, concepts]: did the sample finish as the concept, as labels (bool or 0/1) or probabilities (soft labels,
+    e.g. `dng.verdict`'s p, fit by the likelihood expected over the labels they stand for). `gains` [steps] are the
+    steps' log-SNR gains (`log_snr_gains(trace.sigma)`); steps whose llr is NaN (not tracked) carry no evidence and
+    are dropped. `exclusive` fits concepts that are tracked as mutually exclusive (DNG's mode "exclusive", e.g.
+    several classes of one classifier), whose clamp caps their total.
     """
     llr, gains, outcome = _chains(llr, gains, outcome)
-    positives = outcome.sum(0)
+    positives = outcome.sum(0)  # expected, for soft labels
     if (positives < 5).any() or (len(outcome) - positives < 5).any():
-        raise ConfigError(f"{positives.tolist()} of {len(outcome)} samples became the concept(s): calibration needs "
-                          "at least 5 of each outcome per concept; draw more samples")
+        raise ConfigError(f"{[round(p, 1) for p in positives.tolist()]} of {len(outcome)} samples became the "
+                          "concept(s): calibration needs at least 5 of each outcome per concept; draw more samples")
     check_probability("p_min", p_min)
     check_probability("p_max", p_max)
     # Fit the total drift over the chain, whose scale is that of the llr, rather than the rate.
     unit = float(gains.sum())
-    y = outcome.double()[None].expand_as(llr)
-    share = positives.double() / len(outcome)
+    y = outcome[None].expand_as(llr)
+    share = positives / len(outcome)
     concepts = outcome.shape[1]
     # Start from the constant-p baseline (temperature 0): the fit can then only improve on it.
     params = torch.cat([share.log(), torch.zeros(2, dtype=torch.float64)]).requires_grad_()
@@ -214,3 +226,55 @@ def fit(llr: torch.Tensor, gains: torch.Tensor, outcome: torch.Tensor, p_min: fl
     return Calibration(priors=clamp_log_p(params[:concepts].detach(), p_min, p_max, exclusive).exp().tolist(),
                        temperature=float(params[concepts].detach()), offset=float(params[concepts + 1].detach()) / unit,
                        nll=nll, baseline_nll=baseline, auc=auc, positives=positives.tolist(), samples=len(outcome))
+
+
+def tracking_only():
+    """A DNG rule that only tracks: scale 0 leaves the chain unguided, temperature 1 and offset 0 make the trace's llr
+    the raw Gaussian log-ratio that `fit` takes."""
+    from dng.guidance import DynamicNegativeGuidance
+
+    return DynamicNegativeGuidance(DNGConfig(0.0, 0.5, 1.0, 0.0, p_min=1e-30, p_max=1 - 1e-6, sigma_min=0.0))
+
+
+@dataclass
+class SelfCalibration:
+    """What `self_calibrate` made: the calibration to apply, its fit, and the chains and verdict it was fitted to."""
+
+    calibration: ModelCalibration
+    fit: Calibration
+    verdict: object  # dng.verdict.Verdict of the chains' finished samples
+    samples: torch.Tensor
+    trace: object  # dng.sampler.Trace of the chains
+
+
+def self_calibrate(model, scheduler, noise: torch.Tensor, concepts: Sequence[str], *, exhaustive: bool = False,
+                   priors=None, num_inference_steps: int = 25, eta: float = 0.0,
+                   generator: torch.Generator | None = None, p_max: float = 0.95, exclusive: bool = False,
+                   draws: int = DRAWS, midpoint: float = MIDPOINT, batch_size: int = 64, progress: bool = True,
+                   set_timesteps_kwargs: dict | None = None) -> SelfCalibration:
+    """DNG's tracker fitted to any model from its own branches, no classifier: unguided chains from `noise` with a
+    tracking-only rule, each finished sample labelled by the model's verdict (`dng.verdict`), and `fit` with the
+    verdict's p(c|x0) as soft labels.
+
+    `model(x, t)` evaluates the branches [unconditional, concept 1..K] of the K `concepts` (names, which key the
+    calibration) in one call, as `dng.sampler.sample` calls it; `scheduler` is a stochastic diffusers scheduler DNG
+    tracks (with its `eta`), whose config also gives the verdict its noising path (`dng.verdict.path_of`).
+    `exhaustive`: the concepts partition the model (a class-conditional model's classes), so the verdict finds their
+    priors itself; otherwise give `priors`, each concept's share of the model's samples. `exclusive` fits the clamp of
+    DNG's exclusive mode. `generator` draws the chains' noise, then the verdict's. Cost per image:
+    `num_inference_steps + draws` model calls of 1 + K branches.
+    """
+    from dng.sampler import sample
+    from dng.verdict import path_of, verdict
+
+    if not concepts or len(set(concepts)) != len(concepts):
+        raise ConfigError(f"concepts must be distinct names, one per concept branch, got {list(concepts)}")
+    path = path_of(scheduler)  # before sampling: a scheduler the verdict cannot read fails fast
+    out = sample(model, scheduler, tracking_only(), noise=noise, num_inference_steps=num_inference_steps,
+                 num_negatives=len(concepts), eta=eta, generator=generator, progress=progress, return_trace=True,
+                 set_timesteps_kwargs=set_timesteps_kwargs)
+    judged = verdict(model, out.samples, path, len(concepts), priors=priors, exhaustive=exhaustive, draws=draws,
+                     midpoint=midpoint, batch_size=batch_size, generator=generator, progress=progress)
+    fitted = fit(out.trace.llr, log_snr_gains(out.trace.sigma), judged.p, p_max=p_max, exclusive=exclusive)
+    calibration = ModelCalibration(tuple(concepts), tuple(fitted.priors), fitted.temperature, fitted.offset, p_max)
+    return SelfCalibration(calibration, fitted, judged, out.samples, out.trace)
