@@ -50,7 +50,7 @@ def main():
         images = to_uint8(x)
         pred, feats = classify(classifier, images)
         runs[dtype] = dict(seconds=seconds, images=images, pred=pred, trace=trace,
-                           metrics=reference.metrics([klass], pred, feats, args.seed))
+                           metrics=reference.metrics([klass], images, pred, feats, args.seed))
     print(f"DNG lam0 {config.lam0:g} removing {args.remove}, {args.num_images} images, {args.steps} DDPM steps, "
           f"{torch.get_num_threads()} thread(s)")
     for dtype, r in runs.items():

@@ -139,7 +139,7 @@ def test_v_and_flow_models_give_the_epsilon_models_verdict(bed):
         return (eps - x) / (1 - s)
 
     reference = estimate(bed, 8)
-    v_path = DiffusionPath(gmm.abar, "v_prediction")
+    v_path = DiffusionPath(gmm.path.abar, "v_prediction")
     # Equal up to the float32 rounding of the branch errors.
     torch.testing.assert_close(estimate(bed, 8, model=v_model, path=v_path), reference, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(estimate(bed, 8, model=flow_model, path=flow), reference, rtol=1e-5, atol=1e-5)
