@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from dng import calibration
-from dng.commands.calibrate import tracking_only
+from dng.calibration import tracking_only
 from dng.io import write_json
 from dng.vision.data import CLASS_NAMES, parse_classes
 from dng.vision.generate import generate

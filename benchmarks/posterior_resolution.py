@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from dng import calibration
-from dng.commands.calibrate import tracking_only
+from dng.calibration import tracking_only
 from dng.io import write_json
 from dng.posterior import mixture_weights
 from dng.sampler import sample

@@ -44,14 +44,6 @@ def register(groups) -> None:
     p.set_defaults(func=run)
 
 
-def tracking_only():
-    """Scale 0 leaves the chain unguided; temperature 1 and offset 0 make the trace's llr the raw log-ratio."""
-    from dng.config import DNGConfig
-    from dng.guidance import DynamicNegativeGuidance
-
-    return DynamicNegativeGuidance(DNGConfig(0.0, 0.5, 1.0, 0.0, p_min=1e-30, p_max=1 - 1e-6, sigma_min=0.0))
-
-
 def run(args) -> int:
     from dng.errors import ConfigError
     from dng.vision.data import CLASS_NAMES, parse_classes
@@ -87,7 +79,7 @@ def run(args) -> int:
     unet, classifier = load_generator(args.generator), load_classifier(args.classifier)
     noise = seeded_noise(args.seed, 0, args.num_samples)
     # One unguided chain tracks every class at once: each negative branch has its own llr in the trace.
-    x, trace = generate(unet, noise, scheduler=args.scheduler, guidance=tracking_only(), negatives=classes,
+    x, trace = generate(unet, noise, scheduler=args.scheduler, guidance=calibration.tracking_only(), negatives=classes,
                         steps=args.steps, seed=args.seed, progress=True, dtype=args.dtype)
     labels, _ = classify(classifier, to_uint8(x))
     gains = calibration.log_snr_gains(trace.sigma)
