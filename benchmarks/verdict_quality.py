@@ -10,11 +10,10 @@ Fashion-MNIST: unguided samples (Euler ancestral, 25 steps), the verdict of all 
 draws, against the shipped classifier's labels: per class the AUC of p, the model's own prior against the
 classifier's share and the mean p; a reliability table; argmax agreement; wall time and model calls per image; and,
 against the classifier (which the verdict cannot do without labels), how a temperature on the log-ratio would fare.
-`--weightings` adds the weighting comparison: one more set of draws spread over all noise levels, reweighted to each
-candidate weighting.
+The weighting comparison: one more set of draws shared by every candidate weighting, reweighted to each.
 
-Run: OMP_NUM_THREADS=2 PYTHONPATH=src .venv/bin/python benchmarks/verdict_quality.py --weightings \
-         --out runs/verdict-quality.json        # --part gmm or --part generator for one half
+Run: OMP_NUM_THREADS=2 PYTHONPATH=src .venv/bin/python benchmarks/verdict_quality.py --out runs/verdict-quality.json
+     (--part gmm, generator or weightings for one of the three)
 """
 
 from __future__ import annotations
@@ -37,9 +36,10 @@ from dng.verdict import (
     DiffusionPath,
     branch_errors,
     log_ratios,
-    noise_levels,
     path_of,
     probabilities,
+    signal,
+    stratified,
     weighting,
 )
 from dng.vision.branches import ClassBranches
@@ -145,9 +145,25 @@ def scores(p: torch.Tensor, log_ratio: torch.Tensor, labels: np.ndarray) -> dict
             "argmax_agreement": float((p.argmax(1).numpy() == labels).mean())}
 
 
-def weightings(model, x0, path, labels, generator) -> tuple[dict, dict]:
-    """One set of draws over all noise levels (the likelihood weighting's draw density), reweighted to each weighting:
-    every weighting sees the same model calls. The table, and the raw branch errors."""
+def unguided(args):
+    """The generator, its unguided samples at the benchmark's settings, their classifier labels and the sampling's
+    wall time."""
+    unet, classifier = load_generator(), load_classifier()
+    noise = seeded_noise(args.seed, 0, args.num_samples)
+    start = time.perf_counter()
+    x0, _ = generate(unet, noise, scheduler="euler-a", guidance=None, negatives=[], steps=args.steps, seed=args.seed,
+                     dtype=args.dtype)
+    return unet, x0, classify(classifier, to_uint8(x0))[0], time.perf_counter() - start
+
+
+def weightings(args) -> dict:
+    """Every candidate weighting from one set of model calls: 2 DRAWS draws per image from the mean of the candidates'
+    own draw densities (w alpha, as `noise_levels` draws), so that each gets a share of draws where it weighs,
+    reweighted to each candidate."""
+    unet, x0, labels, _ = unguided(args)
+    model = ClassBranches(unet, [NULL_LABEL, *range(NUM_CLASSES)], args.dtype)
+    path = path_of(generator_sampler("euler-a").scheduler)
+    generator = torch.Generator().manual_seed(args.seed + 1)
     grid = np.linspace(path.lam_min, path.lam_max, 4097)
     dt = np.abs(np.gradient([path.timestep(lam) for lam in grid], grid))
     # Uniform in the timestep (Li et al. 2023), scaled to the likelihood weighting's total: not a log-ratio.
@@ -156,26 +172,31 @@ def weightings(model, x0, path, labels, generator) -> tuple[dict, dict]:
                   "uniform in t": lambda lam: np.interp(lam, grid, uniform_t),
                   "step: lam < 1": lambda lam: (lam < 1).astype(float)}
     candidates.update({f"sigmoid({m:g} - lam)": (lambda lam, m=m: weighting(lam, m)) for m in (-1, 0, 1, 2, 4)})
-    parts, lam_all, w_all = [], [], []
+    own = [weight(grid) * signal(grid) for weight in candidates.values()]
+    density = sum(d / np.trapezoid(d, grid) for d in own) / len(own)
+    parts, lam_all, dens_all = [], [], []
     for start in range(0, len(x0), 50):
         xb = x0[start : start + 50]
-        u = float(torch.rand((), generator=generator))
-        lams, w = noise_levels(path.lam_min, path.lam_max, math.inf, DRAWS // 2, u)
+        lams, dens = stratified(grid, density, DRAWS, float(torch.rand((), generator=generator)))
         errors = []
         for lam in lams:
             eps = torch.randn(xb.shape, generator=generator)
             errors.append(sum(branch_errors(model, xb, path, NUM_CLASSES, float(lam), sign * eps) for sign in (1, -1)))
         parts.append(torch.stack(errors))  # [levels, batch, K], summed over the sign pair
         lam_all.append(np.repeat(lams[:, None], len(xb), 1))
-        w_all.append(np.repeat(w[:, None], len(xb), 1))
-    errors, lams, w = torch.cat(parts, 1), np.concatenate(lam_all, 1), np.concatenate(w_all, 1)
-    raw = {"errors": errors, "lams": torch.from_numpy(lams), "weights": torch.from_numpy(w)}
+        dens_all.append(np.repeat(dens[:, None], len(xb), 1))
+    errors, lams, dens = torch.cat(parts, 1), np.concatenate(lam_all, 1), np.concatenate(dens_all, 1)
+    torch.save({"errors": errors, "lams": torch.from_numpy(lams), "density": torch.from_numpy(dens),
+                "labels": torch.from_numpy(labels)}, Path(args.out).with_suffix(".weightings.pt"))
     out = {}
-    print(f"\n{'weighting':<22} {'mean AUC':>8} {'min AUC':>7} {'argmax':>6} {'nll/base':>8} {'ECE':>6} "
-          f"{'|prior-share|':>13} {'nll/base, E[r]=1 shift':>22}")
+    print(f"\nWeightings, {len(x0)} samples, {2 * DRAWS} draws per image shared by all: mean and worst AUC of the "
+          "log-ratio; argmax agreement, NLL over the constant share's and ECE of the exhaustive verdict; "
+          "|own prior - share|; NLL over the constant share's after the E[r] = 1 shift")
+    print(f"{'weighting':<22} {'mean AUC':>8} {'min AUC':>7} {'argmax':>6} {'nll/base':>8} {'ECE':>6} "
+          f"{'|prior-share|':>13} {'shifted':>7}")
     for name, weight in candidates.items():
-        factor = torch.from_numpy(w * weight(lams))[..., None]
-        log_ratio = (factor * errors).sum(0) / DRAWS
+        factor = torch.from_numpy(weight(lams) / dens)[..., None]
+        log_ratio = (factor * errors).sum(0) / (2 * DRAWS)
         verdict = probabilities(log_ratio, exhaustive=True)
         row = scores(verdict.p, log_ratio, labels)
         # The lead of issue 26: shift each concept's log-ratio so that its mean ratio over unguided samples is 1.
@@ -186,18 +207,12 @@ def weightings(model, x0, path, labels, generator) -> tuple[dict, dict]:
         gap = float((verdict.priors - torch.tensor(row["share"])).abs().mean())
         print(f"{name:<22} {np.mean(row['auc_log_ratio']):8.3f} {np.min(row['auc_log_ratio']):7.3f} "
               f"{row['argmax_agreement']:6.2f} {row['nll'] / row['baseline_nll']:8.3f} {row['ece']:6.3f} {gap:13.3f} "
-              f"{row['shifted']['nll'] / row['shifted']['baseline_nll']:22.3f}")
-    return out, raw
+              f"{row['shifted']['nll'] / row['shifted']['baseline_nll']:7.3f}")
+    return out
 
 
 def generator_table(args) -> dict:
-    unet, classifier = load_generator(), load_classifier()
-    noise = seeded_noise(args.seed, 0, args.num_samples)
-    start = time.perf_counter()
-    x0, _ = generate(unet, noise, scheduler="euler-a", guidance=None, negatives=[], steps=args.steps, seed=args.seed,
-                     dtype=args.dtype)
-    sampling = time.perf_counter() - start
-    labels, _ = classify(classifier, to_uint8(x0))
+    unet, x0, labels, sampling = unguided(args)
     model = ClassBranches(unet, [NULL_LABEL, *range(NUM_CLASSES)], args.dtype)
     path = path_of(generator_sampler("euler-a").scheduler)
     g = torch.Generator().manual_seed(args.seed)
@@ -215,9 +230,9 @@ def generator_table(args) -> dict:
     for k, name in enumerate(CLASS_NAMES):
         print(f"{name:<12} {row['auc_p'][k]:5.3f} {row['share'][k]:6.3f} {row['priors'][k]:6.3f} "
               f"{row['mean_p'][k]:6.3f}")
-    print(f"mean AUC {np.mean(row['auc_p']):.3f}; argmax agrees with the classifier on {row['argmax_agreement']:.0%}; "
-          f"NLL {row['nll']:.3f} (constant share {row['baseline_nll']:.3f}), Brier {row['brier']:.4f}, "
-          f"ECE {row['ece']:.3f}")
+    print(f"mean AUC {np.mean(row['auc_p']):.3f} (of the log-ratio {np.mean(row['auc_log_ratio']):.3f}); argmax "
+          f"agrees with the classifier on {row['argmax_agreement']:.0%}; NLL {row['nll']:.3f} (constant share "
+          f"{row['baseline_nll']:.3f}), Brier {row['brier']:.4f}, ECE {row['ece']:.3f}")
     print("reliability (all classes pooled): " + "; ".join(
         f"{r['bin']}: {r['count']} at p {r['mean_p']:.2f}, share {r['share']:.2f}" for r in row["reliability"]))
     print(f"wall time {wall / len(x0):.2f} s per image (sampling {sampling / len(x0):.2f} s)")
@@ -227,12 +242,9 @@ def generator_table(args) -> dict:
         row["temperature"][t] = {k: tempered[k] for k in ("nll", "ece", "argmax_agreement")}
     print("temperature on the log-ratio, NLL against the classifier: " + ", ".join(
         f"{t:g}: {r['nll']:.3f}" for t, r in row["temperature"].items()))
-    out, raw = {"verdict": row}, {"log_ratio": log_ratio, "labels": torch.from_numpy(labels)}
-    if args.weightings:
-        out["weightings"], raw["weightings"] = weightings(model, x0, path, labels, g)
-    # The raw log-ratios and branch errors, for analyses beyond these tables.
-    torch.save(raw, Path(args.out).with_suffix(".pt"))
-    return out
+    # The raw log-ratios, for analyses beyond these tables.
+    torch.save({"log_ratio": log_ratio, "labels": torch.from_numpy(labels)}, Path(args.out).with_suffix(".pt"))
+    return row
 
 
 def main():
@@ -243,8 +255,7 @@ def main():
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--gmm-samples", type=int, default=200)
-    parser.add_argument("--part", choices=("all", "gmm", "generator"), default="all")
-    parser.add_argument("--weightings", action="store_true", help="also compare weightings on the generator")
+    parser.add_argument("--part", choices=("all", "gmm", "generator", "weightings"), default="all")
     parser.add_argument("--out", default="runs/verdict-quality.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -254,6 +265,8 @@ def main():
         result["gmm"] = gmm_table(args.gmm_samples, args.seed)
     if args.part in ("all", "generator"):
         result["generator"] = generator_table(args)
+    if args.part in ("all", "weightings"):
+        result["weightings"] = weightings(args)
     write_json(args.out, result)
     print(f"wrote {args.out}")
 

@@ -40,6 +40,11 @@ def _sigmoid(x):
     return np.exp(-np.logaddexp(0.0, -np.asarray(x, dtype=np.float64)))
 
 
+def signal(lam):
+    """alpha of the variance-preserving copy at log-SNR lam, sqrt(sigmoid(lam))."""
+    return np.sqrt(_sigmoid(lam))
+
+
 class DiffusionPath:
     """The DDPM (variance-preserving) family: x = alpha x0 + sigma eps, alpha^2 + sigma^2 = 1, on the training schedule
     `alphas_cumprod`; the model is called at the timestep of that noise level and predicts epsilon or v.
@@ -71,7 +76,7 @@ class DiffusionPath:
     @staticmethod
     def scales(lam: float) -> tuple[float, float]:
         """(alpha, sigma) of x = alpha x0 + sigma eps at log-SNR lam."""
-        return math.sqrt(_sigmoid(lam)), math.sqrt(_sigmoid(-lam))
+        return float(signal(lam)), float(signal(-lam))
 
     def timestep(self, lam: float) -> float:
         return float(np.interp(math.exp(-lam / 2), self.ratio, np.arange(len(self.ratio))))
@@ -129,19 +134,25 @@ def weighting(lam, midpoint: float = MIDPOINT):
     return _sigmoid(midpoint - np.asarray(lam, dtype=np.float64))
 
 
+def stratified(grid: np.ndarray, density: np.ndarray, levels: int, u: float):
+    """`levels` stratified draws from the density tabulated on `grid`, one per stratum of its CDF shifted by u in
+    [0, 1), and the normalised density at each."""
+    cdf = np.concatenate([[0.0], np.cumsum((density[1:] + density[:-1]) / 2 * np.diff(grid))])
+    lams = np.interp((np.arange(levels) + u) / levels * cdf[-1], cdf, grid)
+    return lams, np.interp(lams, grid, density) / cdf[-1]
+
+
 def noise_levels(lam_min: float, lam_max: float, midpoint: float, levels: int, u: float):
-    """`levels` stratified log-SNRs in [lam_min, lam_max] (one per stratum of the draw density, shifted by u in
-    [0, 1)) and the importance weight of each: w(lam) over the normalised draw density.
+    """`levels` stratified log-SNRs in [lam_min, lam_max] and the importance weight of each, w(lam) over the draw
+    density.
 
     The draws follow w(lam) alpha(lam): at low SNR the branches' difference, and with it the spread of the integrand,
     shrinks like alpha, so draws are spent where they matter (at 16 draws on the mixture: 1.5x lower spread of the
     likelihood weighting, 9x of the default).
     """
     grid = np.linspace(lam_min, lam_max, 4097)
-    density = weighting(grid, midpoint) * np.sqrt(_sigmoid(grid))
-    cdf = np.concatenate([[0.0], np.cumsum((density[1:] + density[:-1]) / 2 * np.diff(grid))])
-    lams = np.interp((np.arange(levels) + u) / levels * cdf[-1], cdf, grid)
-    return lams, cdf[-1] * weighting(lams, midpoint) / np.interp(lams, grid, density)
+    lams, density = stratified(grid, weighting(grid, midpoint) * signal(grid), levels, u)
+    return lams, weighting(lams, midpoint) / density
 
 
 def branch_errors(model, x0: torch.Tensor, path, num_concepts: int, lam: float, eps: torch.Tensor) -> torch.Tensor:
