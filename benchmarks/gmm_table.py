@@ -35,7 +35,8 @@ def main():
     totals = {}
     for path in args.results:
         data = json.load(open(path))
-        n, key = data["num_samples"], (data.get("scheduler", "ddpm"), data["steps"])
+        reading = f" ({data['reading']})" if data.get("reading") else ""
+        n, key = data["num_samples"], (data.get("scheduler", "ddpm") + reading, data["steps"])
         for name, rows in data["results"].items():
             by = {r["method"]: r for r in rows if r["method"] in ("dng", "dng-oracle", "target")}
             dng, oracle, target = by["dng"], by["dng-oracle"], by["target"]
