@@ -407,7 +407,7 @@ def test_stored_half_precision_outputs_are_read_in_float32():
         (DEISMultistepScheduler(), 0.0,
          "DPMSolverMultistepScheduler.from_config(scheduler.config, algorithm_type='sde-dpmsolver++')"),
         (DPMSolverSinglestepScheduler(), 0.0,
-         "DPMSolverSinglestepScheduler.from_config(scheduler.config, algorithm_type='sde-dpmsolver++')"),
+         "DPMSolverMultistepScheduler.from_config(scheduler.config, algorithm_type='sde-dpmsolver++')"),
         (EDMDPMSolverMultistepScheduler(solver_order=3), 0.0, "algorithm_type='sde-dpmsolver++', solver_order=2"),
         (EDMDPMSolverMultistepScheduler(algorithm_type=SDE, solver_order=3), 0.0, "solver_order=2"),
         (DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver", solver_order=3, final_sigmas_type="sigma_min"),
