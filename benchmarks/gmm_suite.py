@@ -1,7 +1,7 @@
 """`dng bench gmm` over a family of mixtures; prints one summary line per mixture and writes the rows.
 
 Run: .venv/bin/python benchmarks/gmm_suite.py [--steps 100] [--scheduler ddpm|euler-a|dpmpp-2m-sde|ddim|flow-euler|
-         flow-euler-a] [--shift 3 | --mu 1.1] [--dng late_boost=1] --out runs/gmm-suite.json
+         flow-euler-a] [--shift 3 | --mu 1.1] [--dng late_boost=1] [--reading data] --out runs/gmm-suite.json
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from dng.commands import dng_changes
 from dng.gmm import default_mixture_config
 from dng.guidance import DynamicNegativeGuidance
 from dng.io import write_json
+from dng.kernels.dpmsolver import READINGS
+from dng.posterior import TrackedPosterior
 
 
 def mixture(d, k, weights, removed_std, near, stds=(0.15, 0.5), seed=0, scale=0.6):
@@ -50,6 +52,8 @@ def main():
     parser.add_argument("--variance", default="fixed_large", choices=("fixed_large", "fixed_small"))
     parser.add_argument("--dng", action="append", default=[], metavar="NAME=VALUE",
                         help="set a parameter of the DNG row over the default preset, e.g. --dng late_boost=1")
+    parser.add_argument("--reading", choices=READINGS, default=None,
+                        help="how the DNG row's tracker reads a multistep solver's step (default: the kernel's)")
     parser.add_argument("--out", default="runs/gmm-suite.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -59,9 +63,10 @@ def main():
         bench = GMMBench(config, args.steps, args.num_samples, seed=0, variance=args.variance,
                          scheduler=args.scheduler, shift=args.shift, mu=args.mu)
         cells = list(bench.configs(["none", "np", "sld", "dng", "dng-oracle", "target"]))
-        if overrides:
+        if overrides or args.reading:
             cells = [(m, {**p, **overrides}, lambda p=p: DynamicNegativeGuidance(
-                **{k: v for k, v in p.items() if k != "preset"}, **overrides))
+                **{k: v for k, v in p.items() if k != "preset"}, **overrides,
+                posterior=TrackedPosterior(args.reading)))
                      if m == "dng" else (m, p, f) for m, p, f in cells]
         rows = [bench.run(m, p, f)[0] for m, p, f in cells]
         results[name] = rows
@@ -76,6 +81,7 @@ def main():
               f"{len(dominated)}", flush=True)
     write_json(args.out, {"steps": args.steps, "scheduler": args.scheduler, "shift": args.shift, "mu": args.mu,
                           "variance": args.variance, "num_samples": args.num_samples, "dng": overrides,
+                          "reading": args.reading,
                           "results": results})
 
 

@@ -47,7 +47,8 @@ def main():
     totals = {}
     for path in args.results:
         data = json.load(open(path))
-        n, key = data["num_samples"], (sampler_name(data), data["steps"])
+        reading = f" ({data['reading']})" if data.get("reading") else ""
+        n, key = data["num_samples"], (sampler_name(data) + reading, data["steps"])
         for name, rows in data["results"].items():
             by = {r["method"]: r for r in rows if r["method"] in ("none", "dng", "dng-oracle", "target")}
             dng, oracle, target = by["dng"], by["dng-oracle"], by["target"]

@@ -4,12 +4,12 @@ import math
 
 import pytest
 import torch
-from diffusers import DDPMScheduler
+from diffusers import DDPMScheduler, DPMSolverSinglestepScheduler
 
 from dng.config import DNGConfig
 from dng.errors import ConfigError, NonFiniteError
 from dng.gmm import GaussianMixture, default_mixture_config
-from dng.guidance import NegativePrompt
+from dng.guidance import DynamicNegativeGuidance, NegativePrompt
 from dng.kernels import BranchMoments
 from dng.posterior import PosteriorTracker, gaussian_llr, mixture_llr, mixture_weights, project_simplex
 from dng.sampler import sample
@@ -249,6 +249,28 @@ def test_gaussian_kernel_tracker_converges_to_exact_bayes_as_steps_grow():
     coarse, fine = _unguided_tracking_error(50, 1e-30), _unguided_tracking_error(500, 1e-30)
     assert fine < 0.45 * coarse, (coarse, fine)
     assert fine < _unguided_tracking_error(500, 1e-6), fine
+
+
+@pytest.mark.parametrize("order", [2, 3])
+def test_a_singlestep_stage_updates_the_p_of_its_first_sample(order):
+    """Every step of a singlestep stage starts from the stage's first sample: p after it is p there plus that step's
+    llr, whatever the stage's earlier steps did to p (they guided their own steps only)."""
+    scheduler = DPMSolverSinglestepScheduler(algorithm_type="sde-dpmsolver++", solver_order=order,
+                                             lower_order_final=False)
+    cfg = default_mixture_config()
+    gmm = GaussianMixture(cfg["means"], cfg["stds"], cfg["weights"], scheduler.alphas_cumprod, dtype=torch.float32)
+    rule = DynamicNegativeGuidance(prior=0.3, p_min=1e-30, p_max=1 - 1e-6, late_boost=1.0)
+    out = sample(gmm.branch_model([0]), scheduler, rule, noise=torch.randn(64, gmm.dim), num_inference_steps=12,
+                 num_negatives=1, generator=torch.Generator().manual_seed(0), progress=False, return_trace=True)
+    log_p, llr = out.trace.p.log().double(), out.trace.llr.double()
+    assert [int(o) for o in scheduler.order_list[:order]] == list(range(1, order + 1))
+    start = 0
+    for i in range(11):  # the last step, onto clean data, adds no noise and is not tracked
+        if scheduler.order_list[i] == 1:
+            start = i
+        # log p at the sample after step i: the stage's first p plus step i's llr, clamped.
+        expected = (log_p[start] + llr[i]).clamp(math.log(rule.config.p_min), math.log(rule.config.p_max))
+        torch.testing.assert_close(log_p[i + 1], expected, rtol=0, atol=1e-4)
 
 
 def _simplex_grid(k: int, n: int) -> torch.Tensor:

@@ -34,16 +34,21 @@ SDE = "sde-dpmsolver++"
 
 @pytest.mark.parametrize("scheduler,sibling,settings", [
     (EulerDiscreteScheduler(**SD), EulerAncestralDiscreteScheduler, {}),
-    (EulerDiscreteScheduler(**SD, use_karras_sigmas=True), DPMSolverMultistepScheduler,
-     {"algorithm_type": SDE, "use_karras_sigmas": True}),
+    (EulerDiscreteScheduler(**SD, use_karras_sigmas=True), EulerAncestralDiscreteScheduler, {}),
     (HeunDiscreteScheduler(), EulerAncestralDiscreteScheduler, {}),  # Heun's default betas are not Euler-a's
     (PNDMScheduler(**SD), EulerAncestralDiscreteScheduler, {}),
     (KDPM2DiscreteScheduler(**SD), "KDPM2AncestralDiscreteScheduler", {}),
+    # DNG's sibling of the DPM-Solver family: multistep SDE on the timestep spacing (docs/GMM.md).
     (DPMSolverMultistepScheduler(**SD, use_karras_sigmas=True, solver_order=3), DPMSolverMultistepScheduler,
-     {"algorithm_type": SDE, "use_karras_sigmas": True, "solver_order": 3}),
-    (DPMSolverSinglestepScheduler(**SD), DPMSolverSinglestepScheduler, {"algorithm_type": SDE}),
+     {"algorithm_type": SDE, "use_karras_sigmas": False, "solver_order": 3}),
+    (DPMSolverMultistepScheduler(**SD, use_exponential_sigmas=True), DPMSolverMultistepScheduler,
+     {"algorithm_type": SDE, "use_exponential_sigmas": False, "use_karras_sigmas": False}),
+    (DPMSolverMultistepScheduler(**SD, use_lu_lambdas=True, use_flow_sigmas=False), DPMSolverMultistepScheduler,
+     {"algorithm_type": SDE, "use_lu_lambdas": False}),
+    (DPMSolverSinglestepScheduler(**SD, use_karras_sigmas=True), DPMSolverMultistepScheduler,
+     {"algorithm_type": SDE, "use_karras_sigmas": False}),
     (UniPCMultistepScheduler(**SD, use_karras_sigmas=True), DPMSolverMultistepScheduler,
-     {"algorithm_type": SDE, "use_karras_sigmas": True}),
+     {"algorithm_type": SDE, "use_karras_sigmas": False}),
     (DEISMultistepScheduler(**SD), DPMSolverMultistepScheduler, {"algorithm_type": SDE}),
     (SASolverScheduler(**SD), DPMSolverMultistepScheduler, {"algorithm_type": SDE}),
     (EDMDPMSolverMultistepScheduler(solver_order=3, sigma_max=120.0, prediction_type="v_prediction"),
@@ -67,7 +72,9 @@ def test_sibling_is_trackable_and_built_from_the_same_config(scheduler, sibling,
         assert torch.equal(result.betas, scheduler.betas)
     for key, value in settings.items():
         assert result.config[key] == value, key
-    assert str(switch_hint(scheduler)).startswith(f"{name}.from_config(scheduler.config")
+    hint = switch_hint(scheduler)
+    assert hint.startswith(f"{name}.from_config(scheduler.config")
+    assert ("timestep spacing, where DNG's tracker removes the concept best" in hint) == (False in settings.values())
 
 
 @pytest.mark.parametrize("scheduler", [

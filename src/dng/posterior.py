@@ -8,6 +8,7 @@ import torch
 
 from dng.config import DNGConfig
 from dng.errors import ConfigError, NonFiniteError
+from dng.kernels.dpmsolver import READINGS
 
 
 def gaussian_llr(rd, dd, std: float, temperature: float = 1.0, offset: float = 0.0):
@@ -124,12 +125,21 @@ class TrackedPosterior:
     """Where DNG's p comes from by default: tracked per sample by Bayes over the sampler's own Gaussian steps.
 
     `before_step` reads the step's kernel means for the unconditional and negative branches (no model call), and
-    `after_step` updates log p from the sample the step drew; the llr it returns is the trace's.
+    `after_step` updates log p from the sample the step drew; the llr it returns is the trace's. `reading` says how
+    a step that also weighs earlier outputs (DPM-Solver's multistep and higher-order singlestep steps) is read
+    (`dng.kernels.dpmsolver.READINGS`; None: the kernel's default, "data"); one-step kernels have only one reading.
     """
 
     tracks = True
 
+    def __init__(self, reading: str | None = None):
+        if reading is not None and reading not in READINGS:
+            raise ConfigError(f"reading must be one of {', '.join(READINGS)}, got {reading!r}")
+        self.reading = reading
+
     def start(self, config: DNGConfig, kernel, batch_size: int, num_negatives: int, device=None) -> None:
+        if self.reading is not None and hasattr(kernel, "reading"):
+            kernel.reading = self.reading
         self.config, self.kernel = config, kernel
         self.tracker = PosteriorTracker(config)
         self.tracker.start(batch_size, num_negatives, device)
@@ -140,6 +150,9 @@ class TrackedPosterior:
 
     def before_step(self, t, x, eps_u, eps_n) -> None:
         moments = self.kernel.branch_moments(t, x, torch.cat([eps_u[None], eps_n]))
+        if not moments.restart:
+            # p at the sample this step starts from: where a later step of a singlestep stage starts too.
+            self.held = self.tracker.log_p
         # Below sigma_min the rule does not track; a step without noise carries no likelihood ratio.
         usable = moments.sigma >= self.config.sigma_min and moments.std > MIN_TRACKING_STD
         self.moments = moments if usable else None
@@ -150,6 +163,8 @@ class TrackedPosterior:
         if moments is None:
             return None
         c = self.config
+        if moments.restart:
+            self.tracker.log_p = self.held
         kernel_std = moments.std if c.kernel_variance == "step" else moments.forward_std
         # Both offsets as one per-step offset o, which the updates add as o / (2 s^2).
         offset = c.offset_per_step + c.offset * log_snr_gain(moments.sigma, moments.sigma_next) * 2 * kernel_std**2

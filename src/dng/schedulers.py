@@ -1,11 +1,12 @@
 """Which diffusers schedulers DNG can track, and the stochastic sibling of those it cannot.
 
     kernel = dng.schedulers.reverse_kernel(scheduler, eta)  # the step's Gaussian kernel, or a clear refusal
-    scheduler = dng.schedulers.stochastic(pipe.scheduler)   # e.g. DPM++ 2M Karras -> DPM++ 2M SDE Karras
+    scheduler = dng.schedulers.stochastic(pipe.scheduler)   # e.g. DPM++ 2M Karras -> DPM++ 2M SDE
     eta = 1.0 if dng.schedulers.needs_eta(scheduler) else 0.0
 
-The sibling is built from the same config (betas, training steps, prediction type, sigma spacing), so it samples
-the same model on the same schedule; only the step's noise differs.
+The sibling is built from the same config (betas, training steps, prediction type), so it samples the same model on
+the same schedule; the step's noise differs, and a DPM-Solver sibling steps on the timestep spacing where the
+scheduler had Karras, exponential, beta or Lu sigmas: DNG tracks best there (`_SPACINGS`).
 """
 
 from __future__ import annotations
@@ -89,13 +90,17 @@ def reverse_kernel(scheduler, eta: float = 0.0):
 
 _SDE = {"algorithm_type": "sde-dpmsolver++"}
 _ANCESTRAL = ("EulerAncestralDiscreteScheduler", {})
-# Sigma spacings Euler ancestral lacks: a scheduler using one goes to DPM++ 2M SDE, which keeps it.
-_SPACINGS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
+# Sigma spacings that crowd the steps into low noise, which a DPM++ SDE sibling drops (Euler ancestral has none):
+# DNG's tracker makes one Bayes update per step, and falls behind where few steps cross the noise levels at which
+# classes separate (Karras sigmas: 5 of 25 steps in sigma 0.5-5 on a 1000-step linear schedule, the timestep spacing
+# 11). On the exact mixtures and on Fashion-MNIST DNG removes more on the timestep spacing (docs/GMM.md).
+_SPACINGS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas")
 
-# Scheduler class -> (class of its stochastic sibling, config changes).
+# Scheduler class -> (class of its stochastic sibling, config changes): the sibling on which DNG tracks best.
 SIBLINGS = {
     "DPMSolverMultistepScheduler": ("DPMSolverMultistepScheduler", _SDE),
-    "DPMSolverSinglestepScheduler": ("DPMSolverSinglestepScheduler", _SDE),
+    # A singlestep stage's steps all start from its first sample: one tracked update per stage (docs/GMM.md).
+    "DPMSolverSinglestepScheduler": ("DPMSolverMultistepScheduler", _SDE),
     "EDMDPMSolverMultistepScheduler": ("EDMDPMSolverMultistepScheduler", _SDE),
     "EDMEulerScheduler": ("EDMDPMSolverMultistepScheduler", _SDE),
     "FlowMatchEulerDiscreteScheduler": ("FlowMatchEulerDiscreteScheduler", {"stochastic_sampling": True}),
@@ -106,8 +111,8 @@ SIBLINGS = {
     "HeunDiscreteScheduler": _ANCESTRAL,
     "LMSDiscreteScheduler": _ANCESTRAL,
     "PNDMScheduler": _ANCESTRAL,
-    # Multistep exponential integrators with DPM-Solver's config keys (solver order, Karras / flow sigmas, final
-    # sigma), which Euler ancestral would drop; likewise DPM++ SDE (whose Brownian-tree noise DNG cannot track) and
+    # Multistep exponential integrators with DPM-Solver's config keys (solver order, flow sigmas, final sigma),
+    # which Euler ancestral would drop; likewise DPM++ SDE (whose Brownian-tree noise DNG cannot track) and
     # SA-Solver.
     "UniPCMultistepScheduler": ("DPMSolverMultistepScheduler", _SDE),
     "DEISMultistepScheduler": ("DPMSolverMultistepScheduler", _SDE),
@@ -118,8 +123,8 @@ SIBLINGS = {
 
 def _sibling(scheduler) -> tuple[str, dict]:
     target, changes = SIBLINGS.get(type(scheduler).__name__, _ANCESTRAL)
-    if target == _ANCESTRAL[0] and any(scheduler.config.get(key) for key in _SPACINGS):
-        target, changes = SIBLINGS["DPMSolverMultistepScheduler"]
+    if target == "DPMSolverMultistepScheduler":
+        changes = {**changes, **{key: False for key in _SPACINGS if scheduler.config.get(key)}}
     if target == "EDMDPMSolverMultistepScheduler" and scheduler.config.get("solver_order", 2) > 2:
         # EDM's third-order update has no SDE form.
         changes = {**changes, "solver_order": 2}
@@ -155,13 +160,18 @@ def switch_hint(scheduler) -> str:
     target, changes = _sibling(scheduler)
     args = "".join(f", {key}={value!r}" for key, value in changes.items())
     code = f"{target}.from_config(scheduler.config{args})"
-    return (code if name in SIBLINGS else f"e.g. {code}") + " (dng.schedulers.stochastic(scheduler) builds it)"
+    why = (", on the timestep spacing, where DNG's tracker removes the concept best (docs/GMM.md)"
+           if set(changes) & set(_SPACINGS) else "")
+    return (code if name in SIBLINGS else f"e.g. {code}") + f" (dng.schedulers.stochastic(scheduler) builds it{why})"
 
 
 def stochastic(scheduler, **config):
     """The stochastic sibling of `scheduler` from the same config (with `config` changes); itself if already tracked.
 
-    DDIM and TCD come back as they are: their noise is the sampler's `eta`, which must be > 0 (`needs_eta`).
+    The sibling is the one DNG tracks best on (`SIBLINGS`): DPM-Solver's SDE multistep on the timestep spacing for
+    the DPM-Solver family (Karras, exponential, beta and Lu sigmas dropped, singlestep made multistep: docs/GMM.md),
+    Euler ancestral for Euler, Heun, LMS and PNDM. DDIM and TCD come back as they are: their noise is the sampler's
+    `eta`, which must be > 0 (`needs_eta`).
     Raises ConfigError where no sibling is known or the sibling still cannot be tracked (e.g. a learned variance).
     """
     if not hasattr(scheduler, "step") or not hasattr(scheduler, "config"):

@@ -8,8 +8,10 @@ several model outputs at the same `x` and past, and the `std` of the noise the s
 Without clipping or thresholding the mean is affine in the output, a x + b out + c with
 c from the past: `branch_moments` reads a, b and c off the kernel's formula (read, never
 written: the sampler asks before it steps). A multistep solver's past holds model outputs,
-which differ per branch: its kernel (one per chain) records every branch's outputs as it
-reads them, so that m_u - m_n reads each branch's own.
+which differ per branch: its kernel (one per chain) reads the step as a first-order step in
+this step's outputs with the solver's own history and extrapolation shared by the branches
+(`dpmsolver.READINGS` has the alternatives), and the part of its mean that reads the step's
+guided output once the scheduler stored it.
 Kernels also give `forward_std`, the std of the forward transition between the
 step's two noise levels (sqrt(beta_t) in DDPM terms) in the same sample space: the
 true reverse kernel's spread lies between the two, nearer the forward one at low noise.

@@ -19,6 +19,13 @@ from dng.kernels.base import (
 from dng.kernels.moments import AffineBranchMoments, BranchMoments
 
 SDE_DPM = ("sde-dpmsolver++", "sde-dpmsolver")
+# How the tracker reads a step whose mean also weighs earlier outputs (docs/GMM.md derives and measures each):
+# "data"   the hypotheses differ by this step's data prediction with the weight of the exact reverse kernel, the
+#          first-order one; the rest of the solver's mean (its history, its extrapolation) is shared.
+# "first"  a first-order step from x with each branch's current output: the earlier outputs are not read.
+# "guided" the solver's mean on its stored (guided) history; m_u - m_n on each branch's own history.
+# "own"    each branch's solver mean on that branch's own history.
+READINGS = ("data", "first", "guided", "own")
 
 
 def _scalar(value) -> torch.Tensor:
@@ -29,17 +36,17 @@ def _scalar(value) -> torch.Tensor:
 class DPMSolverKernel(_PastKernel):
     """DPM-Solver(++) in SDE form, multistep, singlestep or EDM's: the scheduler's own update.
 
-    The mean for an output is the update the step would take with that output as this step's, the earlier outputs
-    as stored (the guided ones) and (singlestep, order > 1) the sample its stage started from, the chain's.
-    The hypothesis "the chain samples c" is the chain run with c's outputs at every step, so m_u - m_n reads each
-    branch's own earlier outputs, which `branch_moments` records as it reads each step (one kernel per chain). m_u
-    itself keeps the stored history: the residual x_prev - m_u is then this step's push and noise, as for a one-step
-    kernel. With m_u on u's own history it would also hold the echo of the last push (2M weighs the previous step's
-    output by -1/(2r)): evidence against c- at a push, cut short by the tracker's p_min clamp, then for c- at the
-    next step. On the exact mixture at 25-100 steps that loop blew up 4-10 of 2000 chains.
+    `kernel(t, x, out)` is the step the scheduler takes from out: its update with the earlier outputs as stored and
+    (singlestep, order > 1) the sample its stage started from. `branch_moments` reads the step for the tracker as
+    `reading` says (`READINGS`). The default, "data": the exact reverse kernel's mean is a x + b1 D(x), first order in
+    the current data prediction D for any step size (D is a martingale along the reverse process), so a hypothesis
+    moves the mean by b1 (D_u - D_n) at this step. What the solver adds from its history and extrapolation is a known
+    function of the predictions it stored, shared by the hypotheses: m_u is the step the sampler took with b1 D_g
+    swapped for b1 D_u, and the residual x_prev - m_u is this step's push and noise, as for a one-step kernel. This
+    step's guided D_g is only stored during the step: m_u and the statistics read it after the step.
     """
 
-    def __init__(self, scheduler):
+    def __init__(self, scheduler, reading: str = "data"):
         self.scheduler = scheduler
         self.singlestep = type(scheduler) is DPMSolverSinglestepScheduler
         cfg = scheduler.config
@@ -52,32 +59,112 @@ class DPMSolverKernel(_PastKernel):
         if cfg.get("variance_type") is not None:
             raise UnsupportedSchedulerError(
                 f"variance_type {cfg.variance_type!r} needs an output wider than the sample")
+        if reading not in READINGS:
+            raise ConfigError(f"reading must be one of {', '.join(READINGS)}, got {reading!r}")
+        self.reading = reading
         self.affine = not cfg.thresholding
-        # Step index -> this chain's converted outputs at that step, unconditional minus each negative.
-        self._gaps = {}
+        # "guided" and "own": step index -> this chain's converted outputs at that step, (unconditional or None,
+        # unconditional minus each negative).
+        self._history = {}
+        # "data", singlestep: the converted outputs at the current stage's first sample (unconditional, gaps).
+        self._stage = None
 
     def branch_moments(self, t, x, outs) -> BranchMoments:
-        """m_u from the stored (guided) history; m_u - m_n_i from each branch's own outputs at every step."""
         x, outs = _upcast(x), _upcast(outs)
+        _step_index(self.scheduler, t)
+        if self.reading in ("guided", "own"):
+            return self._history_moments(t, x, outs)
+        if self.reading == "first":
+            return self._first_order_moments(t, x, outs)
+        return self._data_moments(t, x, outs)
+
+    def _data_moments(self, t, x, outs):
+        """The "data" reading: the step from the sample it starts from (x; for a singlestep stage, the stage's first
+        sample), the hypotheses moving its mean by b1 D_k there; the rest of the solver's mean is the sampler's."""
         s = self.scheduler
-        order, _ = self._plan(t)
+        order, from_stage = self._plan(t)
+        weights = self._weights(order)
+        # The solver's weights on its outputs sum to the first-order weight b1 of a step from its start: its
+        # higher-order terms weigh differences of outputs.
+        b1, w = sum(weights), weights[-1]
+        std, forward_std = self._stds(t)
+        stored = s.model_outputs  # this step's guided D_g is its last entry once the step is taken
+        # The solver's mean with this step's output zeroed: what its history (and a stage's start) adds.
+        zero = x.new_zeros(() if self.affine else x.shape)  # thresholding reads a batch
+        past = self._mean(t, zero, zero, self._stored(t)) if order > 1 or from_stage else None
+        if from_stage:
+            # Every step of a stage starts from the stage's first sample: the hypotheses differ by b1 times their
+            # outputs there, and the tracker reads p there (`restart`).
+            if self._stage is None or self._stage[1].shape[:2] != (len(outs) - 1, len(x)):
+                raise ConfigError(f"step {s.step_index} of {type(s).__name__} starts from its stage's first sample: "
+                                  "read branch_moments there too, with the same branches and batch, on a kernel made "
+                                  "for this chain")
+            d_u, gap = self._stage
+            stage_d = _upcast(stored[1 - order])  # the stage's first guided D, before this step shifts it
+            known = past + b1 * (d_u - stage_d)
+            moments = BranchMoments(lambda: known + w * _upcast(stored[-1]), b1 * gap, std, forward_std,
+                                    (self._sigma_at(s.step_index - order + 1), self.noise_levels(t)[1]))
+            moments.restart = True
+            return moments
+        if self.singlestep:
+            self._stage = (self._converted(x, outs[:1])[0], self._gap(x, outs))
+
+        def offset():
+            # This step's guided D_g keeps the part (w - b1) of the solver's weight that the swap leaves on it.
+            return past + (w - b1) * _upcast(stored[-1])
+
+        x_weight = float(self._update(order, [_scalar(0)] * order, _scalar(1), 0.0))
+        return self._affine_moments(x, outs, x_weight, b1, std, forward_std, self.noise_levels(t),
+                                    offset if order > 1 else None)
+
+    def _first_order_moments(self, t, x, outs):
+        """The "first" reading: a first-order step from x with each branch's output, its own noise; no past read."""
+        zero, one = _scalar(0), _scalar(1)
+        std = float(self._update(1, [zero], zero, 1.0))
+        return self._affine_moments(x, outs, float(self._update(1, [zero], one, 0.0)),
+                                    float(self._update(1, [one], zero, 0.0)), std, self._stds(t)[1],
+                                    self.noise_levels(t), None)
+
+    def _affine_moments(self, x, outs, x_weight, b1, std, forward_std, levels, offset):
+        """Moments of the mean x_weight x + b1 D_u + offset, with d = b1 (D_u - D_n)."""
+        if not self.affine:
+            return AffineBranchMoments(x, self._converted(x, outs), x_weight, b1, std, forward_std, levels, offset)
+        # D = k_x x + k_o out: affine in the raw outputs, whose difference needs no cancellation.
+        convert = self.scheduler.convert_model_output
+        k_o, k_x = (float(convert(_scalar(o), sample=_scalar(1 - o))) for o in (1, 0))
+        return AffineBranchMoments(x, outs, x_weight + b1 * k_x, b1 * k_o, std, forward_std, levels, offset)
+
+    def _history_moments(self, t, x, outs):
+        """m_u - m_n_i from each branch's own outputs at every step; m_u from the stored ("guided") or the
+        unconditional branch's own ("own") history."""
+        s = self.scheduler
+        order, from_stage = self._plan(t)
         i = s.step_index
-        gap = self._gap(x, outs)
-        past = [self._gaps.get(j) for j in range(i - order + 1, i)]
-        if any(g is None or g.shape != gap.shape for g in past):
+        own = self.reading == "own"
+        entry = (self._converted(x, outs[:1])[0] if own else None, self._gap(x, outs))
+        past = [self._history.get(j) for j in range(i - order + 1, i)]
+        if any(e is None or e[1].shape != entry[1].shape for e in past):
             raise ConfigError(f"step {i} of {type(s).__name__} is of order {order}: its branch means need the same "
                               f"branches' outputs at the {order - 1} step(s) before it. Read branch_moments at every "
                               "step of the chain, with the same branches and batch, on a kernel made for this chain")
-        self._gaps = {j: g for j, g in self._gaps.items() if i - s.config.solver_order < j < i} | {i: gap}
+        self._history = {j: e for j, e in self._history.items() if i - s.config.solver_order < j < i} | {i: entry}
         # The update is linear in its outputs: weighted as there, the gaps sum to m_u - m_n_i.
         *weights, weight = self._weights(order)
-        diff = gap * weight
-        for w, g in zip(weights, past, strict=True):
+        diff = entry[1] * weight
+        for w, (_, g) in zip(weights, past, strict=True):
             diff.add_(g, alpha=w)
+        stored = self._stored(t)
+        history = tuple(u for u, _ in past) + stored[order - 1:] if own else stored
         if self.affine:
             a, b, c, std, forward_std = self._coefficients(t, x)
+            if own and c is not None:
+                c = self._mean(t, x.new_zeros(()), x.new_zeros(()), history)
             return AffineBranchMoments(x, outs, a, b, std, forward_std, self.noise_levels(t), c, diff)
-        return BranchMoments(self._mean(t, x, outs[0], self._stored(t)), diff, *self._stds(t), self.noise_levels(t))
+        return BranchMoments(self._mean(t, x, outs[0], history), diff, *self._stds(t), self.noise_levels(t))
+
+    def _converted(self, x, outs):
+        """Each branch's converted output (D, for DPM-Solver++), [branches, batch, ...]."""
+        return _each_branch(lambda o: self.scheduler.convert_model_output(o, sample=x), x, outs)
 
     def _gap(self, x, outs):
         """This step's converted outputs, unconditional minus each negative ([negatives, batch, ...])."""
@@ -86,7 +173,7 @@ class DPMSolverKernel(_PastKernel):
             # Without thresholding the conversion is affine in the output: the gap is its slope times the outputs'
             # difference, exact where the branches nearly agree.
             return float(convert(_scalar(1), sample=_scalar(0))) * (outs[:1] - outs[1:])
-        converted = _each_branch(lambda o: convert(o, sample=x), x, outs)
+        converted = self._converted(x, outs)
         return converted[:1] - converted[1:]
 
     def _weights(self, order):
@@ -152,3 +239,7 @@ class DPMSolverKernel(_PastKernel):
 
     def noise_levels(self, t):
         return tuple(_level(alpha, sigma) for alpha, sigma in self._alphas_sigmas(t))
+
+    def _sigma_at(self, i) -> float:
+        """The noise level of the scheduler's i-th sample."""
+        return _level(*self.scheduler._sigma_to_alpha_sigma_t(self.scheduler.sigmas[i]))
