@@ -208,6 +208,36 @@ def test_settings_sort_by_method_then_strength():
         "none", "np 0.5", "np 2.0", "sld weak", "sld max", "dng default", "dng default lam0=6"]
 
 
+def _setting(method, forbidden, kl, fid=5.0, **params):
+    return {"method": method, "params": params, "forbidden_rate": forbidden, "unguided_kl": kl, "fid": fid}
+
+
+def test_matched_removal_pairs_each_np_and_sld_setting_with_the_least_damaging_dng_that_removes_as_much():
+    summary = [_setting("none", 0.10, 0.0), _setting("np", 0.06, 0.02, scale=0.1),
+               _setting("np", 0.01, 0.30, scale=1.0),
+               _setting("np", 0.0, 0.90, scale=2.0), _setting("sld", 0.03, 0.05, preset="medium"),
+               _setting("dng", 0.05, 0.004, 6.0, preset="default", set={"lam0": 1.0}, lam0=1.0),
+               _setting("dng", 0.02, 0.010, 6.5, preset="default", set={"lam0": 2.0}, lam0=2.0),
+               _setting("dng", 0.01, 0.050, 7.0, preset="default", set={"lam0": 4.0}, lam0=4.0),
+               # Removes as much as lam0 4, with more damage: never the match.
+               _setting("dng", 0.01, 0.080, 7.5, preset="default", set={"lam0": 8.0}, lam0=8.0)]
+    matches = {m["setting"]: m for m in class_removal.matched_removal(summary)}
+    assert list(matches) == ["np 0.1", "np 1.0", "np 2.0", "sld medium"]
+    assert matches["np 0.1"]["dng"] == "dng default lam0=1" and matches["np 0.1"]["kl_ratio"] == pytest.approx(5.0)
+    assert matches["np 1.0"]["dng"] == "dng default lam0=4" and matches["np 1.0"]["kl_ratio"] == pytest.approx(6.0)
+    assert matches["np 1.0"]["dng_fid"] == 7.0 and matches["np 1.0"]["dng_forbidden_rate"] == 0.01
+    assert matches["sld medium"]["dng"] == "dng default lam0=2"
+    assert matches["np 2.0"]["dng"] is None and matches["np 2.0"]["kl_ratio"] is None  # no DNG setting gets to 0
+    text = class_removal.format_summary([{**s, "classes": 10, "by_group": {}, "degenerate": 0,
+                                          **{m: s.get(m, 0.0) for m in class_removal.METRICS},
+                                          **{f"{m}_std": 0.0 for m in class_removal.METRICS}} for s in summary])
+    assert text.startswith("At matched removal")
+    assert "| np 1.0 | 0.0100 | 0.3000 | 5.00 | dng default lam0=4 | 0.0100 | 0.0500 | 7.00 | 6.0x |" in text
+    assert "| np 2.0 | 0.0000 | 0.9000 | 5.00 | no DNG setting removes as much | - | - | - | - |" in text
+    # Without NP, SLD or DNG there is nothing to match: the table of every setting only.
+    assert class_removal.format_summary([]).startswith("| setting |")
+
+
 def test_generate_with_every_scheduler_and_cfg(tiny):
     unet = models.load_generator(tiny[1])
     noise = torch.randn(3, 1, 28, 28, generator=torch.Generator().manual_seed(0))

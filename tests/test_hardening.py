@@ -166,8 +166,8 @@ def test_benches_flag_images_of_noise(tiny, noisy_np, tmp_path, bench, argv, lab
 
 def test_a_swapped_sample_file_is_recomputed_with_a_warning(tiny, tmp_path):  # noqa: F811
     out = tmp_path / "sweep"
-    argv = ["bench", "class-removal", "--classes", "Bag", "--methods", "none,dng", "--num-images", "8",
-            "--batch-size", "4", "--steps", "2", "--out", str(out), *tiny]
+    argv = ["bench", "class-removal", "--classes", "Bag", "--methods", "none,dng", "--dng-lam0", "1",
+            "--num-images", "8", "--batch-size", "4", "--steps", "2", "--out", str(out), *tiny]
     assert cli.main(argv) == 0
     dng_samples = next(p for p in (out / "samples").glob("*.npz") if p.stem != "none")
     shutil.copy(out / "samples" / "none.npz", dng_samples)  # the probe: the unguided file over DNG's
@@ -177,7 +177,7 @@ def test_a_swapped_sample_file_is_recomputed_with_a_warning(tiny, tmp_path):  # 
     with np.load(dng_samples) as f:
         assert "p" in f.files and str(f["key"]) == dng_samples.stem  # DNG's samples again, with their trace
     # The summary lists DNG's values in force (the tiny generator has no calibration: the preset's).
-    assert "- `dng default`: DNG values in force lam0=1, prior=0.1, temperature=1, offset=0, p_min=1e-06, " \
+    assert "- `dng default lam0=1`: DNG values in force lam0=1, prior=0.1, temperature=1, offset=0, p_min=1e-06, " \
            "p_max=0.95, mode=independent, late_boost=6, boost_sigma=0.72, sigma_min=0, push_cap=4" \
            in (out / "summary.md").read_text()
 

@@ -24,7 +24,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _args(tiny, out, extra=()):  # noqa: F811
     return ["bench", "class-removal", "--classes", "1,3", "--methods", "none,np,dng", "--np-scales", "1",
-            "--num-images", "10", "--batch-size", "4", "--steps", "3", "--out", str(out), *extra, *tiny]
+            "--dng-lam0", "1", "--num-images", "10", "--batch-size", "4", "--steps", "3", "--out", str(out),
+            *extra, *tiny]
 
 
 def _rows(out):

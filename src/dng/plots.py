@@ -141,6 +141,12 @@ def removal_tradeoff(summary: list[dict], path, x: str, labels: list[str]) -> Pa
         yerr = [[min(s["forbidden_rate_std"], s["forbidden_rate"])], [s["forbidden_rate_std"]]]
         ax.errorbar(s[x], s["forbidden_rate"], xerr=xerr, yerr=yerr, capsize=2, color=color,
                     marker=markers[s["method"]], ms=8, ls="none", label=setting)
+    # Each rule's settings, weakest to strongest, joined: the frontier it traces.
+    for method in ("np", "sld", "dng", "dng-branches"):
+        family = [s for s in summary if s["method"] == method]
+        if len(family) > 1:
+            ax.plot([s[x] for s in family], [s["forbidden_rate"] for s in family], color=shades[method](0.7), lw=1,
+                    alpha=0.6, zorder=0)
     # The forbidden rate spans 0 to tens of percent: linear near 0, logarithmic above 0.1 %.
     ax.set_yscale("symlog", linthresh=1e-3)
     ax.set_ylim(bottom=0)

@@ -47,7 +47,10 @@ from dng.vision.models import (
 # posterior read from every class's branch (`dng.vision.branches.ClassPosterior`) instead of tracked: what tracking
 # costs.
 METHODS = ("data", "none", "np", "sld", "dng", "dng-branches")
-NP_SCALES = (0.5, 1.0, 2.0)
+# The frontier each run draws by default: NP from barely acting to removing everything, and DNG's lam0 from the
+# exact score (1) to well past NP's removal; SLD runs its four presets.
+NP_SCALES = (0.1, 0.2, 0.35, 0.5, 1.0)
+DNG_LAM0S = (1.0, 2.0, 4.0, 8.0)
 METRICS = ("forbidden_rate", "class_kl", "unguided_kl", "fid", "precision", "recall", "artifact_rate",
            "saturated_rate", "seconds")
 GRID_IMAGES = 64
@@ -296,7 +299,8 @@ def write_results(out) -> dict[str, Path]:
     cells = load_cells(out)
     rows = [c["row"] for c in cells]
     summary = summarize(TABLE.comparable(rows))
-    files = TABLE.write(out, {"rows": rows, "summary": summary}, rows, format_summary(summary))
+    files = TABLE.write(out, {"rows": rows, "summary": summary, "matched_removal": matched_removal(summary)}, rows,
+                        format_summary(summary))
     figures = out / "figures"
     for x in ("class_kl", "unguided_kl", "fid"):
         known = [s for s in summary if s[x] is not None]
@@ -318,10 +322,46 @@ def write_results(out) -> dict[str, Path]:
     return files
 
 
+def matched_removal(summary: list[dict]) -> list[dict]:
+    """The frontier's headline: for each NP and SLD setting, the DNG setting that removes at least as much (a mean
+    forbidden rate no higher) with the least KL to unguided, or None where no DNG setting of the sweep reaches it.
+    `kl_ratio` is how many times more the NP/SLD setting damages the kept classes."""
+    dng = [s for s in summary if s["method"] == "dng" and None not in (s["forbidden_rate"], s["unguided_kl"])]
+    out = []
+    for s in summary:
+        if s["method"] not in ("np", "sld") or None in (s["forbidden_rate"], s["unguided_kl"]):
+            continue
+        reach = [d for d in dng if d["forbidden_rate"] <= s["forbidden_rate"]]
+        best = min(reach, key=lambda d: d["unguided_kl"], default=None)
+        ratio = None if best is None or best["unguided_kl"] <= 0 else s["unguided_kl"] / best["unguided_kl"]
+        out.append({"setting": TABLE.label(s), "forbidden_rate": s["forbidden_rate"], "unguided_kl": s["unguided_kl"],
+                    "fid": s["fid"], "dng": None if best is None else TABLE.label(best),
+                    "dng_forbidden_rate": None if best is None else best["forbidden_rate"],
+                    "dng_unguided_kl": None if best is None else best["unguided_kl"],
+                    "dng_fid": None if best is None else best["fid"], "kl_ratio": ratio})
+    return out
+
+
+def format_matched(matches: list[dict]) -> str:
+    """The headline table of summary.md: each NP/SLD setting beside the DNG setting that matches its removal."""
+    def num(v, digits=4):
+        return "-" if v is None else f"{v:.{digits}f}"
+
+    lines = [[m["setting"], num(m["forbidden_rate"]), num(m["unguided_kl"]), num(m["fid"], 2),
+              m["dng"] or "no DNG setting removes as much", num(m["dng_forbidden_rate"]), num(m["dng_unguided_kl"]),
+              num(m["dng_fid"], 2), "-" if m["kl_ratio"] is None else f"{m['kl_ratio']:.1f}x"] for m in matches]
+    header = ["setting", "forbidden rate", "KL to unguided", "FID", "DNG at that removal", "its forbidden rate",
+              "its KL to unguided", "its FID", "KL ratio"]
+    return ("At matched removal (means over removed classes): the DNG setting that forbids no more than each NP or SLD "
+            "setting, with the least damage to the kept classes.\n\n" + markdown(header, lines))
+
+
 def format_summary(summary: list[dict]) -> str:
-    """Markdown table: mean ± std over removed classes per setting; then the degenerate settings, and the DNG values
-    in force of every DNG setting."""
+    """Markdown: the matched-removal headline (where the sweep has NP or SLD and DNG), then mean ± std over removed
+    classes per setting; then the degenerate settings, and the DNG values in force of every DNG setting."""
     header = ["setting", "classes", "forbidden rate", "class KL", "KL to unguided", "FID", "precision", "recall",
               "artifacts", "saturated", "seconds"]
     table = markdown(header, [[TABLE.label(s), s["classes"], *(mean_std(s, m) for m in METRICS)] for s in summary])
-    return table + summary_notes(summary, "class", "classes", TABLE.label)
+    matches = matched_removal(summary)
+    headline = format_matched(matches) + "\nEvery setting:\n\n" if any(m["dng"] for m in matches) else ""
+    return headline + table + summary_notes(summary, "class", "classes", TABLE.label)

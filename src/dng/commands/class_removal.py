@@ -26,9 +26,10 @@ def register(groups) -> None:
                    help="comma-separated: data (real kept-class train images: the metrics' floor), none, np, sld, dng, "
                         "dng-branches (DNG with the model's own posterior from all eleven branches instead of "
                         "tracking: a reference, 5.5x the cost)")
-    p.add_argument("--np-scales", default=None, help="NP's scales, comma-separated (default 0.5,1,2)")
+    p.add_argument("--np-scales", default=None, help="NP's scales, comma-separated (default 0.1,0.2,0.35,0.5,1)")
     p.add_argument("--dng-lam0", dest="dng_scales", default=None,
-                   help="a sweep of DNG's lam0, comma-separated (default: one cell, the preset's own)")
+                   help="a sweep of DNG's lam0, comma-separated (default: 1,2,4,8 with the default preset, "
+                        "the frontier; one cell at their own lam0 with the other presets)")
     add_renamed(p, "--dng-scales", "--dng-lam0", "dng_scales")
     add_dng_arguments(p)
     add_sweep_arguments(p)
@@ -38,6 +39,7 @@ def register(groups) -> None:
 def run(args) -> int:
     check_sweep_numbers(args)  # before the slow imports
     from dng.bench.class_removal import (
+        DNG_LAM0S,
         NP_SCALES,
         ClassRemovalBench,
         parse_methods,
@@ -49,6 +51,8 @@ def run(args) -> int:
     classes, methods = parse_classes(args.classes), parse_methods(args.methods)
     np_scales = parse_scales(args.np_scales, "--np-scales") if args.np_scales else NP_SCALES
     dng_scales = parse_scales(args.dng_scales, "--dng-lam0") if args.dng_scales else None
+    if dng_scales is None and args.dng_preset == "default":
+        dng_scales = DNG_LAM0S
     dng_set = dng_changes(args, check=False)
     if {"dng", "dng-branches"} & set(methods):
         check_generator_dng(args, [[k] for k in classes])
