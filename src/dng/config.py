@@ -216,3 +216,7 @@ PRESETS = {
     "paper-sd": DNGConfig(15.0, 0.01, 0.25, 0.0, offset_per_step=0.003, p_max=0.8, late_boost=1.0,
                           boost_sigma=0.0, push_cap=0.0),
 }
+
+# Our presets, which a model's calibration (`dng.calibration.ModelCalibration.apply`) applies to; the published ones
+# run as published.
+CALIBRATED_PRESETS = ("default",)

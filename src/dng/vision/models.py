@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from dng.calibration import OFFSET_UNIT, ModelCalibration
-from dng.config import DNGConfig
+from dng.config import CALIBRATED_PRESETS, DNGConfig
 from dng.errors import ConfigError
 from dng.io import write_atomic
 
@@ -172,10 +172,6 @@ def _load(path, kind: str, make):
     return model.eval()
 
 
-# The preset a model's calibration applies to; published presets keep their own prior, temperature and offset.
-CALIBRATED_PRESET = "default"
-
-
 def load_generator(path=None):
     """The UNet of a generator file (the shipped one by default), float32 in eval mode, with its DNG calibration
     (`load_calibration`) as `dng_calibration` (None without one): `dng_config` applies it."""
@@ -270,9 +266,9 @@ def load_calibration(generator=None) -> ModelCalibration | None:
 def dng_config(calibration: ModelCalibration | None, removed: Sequence[int], preset: str = "default",
                **changes) -> DNGConfig:
     """DNG's settings for removing the classes `removed` from a generator: the preset, with the generator's
-    `calibration` (`load_generator(...).dng_calibration`, or `load_calibration`) applied to the default preset
-    (published presets run as published), then `changes`. Several classes are mutually exclusive unless `changes`
-    say otherwise.
+    `calibration` (`load_generator(...).dng_calibration`, or `load_calibration`) applied to our own presets
+    (`dng.config.CALIBRATED_PRESETS`; published presets run as published), then `changes`. Several classes are
+    mutually exclusive unless `changes` say otherwise.
 
     The one source of DNG settings for the shipped generator: the Python API, `dng sample`, `dng demo` and the
     benches all call it.
@@ -281,14 +277,14 @@ def dng_config(calibration: ModelCalibration | None, removed: Sequence[int], pre
 
     mode = {"mode": "exclusive"} if len(removed) > 1 else {}
     config = DNGConfig.preset(preset, **mode)
-    if calibration is not None and preset == CALIBRATED_PRESET:
+    if calibration is not None and preset in CALIBRATED_PRESETS:
         config = calibration.apply(config, [CLASS_NAMES[k] for k in removed])
     return config.replace(**changes)
 
 
 def dng_source(calibration: ModelCalibration | None, preset: str) -> str:
     """Where `dng_config`'s settings come from, as a report says it."""
-    if preset != CALIBRATED_PRESET:
+    if preset not in CALIBRATED_PRESETS:
         return f"the published preset {preset!r} as published"
     if calibration is None:
         return "library defaults (no calibration)"
