@@ -263,3 +263,11 @@ def test_an_old_calibration_file_without_the_model_record_is_still_read(tmp_path
         calibration.calibration_entry({"all": fit}, ["Dress"], {"p_max": 0.9},
                                       model=calibration.model_record("generator", "g"), labels="human")
     assert np.isclose(cal.priors[0], 0.1)
+
+
+def test_the_commands_verdict_draws_are_the_libraries(capsys):
+    from dng.commands.calibrate import VERDICT_DRAWS
+
+    assert VERDICT_DRAWS == verdict.DRAWS
+    assert cli.main(["calibrate", "--draws", "8"]) == 2
+    assert "--draws sets the model's verdict: it applies to --labels model" in capsys.readouterr().err

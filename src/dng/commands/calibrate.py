@@ -25,6 +25,7 @@ from dng.commands import (
 GENERATOR_DEFAULTS = {"num_samples": 300, "steps": 25, "scheduler": "euler-a", "dtype": "float32",
                       "classes": "all", "labels": "classifier"}
 DIFFUSERS_DEFAULTS = {"num_samples": 200, "steps": 30}
+VERDICT_DRAWS = 32  # dng.verdict.DRAWS, without importing torch to parse the options
 # Options of one path only: dest -> option.
 DIFFUSERS_ONLY = {"prompt": "--prompt", "prompts_file": "--prompts-file", "concept": "--concept", "prior": "--prior",
                   "cfg_scale": "--cfg-scale", "batch_size": "--batch-size", "device": "--device", "height": "--height",
@@ -33,8 +34,6 @@ GENERATOR_ONLY = {"classes": "--classes", "generator": "--generator", "classifie
 
 
 def register(groups) -> None:
-    from dng.verdict import DRAWS
-
     p = groups["top"].add_parser(
         "calibrate", help="fit DNG's prior, temperature and offset to a model's own unguided chains",
         description="Samples unguided chains that track every concept at once, labels the finished samples and fits "
@@ -62,9 +61,9 @@ def register(groups) -> None:
                    help="generator: who labels the finished samples: the shipped classifier (default) or the "
                         "generator's own verdict over its ten classes (exhaustive: their priors are its own), which "
                         "also prints its agreement with the classifier; --model is always labelled by the model")
-    p.add_argument("--draws", type=int, default=DRAWS,
+    p.add_argument("--draws", type=int, default=None,
                    help=f"the verdict's noisy copies per image, each one model call of 1 + concepts branches "
-                        f"(default {DRAWS})")
+                        f"(default {VERDICT_DRAWS})")
     p.add_argument("--generator", default=None, help="generator safetensors (default: the shipped one)")
     p.add_argument("--classifier", default=None, help="classifier safetensors (default: the shipped one)")
     p.add_argument("--dtype", default=None,
@@ -129,7 +128,10 @@ def run_generator(args) -> int:
     check_seed(args.seed)
     check_threads(args.threads)
     by_model = args.labels == "model"
+    if args.draws is not None and not by_model:
+        raise ConfigError("--draws sets the model's verdict: it applies to --labels model (or --model) only")
     if by_model:
+        args.draws = VERDICT_DRAWS if args.draws is None else args.draws
         _check_draws(args.draws)
     classes = parse_classes(args.classes)
     # Kept per chain: the noise, the samples, the classifier's input; the uint8 image and features; the trace of
@@ -289,6 +291,7 @@ def check_diffusers_args(args) -> None:
     check_count("--batch-size", args.batch_size)
     check_seed(args.seed)
     check_threads(args.threads)
+    args.draws = VERDICT_DRAWS if args.draws is None else args.draws
     _check_draws(args.draws)
     check_probability("--p-max", args.p_max)
     if not args.concept:
