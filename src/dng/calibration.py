@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -236,15 +236,94 @@ def tracking_only():
     return DynamicNegativeGuidance(DNGConfig(0.0, 0.5, 1.0, 0.0, p_min=1e-30, p_max=1 - 1e-6, sigma_min=0.0))
 
 
+# Who labelled the finished samples the fit was made from, and what kind of model a calibration file was made for.
+LABEL_SOURCES = ("model", "classifier")
+MODEL_KINDS = ("generator", "diffusers")
+
+
+def model_record(kind: str, path, weights_sha256: str | None = None) -> dict:
+    """The `"model"` entry of a calibration file: {"kind", "path", "weights_sha256"}. `kind` is "generator" (a dng
+    generator file, whose sha256 `dng.vision.models.weights_sha256` gives) or "diffusers" (a diffusers folder, whose
+    sha256 is None: hashing gigabytes of weights at every load would cost more than the check is worth)."""
+    if kind not in MODEL_KINDS:
+        raise ConfigError(f"model kind must be one of {', '.join(MODEL_KINDS)}, got {kind!r}")
+    return {"kind": kind, "path": None if path is None else str(path), "weights_sha256": weights_sha256}
+
+
+def calibration_entry(fits: dict, concepts: Sequence[str], settings: dict, *, model: dict, labels: str,
+                      **extra) -> dict:
+    """A calibration file's content, as `ModelCalibration.read` reads it back: the joint fit `fits["all"]` (name ->
+    `Calibration`; others are kept for reference), the `concepts` it has priors for (in order; the file's
+    "classes"), the `settings` it was made with (they must hold its p_max), the `model` it was made for
+    (`model_record`), who gave its `labels` (`LABEL_SOURCES`), and any `extra` entries."""
+    if "p_max" not in settings or "all" not in fits:
+        raise ConfigError("a calibration needs the joint fit 'all' and the p_max it was made with")
+    if len(fits["all"].priors) != len(concepts):
+        raise ConfigError(f"the joint fit has {len(fits['all'].priors)} priors for {len(concepts)} concepts")
+    if labels not in LABEL_SOURCES:
+        raise ConfigError(f"labels must be one of {', '.join(LABEL_SOURCES)}, got {labels!r}")
+    if not isinstance(model, dict) or set(model) != {"kind", "path", "weights_sha256"}:
+        raise ConfigError(f"model must be a model_record(kind, path, weights_sha256), got {model!r}")
+    return {"offset_unit": OFFSET_UNIT, "model": model, "labels": labels, "settings": settings,
+            "classes": list(concepts), "fits": {name: fit.as_dict() for name, fit in fits.items()}, **extra}
+
+
 @dataclass
 class SelfCalibration:
-    """What `self_calibrate` made: the calibration to apply, its fit, and the chains and verdict it was fitted to."""
+    """What `self_calibrate` (or `dng.pipelines.calibrate_pipeline`) made: the calibration to apply, its fit, and the
+    chains and verdict it was fitted to; `settings` (what it was made with) and `model` (`model_record`, if known)
+    are what `save` writes beside the fit."""
 
     calibration: ModelCalibration
     fit: Calibration
     verdict: object  # dng.verdict.Verdict of the chains' finished samples
     samples: torch.Tensor
     trace: object  # dng.sampler.Trace of the chains
+    settings: dict = field(default_factory=dict)
+    model: dict | None = None
+
+    def save(self, path, model: dict | None = None) -> Path:
+        """Write the calibration file that `ModelCalibration.read` (and every command's --calibration) reads, for
+        `model` (`model_record`; default: the one this result records)."""
+        from dng.io import write_json
+
+        model = model if model is not None else self.model
+        if model is None:
+            raise ConfigError("say which model this calibration was made for: save(path, model=model_record(kind, "
+                              "path, weights_sha256))")
+        entry = calibration_entry({"all": self.fit}, self.calibration.concepts,
+                                  {**self.settings, "p_max": self.calibration.p_max}, model=model, labels="model")
+        return write_json(Path(path), entry)
+
+
+def fit_to_verdict(model, samples: torch.Tensor, trace, path, concepts: Sequence[str], *, exhaustive: bool = False,
+                   priors=None, p_max: float = 0.95, exclusive: bool = False, draws: int = DRAWS,
+                   midpoint: float = MIDPOINT, batch_size: int = 64, generator: torch.Generator | None = None,
+                   progress: bool = True) -> SelfCalibration:
+    """Label the finished `samples` of tracked unguided chains (`trace`, as a tracking-only rule records it) with
+    the model's verdict (`dng.verdict.verdict` of the branches `model(x, t)`, [unconditional, concept 1..K], on the
+    noising `path`) and `fit` the tracker to it: the second half of `self_calibrate`, for chains drawn elsewhere
+    (e.g. by a diffusers pipeline)."""
+    from dng.verdict import verdict
+
+    judged = verdict(model, samples, path, len(concepts), priors=priors, exhaustive=exhaustive, draws=draws,
+                     midpoint=midpoint, batch_size=batch_size, generator=generator, progress=progress)
+    fitted = fit(trace.llr, log_snr_gains(trace.sigma), judged.p, p_max=p_max, exclusive=exclusive)
+    calibration = ModelCalibration(tuple(concepts), tuple(fitted.priors), fitted.temperature, fitted.offset, p_max)
+    settings = {"draws": draws, "midpoint": midpoint, "exhaustive": exhaustive, "exclusive": exclusive,
+                "verdict_priors": judged.priors.tolist(), "samples": len(samples)}
+    return SelfCalibration(calibration, fitted, judged, samples, trace, settings)
+
+
+def check_concepts(concepts: Sequence[str]) -> list[str]:
+    """Concept names: at least one, distinct, non-empty strings."""
+    concepts = [concepts] if isinstance(concepts, str) else list(concepts)
+    if not concepts or len(set(concepts)) != len(concepts):
+        raise ConfigError(f"concepts must be distinct names, one per concept branch, got {concepts}")
+    if not all(isinstance(c, str) and c.strip() for c in concepts):
+        raise ConfigError(f"concepts must be non-empty texts (an empty prompt is the unconditional branch), got "
+                          f"{concepts}")
+    return concepts
 
 
 def self_calibrate(model, scheduler, noise: torch.Tensor, concepts: Sequence[str], *, exhaustive: bool = False,
@@ -254,7 +333,7 @@ def self_calibrate(model, scheduler, noise: torch.Tensor, concepts: Sequence[str
                    set_timesteps_kwargs: dict | None = None) -> SelfCalibration:
     """DNG's tracker fitted to any model from its own branches, no classifier: unguided chains from `noise` with a
     tracking-only rule, each finished sample labelled by the model's verdict (`dng.verdict`), and `fit` with the
-    verdict's p(c|x0) as soft labels.
+    verdict's p(c|x0) as soft labels (`fit_to_verdict`).
 
     `model(x, t)` evaluates the branches [unconditional, concept 1..K] of the K `concepts` (names, which key the
     calibration) in one call, as `dng.sampler.sample` calls it; `scheduler` is a stochastic diffusers scheduler DNG
@@ -262,10 +341,12 @@ def self_calibrate(model, scheduler, noise: torch.Tensor, concepts: Sequence[str
     `exhaustive`: the concepts partition the model (a class-conditional model's classes), so the verdict finds their
     priors itself; otherwise give `priors`, each concept's share of the model's samples. `exclusive` fits the clamp of
     DNG's exclusive mode. `generator` draws the chains' noise, then the verdict's. Cost per image:
-    `num_inference_steps + draws` model calls of 1 + K branches.
+    `num_inference_steps + draws` model calls of 1 + K branches. `.save(path, model=model_record(...))` writes the
+    calibration file. For a diffusers Stable Diffusion pipeline, `dng.pipelines.calibrate_pipeline` does the same
+    through the pipeline's call.
     """
     from dng.sampler import sample
-    from dng.verdict import path_of, verdict
+    from dng.verdict import path_of
 
     if not concepts or len(set(concepts)) != len(concepts):
         raise ConfigError(f"concepts must be distinct names, one per concept branch, got {list(concepts)}")
@@ -273,8 +354,8 @@ def self_calibrate(model, scheduler, noise: torch.Tensor, concepts: Sequence[str
     out = sample(model, scheduler, tracking_only(), noise=noise, num_inference_steps=num_inference_steps,
                  num_negatives=len(concepts), eta=eta, generator=generator, progress=progress, return_trace=True,
                  set_timesteps_kwargs=set_timesteps_kwargs)
-    judged = verdict(model, out.samples, path, len(concepts), priors=priors, exhaustive=exhaustive, draws=draws,
-                     midpoint=midpoint, batch_size=batch_size, generator=generator, progress=progress)
-    fitted = fit(out.trace.llr, log_snr_gains(out.trace.sigma), judged.p, p_max=p_max, exclusive=exclusive)
-    calibration = ModelCalibration(tuple(concepts), tuple(fitted.priors), fitted.temperature, fitted.offset, p_max)
-    return SelfCalibration(calibration, fitted, judged, out.samples, out.trace)
+    made = fit_to_verdict(model, out.samples, out.trace, path, concepts, exhaustive=exhaustive, priors=priors,
+                          p_max=p_max, exclusive=exclusive, draws=draws, midpoint=midpoint, batch_size=batch_size,
+                          generator=generator, progress=progress)
+    made.settings.update(steps=num_inference_steps, scheduler=type(scheduler).__name__, eta=eta)
+    return made

@@ -216,14 +216,18 @@ def calibration_sha256(path) -> str | None:
     return entry.get("generator_sha256") if isinstance(entry, dict) else None
 
 
-def save_calibration(path, fits: dict, classes: list[int], settings: dict, generator=None) -> Path:
+def save_calibration(path, fits: dict, classes: list[int], settings: dict, generator=None, labels: str = "classifier",
+                     **extra) -> Path:
     """Write a calibration (fits: name -> dng.calibration.Calibration; "all" is the joint one that sampling uses).
 
     `settings` says what the fit was made from and must hold its p_max. The offset is a rate per unit of log-SNR,
     so one fit serves every sampler and step count. The file records the `weights_sha256` of `generator`, the
-    weights it was fitted to (default: the generator file `path` is the calibration of), and is applied to those
-    weights only.
+    weights it was fitted to (default: the generator file `path` is the calibration of), as `generator_sha256` and in
+    its `model` record (`dng.calibration.model_record`), and is applied to those weights only; `labels` says who
+    labelled the finished samples ("classifier" or "model", the generator's own verdict); `extra` entries are kept
+    beside.
     """
+    from dng.calibration import calibration_entry, model_record
     from dng.io import write_json
     from dng.vision.data import CLASS_NAMES
 
@@ -237,10 +241,11 @@ def save_calibration(path, fits: dict, classes: list[int], settings: dict, gener
     if not Path(generator).is_file():
         raise ConfigError(f"no generator file {generator} for the calibration {path}: name the weights it was fitted "
                           "to (--generator)")
-    entry = {"offset_unit": OFFSET_UNIT, "generator_sha256": weights_sha256(generator, "generator"),
-             "settings": settings, "classes": [CLASS_NAMES[k] for k in classes],
-             "fits": {name: fit.as_dict() for name, fit in fits.items()}}
-    return write_json(path, entry)
+    sha = weights_sha256(generator, "generator")
+    entry = calibration_entry(fits, [CLASS_NAMES[k] for k in classes], settings,
+                              model=model_record("generator", Path(generator), sha), labels=labels, **extra)
+    # Read by the generator's loaders (`load_calibration`) before the model record existed; kept for them.
+    return write_json(path, {"offset_unit": OFFSET_UNIT, "generator_sha256": sha, **entry})
 
 
 def load_calibration(generator=None) -> ModelCalibration | None:
