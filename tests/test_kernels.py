@@ -413,7 +413,7 @@ def test_stored_half_precision_outputs_are_read_in_float32():
         (DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver", solver_order=3, final_sigmas_type="sigma_min"),
          0.0, "algorithm_type='sde-dpmsolver++'"),
         (FlowMatchEulerDiscreteScheduler(), 0.0,
-         "FlowMatchEulerDiscreteScheduler.from_config(scheduler.config, stochastic_sampling=True)"),
+         "LTXEulerAncestralRFScheduler.from_config(scheduler.config, eta=1.0)"),
         (LTXEulerAncestralRFScheduler(eta=0.0), 0.0,
          "LTXEulerAncestralRFScheduler.from_config(scheduler.config, eta=1.0)"),
         (DDPMScheduler(variance_type="learned_range"), 0.0, "EulerAncestralDiscreteScheduler"),

@@ -9,7 +9,12 @@ import re
 import numpy as np
 import pytest
 import torch
-from diffusers import FluxPipeline, StableDiffusion3Pipeline
+from diffusers import (
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    LTXEulerAncestralRFScheduler,
+    StableDiffusion3Pipeline,
+)
 
 from dng.commands import sd as sd_command
 from dng.config import DNGConfig
@@ -46,12 +51,36 @@ def _seed(seed=0):
     return torch.Generator().manual_seed(seed)
 
 
-def _parent_on_the_stochastic_sampler(parent, generator):
-    """The parent on the stochastic sibling of its scheduler, whose step draws from `generator`."""
+def _parent_sigmas(parent, call):
+    """The sigmas, final 0 included, the parent walks on its own scheduler: diffusers' FlowMatchEulerDiscreteScheduler
+    shifting them itself (SD3's fixed shift, Flux-dev's shift of the resolution, Flux-schnell's none)."""
+    seen = []
+
+    def stop(pipe, i, t, tensors):
+        seen.append(pipe.scheduler.sigmas.clone())
+        pipe._interrupt = True
+        return {}
+
+    call = {**call, "output_type": "latent", "callback_on_step_end": stop}
+    parent(**call, generator=_seed())
+    assert type(parent.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+    return seen[0]
+
+
+def _parent_on_the_stochastic_sampler(parent, generator, call):
+    """The parent's call on the stochastic sibling of its scheduler (LTX's Euler ancestral), whose step draws from
+    `generator`, on the sigmas the parent walks on its own scheduler.
+
+    LTX's scheduler takes given sigmas as they are and ignores mu, and Flux's parent always gives sigmas (unshifted):
+    the parent gets the shifted ones, as the DNG call's sampler does. Given sigmas, LTX lists the final sigma's
+    timestep too, at which the parent runs its transformer once more and the step returns the sample as it is.
+    """
     reference = _quiet(type(parent).from_pipe(parent, scheduler=stochastic(parent.scheduler)))
+    assert type(reference.scheduler).__name__ == "LTXEulerAncestralRFScheduler" and reference.scheduler.config.eta == 1
     step = reference.scheduler.step
     reference.scheduler.step = lambda *args, **kwargs: step(*args, generator=generator, **kwargs)
-    return reference
+    sigmas = _parent_sigmas(parent, call)
+    return lambda **kwargs: reference(**call, **kwargs, sigmas=sigmas)
 
 
 def test_zero_scale_is_the_parent_on_the_same_stochastic_sampler(model, caplog):
@@ -66,14 +95,88 @@ def test_zero_scale_is_the_parent_on_the_same_stochastic_sampler(model, caplog):
     """
     name, pipe, parent = model
     generator = _seed()
-    expected = _parent_on_the_stochastic_sampler(parent, generator)(**CALL, generator=generator).images
+    expected = _parent_on_the_stochastic_sampler(parent, generator, CALL)(generator=generator).images
     with caplog.at_level(logging.WARNING):
         out = pipe(**CALL, negative_prompt="red", dng=DNGConfig(lam0=0), generator=_seed(), return_trace=True)
     np.testing.assert_array_equal(out.images, expected)
     assert torch.all(out.trace.scale == 0) and torch.isfinite(out.trace.llr).any()  # the tracker read the steps
     # The pipeline chose the stochastic sampler and said so; pipe.scheduler is the folder's.
-    assert "FlowMatchEulerDiscreteScheduler(stochastic_sampling=True), its stochastic sibling" in caplog.text
+    assert "with LTXEulerAncestralRFScheduler, its stochastic sibling" in caplog.text
+    assert type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
     assert not pipe.scheduler.config.stochastic_sampling
+
+
+class _Walked(list):
+    """(sigmas, timestep) of every step `cls.step` takes, once `spy` is set; `sampled()` keeps the last scheduler's
+    (DNG's kernel check steps a copy of it first)."""
+
+    def spy(self, monkeypatch, cls):
+        step = cls.step
+
+        def spy(scheduler, model_output, timestep, sample, **kwargs):
+            self.append((scheduler, scheduler.sigmas.clone(), timestep))
+            return step(scheduler, model_output, timestep, sample, **kwargs)
+
+        monkeypatch.setattr(cls, "step", spy)
+        return self
+
+    def sampled(self):
+        return [(sigmas, t) for scheduler, sigmas, t in self if scheduler is self[-1][0]]
+
+
+def _walked(monkeypatch, cls):
+    return _Walked().spy(monkeypatch, cls)
+
+
+@pytest.mark.parametrize("call", [{}, {"num_inference_steps": 4, "height": 32}, {"sigmas": [1.0, 0.8, 0.5, 0.3]}],
+                         ids=["default", "other-size", "given-sigmas"])
+def test_the_sampler_walks_the_parents_shifted_sigmas(model, call, monkeypatch):
+    """LTX's Euler ancestral walks the very sigmas and timesteps the parent's FlowMatchEulerDiscreteScheduler walks:
+    shifted as diffusers shifts them (SD3's fixed shift, Flux-dev's shift of the resolution), given sigmas too, with
+    one step each and no step at the final sigma."""
+    name, pipe, parent = model
+    call = {**CALL, **call, "output_type": "latent"}
+    flow = _walked(monkeypatch, FlowMatchEulerDiscreteScheduler)
+    parent(**call, generator=_seed())
+    walked = _walked(monkeypatch, LTXEulerAncestralRFScheduler)
+    out = pipe(**call, negative_prompt="red", generator=_seed(), return_trace=True)
+    flow, walked = flow.sampled(), walked.sampled()
+    steps = len(call.get("sigmas") or range(call["num_inference_steps"]))
+    assert len(walked) == len(flow) == steps == len(out.trace.p)
+    sigmas = flow[0][0]
+    if "sigmas" in call:  # shifted up by SD3's shift 3 and Flux-dev's mu; Flux-schnell's are the given ones
+        given = torch.tensor(call["sigmas"])
+        if name == "flux-schnell":
+            assert torch.equal(sigmas[:-1], given)
+        else:
+            assert (sigmas[1:-1] > given[1:] + 0.05).all()
+    for (ours, t), (theirs, parent_t) in zip(walked, flow, strict=True):
+        assert torch.equal(ours, sigmas) and torch.equal(theirs, sigmas) and t == parent_t
+    # The trace's noise levels are the walked sigmas' s / (1 - s).
+    torch.testing.assert_close(out.trace.sigma[:, 0], (sigmas / (1 - sigmas))[:-1].double(), rtol=1e-6, atol=0)
+
+
+def test_a_scheduler_the_user_assigns_is_the_sampler(model, monkeypatch):
+    """pipe.scheduler set by the user is sampled with as it is: LTX's Euler ancestral (at its own eta), on the shifted
+    sigmas, or FlowMatchEulerDiscreteScheduler with stochastic_sampling=True, which re-noises each step."""
+    name, pipe, parent = model
+    call = {**CALL, "output_type": "latent"}
+    sigmas = _parent_sigmas(parent, call)
+    ltx = _quiet(type(pipe).from_pipe(pipe, scheduler=LTXEulerAncestralRFScheduler.from_config(
+        parent.scheduler.config, eta=0.5)))
+    walked = _walked(monkeypatch, LTXEulerAncestralRFScheduler)
+    out = ltx(**call, negative_prompt="red", generator=_seed(), return_trace=True)
+    walked = walked.sampled()
+    assert len(walked) == len(out.trace.p) == 3 and all(torch.equal(s, sigmas) for s, _ in walked)
+    assert ltx.scheduler.config.eta == 0.5 and torch.isfinite(out.trace.llr[:-1]).all()
+    renoising = FlowMatchEulerDiscreteScheduler.from_config(parent.scheduler.config, stochastic_sampling=True)
+    flow = _quiet(type(pipe).from_pipe(pipe, scheduler=renoising))
+    walked = _walked(monkeypatch, FlowMatchEulerDiscreteScheduler)
+    again = flow(**call, negative_prompt="red", generator=_seed(), return_trace=True)
+    walked = walked.sampled()
+    assert len(walked) == 3 and all(torch.equal(s, sigmas) for s, _ in walked)
+    assert torch.isfinite(again.trace.llr[:-1]).all() and not torch.equal(again.images, out.images)
+    assert flow.scheduler is renoising and ltx.scheduler.config.eta == 0.5
 
 
 def test_a_negative_concept_gives_a_finite_trace(model):
@@ -112,8 +215,8 @@ def test_np_is_diffusers_negative_prompt(model):
     name, pipe, parent = model
     cfg = {} if name == "sd3" else {"true_cfg_scale": 4.0}
     generator = _seed()
-    reference = _parent_on_the_stochastic_sampler(parent, generator)
-    expected = reference(**CALL, **cfg, negative_prompt="red", generator=generator).images
+    reference = _parent_on_the_stochastic_sampler(parent, generator, {**CALL, **cfg})
+    expected = reference(negative_prompt="red", generator=generator).images
     sibling = _quiet(type(pipe).from_pipe(pipe, scheduler=stochastic(pipe.scheduler)))
     out = sibling(**CALL, **cfg, negative_prompt="red", negative_guidance="np", generator=_seed())
     np.testing.assert_allclose(out.images, expected, atol=1e-5)
@@ -155,7 +258,7 @@ def test_callback_sees_the_posterior_and_interrupt_stops_as_in_the_parent(model)
 
     call = dict(CALL, num_inference_steps=4, output_type="latent", callback_on_step_end=stop_after_first)
     generator = _seed()
-    expected = _parent_on_the_stochastic_sampler(parent, generator)(**call, generator=generator).images
+    expected = _parent_on_the_stochastic_sampler(parent, generator, call)(generator=generator).images
     out = pipe(**call, negative_prompt="red", dng={"lam0": 0.0}, generator=_seed(), return_trace=True,
                callback_on_step_end_tensor_inputs=["latents", "dng_p"])
     assert seen == [(0, ["latents"]), (0, ["dng_p", "latents"])]
@@ -226,7 +329,7 @@ def test_sd_command_writes_images_trace_and_summary(model, tmp_path, capsys):
                         str(out), *extra]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["image_0.png", "image_1.png", "summary.csv", "trace.csv",
                                                      "trace.png"]
-    assert ("sampling with FlowMatchEulerDiscreteScheduler (the stochastic sibling of the folder's "
+    assert ("sampling with LTXEulerAncestralRFScheduler (the stochastic sibling of the folder's "
             "FlowMatchEulerDiscreteScheduler, as DNG needs)") in capsys.readouterr().out
     with open(out / "trace.csv") as f:
         rows = list(csv.DictReader(f))

@@ -11,6 +11,7 @@ from diffusers import (
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
+    LTXEulerAncestralRFScheduler,
 )
 
 from dng.bench.gmm import GMMBench
@@ -138,6 +139,42 @@ def test_dynamic_shifting_takes_mu_through_set_timesteps_kwargs():
     # mu reaches the scheduler: another shift is another chain.
     other = run(DynamicNegativeGuidance(), scheduler=copy.deepcopy(flow), set_timesteps_kwargs={"mu": 2.0}).samples
     assert not torch.allclose(samples, other)
+
+
+def test_ltx_given_sigmas_steps_once_per_sigma_pair():
+    """LTX's Euler ancestral given its sigmas (ComfyUI-style, final 0 included) lists the final sigma's timestep too,
+    where its step returns the sample as it is: the loop steps only the pairs, and ends where diffusers' loop ends."""
+    sigmas = torch.tensor([1.0, 0.8, 0.5, 0.2, 0.0])
+    calls = []
+    model = dummy_model(2)
+
+    def counted(x, t):
+        calls.append(float(t))
+        return model(x, t)
+
+    noise = torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    out = sample(counted, LTXEulerAncestralRFScheduler(), DynamicNegativeGuidance(), noise=noise,
+                 num_inference_steps=4, num_negatives=1, generator=torch.Generator().manual_seed(1), progress=False,
+                 return_trace=True, max_rms=None, set_timesteps_kwargs={"sigmas": sigmas})
+    assert calls == pytest.approx([1000.0, 800.0, 500.0, 200.0]) and len(out.trace.p) == 4
+    assert torch.isfinite(out.trace.llr[:-1]).all()
+    # diffusers' own loop over every listed timestep, with the same noise, ends on the same sample.
+    ltx = LTXEulerAncestralRFScheduler()
+    ltx.set_timesteps(sigmas=sigmas)
+    generator, x = torch.Generator().manual_seed(1), noise
+    assert len(ltx.timesteps) == 5
+    for t in ltx.timesteps:
+        eps = model(x.repeat(2, 1, 1, 1), t)[: len(x)]  # the unconditional branch, the step DNG at lam0 = 0 gives
+        x = ltx.step(eps, t, x, generator=generator).prev_sample
+    zero = sample(model, LTXEulerAncestralRFScheduler(), DynamicNegativeGuidance(lam0=0.0), noise=noise,
+                  num_inference_steps=4, num_negatives=1, generator=torch.Generator().manual_seed(1), progress=False,
+                  max_rms=None, set_timesteps_kwargs={"sigmas": sigmas}).samples
+    torch.testing.assert_close(zero, x, atol=0, rtol=0)
+    # Two steps: the kernel check before the first step walks the two as well, not the listed third.
+    two = sample(model, LTXEulerAncestralRFScheduler(), DynamicNegativeGuidance(), noise=noise, num_inference_steps=2,
+                 num_negatives=1, progress=False, max_rms=None, return_trace=True,
+                 set_timesteps_kwargs={"sigmas": torch.tensor([1.0, 0.5, 0.0])})
+    assert len(two.trace.p) == 2
 
 
 @pytest.mark.parametrize("scheduler", [DDPMScheduler(num_train_timesteps=20), EulerAncestralDiscreteScheduler(20)])

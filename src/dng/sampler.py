@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 from dng.config import check_finite
 from dng.errors import ConfigError, NonFiniteError, SampleRangeError
 from dng.guidance import Guidance, Step, base_prediction
+from dng.kernels import stepped_timesteps
 
 # A sample "activated" DNG when its tracked p_t reached 1/2 at some step: the concept had become more likely than
 # not, which is where the applied scale lam0 p/(1-p) reaches lam0 itself. The threshold reads p, not the scale, so
@@ -240,7 +241,9 @@ def sample(
     bound = None if max_rms is None else max_rms * max(1.0, float(getattr(scheduler, "init_noise_sigma", 1.0)))
     scale_input = getattr(scheduler, "scale_model_input", lambda sample, t: sample)
     records = []
-    for i, t in enumerate(tqdm(scheduler.timesteps, disable=not progress or None, desc="sampling", leave=False)):
+    # LTX's Euler ancestral given its sigmas lists a last timestep whose step returns the sample as it is: not run.
+    timesteps = stepped_timesteps(scheduler)
+    for i, t in enumerate(tqdm(timesteps, disable=not progress or None, desc="sampling", leave=False)):
         x_in = scale_input(x, t)
         out = _first_tensor(_call(model, x_in.repeat((n_branches,) + (1,) * (x.dim() - 1)), t, i))
         if out.dtype != x.dtype and out.is_floating_point():
@@ -272,7 +275,7 @@ def sample(
         raise NonFiniteError(f"{int((~torch.isfinite(x)).flatten(1).any(1).sum())} of {batch} samples are NaN or inf "
                              "after the last step although every model output was finite: the guidance or the "
                              "scheduler step overflowed (lower the guidance scale)")
-    trace = _trace(scheduler.timesteps[: i + 1], records, batch, num_negatives) if return_trace else None
+    trace = _trace(timesteps[: i + 1], records, batch, num_negatives) if return_trace else None
     return SampleOutput(x, trace)
 
 

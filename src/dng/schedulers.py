@@ -6,14 +6,18 @@
 
 The sibling is built from the same config (betas, training steps, prediction type), so it samples the same model on
 the same schedule; the step's noise differs, and a DPM-Solver sibling steps on the timestep spacing where the
-scheduler had Karras, exponential, beta or Lu sigmas: DNG tracks best there (`_SPACINGS`).
+scheduler had Karras, exponential, beta or Lu sigmas: DNG tracks best there (`_SPACINGS`). A flow-matching
+scheduler's sibling is Euler ancestral for rectified flow (`LTXEulerAncestralRFScheduler`), which takes its schedule
+as sigmas: `schedule_for` hands it the (shifted) sigmas the flow-matching scheduler would walk.
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import NamedTuple
 
 import diffusers
+import torch
 from diffusers import (
     CMStochasticIterativeScheduler,
     DDIMScheduler,
@@ -90,6 +94,9 @@ def reverse_kernel(scheduler, eta: float = 0.0):
 
 _SDE = {"algorithm_type": "sde-dpmsolver++"}
 _ANCESTRAL = ("EulerAncestralDiscreteScheduler", {})
+_FLOW_ANCESTRAL = ("LTXEulerAncestralRFScheduler", {"eta": 1.0})
+# The sibling the FlowMatch schedulers had before LTX's Euler ancestral, kept where the latter cannot walk the schedule.
+_RENOISING = ("FlowMatchEulerDiscreteScheduler", {"stochastic_sampling": True})
 # Sigma spacings that crowd the steps into low noise, which a DPM++ SDE sibling drops (Euler ancestral has none):
 # DNG's tracker makes one Bayes update per step, and falls behind where few steps cross the noise levels at which
 # classes separate (Karras sigmas: 5 of 25 steps in sigma 0.5-5 on a 1000-step linear schedule, the timestep spacing
@@ -103,8 +110,12 @@ SIBLINGS = {
     "DPMSolverSinglestepScheduler": ("DPMSolverMultistepScheduler", _SDE),
     "EDMDPMSolverMultistepScheduler": ("EDMDPMSolverMultistepScheduler", _SDE),
     "EDMEulerScheduler": ("EDMDPMSolverMultistepScheduler", _SDE),
-    "FlowMatchEulerDiscreteScheduler": ("FlowMatchEulerDiscreteScheduler", {"stochastic_sampling": True}),
-    "FlowMatchHeunDiscreteScheduler": ("FlowMatchEulerDiscreteScheduler", {"stochastic_sampling": True}),
+    # Euler ancestral for rectified flow, not FlowMatchEuler's stochastic_sampling=True: that step re-noises the x0
+    # estimate with fresh noise of the next level's size, which biases the samples and makes DNG's tracker count the
+    # branches' disagreement again at every step (docs/GMM.md, flow matching: tracked DNG passes the exact-posterior
+    # rule on 0 / 0 / 0 of 7 mixtures at 25 / 50 / 100 steps along it, 2 / 5 / 5 along LTX's Euler ancestral).
+    "FlowMatchEulerDiscreteScheduler": _FLOW_ANCESTRAL,
+    "FlowMatchHeunDiscreteScheduler": _FLOW_ANCESTRAL,
     "LTXEulerAncestralRFScheduler": ("LTXEulerAncestralRFScheduler", {"eta": 1.0}),
     "KDPM2DiscreteScheduler": ("KDPM2AncestralDiscreteScheduler", {}),
     "EulerDiscreteScheduler": _ANCESTRAL,
@@ -123,6 +134,9 @@ SIBLINGS = {
 
 def _sibling(scheduler) -> tuple[str, dict]:
     target, changes = SIBLINGS.get(type(scheduler).__name__, _ANCESTRAL)
+    if (target, changes) == _FLOW_ANCESTRAL and scheduler.config.get("invert_sigmas"):
+        # Mochi's inverted sigmas end at 1, which LTX's step cannot walk.
+        target, changes = _RENOISING
     if target == "DPMSolverMultistepScheduler":
         changes = {**changes, **{key: False for key in _SPACINGS if scheduler.config.get(key)}}
     if target == "EDMDPMSolverMultistepScheduler" and scheduler.config.get("solver_order", 2) > 2:
@@ -162,6 +176,12 @@ def switch_hint(scheduler) -> str:
     code = f"{target}.from_config(scheduler.config{args})"
     why = (", on the timestep spacing, where DNG's tracker removes the concept best (docs/GMM.md)"
            if set(changes) & set(_SPACINGS) else "")
+    if (target, changes) == _FLOW_ANCESTRAL and name != target:
+        why = (", Euler ancestral for rectified flow on the same shifted sigmas: along FlowMatchEulerDiscreteScheduler"
+               " with stochastic_sampling=True, which re-noises each step's x0 estimate, DNG's tracker over-counts "
+               "the evidence and passes the exact-posterior rule on 0 / 0 / 0 of 7 mixtures at 25 / 50 / 100 steps, "
+               "against 2 / 5 / 5 along this one (docs/GMM.md); a stochastic_sampling=True scheduler you assign "
+               "yourself is still tracked")
     return (code if name in SIBLINGS else f"e.g. {code}") + f" (dng.schedulers.stochastic(scheduler) builds it{why})"
 
 
@@ -170,8 +190,10 @@ def stochastic(scheduler, **config):
 
     The sibling is the one DNG tracks best on (`SIBLINGS`): DPM-Solver's SDE multistep on the timestep spacing for
     the DPM-Solver family (Karras, exponential, beta and Lu sigmas dropped, singlestep made multistep: docs/GMM.md),
-    Euler ancestral for Euler, Heun, LMS and PNDM. DDIM and TCD come back as they are: their noise is the sampler's
-    `eta`, which must be > 0 (`needs_eta`).
+    Euler ancestral for Euler, Heun, LMS and PNDM, and for flow matching (FlowMatch Euler and Heun) Euler ancestral
+    for rectified flow, LTXEulerAncestralRFScheduler at eta 1, which keeps the config's shift keys (hand it its sigmas
+    with `schedule_for`). DDIM and TCD come back as they are: their noise is the sampler's `eta`, which must be > 0
+    (`needs_eta`); so does a tracked scheduler, such as FlowMatchEulerDiscreteScheduler with stochastic_sampling=True.
     Raises ConfigError where no sibling is known or the sibling still cannot be tracked (e.g. a learned variance).
     """
     if not hasattr(scheduler, "step") or not hasattr(scheduler, "config"):
@@ -194,6 +216,42 @@ def stochastic(scheduler, **config):
     sibling = getattr(diffusers, target).from_config(same, **{**changes, **config})
     reverse_kernel(sibling, 1.0)
     return sibling
+
+
+def flow_sigmas(config, num_inference_steps: int, sigmas=None, mu: float | None = None) -> torch.Tensor:
+    """The sigmas, final 0 included, that diffusers' FlowMatchEulerDiscreteScheduler of `config` walks after
+    `set_timesteps(num_inference_steps)`, or `set_timesteps(sigmas=sigmas)` where `sigmas` are given (which it shifts),
+    with the resolution's shift `mu` where the config shifts dynamically: the schedule's shift, shift_terminal and
+    Karras, exponential or beta spacing applied by diffusers itself.
+
+    `config` may be another scheduler's that keeps the flow-matching keys (an LTXEulerAncestralRFScheduler built by
+    `stochastic` or `from_config` from a flow-matching config); its other keys are left out.
+    """
+    keys = inspect.signature(FlowMatchEulerDiscreteScheduler.__init__).parameters
+    flow = FlowMatchEulerDiscreteScheduler.from_config({k: v for k, v in config.items() if k in keys})
+    try:
+        if sigmas is None:
+            flow.set_timesteps(num_inference_steps, mu=mu)
+        else:
+            flow.set_timesteps(sigmas=[float(s) for s in sigmas], mu=mu)
+    except ValueError as err:  # e.g. dynamic shifting without mu
+        raise ConfigError(f"the flow-matching schedule cannot be set: {err}") from None
+    return flow.sigmas
+
+
+def schedule_for(scheduler, schedule: dict, num_inference_steps: int) -> dict:
+    """The `set_timesteps` arguments (besides the step count) that make `scheduler` walk the schedule a flow-matching
+    pipeline sets with `schedule` (its `sigmas` and `mu`, as FlowMatchEulerDiscreteScheduler takes them).
+
+    LTXEulerAncestralRFScheduler walks given sigmas as they are, final 0 included, and ignores `mu` when given them:
+    it gets the sigmas FlowMatchEulerDiscreteScheduler of its config would walk (`flow_sigmas`), shifted. It gets them
+    also where it could shift them itself (no sigmas given): its own path rebuilds a FlowMatchEulerDiscreteScheduler
+    from its config at every call, which logs that eta is not a flow-matching key. Other schedulers take `schedule` as
+    it is.
+    """
+    if type(scheduler) is not LTXEulerAncestralRFScheduler or "timesteps" in schedule:
+        return schedule
+    return {"sigmas": flow_sigmas(scheduler.config, num_inference_steps, schedule.get("sigmas"), schedule.get("mu"))}
 
 
 # The samplers the command line and the benches name, each built on a model's training schedule:

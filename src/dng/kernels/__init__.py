@@ -29,6 +29,7 @@ installed diffusers' step).
 
 from __future__ import annotations
 
+from dng.kernels.base import stepped_timesteps
 from dng.kernels.ddpm import DDIMKernel, DDPMKernel, LCMKernel, TCDKernel
 from dng.kernels.dpmsolver import DPMSolverKernel
 from dng.kernels.euler import (
@@ -54,6 +55,7 @@ __all__ = [
     "LCMKernel",
     "LTXEulerAncestralKernel",
     "TCDKernel",
+    "stepped_timesteps",
     "verify_kernel",
 ]
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import torch
+from diffusers import LTXEulerAncestralRFScheduler
 
 from dng.errors import UnsupportedSchedulerError
 from dng.kernels.moments import AffineBranchMoments, BranchMoments
@@ -30,6 +31,15 @@ def _step_index(scheduler, t) -> int:
     if scheduler.step_index is None:
         scheduler._init_step_index(t)
     return scheduler.step_index
+
+
+def stepped_timesteps(scheduler):
+    """The timesteps whose step moves the sample: `scheduler.timesteps`, but for an LTXEulerAncestralRFScheduler given
+    its sigmas, which lists the final sigma's timestep too (its step there returns the sample as it is), all but it."""
+    timesteps, sigmas = scheduler.timesteps, getattr(scheduler, "sigmas", None)
+    if type(scheduler) is LTXEulerAncestralRFScheduler and sigmas is not None and len(timesteps) == len(sigmas):
+        return timesteps[:-1]
+    return timesteps
 
 
 def _sigma_pair(scheduler, t):

@@ -14,6 +14,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 from dng.errors import KernelMismatchError
+from dng.kernels.base import stepped_timesteps
 
 TESTED_DIFFUSERS = "0.42"
 # Relative to the largest of |x_t| and |x_prev| (and at least 1): the kernel and the step sum the same O(|x|) terms,
@@ -39,7 +40,7 @@ def verify_kernel(scheduler, make_kernel, eta: float, sample_shape, steps: int =
     shape = (1, *sample_shape[1:])
     probe = torch.Generator().manual_seed(0)  # never the global generator: the caller's seeds stay reproducible
     x = torch.randn(shape, generator=probe).to(device) * getattr(scheduler, "init_noise_sigma", 1.0)
-    for i, t in enumerate(scheduler.timesteps[:steps]):
+    for i, t in enumerate(stepped_timesteps(scheduler)[:steps]):
         if hasattr(scheduler, "scale_model_input"):
             scheduler.scale_model_input(x, t)  # Euler-type steps start their step index here
         out = torch.randn(shape, generator=probe).to(device)

@@ -16,7 +16,7 @@ from dng.config import PRESETS, DNGConfig
 from dng.errors import ConfigError
 from dng.guidance import DynamicNegativeGuidance, Guidance, NegativePrompt, SafeLatentDiffusion
 from dng.sampler import STOP, check_steps, sample
-from dng.schedulers import NamedSampler, check_tracked, needs_eta, stochastic, tracked
+from dng.schedulers import NamedSampler, check_tracked, needs_eta, schedule_for, stochastic, tracked
 
 logger = logging.get_logger(__name__)
 
@@ -190,6 +190,8 @@ class DNGPipelineMixin:
         # Custom sigmas set the step count, as diffusers' retrieve_timesteps does.
         steps = len(schedule["sigmas"]) if "sigmas" in schedule else args["num_inference_steps"]
         self._num_timesteps = steps
+        # The same schedule for the sampler: LTX's Euler ancestral (flow matching's sibling) gets it shifted.
+        schedule = schedule_for(setup.sampler.scheduler, schedule, steps)
 
         def on_step(i, t, x_prev, info):
             available = {"latents": x_prev, **cond, "dng_p": info.get("p"), "dng_applied_scale": info.get("scale")}

@@ -120,8 +120,11 @@ class FluxDNGPipeline(FlowDNGPipelineMixin, FluxPipeline):
                 Flux-dev's distilled guidance, embedded in every branch; Flux-schnell has no guidance embedding and
                 ignores it, as in the parent.
 
-        A DNG call samples with the stochastic sibling of the folder's `FlowMatchEulerDiscreteScheduler`
-        (`stochastic_sampling=True`, which re-noises each step from `generator`); `pipe.scheduler` is left as it is.
+        A DNG call samples with the stochastic sibling of the folder's `FlowMatchEulerDiscreteScheduler`,
+        `LTXEulerAncestralRFScheduler(eta=1)` (Euler ancestral for rectified flow, its noise drawn from `generator`) on
+        the shifted sigmas the folder's scheduler would walk; `pipe.scheduler` is left as it is. Assign a stochastic
+        scheduler to it (e.g. `FlowMatchEulerDiscreteScheduler` with `stochastic_sampling=True`) to sample with that
+        instead.
         Each step costs 2 + (number of concepts) transformer passes, batched in one call.
 
         Examples:

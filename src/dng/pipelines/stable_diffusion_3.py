@@ -26,7 +26,7 @@ EXAMPLE_DOC_STRING = """
         ...     "stabilityai/stable-diffusion-3.5-medium", dtype=dtype
         ... ).to(device)
 
-        >>> # SD3's Euler adds no noise: DNG samples with its stochastic sibling (stochastic_sampling=True).
+        >>> # SD3's Euler adds no noise: DNG samples with its stochastic sibling (LTX's Euler ancestral).
         >>> out = pipe("a mountain lake at dawn, photo", negative_concepts=["boats", "people"],
         ...            num_inference_steps=28, generator=torch.Generator(device).manual_seed(0), return_trace=True)
         >>> out.images[0].save("lake.png")
@@ -115,8 +115,11 @@ class StableDiffusion3DNGPipeline(FlowDNGPipelineMixin, StableDiffusion3Pipeline
                 Its `"prompt_embeds"` and `"pooled_prompt_embeds"` are the batched conditioning `[unconditional,
                 prompt, concepts...]`.
 
-        A DNG call samples with the stochastic sibling of the folder's `FlowMatchEulerDiscreteScheduler`
-        (`stochastic_sampling=True`, which re-noises each step from `generator`); `pipe.scheduler` is left as it is.
+        A DNG call samples with the stochastic sibling of the folder's `FlowMatchEulerDiscreteScheduler`,
+        `LTXEulerAncestralRFScheduler(eta=1)` (Euler ancestral for rectified flow, its noise drawn from `generator`) on
+        the shifted sigmas the folder's scheduler would walk; `pipe.scheduler` is left as it is. Assign a stochastic
+        scheduler to it (e.g. `FlowMatchEulerDiscreteScheduler` with `stochastic_sampling=True`) to sample with that
+        instead.
 
         Examples:
 
