@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from dng import metrics
-from dng.bench.sweep import SampleSet, Sweep, one_thread, read_npz
+from dng.bench.sweep import SampleSet, Sweep, calibration_record, one_thread, read_npz
 from dng.bench.table import (
     Table,
     dng_cells,
@@ -229,7 +229,8 @@ class ClassRemovalBench:
                  for c in configs(methods, [(dng_preset, *cell) for cell in dng_cells(
                      self.calibration, k, dng_preset, dng_set, dng_scales)], np_scales)]
         recomputed = self.sweep.refuse_stale(
-            {cell_key(k, method, params): params for k, method, params, _ in cells}, self.calibration_record(),
+            {cell_key(k, method, params): params for k, method, params, _ in cells},
+            calibration_record(self.calibration, self.calibration_file),
             {cell_key(k, method, params) for k, method, params, _ in cells if method in ("dng", "dng-branches")})
         if recomputed and self.sweep.world.main:
             source = dng_source(self.calibration, dng_preset, self.calibration_file)
@@ -246,19 +247,6 @@ class ClassRemovalBench:
         self.sweep.score(list(by_key), lambda key: self.score_cell(
             *by_key[key][:3], sets.get(sample_set_key(*by_key[key][:3]))))
         return len(missing)
-
-
-    def calibration_record(self) -> dict:
-        """The calibration DNG's cells run with, as the sweep folder records it (`Sweep.refuse_stale`)."""
-        return calibration_record(self.calibration, self.calibration_file)
-
-
-def calibration_record(calibration, file) -> dict:
-    """What a sweep folder records of the calibration its DNG cells ran with (both benches): the file it came from
-    (None: beside the generator; "none": turned off) and its values (None: uncalibrated)."""
-    from dataclasses import asdict
-
-    return {"file": file, "values": None if calibration is None else asdict(calibration)}
 
 
 def sample_set_key(klass: int, method: str, params: dict) -> str:

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from dng import metrics
-from dng.bench.class_removal import Reference, calibration_record
-from dng.bench.sweep import SampleSet, Sweep, read_npz
+from dng.bench.class_removal import Reference
+from dng.bench.sweep import SampleSet, Sweep, calibration_record, read_npz
 from dng.bench.table import (
     Table,
     dng_cells,

@@ -56,6 +56,15 @@ class SampleSet:
     params: Mapping = field(default_factory=dict)
 
 
+def calibration_record(calibration, file: str | None) -> dict:
+    """What a sweep folder records of the DNG calibration its cells ran with (`Sweep.refuse_stale`): the file it came
+    from (`dng.vision.models.generator_calibration`'s: None beside the generator, "none" turned off) and its values
+    (a `ModelCalibration` as a dict; None uncalibrated)."""
+    from dataclasses import asdict
+
+    return {"file": file, "values": None if calibration is None else asdict(calibration)}
+
+
 def read_npz(path: Path) -> dict[str, np.ndarray]:
     """Every array of an .npz, or a ConfigError naming the file if it cannot be read."""
     try:
