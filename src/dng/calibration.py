@@ -359,3 +359,70 @@ def self_calibrate(model, scheduler, noise: torch.Tensor, concepts: Sequence[str
                           generator=generator, progress=progress)
     made.settings.update(steps=num_inference_steps, scheduler=type(scheduler).__name__, eta=eta)
     return made
+
+
+# A calibration file and the model it was made for. `dng calibrate` records the model in the file's entry as
+# {"model": {"kind": "generator" | "diffusers", "path": str, "weights_sha256": str | None}}; older generator files
+# hold only "generator_sha256".
+MODEL_KINDS = ("generator", "diffusers")
+
+
+def recorded_model(entry: dict) -> dict | None:
+    """The model a calibration file's entry records it was made for, {"kind", "path", "weights_sha256"}; an older
+    generator file's "generator_sha256" reads as a generator's; None where the entry records no model."""
+    model = entry.get("model")
+    if isinstance(model, dict):
+        return {"kind": model.get("kind"), "path": model.get("path"), "weights_sha256": model.get("weights_sha256")}
+    if entry.get("generator_sha256"):
+        return {"kind": "generator", "path": None, "weights_sha256": entry["generator_sha256"]}
+    return None
+
+
+def _model_name(path) -> str:
+    """A model's final folder (or file) name, which a diffusers model is compared by."""
+    return Path(str(path).rstrip("/\\")).name
+
+
+def load_calibration_file(path, model: dict | None = None) -> tuple[ModelCalibration, dict]:
+    """The calibration a file written by `dng calibrate` holds, and its entry, checked against the `model` it is
+    about to be applied to (described as the file records one, `recorded_model`; None: no check).
+
+    A generator ({"kind": "generator", "path", "weights_sha256"}) must be the weights the file was made for: a file
+    made for other weights, or for a diffusers model, is refused. A diffusers model ({"kind": "diffusers", "path":
+    its folder or name}) is compared by its final folder name only (hashing its weights on every call would cost
+    more than sampling): a mismatch is logged as a warning, and the calibration applied.
+    """
+    import logging
+
+    path = Path(path)
+    if not path.is_file():
+        what = "is a folder" if path.is_dir() else "does not exist"
+        raise ConfigError(f"calibration file {path} {what}; give the JSON file `dng calibrate` wrote")
+    try:
+        calibration, entry = ModelCalibration.read(path)
+    except OSError as err:
+        raise ConfigError(f"cannot read the calibration file {path} ({err.strerror or err})") from None
+    if model is None:
+        return calibration, entry
+    log = logging.getLogger(__name__)
+    kind, where = model.get("kind"), model.get("path")
+    recorded = recorded_model(entry)
+    if kind == "generator":
+        fix = (f"rerun `dng calibrate --generator {where}` for these weights, or pass --calibration none to run "
+               "uncalibrated")
+        if recorded is None or (recorded["kind"] == "generator" and recorded["weights_sha256"] is None):
+            log.warning("%s records no weights it was made for; applying it to %s as given", path, where)
+        elif recorded["kind"] != "generator":
+            raise ConfigError(f"{path} was made for the {recorded['kind']} model {recorded['path']}, not for the "
+                              f"generator {where}: {fix}")
+        elif recorded["weights_sha256"] != model.get("weights_sha256"):
+            made_for = f" ({recorded['path']})" if recorded["path"] else ""
+            raise ConfigError(f"{path} was made for other weights{made_for} than the generator {where}: {fix}")
+    elif recorded is not None and where:
+        if recorded["kind"] != kind:
+            log.warning("%s was made for the %s model %s, not for the %s model %s; applying it anyway", path,
+                        recorded["kind"], recorded["path"], kind, where)
+        elif recorded["path"] and _model_name(recorded["path"]) != _model_name(where):
+            log.warning("%s was made for the model %s, not %s; applying it anyway (rerun `dng calibrate` for this "
+                        "model to fit its own)", path, recorded["path"], where)
+    return calibration, entry

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from dng import metrics
-from dng.bench.sweep import SampleSet, Sweep, one_thread, read_npz
+from dng.bench.sweep import SampleSet, Sweep, calibration_record, one_thread, read_npz
 from dng.bench.table import (
     Table,
     dng_cells,
@@ -35,8 +35,9 @@ from dng.vision.data import CLASS_NAMES, NUM_CLASSES, load_split
 from dng.vision.images import classify, grid, npz_bytes, save_png
 from dng.vision.models import (
     default_weights,
+    dng_source,
+    generator_calibration,
     generator_sampler,
-    load_calibration,
     load_classifier,
     load_generator,
     weights_sha256,
@@ -160,7 +161,7 @@ class ClassRemovalBench:
 
     def __init__(self, out, steps: int = 50, num_samples: int = 500, scheduler: str = "ddpm", seed: int = 0,
                  generator=None, classifier=None, batch_size: int = 128, progress: bool = True,
-                 dtype: str = "float32", world: World | None = None):
+                 dtype: str = "float32", world: World | None = None, calibration=None):
         if steps < 1 or num_samples < 4 or batch_size < 1:
             raise ConfigError(f"need --steps >= 1, --num-samples >= 4 and --batch-size >= 1, got {steps}, "
                               f"{num_samples} and {batch_size}")
@@ -169,9 +170,11 @@ class ClassRemovalBench:
         gen_path = Path(generator) if generator else default_weights("generator")
         self.classifier_path = Path(classifier) if classifier else default_weights("classifier")
         self._reference = None
-        self.calibration = load_calibration(gen_path)
+        # `calibration` as in `generator_calibration`: the file beside the generator by default.
+        self.calibration, self.calibration_file = generator_calibration(calibration, gen_path)
         # The calibration is not in the settings: it only sets DNG's parameters, which every cell stores and `run`
-        # checks, so NP and SLD cells stay valid when the generator is recalibrated. The batch size is: the UNet's
+        # checks (the folder records which calibration its DNG cells ran with, and `run` recomputes them under
+        # another), so NP and SLD cells stay valid when the generator is recalibrated. The batch size is: the UNet's
         # arithmetic depends on the batch it runs in (in its last bits, and more under bfloat16).
         settings = {
             "steps": steps, "num_samples": num_samples, "scheduler": scheduler, "seed": seed, "dtype": dtype,
@@ -228,7 +231,13 @@ class ClassRemovalBench:
         cells = [(k, *c) for k in classes
                  for c in configs(methods, [(dng_preset, *cell) for cell in dng_cells(
                      self.calibration, k, dng_preset, dng_set, dng_scales)], np_scales)]
-        self.sweep.refuse_stale({cell_key(k, method, params): params for k, method, params, _ in cells})
+        recomputed = self.sweep.refuse_stale(
+            {cell_key(k, method, params): params for k, method, params, _ in cells},
+            calibration_record(self.calibration, self.calibration_file),
+            {cell_key(k, method, params) for k, method, params, _ in cells if method in ("dng", "dng-branches")})
+        if recomputed and self.sweep.world.main:
+            source = dng_source(self.calibration, dng_preset, self.calibration_file)
+            print(f"{self.out}: the calibration changed ({source} now): recomputing {', '.join(recomputed)}")
         sets = {}
         for k, method, params, rule in cells:
             if method != "data":

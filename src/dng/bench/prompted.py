@@ -20,7 +20,7 @@ import numpy as np
 
 from dng import metrics
 from dng.bench.class_removal import Reference
-from dng.bench.sweep import SampleSet, Sweep, read_npz
+from dng.bench.sweep import SampleSet, Sweep, calibration_record, read_npz
 from dng.bench.table import (
     Table,
     dng_cells,
@@ -43,8 +43,9 @@ from dng.vision.data import CLASS_NAMES, NUM_CLASSES, parse_class
 from dng.vision.images import classify, grid, npz_bytes
 from dng.vision.models import (
     default_weights,
+    dng_source,
+    generator_calibration,
     generator_sampler,
-    load_calibration,
     load_classifier,
     load_generator,
     weights_sha256,
@@ -135,7 +136,7 @@ class PromptedBench:
 
     def __init__(self, out, steps: int = 25, num_samples: int = 500, scheduler: str = "euler-a", seed: int = 0,
                  cfg_scale: float = 2.0, generator=None, classifier=None, batch_size: int = 128,
-                 progress: bool = True, dtype: str = "float32", world: World | None = None):
+                 progress: bool = True, dtype: str = "float32", world: World | None = None, calibration=None):
         if steps < 1 or num_samples < 4 or batch_size < 1:
             raise ConfigError(f"need --steps >= 1, --num-samples >= 4 and --batch-size >= 1, got {steps}, "
                               f"{num_samples} and {batch_size}")
@@ -147,7 +148,9 @@ class PromptedBench:
         gen_path = Path(generator) if generator else default_weights("generator")
         clf_path = Path(classifier) if classifier else default_weights("classifier")
         self.classifier_path, self._reference = clf_path, None
-        self.calibration = load_calibration(gen_path)
+        # `calibration` as in `generator_calibration`; the folder records it and `run` recomputes DNG's cells under
+        # another (`ClassRemovalBench`).
+        self.calibration, self.calibration_file = generator_calibration(calibration, gen_path)
         settings = {
             "bench": "prompted", "steps": steps, "num_samples": num_samples, "scheduler": scheduler, "seed": seed,
             "cfg_scale": float(cfg_scale), "dtype": dtype, "batch_size": batch_size,
@@ -216,7 +219,12 @@ class PromptedBench:
         """Draw and score every missing cell, split over the ranks; returns how many cells were missing."""
         cells = self.cells(pairs, methods, np_scales, dng_preset, dng_set, dng_scales)
         by_key = {cell_key(*c[:4]): c for c in cells}
-        self.sweep.refuse_stale({key: c[3] for key, c in by_key.items()})
+        recomputed = self.sweep.refuse_stale({key: c[3] for key, c in by_key.items()},
+                                             calibration_record(self.calibration, self.calibration_file),
+                                             {key for key, c in by_key.items() if c[2] == "dng"})
+        if recomputed and self.sweep.world.main:
+            source = dng_source(self.calibration, dng_preset, self.calibration_file)
+            print(f"{self.out}: the calibration changed ({source} now): recomputing {', '.join(recomputed)}")
         missing = [key for key in by_key if not self.sweep.cell_path(key).is_file()]
         cfg_sets = {c[0]: c[4] for c in cells if c[2] == "cfg"}
         # A cell is scored against the cfg samples of its positive class: those are drawn too.

@@ -19,7 +19,7 @@ import shutil
 import time
 import warnings
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +54,15 @@ class SampleSet:
     cfg_scale: float | None = None
     class_posterior: bool = False
     params: Mapping = field(default_factory=dict)
+
+
+def calibration_record(calibration, file: str | None) -> dict:
+    """What a sweep folder records of the DNG calibration its cells ran with (`Sweep.refuse_stale`): the file it came
+    from (`dng.vision.models.generator_calibration`'s: None beside the generator, "none" turned off) and its values
+    (a `ModelCalibration` as a dict; None uncalibrated)."""
+    from dataclasses import asdict
+
+    return {"file": file, "values": None if calibration is None else asdict(calibration)}
 
 
 def read_npz(path: Path) -> dict[str, np.ndarray]:
@@ -240,18 +249,47 @@ class Sweep:
     def cell_path(self, key: str) -> Path:
         return self.out / "cells" / f"{key}.json"
 
-    def refuse_stale(self, params: dict[str, dict]) -> None:
+    def refuse_stale(self, params: dict[str, dict], calibration: dict | None = None,
+                     calibrated: Collection[str] = ()) -> list[str]:
         """Refuse stored cells whose parameters differ from `params` (cell key -> params): a changed preset or a
         recalibrated generator would otherwise mix old cells into the new table. One rank reads (and clears
-        unreadable cells), so the ranks agree."""
-        stale = None
+        unreadable cells), so the ranks agree.
+
+        `calibration` is the DNG calibration this run applies ({"file": where it came from, "values": the
+        calibration as a dict, or None}), recorded in DIR/calibration.json. Where the folder recorded other values,
+        the stored cells of `calibrated` (the keys of the cells the calibration sets, DNG's) whose parameters differ
+        are removed with their sample sets, to be recomputed, instead of refused; their keys are returned.
+        """
+        stale = dropped = None
         if self.world.main:
-            stale = [key for key, expected in params.items() if (path := self.cell_path(key)).is_file()
-                     and readable(path) and read_json(path)["row"]["params"] != expected]
-        stale = self.world.all_gather(stale)[0]
+            def differs(key):
+                path = self.cell_path(key)
+                return path.is_file() and readable(path) and read_json(path)["row"]["params"] != params[key]
+
+            record = self.out / "calibration.json"
+            if calibration is not None:
+                calibration = json.loads(json.dumps(calibration))
+            old = read_json(record) if calibration is not None and record.is_file() else None
+            changed = old is not None and old.get("values") != calibration["values"]
+            different = [key for key in params if differs(key)]
+            dropped = [key for key in different if changed and key in calibrated]
+            stale = [key for key in different if key not in dropped]
+            if not stale:
+                for key in dropped:
+                    self._remove(key)
+                if calibration is not None:
+                    write_json(record, calibration)
+        stale, dropped = self.world.all_gather((stale, dropped))[0]
         if stale:
             raise ConfigError(f"{self.out} holds {', '.join(stale)} with other parameters (was the generator "
                               f"recalibrated?); delete those cells/<name>.json and .npz files or choose another --out")
+        return dropped
+
+    def _remove(self, key: str) -> None:
+        """Remove a stored cell and the sample set of the same key."""
+        for path in (self.cell_path(key), self.cell_path(key).with_suffix(".npz"), self.sample_path(key)):
+            path.unlink(missing_ok=True)
+        shutil.rmtree(self.out / "shards" / key, ignore_errors=True)
 
     def score(self, keys: list[str], work: Callable[[str], None]) -> None:
         """Run `work(key)` for every cell whose file is not stored (or unreadable), split over the ranks."""

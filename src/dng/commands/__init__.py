@@ -45,16 +45,29 @@ def add_dtype_argument(parser) -> None:
                              "with AMX or AVX512-BF16, slower on others; outputs and tracking stay float32)")
 
 
-def add_dng_arguments(parser) -> None:
-    """--dng-preset and --dng NAME=VALUE of the commands that run DNG (`dng_changes` reads them)."""
+def add_dng_arguments(parser, model: str = "generator") -> None:
+    """--dng-preset, --dng NAME=VALUE and --calibration of the commands that run DNG on `model` ("generator" or
+    "diffusers"; `dng_changes` reads --dng)."""
     from dng.config import PARAMETERS, PRESETS
 
     parser.add_argument("--dng-preset", default="default",
-                        help=f"DNG's named setting: {', '.join(PRESETS)} (default: default, which the generator's "
+                        help=f"DNG's named setting: {', '.join(PRESETS)} (default: default, which the model's "
                              "calibration applies to; the published presets run as published)")
     parser.add_argument("--dng", action="append", default=[], metavar="NAME=VALUE",
                         help="set one DNG setting over the preset (and the calibration), e.g. --dng lam0=2 --dng "
                              f"sigma_min=0.1; names: {', '.join(PARAMETERS)}")
+    add_calibration_argument(parser, model)
+
+
+def add_calibration_argument(parser, model: str = "generator") -> None:
+    """--calibration FILE|none of the commands that run DNG: the calibration `dng calibrate` wrote for `model`
+    ("generator": it replaces the one beside the generator; "diffusers": the pipeline applies it)."""
+    beside = (" (default: the one beside the generator, <name>.calibration.json); it must have been made for the "
+              "--generator weights" if model == "generator" else " (default: none); a file made for another model "
+              "is applied with a warning")
+    parser.add_argument("--calibration", default=None, metavar="FILE",
+                        help=f"a DNG calibration file written by `dng calibrate`, applied to the default preset"
+                             f"{beside}; 'none' runs uncalibrated, on the preset's own settings (for measurements)")
 
 
 # Spellings of --dng names that were renamed: accepted with a note that gives the new name.
@@ -97,21 +110,36 @@ def dng_changes(args, check: bool = True) -> dict:
     return changes
 
 
+def generator_calibration_of(args):
+    """The calibration of --calibration (or beside --generator) and its file, as
+    `dng.vision.models.generator_calibration` reads it: once per command, errors naming the option."""
+    from dng.errors import ConfigError
+    from dng.vision.models import generator_calibration
+
+    if not hasattr(args, "_calibration"):
+        try:
+            args._calibration = generator_calibration(args.calibration, args.generator)
+        except ConfigError as err:
+            option = "--calibration" if args.calibration is not None else "the generator's calibration"
+            raise ConfigError(f"{option}: {err}") from None
+    return args._calibration
+
+
 def generator_dng(args, removed, **changes):
     """The DNG settings of a command that removes `removed` from the generator (`dng.vision.models.dng_config`:
-    preset, the generator's calibration, --dng), checked as they will run (the calibrated prior against a --dng
-    p_max, say) before any model loads, and where they came from."""
+    preset, the calibration of --calibration or beside the generator, --dng), checked as they will run (the calibrated
+    prior against a --dng p_max, say) before any model loads, and where they came from."""
     from dng.errors import ConfigError
     from dng.vision.data import CLASS_NAMES
-    from dng.vision.models import dng_config, dng_source, load_calibration
+    from dng.vision.models import dng_config, dng_source
 
-    calibration = load_calibration(args.generator)
+    calibration, file = generator_calibration_of(args)
     try:
         config = dng_config(calibration, removed, args.dng_preset, **{**changes, **dng_changes(args, check=False)})
     except ConfigError as err:
         names = ", ".join(CLASS_NAMES[k] for k in removed)
         raise ConfigError(f"--dng-preset / --dng (removing {names}): {err}") from None
-    return config, dng_source(calibration, args.dng_preset)
+    return config, dng_source(calibration, args.dng_preset, file)
 
 
 def check_generator_dng(args, removals) -> None:

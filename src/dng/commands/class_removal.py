@@ -11,6 +11,7 @@ from dng.commands import (
     check_sweep_numbers,
     dng_changes,
     finish_sweep,
+    generator_calibration_of,
     start_sweep,
 )
 
@@ -54,12 +55,14 @@ def run(args) -> int:
     if dng_scales is None and args.dng_preset == "default":
         dng_scales = DNG_LAM0S
     dng_set = dng_changes(args, check=False)
+    generator_calibration_of(args)  # a --calibration file that cannot apply fails now
     if {"dng", "dng-branches"} & set(methods):
         check_generator_dng(args, [[k] for k in classes])
     # dng-branches evaluates the unconditional branch and every class's (`dng.vision.branches.ClassPosterior`).
     world = start_sweep(args, [classes, methods, np_scales, dng_scales, args.dng_preset, dng_set],
                         per_pair=PER_PAIR_PRECISION_RECALL, branches=11 if "dng-branches" in methods else 2)
     bench = ClassRemovalBench(args.out, args.steps, args.num_samples, args.scheduler, args.seed, args.generator,
-                              args.classifier, args.batch_size, args.progress, args.dtype, world)
+                              args.classifier, args.batch_size, args.progress, args.dtype, world,
+                              args.calibration)
     ran = bench.run(classes, methods, np_scales, args.dng_preset, dng_set, dng_scales)
     return finish_sweep(world, args.out, ran, write_results)

@@ -12,6 +12,7 @@ from dng.commands import (
     check_sweep_numbers,
     dng_changes,
     finish_sweep,
+    generator_calibration_of,
     start_sweep,
     sweep_bytes_per_image,
 )
@@ -51,6 +52,7 @@ def run(args) -> int:
     np_scales = parse_scales(args.np_scales, "--np-scales") if args.np_scales else None
     dng_scales = parse_scales(args.dng_scales, "--dng-lam0") if args.dng_scales else None
     dng_set = dng_changes(args, check=False)
+    generator_calibration_of(args)  # a --calibration file that cannot apply fails now
     if "dng" in methods:
         check_generator_dng(args, [[negative] for _, negative in pairs])
     # Beyond a sweep's sample set: the float64 copies of a cell's and CFG's images that change_vs_cfg compares, FID's
@@ -60,6 +62,7 @@ def run(args) -> int:
     world = start_sweep(args, [pairs, methods, np_scales, dng_scales, args.dng_preset, dng_set], per_image=per_image,
                         branches=3)
     bench = PromptedBench(args.out, args.steps, args.num_samples, args.scheduler, args.seed, args.cfg_scale,
-                          args.generator, args.classifier, args.batch_size, args.progress, args.dtype, world)
+                          args.generator, args.classifier, args.batch_size, args.progress, args.dtype, world,
+                          args.calibration)
     ran = bench.run(pairs, methods, np_scales, args.dng_preset, dng_set, dng_scales)
     return finish_sweep(world, args.out, ran, write_results)

@@ -57,7 +57,7 @@ def register(groups) -> None:
                    help="Flux-dev: the guidance its transformer embeds, in every branch (diffusers' guidance_scale, "
                         "default 3.5); Flux-schnell has none and ignores it, as in diffusers")
     p.add_argument("--cfg", dest="cfg_scale", type=float, action=Renamed, new="--cfg-scale")
-    add_dng_arguments(p)
+    add_dng_arguments(p, "diffusers")
     p.add_argument("--np-scale", type=float, default=None,
                    help="np: the constant scale (default cfg-scale - 1, diffusers' negative prompt)")
     p.add_argument("--mode", choices=("independent", "exclusive"), default=None,
@@ -90,7 +90,8 @@ def check_args(args) -> None:
                               f"{max(8, math.ceil(value / 8) * 8)}")
     if not all(text.strip() for text in args.negative):
         raise ConfigError("--negative is empty: give the concept's text (an empty prompt is the unconditional branch)")
-    given = {"dng": [name for name, value in (("--dng", args.dng), ("--mode", args.mode)) if value]
+    given = {"dng": [name for name, value in (("--dng", args.dng), ("--mode", args.mode),
+                                              ("--calibration", args.calibration)) if value]
                     + (["--dng-preset"] if args.dng_preset != "default" else []),
              "np": ["--np-scale"] if args.np_scale is not None else [],
              "sld": ["--sld-preset"] if args.sld_preset is not None else []}
@@ -135,16 +136,49 @@ def _cfg(args, cls) -> tuple[float, dict]:
 def _guidance(args, cfg_scale: float):
     """The rule of --method; NP's scale defaults to `cfg_scale` - 1 (the base's CFG scale), diffusers' negative
     prompt."""
-    from dng.config import DNGConfig, check_scale
-    from dng.guidance import DynamicNegativeGuidance, NegativePrompt, SafeLatentDiffusion
+    from dng.config import check_scale
+    from dng.guidance import NegativePrompt, SafeLatentDiffusion
 
     if args.method == "dng":
-        changes = {"mode": args.mode or "independent", **dng_changes(args)}
-        return DynamicNegativeGuidance(DNGConfig.preset(args.dng_preset, **changes))
+        return _dng(args)[0]
     if args.method == "np":
         scale = max(cfg_scale - 1, 0.0) if args.np_scale is None else args.np_scale
         return NegativePrompt(check_scale("--np-scale", scale))
     return SafeLatentDiffusion.preset(args.sld_preset or "medium")
+
+
+def _dng(args):
+    """DNG's rule, what the pipeline's `dng=` gets and where the settings come from. --calibration FILE goes to the
+    pipeline as the file, which it checks against the model's folder (`dng.calibration.load_calibration_file`),
+    with --dng and --mode over it as a rule of the same settings; the file applies to the default preset only."""
+    from dng.calibration import load_calibration_file
+    from dng.config import DNGConfig
+    from dng.guidance import DynamicNegativeGuidance
+    from dng.pipelines.common import config_from_argument
+
+    changes = {"mode": args.mode or "independent", **dng_changes(args)}
+    file = args.calibration
+    if file is None or file.strip().lower() == "none" or args.dng_preset != "default":
+        source = ("library defaults (calibration turned off: --calibration none)"
+                  if file is not None and args.dng_preset == "default" else f"the preset {args.dng_preset!r}"
+                  + (" as published: --calibration applies to the default preset only" if file is not None else ""))
+        rule = DynamicNegativeGuidance(DNGConfig.preset(args.dng_preset, **changes))
+        return rule, rule, source
+    source = f"the calibration file {file}"
+    try:
+        if not (args.dng or args.mode):
+            # Read now, before the model loads; the pipeline reads it again and checks it against its model.
+            calibration = load_calibration_file(file)[0]
+            return DynamicNegativeGuidance(config_from_argument(calibration, list(args.negative))), file, source
+        calibration = load_calibration_file(file, {"kind": "diffusers", "path": str(args.model),
+                                                   "weights_sha256": None})[0]
+    except ConfigError as err:
+        raise ConfigError(f"--calibration: {err}") from None
+    try:
+        rule = DynamicNegativeGuidance(config_from_argument(calibration, list(args.negative)).replace(**changes))
+    except ConfigError as err:
+        raise ConfigError(f"--dng / --mode over --calibration {file}: {err}") from None
+    return rule, rule, f"{source}, with --dng / --mode over it"
 
 
 def _device(name: str | None) -> str:
@@ -163,7 +197,13 @@ def run(args) -> int:
     check_args(args)
     cls = _pipeline_class(args.model)  # checks the folder before loading it
     cfg_scale, cfg = _cfg(args, cls)
-    guidance = _guidance(args, cfg_scale)
+    if args.method == "dng":
+        from dng.bench.table import dng_values
+
+        guidance, dng, source = _dng(args)
+        print(f"DNG settings from {source}: {dng_values(guidance.config.to_dict())}")
+    else:
+        guidance = dng = _guidance(args, cfg_scale)
     device = _device(args.device)
     import torch
 
@@ -186,7 +226,7 @@ def run(args) -> int:
     print(f"sampling with {ran}{f' at eta {sampler.eta:g}' if sampler.eta else ''} ({how})")
     pipe.to(device)
     out = pipe(args.prompt, height=args.height, width=args.width, num_inference_steps=args.steps,
-               num_images_per_prompt=args.num_images, negative_concepts=args.negative, dng=guidance,
+               num_images_per_prompt=args.num_images, negative_concepts=args.negative, dng=dng,
                generator=torch.Generator(device).manual_seed(args.seed), return_trace=True, **cfg)
     names = [f"image_{i}.png" for i in range(len(out.images))]
     for name, image in zip(names, out.images, strict=True):

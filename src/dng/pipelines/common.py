@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
 
-from dng.calibration import ModelCalibration
+from dng.calibration import ModelCalibration, load_calibration_file
 from dng.config import PRESETS, DNGConfig
 from dng.errors import ConfigError
 from dng.guidance import DynamicNegativeGuidance, Guidance, NegativePrompt, SafeLatentDiffusion
@@ -120,7 +122,12 @@ class DNGPipelineMixin:
         concepts = concept_prompts(args["negative_prompt"], options["negative_concepts"], batch_size)
         # A concept's name (what a calibration knows it by) is its text where every image has the same one.
         names = [texts[0] if len(set(texts)) == 1 else None for texts in concepts] + [None] * (embeds is not None)
-        rule = guidance_rule(options["negative_guidance"], options["dng"], cfg_scale, names)
+        dng = options["dng"]
+        if is_calibration_file(dng):
+            # Checked against this pipeline's model by its folder's name (a mismatch is a logged warning).
+            dng = load_calibration_file(dng, {"kind": "diffusers", "path": self.name_or_path,
+                                              "weights_sha256": None})[0]
+        rule = guidance_rule(options["negative_guidance"], dng, cfg_scale, names)
         rule.check(len(names))
         # The flow-matching pipelines have no eta: their scheduler's step takes none.
         sampler = self._dng_sampler(rule, args.get("eta", 0.0))
@@ -333,12 +340,26 @@ def guidance_rule(method: str | None, dng, cfg_scale: float, concepts: list[str 
     return DynamicNegativeGuidance(config_from_argument(dng, concepts))
 
 
+def is_calibration_file(dng) -> bool:
+    """Whether `dng=` names a calibration file: an os.PathLike, or a string that is no preset name and ends in .json
+    or names an existing file."""
+    if isinstance(dng, os.PathLike):
+        return True
+    return isinstance(dng, str) and dng not in PRESETS and (dng.lower().endswith(".json") or Path(dng).is_file())
+
+
 def config_from_argument(dng, concepts: list[str | None]) -> DNGConfig:
     """The DNG settings `dng=` gives: None (the default preset), a preset name, a DNGConfig, a dict of changes over
-    the default preset, or a ModelCalibration applied to the default preset for `concepts`."""
+    the default preset, or a ModelCalibration, or the path of a calibration file written by `dng calibrate`, applied
+    to the default preset for `concepts`."""
     if dng is None:
         return PRESETS["default"]
+    if is_calibration_file(dng):
+        dng = load_calibration_file(dng)[0]
     if isinstance(dng, str):
+        if dng not in PRESETS:
+            raise ConfigError(f"unknown DNG preset {dng!r}; choose one of {', '.join(PRESETS)}, or give the path of "
+                              "a calibration file written by `dng calibrate` (a .json file)")
         return DNGConfig.preset(dng)
     if isinstance(dng, DNGConfig):
         return dng
@@ -347,9 +368,9 @@ def config_from_argument(dng, concepts: list[str | None]) -> DNGConfig:
     if isinstance(dng, ModelCalibration):
         # A concept the calibration has no prior for (or without one text) keeps the preset's.
         return dng.apply(PRESETS["default"], concepts)
-    raise ConfigError(f"dng= takes a preset name ({', '.join(PRESETS)}), a DNGConfig, a dict of settings over the "
-                      f"default preset, a dng.calibration.ModelCalibration or a dng.guidance.Guidance rule; got "
-                      f"{type(dng).__name__}")
+    raise ConfigError(f"dng= takes a preset name ({', '.join(PRESETS)}), a calibration file's path, a DNGConfig, a "
+                      f"dict of settings over the default preset, a dng.calibration.ModelCalibration or a "
+                      f"dng.guidance.Guidance rule; got {type(dng).__name__}")
 
 
 def sampler_for(scheduler, rule: Guidance, eta: float) -> tuple[NamedSampler, str | None]:

@@ -121,8 +121,9 @@ class StableDiffusionDNGPipeline(UNetDNGPipelineMixin, StableDiffusionPipeline):
                 CFG, where the parent ignores its negative prompt) or `"sld"` (the medium preset).
             dng (*optional*):
                 DNG's settings: a preset name of `dng.config.PRESETS` (`"default"`, `"paper-sd"`, ...), a
-                `dng.config.DNGConfig`, a dict of settings over the default preset (`{"lam0": 2}`), or a
-                `dng.calibration.ModelCalibration` (applied to the default preset; a concept's name is its text).
+                `dng.config.DNGConfig`, a dict of settings over the default preset (`{"lam0": 2}`), a
+                `dng.calibration.ModelCalibration` or the path of a calibration file written by `dng calibrate`
+                (`str` or `os.PathLike`; applied to the default preset; a concept's name is its text).
                 Or a `dng.guidance.Guidance` rule object, which is then the call's rule whatever its method.
             return_trace (`bool`, *optional*, defaults to `False`):
                 Add `trace` (`dng.sampler.Trace`: per step, image and concept, `p`, the applied `scale`, `llr`).

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dng.calibration import OFFSET_UNIT, ModelCalibration
+from dng.calibration import OFFSET_UNIT, ModelCalibration, load_calibration_file
 from dng.config import CALIBRATED_PRESETS, DNGConfig
 from dng.errors import ConfigError
 from dng.io import write_atomic
@@ -172,11 +172,12 @@ def _load(path, kind: str, make):
     return model.eval()
 
 
-def load_generator(path=None):
+def load_generator(path=None, calibration=None):
     """The UNet of a generator file (the shipped one by default), float32 in eval mode, with its DNG calibration
-    (`load_calibration`) as `dng_calibration` (None without one): `dng_config` applies it."""
+    as `dng_calibration` (None without one): `dng_config` applies it. `calibration` as in `generator_calibration`
+    (default: the one beside the weights, `load_calibration`)."""
     unet = _load(path, "generator", make_generator)
-    unet.dng_calibration = load_calibration(path)
+    unet.dng_calibration = generator_calibration(calibration, path)[0]
     return unet
 
 
@@ -268,6 +269,34 @@ def load_calibration(generator=None) -> ModelCalibration | None:
     return calibration
 
 
+# `calibration="none"` (--calibration none): DNG runs uncalibrated, on the preset's own settings.
+NO_CALIBRATION = "none"
+
+
+def generator_model(generator=None) -> dict:
+    """The generator as a calibration file records the model it was made for (`dng.calibration.recorded_model`)."""
+    weights = Path(generator) if generator else default_weights("generator")
+    return {"kind": "generator", "path": str(weights), "weights_sha256": weights_sha256(weights, "generator")}
+
+
+def generator_calibration(calibration=None, generator=None) -> tuple[ModelCalibration | None, str | None]:
+    """The calibration DNG applies to a generator, and the file it came from (as `dng_source` names it):
+
+    - None: the one beside the weights (`load_calibration`), file None;
+    - "none": no calibration (the preset's own settings, for measurements), file "none";
+    - a path: that file, which must have been made for these weights (`dng.calibration.load_calibration_file`:
+      a ConfigError says what to change otherwise);
+    - a `ModelCalibration`: itself, file None.
+    """
+    if calibration is None:
+        return load_calibration(generator), None
+    if isinstance(calibration, ModelCalibration):
+        return calibration, None
+    if isinstance(calibration, str) and calibration.strip().lower() == NO_CALIBRATION:
+        return None, NO_CALIBRATION
+    return load_calibration_file(calibration, generator_model(generator))[0], str(calibration)
+
+
 def dng_config(calibration: ModelCalibration | None, removed: Sequence[int], preset: str = "default",
                **changes) -> DNGConfig:
     """DNG's settings for removing the classes `removed` from a generator: the preset, with the generator's
@@ -287,10 +316,13 @@ def dng_config(calibration: ModelCalibration | None, removed: Sequence[int], pre
     return config.replace(**changes)
 
 
-def dng_source(calibration: ModelCalibration | None, preset: str) -> str:
-    """Where `dng_config`'s settings come from, as a report says it."""
+def dng_source(calibration: ModelCalibration | None, preset: str, file: str | None = None) -> str:
+    """Where `dng_config`'s settings come from, as a report says it; `file` is the calibration file given
+    (`generator_calibration`'s: None for the generator's own, "none" for none)."""
     if preset not in CALIBRATED_PRESETS:
         return f"the published preset {preset!r} as published"
+    if file == NO_CALIBRATION:
+        return "library defaults (calibration turned off: --calibration none)"
     if calibration is None:
         return "library defaults (no calibration)"
-    return "the generator's calibration"
+    return "the generator's calibration" if file is None else f"the calibration file {file}"
