@@ -152,8 +152,8 @@ def _fits(temperature):
 COMMANDS = {
     "demo": ["demo", "--remove", "Dress", "--num-images", "4", "--steps", "2"],
     "sample": ["sample", "--remove", "Dress", "--num-images", "2", "--steps", "2"],
-    "class-removal": ["bench", "class-removal", "--classes", "Dress", "--methods", "none,dng", "--num-images", "4",
-                      "--steps", "2"],
+    "class-removal": ["bench", "class-removal", "--classes", "Dress", "--methods", "none,dng", "--dng-lam0", "1",
+                      "--num-images", "4", "--steps", "2"],
     "prompted": ["bench", "prompted", "--pairs", "Trouser:Dress", "--methods", "cfg,dng", "--num-images", "4",
                  "--steps", "2"],
 }
@@ -205,22 +205,22 @@ def test_class_removal_sweep_recomputes_only_dng_cells_when_the_calibration_chan
     models.save_calibration(models.calibration_path(gen), _fits(0.7), [1, 3], {"p_max": 0.9})
     out = tmp_path / "sweep"
     argv = ["bench", "class-removal", "--classes", "Dress", "--methods", "none,np,dng", "--np-scales", "1",
-            "--num-images", "4", "--steps", "2", "--out", str(out), *tiny]
+            "--dng-lam0", "1", "--num-images", "4", "--steps", "2", "--out", str(out), *tiny]
     assert cli.main(argv) == 0  # the calibration beside the generator
     first = _cells(out)
-    assert json.loads(first["class3-dng-default"])["row"]["params"]["temperature"] == 0.7
+    assert json.loads(first["class3-dng-default-lam0=1"])["row"]["params"]["temperature"] == 0.7
     assert json.loads((out / "calibration.json").read_text()) == {
         "file": None, "values": {"concepts": ["Trouser", "Dress"], "priors": [0.05, 0.2], "temperature": 0.7,
                                  "offset": 0.002, "p_max": 0.9}}
     capsys.readouterr()
     path = _for_generator(tiny, tmp_path / "c.json", temperature=0.3)
     assert cli.main([*argv, "--calibration", str(path)]) == 0
-    assert f"the calibration changed (the calibration file {path} now): recomputing class3-dng-default" in \
+    assert f"the calibration changed (the calibration file {path} now): recomputing class3-dng-default-lam0=1" in \
         capsys.readouterr().out
     second = _cells(out)
-    assert json.loads(second["class3-dng-default"])["row"]["params"]["temperature"] == 0.3
-    assert {k: v for k, v in second.items() if k != "class3-dng-default"} == \
-        {k: v for k, v in first.items() if k != "class3-dng-default"}  # none and NP: kept as they were
+    assert json.loads(second["class3-dng-default-lam0=1"])["row"]["params"]["temperature"] == 0.3
+    assert {k: v for k, v in second.items() if k != "class3-dng-default-lam0=1"} == \
+        {k: v for k, v in first.items() if k != "class3-dng-default-lam0=1"}  # none and NP: kept as they were
     assert json.loads((out / "calibration.json").read_text())["file"] == str(path)
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert [r["params"].get("temperature") for r in rows] == [None, None, 0.3]
@@ -230,8 +230,8 @@ def test_class_removal_sweep_recomputes_only_dng_cells_when_the_calibration_chan
     assert "recomputing" not in capsys.readouterr().out and _cells(out) == second
     # Uncalibrated: the preset's own settings.
     assert cli.main([*argv, "--calibration", "none"]) == 0
-    row = json.loads(_cells(out)["class3-dng-default"])["row"]
-    assert row["params"] == {"preset": "default", "set": {}, **DEFAULT.to_dict()}
+    row = json.loads(_cells(out)["class3-dng-default-lam0=1"])["row"]
+    assert row["params"] == {"preset": "default", "set": {"lam0": 1.0}, **DEFAULT.to_dict()}
     # A change that is no calibration's is still refused, not recomputed: nothing is removed then.
     np_cell = json.loads(_cells(out)["class3-np-1.0"])
     np_cell["row"]["params"]["scale"] = 9.0
