@@ -1,5 +1,6 @@
-"""The suite's mixtures with tracked DNG read per step (the library) and with the endpoint reading (step_evidence.py's
-EndpointDrift), the reference rows computed once; one gmm_suite.py-format JSON per DNG variant, for gmm_table.py.
+"""The suite's mixtures with tracked DNG read at each step's start (`base`) and at both of its ends (`endpoint`,
+`TrackedPosterior(endpoint=True)`; `endpoint-mixture`: with update="mixture"), the reference rows computed once; one
+gmm_suite.py-format JSON per DNG variant, for gmm_table.py.
 
 Samplers: DPM++ 2M SDE on Karras sigmas (`karras`, the suite's `dpmpp-2m-sde`) or on the timestep spacing
 (`linear`), Euler ancestral (`euler-a`), DDPM (`ddpm`).
@@ -15,11 +16,11 @@ import argparse
 import diffusers
 import torch
 from gmm_suite import SUITE
-from step_evidence import EndpointDrift, ReadAfter
 
 from dng.bench.gmm import GMMBench
 from dng.guidance import DynamicNegativeGuidance
 from dng.io import write_json
+from dng.posterior import TrackedPosterior
 from dng.sampler import sample
 
 SAMPLERS = {"karras": ("dpmpp-2m-sde", {}), "linear": ("dpmpp-2m-sde", {"use_karras_sigmas": False}),
@@ -29,11 +30,12 @@ SAMPLERS = {"karras": ("dpmpp-2m-sde", {}), "linear": ("dpmpp-2m-sde", {"use_kar
 def variants(prior):
     rule = {"prior": prior, "mode": "exclusive"}
     return {
-        "base": lambda: DynamicNegativeGuidance(**rule),
-        "mixture": lambda: DynamicNegativeGuidance(**rule, update="mixture"),
-        "endpoint": lambda: ReadAfter(**rule, posterior=EndpointDrift()),
-        "endpoint-drift": lambda: ReadAfter(**rule, posterior=EndpointDrift(push=False)),
-        "endpoint-mixture": lambda: ReadAfter(**rule, update="mixture", posterior=EndpointDrift()),
+        "base": lambda: DynamicNegativeGuidance(**rule, posterior=TrackedPosterior(endpoint=False)),
+        "mixture": lambda: DynamicNegativeGuidance(**rule, update="mixture",
+                                                   posterior=TrackedPosterior(endpoint=False)),
+        "endpoint": lambda: DynamicNegativeGuidance(**rule, posterior=TrackedPosterior(endpoint=True)),
+        "endpoint-mixture": lambda: DynamicNegativeGuidance(**rule, update="mixture",
+                                                            posterior=TrackedPosterior(endpoint=True)),
     }
 
 
@@ -41,7 +43,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sampler", choices=SAMPLERS, default="karras")
     parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--variants", default="base,mixture,endpoint,endpoint-mixture")
+    parser.add_argument("--variants", default="base,endpoint,endpoint-mixture")
     parser.add_argument("--mixtures", default=None, help="names separated by | (default: the suite's seven)")
     parser.add_argument("--num-samples", type=int, default=4000)
     parser.add_argument("--out", required=True, help="prefix of the JSON files")

@@ -1,11 +1,14 @@
 """Per-step evidence of the tracker against the exact posterior's increment, by noise level, on an exact mixture.
 
-Samples one mixture of `gmm_suite.py` with the library's DNG (told the true prior, as `dng bench gmm` does) and, at
+Samples one mixture of `gmm_suite.py` with the library's DNG (told the true prior, as `dng bench gmm` does; `--endpoint`
+on or off: the tracker's endpoint reading, default the kernel's) and, at
 every tracked step from sigma to sigma', compares the tracker's llr with the exact increment
 log p_{sigma'}(c|x') - log p_sigma(c|x) of the removed class's posterior (both read at the samples' own noise levels,
 the scheduler's sigmas). Prints per step: the step's log-SNR gain, the mean exact increment and the mean llr over the
-samples that finish in the removed class (the leaks) and over all, the mean error llr - exact, and the tracked and
-exact logit of p after the step (leaks' median). `--lam0 0` tracks the unguided chain.
+samples that finish in the removed class (the leaks) and over all, the mean error llr - exact, the leaks' median exact
+p after the step and tracked p before it, and the leaks' evidence summed over the chain.
+`--lam0 0` tracks the unguided chain. A step's llr is the evidence the tracker added for it (with the endpoint
+reading, corrected at the next step: the trace's llr).
 
 Run: .venv/bin/python benchmarks/step_evidence.py --mixture "heavy removed (0.3)" --spacing karras --steps 25
 """
@@ -23,74 +26,6 @@ from dng.bench.gmm import GMMBench
 from dng.guidance import DynamicNegativeGuidance
 from dng.posterior import TrackedPosterior
 from dng.sampler import sample
-
-class EndpointDrift(TrackedPosterior):
-    """Experimental: the step's deterministic evidence integrated with the gap at both ends of the step.
-
-    The Gaussian reading holds the hypotheses' gap Delta D = D_u - D_n at its value at the step's start x: its
-    deterministic part is -W (|Delta D|^2 + 2 P.Delta D), P = scale Delta D the push, W = (1/sigma'^2 - 1/sigma^2) / 2
-    the integral of the SNR over the step in lambda = -log sigma. With Delta D linear in lambda between x and x'
-    (read at the next step, before its p is used) the integral of SNR (|Delta D|^2 + 2 P.Delta D) is the left value
-    plus (I1 / h) e^{2 lambda0} [(B - A) + 2 scale (C - A)], A = |Delta D(x)|^2, B = |Delta D(x')|^2,
-    C = Delta D(x).Delta D(x'). `push`: False corrects only the |Delta D|^2 term.
-    """
-
-    def __init__(self, push=True):
-        super().__init__()
-        self.push = push
-        self.scale = None
-
-    def start(self, *args, **kwargs):
-        super().start(*args, **kwargs)
-        self.pending = None
-
-    @staticmethod
-    def _gap(moments):
-        # Delta D = d / b1, b1 = s sqrt(2 W): [negatives, batch, D].
-        w = (1 / moments.sigma_next**2 - 1 / moments.sigma**2) / 2
-        return moments.diff.to(torch.float32).flatten(2) / (moments.std * math.sqrt(2 * w))
-
-    def before_step(self, t, x, eps_u, eps_n):
-        super().before_step(t, x, eps_u, eps_n)
-        if self.pending is not None:
-            llr, left, scale, sigma, sigma_next = self.pending
-            if self.moments is not None:
-                # The last step's llr is applied here, with its correction, before the clamp.
-                right = self._gap(self.moments)
-                a, b = left.square().sum(-1).T, right.square().sum(-1).T
-                c = (left * right).sum(-1).T
-                h = math.log(sigma / sigma_next)
-                i1 = h * math.exp(2 * h) / 2 - (math.exp(2 * h) - 1) / 4
-                change = (b - a) + (2 * scale * (c - a) if self.push else 0)
-                llr = llr - i1 / h / sigma**2 * change
-            self.tracker.update(llr)
-            if not self.moments or not self.moments.restart:
-                self.held = self.tracker.log_p
-        self.pending = None
-
-    def after_step(self, x_prev):
-        moments = self.moments
-        log_p = self.tracker.log_p
-        llr = super().after_step(x_prev)
-        if llr is not None and 0 < moments.sigma_next < moments.sigma < math.inf:
-            # Held until the next step's outputs give the gap at x'.
-            self.tracker.log_p = log_p
-            self.pending = (llr, self._gap(moments), self.scale, moments.sigma, moments.sigma_next)
-        return llr
-
-
-class ReadAfter(DynamicNegativeGuidance):
-    """DNG reading p after the posterior's before_step (which may correct it from this step's outputs)."""
-
-    def combine(self, eps_u, eps_n, step, eps_p=None, cfg_scale=1.0):
-        from dng.guidance import _push, base_prediction
-        self.levels = self.kernel.noise_levels(step.t)
-        self.posterior.before_step(step.t, step.x, eps_u, eps_n)
-        p = self.posterior.read(step.x, step.t)
-        scale = self.applied_scale(p, *self.levels)
-        self.posterior.scale = scale
-        return _push(base_prediction(eps_u, eps_p, cfg_scale), eps_u, eps_n, scale), scale, p
-
 
 SPACINGS = {"karras": {}, "linear": {"use_karras_sigmas": False}}
 
@@ -117,24 +52,25 @@ def main():
     parser.add_argument("--mixture", default="heavy removed (0.3)", choices=list(SUITE))
     parser.add_argument("--scheduler", default="dpmpp-2m-sde")
     parser.add_argument("--spacing", choices=SPACINGS, default="karras", help="dpmpp-2m-sde only")
+    parser.add_argument("--order", type=int, default=None, help="dpmpp-2m-sde's solver_order (default 2)")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--lam0", type=float, default=1.0, help="DNG's lam0 (0: the unguided chain, tracked)")
     parser.add_argument("--dng", action="append", default=[], metavar="NAME=VALUE", help="e.g. late_boost=1")
-    parser.add_argument("--endpoint", choices=("none", "drift", "push"), default="none",
-                        help="the experimental EndpointDrift tracker (drift: the |Delta D|^2 term only)")
+    parser.add_argument("--endpoint", choices=("on", "off"), default=None,
+                        help="read each step at both of its ends (default: the kernel's; on for DPM-Solver)")
     parser.add_argument("--num-samples", type=int, default=4000)
     args = parser.parse_args()
     torch.set_num_threads(1)
     bench = GMMBench(SUITE[args.mixture], args.steps, args.num_samples, seed=0, scheduler=args.scheduler)
     scheduler = bench.scheduler
     if args.scheduler == "dpmpp-2m-sde":
-        scheduler = diffusers.DPMSolverMultistepScheduler.from_config(scheduler.config, **SPACINGS[args.spacing])
+        order = {} if args.order is None else {"solver_order": args.order}
+        scheduler = diffusers.DPMSolverMultistepScheduler.from_config(scheduler.config, **SPACINGS[args.spacing],
+                                                                      **order)
     extra = {k: _value(v) for k, v in (s.split("=", 1) for s in args.dng)}
-    if args.endpoint == "none":
-        rule = DynamicNegativeGuidance(prior=bench.prior, mode="exclusive", lam0=args.lam0, **extra)
-    else:
-        rule = ReadAfter(prior=bench.prior, mode="exclusive", lam0=args.lam0, **extra,
-                         posterior=EndpointDrift(push=args.endpoint == "push"))
+    endpoint = None if args.endpoint is None else args.endpoint == "on"
+    rule = DynamicNegativeGuidance(prior=bench.prior, mode="exclusive", lam0=args.lam0, **extra,
+                                   posterior=TrackedPosterior(endpoint=endpoint))
     k = bench.remove[0]
     g = torch.Generator().manual_seed(0)
     noise = torch.randn(args.num_samples, bench.gmm.dim, generator=g)
