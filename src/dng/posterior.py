@@ -209,7 +209,8 @@ class TrackedPosterior:
         """Apply the last step's held llr, corrected with the gap at its end where this step is read."""
         llr, start, scale, weight = self.pending
         self.pending = None
-        if moments is not None:
+        # The gap at the step's end, where this step is tracked and finite (its own weight is then > 0 too).
+        if moments is not None and endpoint_weight(moments.sigma, moments.sigma_next) > 0:
             end = self._gap(moments)
             if end.shape == start.shape:
                 # (B - A) + 2 sum_j scale_j (Delta D_j(x).Delta D_i(x') - Delta D_j(x).Delta D_i(x)) per negative i.
