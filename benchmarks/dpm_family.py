@@ -8,7 +8,7 @@ its network (the mixture's exact denoiser D becomes the network output (D - c_sk
 the schedule's first level).
 
 Run: .venv/bin/python benchmarks/dpm_family.py --solver 3m [--spacing linear] --steps 50 --reading data \
-         --out runs/dpm-3m-data-50.json
+         [--endpoint off] --out runs/dpm-3m-data-50.json
 """
 
 from __future__ import annotations
@@ -78,6 +78,8 @@ def main():
     parser.add_argument("--spacing", choices=SPACINGS, default="karras")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--reading", choices=READINGS, default=None, help="the tracker's reading (default: its own)")
+    parser.add_argument("--endpoint", choices=("on", "off"), default=None,
+                        help="the tracker's endpoint reading (default: the kernel's, on for multistep)")
     parser.add_argument("--num-samples", type=int, default=4000)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
@@ -100,7 +102,8 @@ def main():
                 continue
             rule = factory() if factory else None
             if method == "dng":
-                rule = rule.with_posterior(TrackedPosterior(args.reading))
+                endpoint = None if args.endpoint is None else args.endpoint == "on"
+                rule = rule.with_posterior(TrackedPosterior(args.reading, endpoint))
             elif method == "dng-oracle":
                 rule = rule.with_posterior(posterior)
             g = torch.Generator().manual_seed(0)

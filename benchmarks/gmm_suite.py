@@ -1,7 +1,8 @@
 """`dng bench gmm` over a family of mixtures; prints one summary line per mixture and writes the rows.
 
 Run: .venv/bin/python benchmarks/gmm_suite.py [--steps 100] [--scheduler ddpm|euler-a|dpmpp-2m-sde|ddim|flow-euler|
-         flow-euler-a] [--shift 3 | --mu 1.1] [--dng late_boost=1] [--reading data] --out runs/gmm-suite.json
+         flow-euler-a] [--shift 3 | --mu 1.1] [--dng late_boost=1] [--reading data] [--endpoint off]
+         --out runs/gmm-suite.json
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ def main():
                         help="set a parameter of the DNG row over the default preset, e.g. --dng late_boost=1")
     parser.add_argument("--reading", choices=READINGS, default=None,
                         help="how the DNG row's tracker reads a multistep solver's step (default: the kernel's)")
+    parser.add_argument("--endpoint", choices=("on", "off"), default=None,
+                        help="whether the DNG row's tracker reads each step at both ends (default: the kernel's)")
     parser.add_argument("--out", default="runs/gmm-suite.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -63,10 +66,11 @@ def main():
         bench = GMMBench(config, args.steps, args.num_samples, seed=0, variance=args.variance,
                          scheduler=args.scheduler, shift=args.shift, mu=args.mu)
         cells = list(bench.configs(["none", "np", "sld", "dng", "dng-oracle", "target"]))
-        if overrides or args.reading:
-            cells = [(m, {**p, **overrides}, lambda p=p: DynamicNegativeGuidance(
+        if overrides or args.reading or args.endpoint:
+            endpoint = None if args.endpoint is None else args.endpoint == "on"
+            cells = [(m, {**p, **overrides}, lambda p=p, endpoint=endpoint: DynamicNegativeGuidance(
                 **{k: v for k, v in p.items() if k != "preset"}, **overrides,
-                posterior=TrackedPosterior(args.reading)))
+                posterior=TrackedPosterior(args.reading, endpoint)))
                      if m == "dng" else (m, p, f) for m, p, f in cells]
         rows = [bench.run(m, p, f)[0] for m, p, f in cells]
         results[name] = rows
@@ -81,7 +85,7 @@ def main():
               f"{len(dominated)}", flush=True)
     write_json(args.out, {"steps": args.steps, "scheduler": args.scheduler, "shift": args.shift, "mu": args.mu,
                           "variance": args.variance, "num_samples": args.num_samples, "dng": overrides,
-                          "reading": args.reading,
+                          "reading": args.reading, "endpoint": args.endpoint,
                           "results": results})
 
 

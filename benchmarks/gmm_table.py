@@ -48,6 +48,7 @@ def main():
     for path in args.results:
         data = json.load(open(path))
         reading = f" ({data['reading']})" if data.get("reading") else ""
+        reading += f" (endpoint {data['endpoint']})" if data.get("endpoint") else ""
         n, key = data["num_samples"], (sampler_name(data) + reading, data["steps"])
         for name, rows in data["results"].items():
             by = {r["method"]: r for r in rows if r["method"] in ("none", "dng", "dng-oracle", "target")}

@@ -212,9 +212,13 @@ class DynamicNegativeGuidance(Guidance):
             raise ConfigError("DynamicNegativeGuidance.start(scheduler, ...) must run before combine")
         # Before the step: Euler-type kernels read the step index that the step advances.
         self.levels = self.kernel.noise_levels(step.t)
+        # The posterior reads the step first: a tracker may finish the last step's update from these outputs.
+        self.posterior.before_step(step.t, step.x, eps_u, eps_n)
         p = self.posterior.read(step.x, step.t)
         scale = self.applied_scale(p, *self.levels)
-        self.posterior.before_step(step.t, step.x, eps_u, eps_n)
+        pushed = getattr(self.posterior, "pushed", None)
+        if pushed is not None:
+            pushed(scale)
         return _push(base_prediction(eps_u, eps_p, cfg_scale), eps_u, eps_n, scale), scale, p
 
     def after_step(self, x_prev) -> dict:

@@ -121,6 +121,22 @@ def log_snr_gain(sigma: float, sigma_next: float) -> float:
 MIN_TRACKING_STD = 1e-6
 
 
+def endpoint_weight(sigma: float, sigma_next: float) -> float:
+    """The weight of the change of the hypotheses' gap over a step, in the integral of the step's evidence.
+
+    With lambda = -log(sigma) the step's deterministic evidence is the integral of SNR(lambda) g(lambda) over
+    [lambda, lambda + h], SNR = e^{2 lambda}, h = log(sigma / sigma_next). The Gaussian reading holds g at its start
+    value A: A (1/sigma_next^2 - 1/sigma^2) / 2. With g linear in lambda from A to its end value B the integral gains
+    (B - A) times this weight, e^{2 lambda} I1 / h with I1 = the integral of u e^{2u} over [0, h]; about 0.57 of
+    the SNR's integral at h = 0.4, half of it as h -> 0. 0 where the step is not finite.
+    """
+    if not 0 < sigma_next < sigma < math.inf:
+        return 0.0
+    h = math.log(sigma / sigma_next)
+    grown = math.expm1(2 * h)
+    return ((grown + 1) / 2 - grown / (4 * h)) / sigma**2
+
+
 class TrackedPosterior:
     """Where DNG's p comes from by default: tracked per sample by Bayes over the sampler's own Gaussian steps.
 
@@ -128,14 +144,25 @@ class TrackedPosterior:
     `after_step` updates log p from the sample the step drew; the llr it returns is the trace's. `reading` says how
     a step that also weighs earlier outputs (DPM-Solver's multistep and higher-order singlestep steps) is read
     (`dng.kernels.dpmsolver.READINGS`; None: the kernel's default, "data"); one-step kernels have only one reading.
+
+    `endpoint` (docs/GMM.md, "The Karras spacing"): a step's llr is a one-point reading of its evidence, the
+    integral over the step of SNR (|Delta D|^2 + 2 P.Delta D) (Delta D = D_u - D_n the hypotheses' gap in the data
+    prediction, P = the push DNG applied, `pushed`) with Delta D held at its value at the step's start: exact as steps
+    shrink, short by O(h) per unit of log-SNR at a step of size h. With `endpoint` the llr of a step is held until
+    the next step's outputs give Delta D at its end, before that step reads p; the deterministic part is then
+    integrated with Delta D linear in log-SNR between both ends (`endpoint_weight`), the noise's part stays the
+    start's (Ito); the llr the step returned (the trace's) is corrected in place then, so a trace replays the
+    tracker. None: the kernel's default (`endpoint_reading`: on for DPM-Solver SDE, off for the one-step kernels).
+    Singlestep solvers' stages are read as before. P is DNG's own push: a CFG push is read at the step's start.
     """
 
     tracks = True
 
-    def __init__(self, reading: str | None = None):
+    def __init__(self, reading: str | None = None, endpoint: bool | None = None):
         if reading is not None and reading not in READINGS:
             raise ConfigError(f"reading must be one of {', '.join(READINGS)}, got {reading!r}")
         self.reading = reading
+        self.endpoint = endpoint
 
     def start(self, config: DNGConfig, kernel, batch_size: int, num_negatives: int, device=None) -> None:
         if self.reading is not None and hasattr(kernel, "reading"):
@@ -144,28 +171,67 @@ class TrackedPosterior:
         self.tracker = PosteriorTracker(config)
         self.tracker.start(batch_size, num_negatives, device)
         self.moments = None
+        endpoint = getattr(kernel, "endpoint_reading", False) if self.endpoint is None else self.endpoint
+        # Singlestep stages restart from their first sample: their steps are read one at a time.
+        self.defer = bool(endpoint) and not getattr(kernel, "singlestep", False)
+        self.pending, self.scale = None, None
 
     def read(self, x, t) -> torch.Tensor:
         return self.tracker.p
 
     def before_step(self, t, x, eps_u, eps_n) -> None:
         moments = self.kernel.branch_moments(t, x, torch.cat([eps_u[None], eps_n]))
-        if not moments.restart:
-            # p at the sample this step starts from: where a later step of a singlestep stage starts too.
-            self.held = self.tracker.log_p
         # Below sigma_min the rule does not track; a step without noise carries no likelihood ratio.
         usable = moments.sigma >= self.config.sigma_min and moments.std > MIN_TRACKING_STD
         self.moments = moments if usable else None
+        self.scale = None
+        if self.pending is not None:
+            self._settle(self.moments)
+        if not moments.restart:
+            # p at the sample this step starts from: where a later step of a singlestep stage starts too.
+            self.held = self.tracker.log_p
+
+    def pushed(self, scale: torch.Tensor) -> None:
+        """The scale [batch, negatives] DNG applies at this step, after reading p: the push the endpoint reading
+        integrates."""
+        self.scale = scale
+
+    def _kernel_std(self, moments) -> float:
+        return moments.std if self.config.kernel_variance == "step" else moments.forward_std
+
+    def _gap(self, moments) -> torch.Tensor:
+        """Delta D per negative [negatives, batch, features], scaled so that the step's |d|^2 / (2 s^2) is
+        |gap|^2 (1/sigma'^2 - 1/sigma^2) / 2."""
+        snr = (1 / moments.sigma_next**2 - 1 / moments.sigma**2) / 2
+        return moments.diff.to(torch.float32).flatten(2) / (self._kernel_std(moments) * math.sqrt(2 * snr))
+
+    def _settle(self, moments) -> None:
+        """Apply the last step's held llr, corrected with the gap at its end where this step is read."""
+        llr, start, scale, weight = self.pending
+        self.pending = None
+        # The gap at the step's end, where this step is tracked and finite (its own weight is then > 0 too).
+        if moments is not None and endpoint_weight(moments.sigma, moments.sigma_next) > 0:
+            end = self._gap(moments)
+            if end.shape == start.shape:
+                # (B - A) + 2 sum_j scale_j (Delta D_j(x).Delta D_i(x') - Delta D_j(x).Delta D_i(x)) per negative i.
+                change = end.square().sum(-1).T - start.square().sum(-1).T
+                if scale is not None:
+                    cross = torch.einsum("jbd,ibd->bji", start, end - start)
+                    change = change + 2 * torch.einsum("bj,bji->bi", scale.to(cross.dtype), cross)
+                # In place: the llr the trace holds for the step is its whole evidence, as the tracker added it.
+                llr.sub_(self.config.temperature * weight * change.to(llr.dtype))
+        self.tracker.update(llr)
 
     def after_step(self, x_prev) -> torch.Tensor | None:
-        """The step's llr [batch, negatives] after updating p with it; None where the step was not tracked."""
+        """The step's llr [batch, negatives] (p updated with it now, or with `endpoint` before the next step reads
+        p); None where the step was not tracked."""
         moments, self.moments = self.moments, None
         if moments is None:
             return None
         c = self.config
         if moments.restart:
             self.tracker.log_p = self.held
-        kernel_std = moments.std if c.kernel_variance == "step" else moments.forward_std
+        kernel_std = self._kernel_std(moments)
         # Both offsets as one per-step offset o, which the updates add as o / (2 s^2).
         offset = c.offset_per_step + c.offset * log_snr_gain(moments.sigma, moments.sigma_next) * 2 * kernel_std**2
         if c.update == "paper":
@@ -174,7 +240,11 @@ class TrackedPosterior:
             rd, dd = moments.statistics(x_prev, gram=c.exclusive)
             llr = mixture_llr(rd, dd, kernel_std, self.tracker.log_p, c.temperature, offset,
                               exclusive=c.exclusive, p_max=c.p_max)
-        self.tracker.update(llr)
+        weight = endpoint_weight(moments.sigma, moments.sigma_next)
+        if self.defer and weight > 0 and not moments.restart:
+            self.pending = (llr, self._gap(moments), self.scale, weight)
+        else:
+            self.tracker.update(llr)
         return llr
 
 
@@ -196,6 +266,9 @@ class ReadPosterior:
         return self.fn(x, t).to(torch.float32).clamp(self.p_min, self.p_max)
 
     def before_step(self, t, x, eps_u, eps_n) -> None:
+        pass
+
+    def pushed(self, scale) -> None:
         pass
 
     def after_step(self, x_prev) -> None:

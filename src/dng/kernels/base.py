@@ -78,6 +78,8 @@ def _vp_forward_std(abar, abar_to) -> float:
 class _Kernel:
     # Without clipping or thresholding the mean is a x + b out (+ c), affine in the model output.
     affine = True
+    # Whether the tracker reads a step's evidence at both of its ends by default (`TrackedPosterior(endpoint=...)`).
+    endpoint_reading = False
 
     def __call__(self, t, x, out):
         """(mean, std, forward_std) of the step from x at timestep t; `out` may carry a leading axis of branches."""

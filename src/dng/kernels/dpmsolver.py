@@ -44,7 +44,11 @@ class DPMSolverKernel(_PastKernel):
     function of the predictions it stored, shared by the hypotheses: m_u is the step the sampler took with b1 D_g
     swapped for b1 D_u, and the residual x_prev - m_u is this step's push and noise, as for a one-step kernel. This
     step's guided D_g is only stored during the step: m_u and the statistics read it after the step.
+
+    The tracker reads these steps at both ends by default (`endpoint_reading`; docs/GMM.md, "The Karras spacing").
     """
+
+    endpoint_reading = True
 
     def __init__(self, scheduler, reading: str = "data"):
         self.scheduler = scheduler
