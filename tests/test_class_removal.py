@@ -228,12 +228,19 @@ def test_matched_removal_pairs_each_np_and_sld_setting_with_the_least_damaging_d
     assert matches["np 1.0"]["dng_fid"] == 7.0 and matches["np 1.0"]["dng_forbidden_rate"] == 0.01
     assert matches["sld medium"]["dng"] == "dng default lam0=2"
     assert matches["np 2.0"]["dng"] is None and matches["np 2.0"]["kl_ratio"] is None  # no DNG setting gets to 0
+    # DNG's frontier read at each setting's own forbidden rate: unguided (lam0 0) to lam0 1 for np 0.1 (0.004 at
+    # 0.05, a fifth of the way from 0.05 towards 0.10), lam0 1 to 2 for sld medium; lam0 4, not 8, at 0.01.
+    at = {k: m["dng_kl_at_equal_removal"] for k, m in matches.items()}
+    assert at == pytest.approx({"np 0.1": 0.0032, "np 1.0": 0.05, "np 2.0": None, "sld medium": 0.008})
+    assert matches["np 0.1"]["equal_removal_ratio"] == pytest.approx(6.25)
+    assert matches["np 2.0"]["equal_removal_ratio"] is None
     text = class_removal.format_summary([{**s, "classes": 10, "by_group": {}, "degenerate": 0,
                                           **{m: s.get(m, 0.0) for m in class_removal.METRICS},
                                           **{f"{m}_std": 0.0 for m in class_removal.METRICS}} for s in summary])
     assert text.startswith("At matched removal")
-    assert "| np 1.0 | 0.0100 | 0.3000 | 5.00 | dng default lam0=4 | 0.0100 | 0.0500 | 7.00 | 6.0x |" in text
-    assert "| np 2.0 | 0.0000 | 0.9000 | 5.00 | no DNG setting removes as much | - | - | - | - |" in text
+    assert "| np 1.0 | 0.0100 | 0.3000 | 5.00 | dng default lam0=4 | 0.0100 | 0.0500 | 7.00 | 6.0x | 0.0500 | 6.0x |" \
+        in text
+    assert "| np 2.0 | 0.0000 | 0.9000 | 5.00 | no DNG setting removes as much | - | - | - | - | - | - |" in text
     # Without NP, SLD or DNG there is nothing to match: the table of every setting only.
     assert class_removal.format_summary([]).startswith("| setting |")
 

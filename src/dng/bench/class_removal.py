@@ -333,9 +333,20 @@ def write_results(out) -> dict[str, Path]:
 
 def matched_removal(summary: list[dict]) -> list[dict]:
     """The frontier's headline: for each NP and SLD setting, the DNG setting that removes at least as much (a mean
-    forbidden rate no higher) with the least KL to unguided, or None where no DNG setting of the sweep reaches it.
-    `kl_ratio` is how many times more the NP/SLD setting damages the kept classes."""
+    forbidden rate no higher) with the least KL to unguided, or None where no DNG setting of the sweep reaches it;
+    `kl_ratio` is how many times more the NP/SLD setting damages the kept classes than that DNG setting.
+
+    `dng_kl_at_equal_removal` reads DNG's frontier at exactly the NP/SLD setting's forbidden rate: linear between
+    the two DNG settings whose forbidden rates bracket it, the unguided samples standing for lam0 0 (None beyond
+    DNG's strongest setting); `equal_removal_ratio` is the NP/SLD setting's KL over it."""
     dng = [s for s in summary if s["method"] == "dng" and None not in (s["forbidden_rate"], s["unguided_kl"])]
+    unguided = [s for s in summary if s["method"] == "none" and s["forbidden_rate"] is not None]
+    # DNG's frontier, by falling forbidden rate: the least KL where two settings forbid alike.
+    points: dict[float, float] = {}
+    for f, kl in [(s["forbidden_rate"], s["unguided_kl"]) for s in dng] + [(s["forbidden_rate"], 0.0)
+                                                                            for s in unguided[:1] if dng]:
+        points[f] = min(kl, points.get(f, kl))
+    line = sorted(points.items(), reverse=True)
     out = []
     for s in summary:
         if s["method"] not in ("np", "sld") or None in (s["forbidden_rate"], s["unguided_kl"]):
@@ -343,12 +354,24 @@ def matched_removal(summary: list[dict]) -> list[dict]:
         reach = [d for d in dng if d["forbidden_rate"] <= s["forbidden_rate"]]
         best = min(reach, key=lambda d: d["unguided_kl"], default=None)
         ratio = None if best is None or best["unguided_kl"] <= 0 else s["unguided_kl"] / best["unguided_kl"]
+        at = _interpolate(line, s["forbidden_rate"])
         out.append({"setting": TABLE.label(s), "forbidden_rate": s["forbidden_rate"], "unguided_kl": s["unguided_kl"],
                     "fid": s["fid"], "dng": None if best is None else TABLE.label(best),
                     "dng_forbidden_rate": None if best is None else best["forbidden_rate"],
                     "dng_unguided_kl": None if best is None else best["unguided_kl"],
-                    "dng_fid": None if best is None else best["fid"], "kl_ratio": ratio})
+                    "dng_fid": None if best is None else best["fid"], "kl_ratio": ratio,
+                    "dng_kl_at_equal_removal": at,
+                    "equal_removal_ratio": None if not at else s["unguided_kl"] / at})
     return out
+
+
+def _interpolate(line: list[tuple[float, float]], forbidden: float) -> float | None:
+    """The KL of a frontier of (forbidden rate, KL) points, ordered by falling forbidden rate, at `forbidden`:
+    linear between the points that bracket it; None outside the points' range."""
+    for (f_a, kl_a), (f_b, kl_b) in zip(line, line[1:], strict=False):
+        if f_b <= forbidden <= f_a:
+            return kl_a if f_a == f_b else kl_a + (kl_b - kl_a) * (f_a - forbidden) / (f_a - f_b)
+    return None
 
 
 def format_matched(matches: list[dict]) -> str:
@@ -356,13 +379,19 @@ def format_matched(matches: list[dict]) -> str:
     def num(v, digits=4):
         return "-" if v is None else f"{v:.{digits}f}"
 
+    def times(v):
+        return "-" if v is None else f"{v:.1f}x"
+
     lines = [[m["setting"], num(m["forbidden_rate"]), num(m["unguided_kl"]), num(m["fid"], 2),
               m["dng"] or "no DNG setting removes as much", num(m["dng_forbidden_rate"]), num(m["dng_unguided_kl"]),
-              num(m["dng_fid"], 2), "-" if m["kl_ratio"] is None else f"{m['kl_ratio']:.1f}x"] for m in matches]
+              num(m["dng_fid"], 2), times(m["kl_ratio"]), num(m["dng_kl_at_equal_removal"]),
+              times(m["equal_removal_ratio"])] for m in matches]
     header = ["setting", "forbidden rate", "KL to unguided", "FID", "DNG at that removal", "its forbidden rate",
-              "its KL to unguided", "its FID", "KL ratio"]
+              "its KL to unguided", "its FID", "KL ratio", "DNG's KL at equal removal", "ratio at equal removal"]
     return ("At matched removal (means over removed classes): the DNG setting that forbids no more than each NP or SLD "
-            "setting, with the least damage to the kept classes.\n\n" + markdown(header, lines))
+            "setting, with the least damage to the kept classes; then DNG's KL read off its frontier at exactly that "
+            "forbidden rate (linear between the DNG settings around it, the unguided samples as lam0 0).\n\n"
+            + markdown(header, lines))
 
 
 def format_summary(summary: list[dict]) -> str:
