@@ -325,6 +325,11 @@ def test_python_path_sd_command_and_pipeline_get_the_same_settings_from_a_file(s
     # --dng over the file: the same calibration, with the change.
     args, _ = _sd([*argv, "--dng", "lam0=2"])
     assert sd_command._dng(args)[0].config == python.replace(lam0=2.0)
+    # The strict preset takes the file too; a published one runs as published.
+    args, _ = _sd([*argv, "--dng-preset", "strict"])
+    assert sd_command._dng(args)[0].config == python.replace(lam0=4.0)
+    args, _ = _sd([*argv, "--dng-preset", "paper-sd"])
+    assert sd_command._dng(args)[0].config == PRESETS["paper-sd"].replace(mode="independent")
     # --calibration none: the library default.
     args, _ = _sd([*argv[:-1], "none"])
     assert sd_command._dng(args)[0].config == DEFAULT

@@ -370,6 +370,10 @@ def test_calibration_sets_dng_on_every_sampler(tiny, tmp_path, capsys):
     # A published preset runs as published: the calibration is not applied to it.
     assert models.dng_config(cal, [7, 1], "paper-sd") == PRESETS["paper-sd"].replace(mode="exclusive")
     assert "as published" in models.dng_source(cal, "paper-sd")
+    # Our intent preset is the default at a larger lam0, and takes the calibration like the default.
+    assert PRESETS["strict"] == default.replace(lam0=4.0)
+    assert models.dng_config(cal, [3], "strict") == models.dng_config(cal, [3]).replace(lam0=4.0)
+    assert "calibration" in models.dng_source(cal, "strict")
     assert models.dng_config(None, [3]) == default
     assert models.dng_source(None, "default") == "library defaults (no calibration)"
     with pytest.raises(ConfigError, match="unknown DNG preset 'strong'"):

@@ -42,10 +42,11 @@ def test_readme_sample_and_demo_run_the_same_dng(tmp_path, capsys, monkeypatch):
         raise SystemExit(0)  # the settings are all this test needs: stop before sampling
 
     monkeypatch.setattr(generate, "make_rule", record)
-    for command, out in (("sample", tmp_path / "g"), ("demo", tmp_path / "demo")):
-        method = ["--method", "dng"] if command == "sample" else []
+    for command, out, extra in (("sample", tmp_path / "g", ["--method", "dng"]), ("demo", tmp_path / "demo", []),
+                                ("demo-default", tmp_path / "d2", ["--dng-preset", "default"])):
         with pytest.raises(SystemExit):
-            cli.main([command, *method, "--remove", "Bag", "--out", str(out)])
-    assert seen["sample"] == seen["demo"] == readme
+            cli.main([command.split("-")[0], *extra, "--remove", "Bag", "--out", str(out)])
+    # The demo runs the strict preset: the same calibration at a larger lam0.
+    assert seen["sample"] == seen["demo-default"] == readme and seen["demo"] == readme.replace(lam0=4.0)
     # The generator's calibration is in force, not the library default.
     assert readme != DNGConfig() and readme.temperature < 1 and readme.offset > 0

@@ -209,6 +209,9 @@ PARAMETERS = tuple(f.name for f in fields(DNGConfig) if f.name != "_")
 PRESETS = {
     # The exact score (lam0 1) with the schedule measured on the exact mixtures (docs/GMM.md).
     "default": DNGConfig(),
+    # For users who want the concept gone: the least damaging lam0 of the measured frontier whose removal reaches the
+    # classifier's floor, on Euler ancestral and DPM++ 2M SDE alike (docs/RESULTS.md, "The frontier").
+    "strict": DNGConfig(4.0),
     # Koulischer et al. 2025, class removal on CIFAR-10 with a 1000-step DDPM.
     "paper-cifar10": DNGConfig(5.0, 0.01, 0.2, 0.0, offset_per_step=2e-4, p_max=0.8, late_boost=1.0,
                                boost_sigma=0.0, push_cap=0.0),
@@ -219,4 +222,4 @@ PRESETS = {
 
 # Our presets, which a model's calibration (`dng.calibration.ModelCalibration.apply`) applies to; the published ones
 # run as published.
-CALIBRATED_PRESETS = ("default",)
+CALIBRATED_PRESETS = ("default", "strict")

@@ -45,14 +45,15 @@ def add_dtype_argument(parser) -> None:
                              "with AMX or AVX512-BF16, slower on others; outputs and tracking stay float32)")
 
 
-def add_dng_arguments(parser, model: str = "generator") -> None:
-    """--dng-preset, --dng NAME=VALUE and --calibration of the commands that run DNG on `model` ("generator" or
-    "diffusers"; `dng_changes` reads --dng)."""
-    from dng.config import PARAMETERS, PRESETS
+def add_dng_arguments(parser, model: str = "generator", preset: str = "default") -> None:
+    """--dng-preset (default `preset`), --dng NAME=VALUE and --calibration of the commands that run DNG on `model`
+    ("generator" or "diffusers"; `dng_changes` reads --dng)."""
+    from dng.config import CALIBRATED_PRESETS, PARAMETERS, PRESETS
 
-    parser.add_argument("--dng-preset", default="default",
-                        help=f"DNG's named setting: {', '.join(PRESETS)} (default: default, which the model's "
-                             "calibration applies to; the published presets run as published)")
+    parser.add_argument("--dng-preset", default=preset,
+                        help=f"DNG's named setting: {', '.join(PRESETS)} (default: {preset}; the model's calibration "
+                             f"applies to {' and '.join(CALIBRATED_PRESETS)}, the published presets run as published; "
+                             "strict removes about as much as NP at scale 1 with less damage, docs/RESULTS.md)")
     parser.add_argument("--dng", action="append", default=[], metavar="NAME=VALUE",
                         help="set one DNG setting over the preset (and the calibration), e.g. --dng lam0=2 --dng "
                              f"sigma_min=0.1; names: {', '.join(PARAMETERS)}")
@@ -66,7 +67,7 @@ def add_calibration_argument(parser, model: str = "generator") -> None:
               "--generator weights" if model == "generator" else " (default: none); a file made for another model "
               "is applied with a warning")
     parser.add_argument("--calibration", default=None, metavar="FILE",
-                        help=f"a DNG calibration file written by `dng calibrate`, applied to the default preset"
+                        help=f"a DNG calibration file written by `dng calibrate`, applied to our presets"
                              f"{beside}; 'none' runs uncalibrated, on the preset's own settings (for measurements)")
 
 

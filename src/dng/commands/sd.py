@@ -150,23 +150,25 @@ def _guidance(args, cfg_scale: float):
 def _dng(args):
     """DNG's rule, what the pipeline's `dng=` gets and where the settings come from. --calibration FILE goes to the
     pipeline as the file, which it checks against the model's folder (`dng.calibration.load_calibration_file`),
-    with --dng and --mode over it as a rule of the same settings; the file applies to the default preset only."""
+    with --dng, --mode or the strict preset over it as a rule of the same settings; the file applies to our presets
+    (`dng.config.CALIBRATED_PRESETS`) only."""
     from dng.calibration import load_calibration_file
-    from dng.config import DNGConfig
+    from dng.config import CALIBRATED_PRESETS, DNGConfig
     from dng.guidance import DynamicNegativeGuidance
     from dng.pipelines.common import config_from_argument
 
     changes = {"mode": args.mode or "independent", **dng_changes(args)}
     file = args.calibration
-    if file is None or file.strip().lower() == "none" or args.dng_preset != "default":
+    ours = args.dng_preset in CALIBRATED_PRESETS
+    if file is None or file.strip().lower() == "none" or not ours:
         source = ("library defaults (calibration turned off: --calibration none)"
-                  if file is not None and args.dng_preset == "default" else f"the preset {args.dng_preset!r}"
-                  + (" as published: --calibration applies to the default preset only" if file is not None else ""))
+                  if file is not None and ours else f"the preset {args.dng_preset!r}"
+                  + (" as published: --calibration applies to our presets only" if file is not None else ""))
         rule = DynamicNegativeGuidance(DNGConfig.preset(args.dng_preset, **changes))
         return rule, rule, source
     source = f"the calibration file {file}"
     try:
-        if not (args.dng or args.mode):
+        if not (args.dng or args.mode) and args.dng_preset == "default":
             # Read now, before the model loads; the pipeline reads it again and checks it against its model.
             calibration = load_calibration_file(file)[0]
             return DynamicNegativeGuidance(config_from_argument(calibration, list(args.negative))), file, source
@@ -175,10 +177,11 @@ def _dng(args):
     except ConfigError as err:
         raise ConfigError(f"--calibration: {err}") from None
     try:
-        rule = DynamicNegativeGuidance(config_from_argument(calibration, list(args.negative)).replace(**changes))
+        config = calibration.apply(DNGConfig.preset(args.dng_preset), list(args.negative))
+        rule = DynamicNegativeGuidance(config.replace(**changes))
     except ConfigError as err:
-        raise ConfigError(f"--dng / --mode over --calibration {file}: {err}") from None
-    return rule, rule, f"{source}, with --dng / --mode over it"
+        raise ConfigError(f"--dng-preset / --dng / --mode over --calibration {file}: {err}") from None
+    return rule, rule, f"{source} on the preset {args.dng_preset!r}, with --dng / --mode over it"
 
 
 def _device(name: str | None) -> str:
