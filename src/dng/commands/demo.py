@@ -173,9 +173,10 @@ method starts from the same noise. Metrics from the shipped classifier against t
 - class KL: KL(test distribution over the kept classes || generated); low means the other classes stay balanced.
 - artifacts, saturated: share of images with specks on the background, or with more full-white pixels than any
   test image (the noise of a scale far too large); a method at {DEGENERATE_SHARE:.0%} or more of either is flagged.
-- DNG: {dng} ({report["dng_settings_from"]}); NP: scale
-  {report["methods"]["np"]["params"]["scale"]:.3g}. The strict preset and NP at 1 remove about as much on the
-  benchmark (docs/RESULTS.md, "The frontier"); compare what each does to the other classes.
+- DNG: {dng} ({report["dng_settings_from"]}).
+- NP: scale {report["methods"]["np"]["params"]["scale"]:.3g}. On the benchmark DNG's strict preset and NP at 1 both
+  remove the class to the classifier's floor (docs/RESULTS.md, "The frontier"): compare what each does to the
+  other classes.
 - FID, precision, recall: in the classifier's feature space; with {report["num_images"]} images FID is biased
   upwards, so compare the methods with each other only (`dng bench class-removal` uses 500 per cell).
 
