@@ -1,13 +1,14 @@
 """--calibration FILE on every command that runs DNG, the model a file records, and dng= taking the file."""
+# ruff: noqa: F811 - `tiny` is the fixture imported from test_class_removal
 
 import argparse
-import gzip
 import json
 import logging
 
 import numpy as np
 import pytest
 import torch
+from test_class_removal import tiny  # noqa: F401 - the fixture
 
 from dng import cli
 from dng.bench.table import dng_values
@@ -20,32 +21,9 @@ from dng.pipelines.common import config_from_argument, guidance_rule
 from dng.pipelines.tiny import sd_components
 from dng.vision import models
 
-TINY_UNET = dict(models.GENERATOR_CONFIG, block_out_channels=[8, 8, 16], norm_num_groups=8, attention_head_dim=8)
-TINY_CLASSIFIER = dict(channels=[4, 8, 8], convs=[1, 1, 1], features=16, num_classes=10, dropout=0.0)
 DEFAULT = PRESETS["default"]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _write_idx(path, array: np.ndarray) -> None:
-    header = (0x0800 + array.ndim).to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in array.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.astype(np.uint8).tobytes())
-
-
-@pytest.fixture
-def tiny(tmp_path, monkeypatch):
-    """Tiny data in DNG_DATA_DIR, random tiny generator and classifier files; the generator has no calibration."""
-    rng = np.random.default_rng(0)
-    for split, n in (("t10k", 40), ("train", 30)):
-        _write_idx(tmp_path / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
-        _write_idx(tmp_path / f"{split}-labels-idx1-ubyte.gz", np.arange(n) % 10)
-    monkeypatch.setenv("DNG_DATA_DIR", str(tmp_path))
-    torch.manual_seed(0)
-    gen, clf = tmp_path / "g.safetensors", tmp_path / "c.safetensors"
-    models.save_model(models.make_generator(TINY_UNET), gen, "generator", TINY_UNET, {})
-    models.save_model(models.make_classifier(TINY_CLASSIFIER), clf, "classifier", TINY_CLASSIFIER, {})
-    return ["--generator", str(gen), "--classifier", str(clf), "--no-progress"]
 
 
 def _generator(tiny):
