@@ -299,7 +299,7 @@ def test_demo_end_to_end(tiny, tmp_path, capsys):
     assert cli.main(["demo", "--num-images", "8", "--steps", "3", "--out", str(out), *tiny]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["removed_name"] == DEFAULT_REMOVE and list(report["methods"]) == ["none", "np", "dng"]
-    assert report["methods"]["dng"]["params"]["preset"] == "default"
+    assert report["methods"]["dng"]["params"]["preset"] == "strict" and report["methods"]["dng"]["params"]["lam0"] == 4
     assert report["methods"]["np"]["params"]["scale"] == 1
     assert all(ROW_KEYS - {"class", "method"} <= set(m) for m in report["methods"].values())
     for name in ("comparison.png", "dng_trajectories.png", "grid_none.png", "grid_np.png", "grid_dng.png"):
