@@ -175,3 +175,17 @@ def test_sample_on_two_ranks_writes_the_images_of_one_process(tiny, tmp_path):  
     assert proc.wait(timeout=300) == 0, proc.stdout.read()
     with np.load(tmp_path / "one" / "samples.npz") as one, np.load(tmp_path / "two" / "samples.npz") as two:
         assert one["images"].shape == (10, 28, 28) and np.array_equal(one["images"], two["images"])
+
+
+def test_ranks_draw_the_largest_shards_first(tiny, tmp_path, monkeypatch):  # noqa: F811
+    from dng.bench import sweep as sweep_module
+    from dng.bench.sweep import SampleSet, Sweep
+
+    planned = []
+    monkeypatch.setattr(sweep_module, "rounds", lambda items, work, *args, **kwargs: planned.append(list(items)))
+    sweep = Sweep(tmp_path / "s", {"steps": 2, "num_samples": 6, "scheduler": "euler-a", "seed": 0,
+                                   "dtype": "float32", "batch_size": 4}, models.load_generator(tiny[1]),
+                  progress=False)
+    sweep.draw([SampleSet("a"), SampleSet("b")])
+    # Rounds pair shards of one size: each set's last, smaller shard would otherwise always fall to the same rank.
+    assert [(key, stop - start) for key, start, stop in planned[0]] == [("a", 4), ("b", 4), ("a", 2), ("b", 2)]

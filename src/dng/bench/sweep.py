@@ -196,6 +196,9 @@ class Sweep:
             missing = [s.key for s in sets if not self.holds(self.sample_path(s.key), s)]
             todo = [(key, *shard) for key in missing for shard in self.shards()
                     if not self.holds(self.shard_path(key, *shard), by_key[key])]
+            # Largest shards first: the ranks run in lockstep rounds, so a round should pair shards of one size (a
+            # last, smaller shard per set would otherwise always fall to the same rank and keep the others waiting).
+            todo.sort(key=lambda item: item[1] - item[2])
             plan = (missing, todo)
         # Rank 0's view of the folder, so that no rank plans from a folder another rank is already writing to.
         missing, todo = self.world.all_gather(plan)[0]
