@@ -165,7 +165,7 @@ def test_calibrate_command_writes_a_file_for_the_model_folder(sd_folder, tmp_pat
     (["--concept", "red", "--prior", "1.5"], "--prior must lie strictly between 0 and 1, got 1.5"),
     (["--concept", "red", "--prior", "0"], "--prior must lie strictly between 0 and 1, got 0.0"),
     (["--concept", "red", "--prior", "0.1", "--prior", "0.2"], "2 --prior for 1 --concept"),
-    (["--concept", "red", "--concept", "red", "--prior", "0.1"], "--concept must be distinct"),
+    (["--concept", "red", "--concept", "red", "--prior", "0.1"], "--concept: concepts must be distinct names"),
     (["--concept", "red", "--prior", "0.1", "--generator", "g"], "--generator applies to the Fashion-MNIST"),
     (["--concept", "red", "--prior", "0.1", "--labels", "classifier"], "--labels classifier needs"),
     (["--concept", "red", "--prior", "0.1", "--draws", "3"], "--draws must be an even whole number"),

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from dng.config import DNGConfig, check_probability
+from dng.config import DNGConfig, check_concepts, check_probability
 from dng.errors import ConfigError
 from dng.posterior import clamp_log_p, log_snr_gain
 from dng.verdict import DRAWS, MIDPOINT
@@ -315,17 +315,6 @@ def fit_to_verdict(model, samples: torch.Tensor, trace, path, concepts: Sequence
     return SelfCalibration(calibration, fitted, judged, samples, trace, settings)
 
 
-def check_concepts(concepts: Sequence[str]) -> list[str]:
-    """Concept names: at least one, distinct, non-empty strings."""
-    concepts = [concepts] if isinstance(concepts, str) else list(concepts)
-    if not concepts or len(set(concepts)) != len(concepts):
-        raise ConfigError(f"concepts must be distinct names, one per concept branch, got {concepts}")
-    if not all(isinstance(c, str) and c.strip() for c in concepts):
-        raise ConfigError(f"concepts must be non-empty texts (an empty prompt is the unconditional branch), got "
-                          f"{concepts}")
-    return concepts
-
-
 def self_calibrate(model, scheduler, noise: torch.Tensor, concepts: Sequence[str], *, exhaustive: bool = False,
                    priors=None, num_inference_steps: int = 25, eta: float = 0.0,
                    generator: torch.Generator | None = None, p_max: float = 0.95, exclusive: bool = False,
@@ -348,8 +337,7 @@ def self_calibrate(model, scheduler, noise: torch.Tensor, concepts: Sequence[str
     from dng.sampler import sample
     from dng.verdict import path_of
 
-    if not concepts or len(set(concepts)) != len(concepts):
-        raise ConfigError(f"concepts must be distinct names, one per concept branch, got {list(concepts)}")
+    concepts = check_concepts(concepts)
     path = path_of(scheduler)  # before sampling: a scheduler the verdict cannot read fails fast
     out = sample(model, scheduler, tracking_only(), noise=noise, num_inference_steps=num_inference_steps,
                  num_negatives=len(concepts), eta=eta, generator=generator, progress=progress, return_trace=True,
@@ -361,15 +349,10 @@ def self_calibrate(model, scheduler, noise: torch.Tensor, concepts: Sequence[str
     return made
 
 
-# A calibration file and the model it was made for. `dng calibrate` records the model in the file's entry as
-# {"model": {"kind": "generator" | "diffusers", "path": str, "weights_sha256": str | None}}; older generator files
-# hold only "generator_sha256".
-MODEL_KINDS = ("generator", "diffusers")
-
-
 def recorded_model(entry: dict) -> dict | None:
-    """The model a calibration file's entry records it was made for, {"kind", "path", "weights_sha256"}; an older
-    generator file's "generator_sha256" reads as a generator's; None where the entry records no model."""
+    """The model a calibration file's entry records it was made for (`model_record`: {"kind", "path",
+    "weights_sha256"}); an older generator file's "generator_sha256" reads as a generator's; None where the entry
+    records no model."""
     model = entry.get("model")
     if isinstance(model, dict):
         return {"kind": model.get("kind"), "path": model.get("path"), "weights_sha256": model.get("weights_sha256")}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import KW_ONLY, dataclass, fields
 from pathlib import Path
 
@@ -31,6 +32,17 @@ def check_scale(name: str, value) -> float:
     if not math.isfinite(value) or value < 0:
         raise ConfigError(f"{name} must be a finite number >= 0, got {value}")
     return value
+
+
+def check_concepts(concepts: Sequence[str]) -> list[str]:
+    """Concept names: at least one, distinct, non-empty strings."""
+    concepts = [concepts] if isinstance(concepts, str) else list(concepts)
+    if not concepts or len(set(concepts)) != len(concepts):
+        raise ConfigError(f"concepts must be distinct names, one per concept branch, got {concepts}")
+    if not all(isinstance(c, str) and c.strip() for c in concepts):
+        raise ConfigError(f"concepts must be non-empty texts (an empty prompt is the unconditional branch), got "
+                          f"{concepts}")
+    return concepts
 
 
 def check_finite(name: str, value) -> float:

@@ -276,7 +276,7 @@ def _prompts(args) -> list[str]:
 
 def check_diffusers_args(args) -> None:
     """Refuse bad options of `dng calibrate --model` before anything is loaded."""
-    from dng.config import check_probability
+    from dng.config import check_concepts, check_probability
     from dng.errors import ConfigError
 
     _refuse_other_path(args, GENERATOR_ONLY, "to the Fashion-MNIST generator only, not with --model")
@@ -296,9 +296,10 @@ def check_diffusers_args(args) -> None:
     check_probability("--p-max", args.p_max)
     if not args.concept:
         raise ConfigError("--model needs at least one --concept TEXT to calibrate (the negative concept's text)")
-    if not all(text.strip() for text in args.concept) or len(set(args.concept)) != len(args.concept):
-        raise ConfigError(f"--concept must be distinct non-empty texts (an empty prompt is the unconditional "
-                          f"branch), got {args.concept}")
+    try:
+        check_concepts(args.concept)
+    except ConfigError as err:
+        raise ConfigError(f"--concept: {err}") from None
     if not args.prior:
         raise ConfigError("--model needs each concept's --prior P: its share of the unconditional (empty-prompt) "
                           "model's images, which the model's two branches cannot tell (docs/CALIBRATION.md); one "

@@ -19,8 +19,8 @@ from collections.abc import Sequence
 
 import torch
 
-from dng.calibration import SelfCalibration, check_concepts, fit_to_verdict, model_record, tracking_only
-from dng.config import check_probability
+from dng.calibration import SelfCalibration, fit_to_verdict, model_record, tracking_only
+from dng.config import check_concepts, check_probability
 from dng.errors import ConfigError
 from dng.pipelines.common import UNetDNGPipelineMixin
 from dng.sampler import Trace
