@@ -54,6 +54,13 @@ class Trace:
     llr: torch.Tensor
     sigma: torch.Tensor
 
+    @classmethod
+    def concat(cls, traces: list[Trace]) -> Trace:
+        """The traces of several runs of one schedule as one, their samples along the batch axis."""
+        first = traces[0]
+        return cls(first.timesteps, *(torch.cat([getattr(t, f) for t in traces], 1) for f in ("p", "scale", "llr")),
+                   first.sigma)
+
 
 @dataclass
 class SampleOutput:

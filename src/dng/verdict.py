@@ -168,6 +168,14 @@ def branch_errors(model, x0: torch.Tensor, path, num_concepts: int, lam: float, 
 
 
 @torch.no_grad()
+def check_draws(draws, name: str = "draws") -> int:
+    """The verdict's number of noisy copies per image: an even whole number >= 2, since they come in +eps, -eps
+    pairs."""
+    if isinstance(draws, bool) or int(draws) != draws or draws < 2 or draws % 2:
+        raise ConfigError(f"{name} must be an even whole number >= 2 (pairs of +eps, -eps), got {draws}")
+    return int(draws)
+
+
 def log_ratios(model, x0: torch.Tensor, path, num_concepts: int, *, midpoint: float = MIDPOINT, draws: int = DRAWS,
                batch_size: int = 64, generator: torch.Generator | None = None, progress: bool = True) -> torch.Tensor:
     """The model's log p(x0|c_k) - log p(x0) under the weighting sigmoid(midpoint - lam), [N, K] float64.
@@ -178,8 +186,7 @@ def log_ratios(model, x0: torch.Tensor, path, num_concepts: int, *, midpoint: fl
     stratified noise levels shared by the images of a batch; the sign pairs cancel the part of the error that is
     linear in eps, which dominates at low noise.
     """
-    if int(draws) != draws or draws < 2 or draws % 2:
-        raise ConfigError(f"draws must be an even whole number >= 2 (pairs of +eps, -eps), got {draws}")
+    check_draws(draws)
     if int(batch_size) != batch_size or batch_size < 1 or int(num_concepts) != num_concepts or num_concepts < 1:
         raise ConfigError(f"need batch_size >= 1 and num_concepts >= 1, got {batch_size} and {num_concepts}")
     if math.isnan(midpoint):

@@ -24,7 +24,7 @@ from dng.config import check_concepts, check_probability
 from dng.errors import ConfigError
 from dng.pipelines.common import UNetDNGPipelineMixin
 from dng.sampler import Trace
-from dng.verdict import DRAWS, MIDPOINT, path_of
+from dng.verdict import DRAWS, MIDPOINT, check_draws, path_of
 
 # Images per pipeline call (and per verdict call) by default: each call evaluates 2 + K branches per image.
 BATCH_SIZE = 4
@@ -42,13 +42,6 @@ def check_priors(priors, num_concepts: int) -> list[float]:
     if len(priors) != num_concepts:
         raise ConfigError(f"{len(priors)} priors for {num_concepts} concepts; give one per concept (or one for all)")
     return [check_probability("prior", p) for p in priors]
-
-
-def _concat(traces: list[Trace]) -> Trace:
-    """The traces of several calls as one, images along the batch axis."""
-    first = traces[0]
-    return Trace(first.timesteps, *(torch.cat([getattr(t, f) for t in traces], 1) for f in ("p", "scale", "llr")),
-                 first.sigma)
 
 
 class VerdictBranches:
@@ -114,8 +107,7 @@ def calibrate_pipeline(pipe, prompts: str | Sequence[str], concepts: str | Seque
         if isinstance(value, bool) or int(value) != value or value < minimum:
             raise ConfigError(f"{name} must be a whole number >= {minimum}, got {value}")
     check_probability("p_max", p_max)
-    if int(draws) != draws or draws < 2 or draws % 2:
-        raise ConfigError(f"draws must be an even whole number >= 2 (pairs of +eps, -eps), got {draws}")
+    check_draws(draws)
     path = path_of(pipe.scheduler)  # a scheduler the verdict cannot read fails before any chain
 
     rule, branches = tracking_only(), VerdictBranches(pipe, len(concepts))
@@ -134,7 +126,7 @@ def calibrate_pipeline(pipe, prompts: str | Sequence[str], concepts: str | Seque
     # The verdict's noise from the chains' generator, on the CPU where the verdict draws it.
     seed = None if generator is None else int(torch.randint(2**62, (1,), generator=generator,
                                                             device=generator.device))
-    made = fit_to_verdict(branches, torch.cat(latents), _concat(traces), path, concepts, priors=priors,
+    made = fit_to_verdict(branches, torch.cat(latents), Trace.concat(traces), path, concepts, priors=priors,
                           p_max=p_max, exclusive=exclusive, draws=draws, midpoint=midpoint, batch_size=batch_size,
                           generator=None if seed is None else torch.Generator().manual_seed(seed), progress=progress)
     folder = model_path if model_path is not None else getattr(pipe, "name_or_path", None)

@@ -89,8 +89,5 @@ def generate(
         )
         samples.append(out.samples)
         traces.append(out.trace)
-    trace = None
-    if guided:
-        trace = Trace(traces[0].timesteps, *(torch.cat([getattr(tr, f) for tr in traces], 1)
-                                             for f in ("p", "scale", "llr")), traces[0].sigma)
+    trace = Trace.concat(traces) if guided else None
     return torch.cat(samples).clamp(-1, 1), trace
