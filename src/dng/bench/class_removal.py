@@ -231,13 +231,11 @@ class ClassRemovalBench:
         cells = [(k, *c) for k in classes
                  for c in configs(methods, [(dng_preset, *cell) for cell in dng_cells(
                      self.calibration, k, dng_preset, dng_set, dng_scales)], np_scales)]
-        recomputed = self.sweep.refuse_stale(
+        self.sweep.refuse_stale(
             {cell_key(k, method, params): params for k, method, params, _ in cells},
             calibration_record(self.calibration, self.calibration_file),
-            {cell_key(k, method, params) for k, method, params, _ in cells if method in ("dng", "dng-branches")})
-        if recomputed and self.sweep.world.main:
-            source = dng_source(self.calibration, dng_preset, self.calibration_file)
-            print(f"{self.out}: the calibration changed ({source} now): recomputing {', '.join(recomputed)}")
+            {cell_key(k, method, params) for k, method, params, _ in cells if method in ("dng", "dng-branches")},
+            dng_source(self.calibration, dng_preset, self.calibration_file))
         sets = {}
         for k, method, params, rule in cells:
             if method != "data":

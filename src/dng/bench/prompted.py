@@ -219,12 +219,10 @@ class PromptedBench:
         """Draw and score every missing cell, split over the ranks; returns how many cells were missing."""
         cells = self.cells(pairs, methods, np_scales, dng_preset, dng_set, dng_scales)
         by_key = {cell_key(*c[:4]): c for c in cells}
-        recomputed = self.sweep.refuse_stale({key: c[3] for key, c in by_key.items()},
-                                             calibration_record(self.calibration, self.calibration_file),
-                                             {key for key, c in by_key.items() if c[2] == "dng"})
-        if recomputed and self.sweep.world.main:
-            source = dng_source(self.calibration, dng_preset, self.calibration_file)
-            print(f"{self.out}: the calibration changed ({source} now): recomputing {', '.join(recomputed)}")
+        self.sweep.refuse_stale({key: c[3] for key, c in by_key.items()},
+                                calibration_record(self.calibration, self.calibration_file),
+                                {key for key, c in by_key.items() if c[2] == "dng"},
+                                dng_source(self.calibration, dng_preset, self.calibration_file))
         missing = [key for key in by_key if not self.sweep.cell_path(key).is_file()]
         cfg_sets = {c[0]: c[4] for c in cells if c[2] == "cfg"}
         # A cell is scored against the cfg samples of its positive class: those are drawn too.

@@ -253,7 +253,7 @@ class Sweep:
         return self.out / "cells" / f"{key}.json"
 
     def refuse_stale(self, params: dict[str, dict], calibration: dict | None = None,
-                     calibrated: Collection[str] = ()) -> list[str]:
+                     calibrated: Collection[str] = (), source: str = "") -> None:
         """Refuse stored cells whose parameters differ from `params` (cell key -> params): a changed preset or a
         recalibrated generator would otherwise mix old cells into the new table. One rank reads (and clears
         unreadable cells), so the ranks agree.
@@ -261,7 +261,8 @@ class Sweep:
         `calibration` is the DNG calibration this run applies ({"file": where it came from, "values": the
         calibration as a dict, or None}), recorded in DIR/calibration.json. Where the folder recorded other values,
         the stored cells of `calibrated` (the keys of the cells the calibration sets, DNG's) whose parameters differ
-        are removed with their sample sets, to be recomputed, instead of refused; their keys are returned.
+        are removed with their sample sets, to be recomputed, instead of refused, and a note says so, naming the
+        calibration's `source` (`dng.vision.models.dng_source`).
         """
         stale = dropped = None
         if self.world.main:
@@ -286,7 +287,8 @@ class Sweep:
         if stale:
             raise ConfigError(f"{self.out} holds {', '.join(stale)} with other parameters (was the generator "
                               f"recalibrated?); delete those cells/<name>.json and .npz files or choose another --out")
-        return dropped
+        if dropped and self.world.main:
+            print(f"{self.out}: the calibration changed ({source} now): recomputing {', '.join(dropped)}")
 
     def _remove(self, key: str) -> None:
         """Remove a stored cell and the sample set of the same key."""
