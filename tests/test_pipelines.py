@@ -377,15 +377,18 @@ def _sd_command(argv):
     return args.func(args)
 
 
-def test_sd_command_writes_images_trace_and_plot(sd_parent, tmp_path, capsys):
+def test_sd_command_writes_images_trace_and_plot(sd_parent, tmp_path, capsys, caplog):
     sd_parent.save_pretrained(tmp_path / "model")
     out = tmp_path / "out"
-    assert _sd_command(["--model", str(tmp_path / "model"), "--prompt", "a cat", "--negative", "red", "--negative",
-                        "dog", "--steps", "3", "--num-images", "2", "--cfg-scale", "5", "--height", "16", "--width",
-                        "16", "--out", str(out)]) == 0
+    with caplog.at_level(logging.INFO):
+        assert _sd_command(["--model", str(tmp_path / "model"), "--prompt", "a cat", "--negative", "red", "--negative",
+                            "dog", "--steps", "3", "--num-images", "2", "--cfg-scale", "5", "--height", "16", "--width",
+                            "16", "--out", str(out)]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["image_0.png", "image_1.png", "summary.csv", "trace.csv",
                                                      "trace.png"]
-    # The pipeline samples DNG with the sibling of the folder's PNDM; the command says so.
+    # The pipeline samples DNG with the sibling of the folder's PNDM; the command says so, once: the pipeline's
+    # own note of the switch is not logged on top.
+    assert not _notes(caplog)
     assert ("sampling with EulerAncestralDiscreteScheduler (the stochastic sibling of the folder's PNDMScheduler, as "
             "DNG needs)") in capsys.readouterr().out
     with open(out / "trace.csv") as f:

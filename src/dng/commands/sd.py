@@ -211,7 +211,6 @@ def run(args) -> int:
     import torch
 
     from dng.io import write_atomic
-    from dng.pipelines.common import sampler_for
     from dng.pipelines.report import plot_trace, summarize_trace, write_summary_csv, write_trace_csv
     from dng.sampler import check_steps
 
@@ -221,8 +220,9 @@ def run(args) -> int:
     except (OSError, ValueError, KeyError) as err:
         raise ConfigError(f"could not load {args.model} as {cls.__name__}: {err}") from None
     check_steps(args.steps, pipe.scheduler, "--steps")
-    # The pipeline chooses the sampler (for DNG a stochastic one); say which, as the images depend on it.
-    sampler, _ = sampler_for(pipe.scheduler, guidance, 0.0)
+    # The pipeline chooses the sampler (for DNG a stochastic one); say which, as the images depend on it, once: the
+    # pipeline's own note of the switch is taken as said.
+    sampler, _ = pipe.dng_sampler(guidance, log=False)
     ran, folder = type(sampler.scheduler).__name__, type(pipe.scheduler).__name__
     how = ("the folder's" if sampler.scheduler is pipe.scheduler else
            f"the stochastic sibling of the folder's {folder}, as DNG needs")

@@ -130,7 +130,7 @@ class DNGPipelineMixin:
         rule = guidance_rule(options["negative_guidance"], dng, cfg_scale, names)
         rule.check(len(names))
         # The flow-matching pipelines have no eta: their scheduler's step takes none.
-        sampler = self._dng_sampler(rule, args.get("eta", 0.0))
+        sampler = self.dng_sampler(rule, args.get("eta", 0.0))[0]
         check_tensor_inputs(tensor_inputs, rule, self._dng_conditioning)
 
         shared = self._dng_prepare(args)
@@ -164,16 +164,19 @@ class DNGPipelineMixin:
                               f"e.g. {fix}")
         return height, width
 
-    def _dng_sampler(self, rule: Guidance, eta: float) -> NamedSampler:
-        """`sampler_for` pipe.scheduler; its note is logged once per pipeline."""
+    def dng_sampler(self, rule: Guidance, eta: float = 0.0, log: bool = True) -> tuple[NamedSampler, str | None]:
+        """The sampler a call with `rule` and `eta` samples with (`sampler_for` pipe.scheduler), and the note that says
+        why where it is not pipe.scheduler at `eta`. The note is logged once per pipeline; with `log=False` it is
+        only returned, and counts as said (for a caller that reports it itself, as `dng sd` does)."""
         sampler, note = sampler_for(self.scheduler, rule, eta)
         said = getattr(self, "_dng_notes", None)
         if said is None:
             said = self._dng_notes = set()
         if note is not None and note not in said:
             said.add(note)
-            logger.warning(note)
-        return sampler
+            if log:
+                logger.warning(note)
+        return sampler, note
 
     def _dng_noise(self, args: dict, batch_size: int, dtype):
         """x_T before init_noise_sigma, drawn exactly as the parent's prepare_latents draws it."""
