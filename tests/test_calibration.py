@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from diffusers import DDPMScheduler
+from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler
 
 from dng import calibration
 from dng.config import DNGConfig
@@ -196,3 +196,31 @@ def test_self_calibration_on_the_exact_mixture_matches_the_labelled_fit():
                                                             made.fit.temperature, made.fit.offset, 0.95)
     with pytest.raises(ConfigError, match="distinct names"):
         calibration.self_calibrate(gmm.branch_model([0]), scheduler, torch.randn(4, gmm.dim), ["a", "a"])
+
+
+@pytest.mark.parametrize("singlestep", [False, True])
+def test_a_trace_replays_the_tracker_except_on_singlestep_solvers_which_calibration_refuses(singlestep):
+    """`fit` replays the trace as the tracker ran (p after a step = clamp(p before + its llr)): so it does on DPM++ 2M
+    SDE, whose llr the endpoint reading corrects in place a step later. A singlestep stage restarts from the p held
+    at its first sample, which no step-by-step replay follows: self_calibrate refuses such a sampler before sampling."""
+    cfg = default_mixture_config()
+    base = DDPMScheduler(num_train_timesteps=1000, clip_sample=False).config
+    kind = DPMSolverSinglestepScheduler if singlestep else DPMSolverMultistepScheduler
+    scheduler = kind.from_config(base, algorithm_type="sde-dpmsolver++", solver_order=2)
+    gmm = GaussianMixture(cfg["means"], cfg["stds"], cfg["weights"], scheduler.alphas_cumprod, torch.float32)
+    rule = calibration.tracking_only()
+    g = torch.Generator().manual_seed(0)
+    out = sample(gmm.branch_model([0]), scheduler, rule, noise=torch.randn(200, gmm.dim, generator=g),
+                 num_inference_steps=12, num_negatives=1, generator=g, progress=False, return_trace=True)
+    trace, c = out.trace, rule.config
+    replayed = calibration.trajectory(torch.tensor([c.prior], dtype=torch.float64).log(), 1.0, 0.0,
+                                      trace.llr.double().nan_to_num(0.0), calibration.log_snr_gains(trace.sigma),
+                                      c.p_min, c.p_max)
+    gap = float((replayed[:-1].exp() - trace.p[1:].double()).abs().max())  # trace.p[s]: p read at step s
+    if not singlestep:
+        assert gap < 1e-5
+        return
+    assert gap > 0.1
+    with pytest.raises(ConfigError, match="restarts from its first sample"):
+        calibration.self_calibrate(lambda *a: pytest.fail("sampled before refusing"), scheduler,
+                                   torch.randn(4, gmm.dim), ["a"])

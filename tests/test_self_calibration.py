@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import DPMSolverSinglestepScheduler, StableDiffusionPipeline
 
 from dng import calibration, cli, verdict
 from dng.calibration import ModelCalibration
@@ -120,6 +120,14 @@ def test_calibrate_pipeline_refuses_bad_input_before_sampling(sd_pipe, monkeypat
     kwargs.update(change)
     with pytest.raises(ConfigError, match=message):
         calibrate_pipeline(sd_pipe, kwargs.pop("prompts"), kwargs.pop("concepts"), **kwargs)
+
+
+def test_calibrate_pipeline_refuses_a_singlestep_sampler_before_sampling(sd_pipe, monkeypatch):
+    monkeypatch.setattr(type(sd_pipe), "__call__", lambda *a, **k: pytest.fail("sampled before checking"))
+    monkeypatch.setattr(sd_pipe, "scheduler", DPMSolverSinglestepScheduler.from_config(
+        sd_pipe.scheduler.config, algorithm_type="sde-dpmsolver++", solver_order=2))
+    with pytest.raises(ConfigError, match="DPMSolverMultistepScheduler.from_config"):
+        calibrate_pipeline(sd_pipe, ["a cat"], ["red"], priors=0.5, **SMALL)
 
 
 def test_calibrate_pipeline_takes_dng_pipelines_only(sd_pipe):

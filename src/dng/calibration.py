@@ -236,6 +236,21 @@ def tracking_only():
     return DynamicNegativeGuidance(DNGConfig(0.0, 0.5, 1.0, 0.0, p_min=1e-30, p_max=1 - 1e-6, sigma_min=0.0))
 
 
+def check_replayable(scheduler) -> None:
+    """Refuse chains whose trace does not replay the tracker, as `fit` replays it (p after a step = clamp(p before +
+    its llr)): a singlestep DPM-Solver of order > 1 starts every later step of a stage from the stage's first sample,
+    and its tracker from the p it held there."""
+    from diffusers import DPMSolverSinglestepScheduler
+
+    if isinstance(scheduler, DPMSolverSinglestepScheduler) and scheduler.config.solver_order > 1:
+        raise ConfigError(
+            f"calibration chains cannot be drawn with DPMSolverSinglestepScheduler at solver_order "
+            f"{scheduler.config.solver_order}: each stage restarts from its first sample, so the trace does not replay "
+            f"the tracker step by step. Calibrate with its multistep sibling (DPMSolverMultistepScheduler.from_config("
+            f"scheduler.config)) or with solver_order=1; the calibration is the model's, and applies on this "
+            f"sampler too")
+
+
 # Who labelled the finished samples the fit was made from, and what kind of model a calibration file was made for.
 LABEL_SOURCES = ("model", "classifier")
 MODEL_KINDS = ("generator", "diffusers")
@@ -338,6 +353,7 @@ def self_calibrate(model, scheduler, noise: torch.Tensor, concepts: Sequence[str
     from dng.verdict import path_of
 
     concepts = check_concepts(concepts)
+    check_replayable(scheduler)
     path = path_of(scheduler)  # before sampling: a scheduler the verdict cannot read fails fast
     out = sample(model, scheduler, tracking_only(), noise=noise, num_inference_steps=num_inference_steps,
                  num_negatives=len(concepts), eta=eta, generator=generator, progress=progress, return_trace=True,
