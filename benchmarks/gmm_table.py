@@ -8,7 +8,8 @@ Per mixture: forbidden rate (target / exact-posterior DNG / tracked DNG), class 
 ratio to the target row's and to the exact-posterior row's; with --extra also the unguided row's forbidden rate and
 the tracked posterior's mean log-odds error against the exact one. A mixture passes against a reference row when
 tracked DNG has sW2 <= 1.3x its sW2, forbidden <= its forbidden + max(1 point, 3 standard errors), class KL <= 0.03,
-and no NP or SLD row is at least as good on both forbidden and class KL.
+and no NP or SLD row is at least as good on both forbidden and class KL. Runs of one sampler and step count with
+other seeds (gmm_suite.py --seed) are counted per seed: "4, 5 / 7" is 4 of 7 with seed 0, 5 with seed 1.
 """
 
 from __future__ import annotations
@@ -49,23 +50,26 @@ def main():
         data = json.load(open(path))
         reading = f" ({data['reading']})" if data.get("reading") else ""
         reading += f" (endpoint {data['endpoint']})" if data.get("endpoint") else ""
-        n, key = data["num_samples"], (sampler_name(data) + reading, data["steps"])
+        n, key, seed = data["num_samples"], (sampler_name(data) + reading, data["steps"]), data.get("seed", 0)
         for name, rows in data["results"].items():
             by = {r["method"]: r for r in rows if r["method"] in ("none", "dng", "dng-oracle", "target")}
             dng, oracle, target = by["dng"], by["dng-oracle"], by["target"]
             ok = (passes(dng, target, rows, n), passes(dng, oracle, rows, n))
-            totals.setdefault(key, []).append(ok)
+            totals.setdefault(key, {}).setdefault(seed, []).append(ok)
             none = f"{100 * by['none']['forbidden_rate']:.2f} / " if args.extra else ""
             mae = f" {dng['posterior_logit_mae']:.2f} |" if args.extra else ""
-            print(f"| {key[0]} | {key[1]} | {name} | {none}{100 * target['forbidden_rate']:.2f} / "
+            steps = f"{key[1]}, seed {seed}" if seed else key[1]
+            print(f"| {key[0]} | {steps} | {name} | {none}{100 * target['forbidden_rate']:.2f} / "
                   f"{100 * oracle['forbidden_rate']:.2f} / {100 * dng['forbidden_rate']:.2f} % | "
                   f"{dng['class_kl']:.4f} | {dng['sliced_w2'] / target['sliced_w2']:.2f} | "
                   f"{dng['sliced_w2'] / oracle['sliced_w2']:.2f} |{mae} {'yes' if ok[0] else 'no'}, "
                   f"{'yes' if ok[1] else 'no'} |")
     print("\n| sampler | steps | mixtures passing vs target | vs exact-posterior |\n|---|---|---|---|")
-    for (sampler, steps), oks in sorted(totals.items()):
-        print(f"| {sampler} | {steps} | {sum(a for a, _ in oks)} / {len(oks)} | "
-              f"{sum(b for _, b in oks)} / {len(oks)} |")
+    for (sampler, steps), seeds in sorted(totals.items()):
+        runs = [seeds[seed] for seed in sorted(seeds)]
+        counts = [", ".join(str(sum(ok[i] for ok in oks)) for oks in runs) for i in (0, 1)]
+        mixtures = "/".join(sorted({str(len(oks)) for oks in runs}))
+        print(f"| {sampler} | {steps} | {counts[0]} / {mixtures} | {counts[1]} / {mixtures} |")
 
 
 if __name__ == "__main__":
