@@ -21,6 +21,7 @@ import torch
 from gmm_suite import SUITE
 
 from dng.bench.gmm import GMMBench
+from dng.errors import NonFiniteError
 from dng.io import write_json
 from dng.kernels.dpmsolver import READINGS
 from dng.posterior import TrackedPosterior
@@ -45,7 +46,8 @@ class EDMMixture:
 
     def __init__(self, bench: GMMBench, scheduler):
         self.bench, self.sigma_data = bench, scheduler.config.sigma_data
-        self.sigmas = ((1 - bench.gmm.abar) / bench.gmm.abar).sqrt()
+        abar = bench.gmm.path.abar
+        self.sigmas = ((1 - abar) / abar).sqrt()
 
     def _at(self, x_in, t):
         """(sigma, x in EDM's space, the mixture's fractional timestep at sigma, x in its VP space)."""
@@ -108,10 +110,14 @@ def main():
                 rule = rule.with_posterior(posterior)
             g = torch.Generator().manual_seed(0)
             noise = torch.randn(bench.n, bench.gmm.dim, generator=g)
-            out = sample(model(bench.remove if rule else []), scheduler, rule, noise=noise,
-                         num_inference_steps=args.steps, num_negatives=len(bench.remove) if rule else 0,
-                         generator=g, progress=False)
-            rows.append(bench.score(method, params, out.samples, 0.0, None))
+            try:
+                # Divergence is scored ("diverged"), as the suite's own rows do it.
+                x = sample(model(bench.remove if rule else []), scheduler, rule, noise=noise,
+                           num_inference_steps=args.steps, num_negatives=len(bench.remove) if rule else 0,
+                           generator=g, progress=False, max_rms=None).samples
+            except NonFiniteError:
+                x = torch.full((bench.n, bench.gmm.dim), math.nan)
+            rows.append(bench.score(method, params, x, 0.0, None))
         results[name] = rows
         by = {r["method"]: r for r in rows}
         print(f"{name:<22} oracle forb {by['dng-oracle']['forbidden_rate']:.4f} | dng forb "

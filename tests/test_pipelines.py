@@ -30,12 +30,12 @@ from dng.config import PRESETS, DNGConfig
 from dng.errors import ConfigError
 from dng.guidance import DynamicNegativeGuidance, NegativePrompt, SafeLatentDiffusion
 from dng.pipelines import StableDiffusionDNGPipeline, StableDiffusionXLDNGPipeline
-from dng.pipelines.common import guidance_rule
+from dng.pipelines.common import guidance_rule, sampler_for
 from dng.pipelines.report import summarize_trace
 from dng.pipelines.tiny import sd_components, sdxl_components
 from dng.posterior import log_snr_gain
 from dng.sampler import Trace
-from dng.schedulers import stochastic
+from dng.schedulers import NamedSampler, stochastic
 
 CALL = dict(prompt=["a cat", "a dog"], num_inference_steps=3, height=16, width=16, output_type="np")
 PIPELINES = [(StableDiffusionDNGPipeline, StableDiffusionPipeline), (StableDiffusionXLDNGPipeline,
@@ -177,6 +177,29 @@ def test_untracked_scheduler_samples_with_its_sibling_and_leaves_the_pipeline_as
     assert note.levelno == logging.WARNING
     assert "PNDMScheduler adds none" in note.message and "with EulerAncestralDiscreteScheduler" in note.message
     assert "pipe.scheduler is left as it is" in note.message
+
+
+def test_a_singlestep_sde_solver_of_order_2_samples_dng_with_its_multistep_sibling(sd_parent, caplog):
+    """DNG tracks a singlestep stage as one update, clearly worse than on the multistep sibling: the pipeline prefers
+    the sibling for DNG (with a note that says why), and leaves NP and order 1 as they are."""
+    parent = _quiet(StableDiffusionPipeline.from_pipe(sd_parent))
+    parent.scheduler = DPMSolverSinglestepScheduler.from_config(sd_parent.scheduler.config,
+                                                                 algorithm_type="sde-dpmsolver++", solver_order=2)
+    pipe = _quiet(StableDiffusionDNGPipeline.from_pipe(parent))
+    multistep = _quiet(StableDiffusionPipeline.from_pipe(sd_parent))
+    multistep.scheduler = stochastic(parent.scheduler)
+    assert type(multistep.scheduler) is DPMSolverMultistepScheduler
+    expected = multistep(**CALL, generator=_seed()).images
+    with caplog.at_level(logging.INFO):
+        out = pipe(**CALL, negative_prompt="red", dng={"lam0": 0.0}, generator=_seed())
+        pipe(**CALL, negative_prompt="red", negative_guidance="np", generator=_seed())
+    np.testing.assert_array_equal(out.images, expected)
+    [note] = [r for r in caplog.records if r.name == "dng.pipelines.common" and "one update per stage" in r.message]
+    assert "DPMSolverSinglestepScheduler at solver_order 2" in note.message
+    assert "with DPMSolverMultistepScheduler, its stochastic sibling" in note.message
+    assert "assign another stochastic scheduler" in note.message and pipe.scheduler is parent.scheduler
+    order1 = DPMSolverSinglestepScheduler.from_config(parent.scheduler.config, solver_order=1)
+    assert sampler_for(order1, DynamicNegativeGuidance(), 0.0) == (NamedSampler(order1, 0.0), None)
 
 
 @pytest.mark.parametrize("make,eta,said", [
@@ -537,7 +560,8 @@ def test_sd_command_explains_bad_model_folders(tmp_path, make, match):
 @pytest.mark.parametrize("make, eta", [
     (lambda c: DPMSolverMultistepScheduler.from_config(c, algorithm_type="sde-dpmsolver++", use_karras_sigmas=True),
      0.0),
-    (lambda c: DPMSolverSinglestepScheduler.from_config(c, algorithm_type="sde-dpmsolver++"), 0.0),
+    # Order 1: of order 2 or 3 the pipeline samples DNG with the multistep sibling (a test above).
+    (lambda c: DPMSolverSinglestepScheduler.from_config(c, algorithm_type="sde-dpmsolver++", solver_order=1), 0.0),
     (lambda c: KDPM2AncestralDiscreteScheduler.from_config(c), 0.0),
     (lambda c: TCDScheduler.from_config(c), 0.3),
     (lambda c: LCMScheduler.from_config(c), 0.0),

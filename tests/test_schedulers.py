@@ -49,6 +49,9 @@ SDE = "sde-dpmsolver++"
      {"algorithm_type": SDE, "use_lu_lambdas": False}),
     (DPMSolverSinglestepScheduler(**SD, use_karras_sigmas=True), DPMSolverMultistepScheduler,
      {"algorithm_type": SDE, "use_karras_sigmas": False}),
+    # Tracked, but one update per stage: DNG is clearly better on the multistep sibling (prefers_sibling).
+    (DPMSolverSinglestepScheduler(**SD, algorithm_type=SDE, solver_order=3, use_karras_sigmas=True),
+     DPMSolverMultistepScheduler, {"algorithm_type": SDE, "use_karras_sigmas": False, "solver_order": 3}),
     (UniPCMultistepScheduler(**SD, use_karras_sigmas=True), DPMSolverMultistepScheduler,
      {"algorithm_type": SDE, "use_karras_sigmas": False}),
     (DEISMultistepScheduler(**SD), DPMSolverMultistepScheduler, {"algorithm_type": SDE}),
@@ -132,7 +135,7 @@ def test_ltx_without_the_flow_keys_walks_an_unshifted_schedule():
 
 @pytest.mark.parametrize("scheduler", [
     DDPMScheduler(), EulerAncestralDiscreteScheduler(), DPMSolverMultistepScheduler(algorithm_type=SDE),
-    LCMScheduler(), DDIMScheduler(), TCDScheduler(),
+    LCMScheduler(), DDIMScheduler(), TCDScheduler(), DPMSolverSinglestepScheduler(algorithm_type=SDE, solver_order=1),
 ], ids=lambda s: type(s).__name__)
 def test_a_tracked_scheduler_is_its_own_sibling(scheduler):
     assert stochastic(scheduler) is scheduler

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
-from dng.calibration import SelfCalibration, check_replayable, fit_to_verdict, model_record, tracking_only
+from dng.calibration import SelfCalibration, fit_to_verdict, model_record, tracking_only
 from dng.config import check_concepts, check_probability
 from dng.errors import ConfigError
 from dng.pipelines.common import UNetDNGPipelineMixin
@@ -111,7 +111,6 @@ def calibrate_pipeline(pipe, prompts: str | Sequence[str], concepts: str | Seque
     path = path_of(pipe.scheduler)  # a scheduler the verdict cannot read fails before any chain
 
     rule, branches = tracking_only(), VerdictBranches(pipe, len(concepts))
-    check_replayable(pipe.dng_sampler(rule, eta)[0].scheduler)
     call = dict(num_inference_steps=num_inference_steps, height=height, width=width, eta=eta, generator=generator,
                 negative_concepts=concepts, dng=rule, output_type="latent", return_trace=True,
                 callback_on_step_end=branches.capture, callback_on_step_end_tensor_inputs=list(pipe._dng_conditioning))

@@ -18,7 +18,7 @@ from dng.config import PRESETS, DNGConfig
 from dng.errors import ConfigError
 from dng.guidance import DynamicNegativeGuidance, Guidance, NegativePrompt, SafeLatentDiffusion
 from dng.sampler import STOP, check_steps, sample
-from dng.schedulers import NamedSampler, check_tracked, needs_eta, schedule_for, stochastic, tracked
+from dng.schedulers import NamedSampler, check_tracked, needs_eta, prefers_sibling, schedule_for, stochastic, tracked
 
 logger = logging.get_logger(__name__)
 
@@ -379,13 +379,15 @@ def config_from_argument(dng, concepts: list[str | None]) -> DNGConfig:
 def sampler_for(scheduler, rule: Guidance, eta: float) -> tuple[NamedSampler, str | None]:
     """The scheduler and eta a call with `rule` samples with, and a note where they are not the call's own.
 
-    DNG reads its posterior from each step's noise: on a scheduler it cannot track, it samples with the stochastic
-    sibling (`dng.schedulers.stochastic`, a new scheduler from the same config), and on DDIM or TCD at eta 0 with
-    `NOISY_ETA`. NP and SLD sample with the scheduler and eta as given.
+    DNG reads its posterior from each step's noise: on a scheduler it cannot track, or tracks clearly worse than its
+    sibling (`dng.schedulers.prefers_sibling`), it samples with the stochastic sibling (`dng.schedulers.stochastic`, a
+    new scheduler from the same config), and on DDIM or TCD at eta 0 with `NOISY_ETA`. NP and SLD sample with the
+    scheduler and eta as given.
     """
     if not isinstance(rule, DynamicNegativeGuidance):
         return NamedSampler(scheduler, eta), None
-    if tracked(scheduler, eta):
+    weak = prefers_sibling(scheduler)
+    if tracked(scheduler, eta) and not weak:
         return NamedSampler(scheduler, eta), None
     sibling = stochastic(scheduler)  # refuses a scheduler with no stochastic sibling
     how = []
@@ -395,16 +397,18 @@ def sampler_for(scheduler, rule: Guidance, eta: float) -> tuple[NamedSampler, st
             changes = "(" + ", ".join(f"{key}={value!r}" for key, value in sibling.config.items()
                                       if scheduler.config.get(key) != value) + ")"
         how.append(f"with {type(sibling).__name__}{changes}, its stochastic sibling from the same config "
-                   f"(pipe.scheduler is left as it is; assign a stochastic scheduler to it to choose the sampler "
-                   f"yourself)")
+                   f"(pipe.scheduler is left as it is; assign {'another' if weak else 'a'} stochastic scheduler to "
+                   f"it to choose the sampler yourself)")
     noiseless = needs_eta(sibling) and eta == 0
     if noiseless:
         eta, said = NOISY_ETA[type(sibling).__name__]
         how.append(f"with {said} where the call gives eta 0 (pass eta > 0 to choose it yourself)")
     check_tracked(sibling, eta)
     name = type(scheduler).__name__ + " at eta 0" * noiseless
-    return NamedSampler(sibling, eta), (f"DNG reads its posterior from the noise each step adds, and {name} adds "
-                                        f"none: DNG calls on this pipeline sample {' and '.join(how)}")
+    why = (f"DNG tracks {name} at solver_order {scheduler.config.solver_order} one update per stage, and removes the "
+           f"concept clearly worse there than on its multistep sibling (docs/GMM.md)" if weak else
+           f"DNG reads its posterior from the noise each step adds, and {name} adds none")
+    return NamedSampler(sibling, eta), f"{why}: DNG calls on this pipeline sample {' and '.join(how)}"
 
 
 def check_tensor_inputs(tensor_inputs: list[str], rule: Guidance, conditioning: tuple[str, ...]) -> None:
