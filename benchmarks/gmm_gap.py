@@ -32,6 +32,9 @@ def main():
         key = (sampler_name(data), data["steps"])
         for name, rows in data["results"].items():
             by = {r["method"]: r for r in rows if r["method"] in ("none", "dng", "dng-oracle")}
+            if len(by) < 3:
+                parser.error(f"{path} has no {', '.join({'none', 'dng', 'dng-oracle'} - set(by))} row: run "
+                             f"gmm_suite.py with the default --methods")
             none, dng, exact = (by[m]["forbidden_rate"] for m in ("none", "dng", "dng-oracle"))
             removed = none - exact
             share = (none - dng) / removed if removed >= 0.02 else None

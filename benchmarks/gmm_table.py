@@ -53,6 +53,9 @@ def main():
         n, key, seed = data["num_samples"], (sampler_name(data) + reading, data["steps"]), data.get("seed", 0)
         for name, rows in data["results"].items():
             by = {r["method"]: r for r in rows if r["method"] in ("none", "dng", "dng-oracle", "target")}
+            if args.extra and "none" not in by:
+                parser.error(f"--extra needs the unguided row, which {path} has not: run gmm_suite.py with the "
+                             f"default --methods")
             dng, oracle, target = by["dng"], by["dng-oracle"], by["target"]
             ok = (passes(dng, target, rows, n), passes(dng, oracle, rows, n))
             totals.setdefault(key, {}).setdefault(seed, []).append(ok)
