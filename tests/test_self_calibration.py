@@ -3,6 +3,7 @@
 generator's own verdict) and the model record of the file every one of them writes."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -12,8 +13,14 @@ from diffusers import DPMSolverSinglestepScheduler, StableDiffusionPipeline
 from dng import calibration, cli, verdict
 from dng.calibration import ModelCalibration
 from dng.errors import ConfigError
-from dng.pipelines import StableDiffusionDNGPipeline, StableDiffusionXLDNGPipeline, calibrate_pipeline
-from dng.pipelines.tiny import sd_components, sdxl_components
+from dng.pipelines import (
+    FluxDNGPipeline,
+    StableDiffusion3DNGPipeline,
+    StableDiffusionDNGPipeline,
+    StableDiffusionXLDNGPipeline,
+    calibrate_pipeline,
+)
+from dng.pipelines.tiny import flux_components, sd3_components, sd_components, sdxl_components
 from dng.vision import models
 from dng.vision.data import CLASS_NAMES
 
@@ -202,21 +209,81 @@ def test_calibrate_command_refuses_bad_input_before_loading(tmp_path, monkeypatc
 @pytest.mark.parametrize("folder, message", [
     ("missing", "is not a folder"),
     ("empty", "has no model_index.json"),
-    ("sd3", "takes Stable Diffusion 1.x / 2.x and XL folders"),
+    ("sd3 --scheduler euler-a", "drop --scheduler"),
+    ("flux --cfg-scale 3", "--cfg-scale (true CFG) is not taken here"),
 ])
 def test_calibrate_command_explains_model_folders_it_cannot_take(tmp_path, capsys, folder, message):
     (tmp_path / "empty").mkdir()
-    (tmp_path / "sd3").mkdir()
-    (tmp_path / "sd3" / "model_index.json").write_text('{"_class_name": "StableDiffusion3Pipeline"}')
+    for name, pipeline in (("sd3", "StableDiffusion3Pipeline"), ("flux", "FluxPipeline")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model_index.json").write_text(f'{{"_class_name": "{pipeline}"}}')
+    folder, *options = folder.split()
     argv = ["calibrate", "--model", str(tmp_path / folder), "--prompt", "a", "--concept", "red", "--prior", "0.1",
-            "--out", str(tmp_path / "c.json")]
+            "--out", str(tmp_path / "c.json"), *options]
     assert cli.main(argv) == 2
     assert message in capsys.readouterr().err
 
 
+FLOW = {"sd3": (StableDiffusion3DNGPipeline, sd3_components), "flux-dev": (FluxDNGPipeline, flux_components),
+        "flux-schnell": (FluxDNGPipeline, lambda d: flux_components(d, guidance_embeds=False))}
+
+
+@pytest.fixture(scope="module", params=list(FLOW))
+def flow_pipe(request, tmp_path_factory):
+    cls, components = FLOW[request.param]
+    return _quiet(cls(**components(tmp_path_factory.mktemp(request.param))))
+
+
+def test_calibrate_pipeline_on_flow_matching_pipelines(flow_pipe, monkeypatch):
+    """SD3 and Flux: the chains run on the pipeline's own DNG sampler (LTX's Euler ancestral for rectified flow), and
+    the verdict reads the same transformer rows a DNG call evaluates, the empty prompt and each concept, with the
+    same distilled guidance (Flux-dev), on the latents in the transformer's layout (Flux: packed)."""
+    pipe, seen = flow_pipe, {}
+    judge = verdict.verdict
+
+    def spy_verdict(model, x0, path, k, **kwargs):
+        seen["model"], seen["path"] = model, path
+        return judge(model, x0, path, k, **kwargs)
+
+    monkeypatch.setattr(verdict, "verdict", spy_verdict)
+    # The fit needs 5 of each soft outcome: more chains than the UNet tests, whose random models split nearer half.
+    made = calibrate_pipeline(pipe, ["a cat", "a dog"], ["red", "dog"], priors=0.5, batch_size=8,
+                              generator=torch.Generator().manual_seed(0), **{**SMALL, "num_images": 40})
+    assert isinstance(seen["path"], verdict.FlowPath)
+    assert made.trace.llr.shape == (3, 40, 2) and torch.isfinite(made.trace.llr[:2]).all()
+    assert made.verdict.p.shape == (40, 2) and made.calibration.concepts == ("red", "dog")
+    assert all(0 < p < 1 for p in made.calibration.priors) and math.isfinite(made.fit.temperature)
+    # The transformer's rows in a DNG call: [empty prompt, prompt, red, dog], one image.
+    calls, forward = [], pipe.transformer.forward
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(pipe.transformer, "forward", spy)
+    pipe("a cat", negative_concepts=["red", "dog"], num_inference_steps=2, height=16, width=16,
+         output_type="latent", generator=torch.Generator().manual_seed(0))
+    call = calls[0]
+    calls.clear()
+    x = torch.randn(2, *made.samples.shape[1:], generator=torch.Generator().manual_seed(1))
+    out = seen["model"](x.repeat(3, *[1] * (x.dim() - 1)), torch.tensor(400.0))
+    for block, row in enumerate([0, 2, 3]):
+        rows = {key: call[key][row:row + 1].expand(2, *call[key].shape[1:])
+                for key in ("encoder_hidden_states", "pooled_projections")}
+        if isinstance(pipe, StableDiffusion3DNGPipeline):
+            extra = dict(timestep=torch.full((2,), 400.0))
+        else:  # Flux takes the timestep over 1000, and its call's distilled guidance and positions
+            guidance = None if call["guidance"] is None else call["guidance"][:2]
+            extra = dict(timestep=torch.full((2,), 0.4), guidance=guidance, txt_ids=call["txt_ids"],
+                         img_ids=call["img_ids"])
+        with torch.no_grad():
+            expected = forward(hidden_states=x, return_dict=False, joint_attention_kwargs=None, **rows, **extra)[0]
+        torch.testing.assert_close(out[2 * block:2 * block + 2], expected, atol=1e-5, rtol=1e-4)
+
+
 def test_prompt_options_need_a_model_folder(capsys):
     assert cli.main(["calibrate", "--concept", "red", "--prior", "0.1"]) == 2
-    assert "--concept, --prior apply to --model (a Stable Diffusion folder) only" in capsys.readouterr().err
+    assert "--concept, --prior apply to --model (a diffusers folder) only" in capsys.readouterr().err
 
 
 @pytest.fixture
@@ -284,3 +351,21 @@ def test_the_commands_verdict_draws_are_the_libraries(capsys):
     assert VERDICT_DRAWS == verdict.DRAWS
     assert cli.main(["calibrate", "--draws", "8"]) == 2
     assert "--draws sets the model's verdict: it applies to --labels model" in capsys.readouterr().err
+
+
+def test_calibrate_command_takes_sd3_and_flux_folders(flow_pipe, tmp_path, capsys):
+    """dng calibrate --model on an SD3 or Flux folder: the chains at the model's own guidance, on the LTX sibling."""
+    folder, out = tmp_path / "model", tmp_path / "flow.calibration.json"
+    flow_pipe.save_pretrained(folder)
+    (folder / "model_index.json").write_text((folder / "model_index.json").read_text().replace("DNGPipeline",
+                                                                                              "Pipeline"))
+    code = cli.main(["calibrate", "--model", str(folder), "--prompt", "a cat", "--concept", "red", "--prior", "0.5",
+                     "--num-images", "40", "--steps", "3", "--draws", "4", "--height", "16", "--width", "16",
+                     "--batch-size", "8", "--threads", "1", "--out", str(out)])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    flux = isinstance(flow_pipe, FluxDNGPipeline)
+    assert ("the distilled guidance of the model on 1 prompt(s)" in printed.out) == flux
+    cal, entry = ModelCalibration.read(out)
+    assert cal.concepts == ("red",) and entry["settings"]["sampler"] == "LTXEulerAncestralRFScheduler"
+

@@ -1,5 +1,5 @@
 """`dng calibrate`: fit DNG's tracker (prior per concept, temperature, offset) to the Fashion-MNIST generator, or with
---model to a Stable Diffusion 1.x / 2.x / XL diffusers folder."""
+--model to a Stable Diffusion 1.x / 2.x / XL / 3 or Flux diffusers folder."""
 
 from __future__ import annotations
 
@@ -40,7 +40,8 @@ def register(groups) -> None:
                     "the tracker by maximum likelihood (dng.calibration). The Fashion-MNIST generator (default): "
                     "every class, labelled by the shipped classifier (--labels classifier) or by the generator's own "
                     "verdict (--labels model); writes the fit beside the generator (or --out). A Stable Diffusion "
-                    "1.x / 2.x / XL diffusers folder (--model DIR): chains from --prompt with CFG, tracking each "
+                    "1.x / 2.x / XL / 3 or Flux diffusers folder (--model DIR): chains from --prompt as the model "
+                    "samples them (CFG; Flux: its distilled guidance), tracking each "
                     "--concept, labelled by the model's own verdict (empty prompt against the concept's text, with "
                     "each concept's --prior); writes --out. dng sample, demo, sd and the benches use the fit on every "
                     "sampler and step count, since its offset is a rate per unit of log-SNR.")
@@ -71,9 +72,9 @@ def register(groups) -> None:
                         "verdict); --model: float32, float16 or bfloat16 (default float16 on cuda, float32 on cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--out", default=None, help="calibration file (default: beside the generator; needed with --model)")
-    g = p.add_argument_group("Stable Diffusion (--model)")
+    g = p.add_argument_group("Stable Diffusion and Flux (--model)")
     g.add_argument("--model", type=Path, default=None,
-                   help="a local diffusers Stable Diffusion 1.x / 2.x / XL folder (with model_index.json)")
+                   help="a local diffusers Stable Diffusion 1.x / 2.x / XL / 3 or Flux folder (with model_index.json)")
     g.add_argument("--prompt", action="append", default=None, metavar="TEXT",
                    help="a prompt the chains are drawn from (with CFG, as users sample); repeat for several, the "
                         "images cycle through them")
@@ -84,7 +85,9 @@ def register(groups) -> None:
                    help="each concept's share of the unconditional (empty-prompt) model's images, in (0, 1), in the "
                         "order of --concept (one value stands for all); required: the verdict's labels scale with it "
                         "(docs/CALIBRATION.md)")
-    g.add_argument("--cfg-scale", type=float, default=None, help="CFG scale of the chains (default 7.5)")
+    g.add_argument("--cfg-scale", type=float, default=None,
+                   help="CFG scale of the chains (default: the pipeline's, 7.5 for SD, 5 for SDXL, 7 for SD3; "
+                        "not for Flux)")
     g.add_argument("--batch-size", type=int, default=None, help="images per pipeline call (default 4)")
     g.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     g.add_argument("--height", type=int, default=None, help="a multiple of 8 (default: the model's)")
@@ -104,7 +107,7 @@ def _refuse_other_path(args, options: dict, where: str) -> None:
 def run(args) -> int:
     if args.model is not None:
         return run_diffusers(args)
-    _refuse_other_path(args, DIFFUSERS_ONLY, "to --model (a Stable Diffusion folder) only")
+    _refuse_other_path(args, DIFFUSERS_ONLY, "to --model (a diffusers folder) only")
     for dest, value in GENERATOR_DEFAULTS.items():
         if getattr(args, dest) is None:
             setattr(args, dest, value)
@@ -324,7 +327,7 @@ def check_diffusers_args(args) -> None:
 
 
 def run_diffusers(args) -> int:
-    from dng.commands.sd import PIPELINE_DTYPES, _device, _pipeline_class
+    from dng.commands.sd import CFG, PIPELINE_DTYPES, _device, _pipeline_class
     from dng.errors import ConfigError
 
     check_diffusers_args(args)
@@ -332,9 +335,15 @@ def run_diffusers(args) -> int:
     if args.dtype is not None and args.dtype not in PIPELINE_DTYPES:
         raise ConfigError(f"--dtype {args.dtype} is not one of {', '.join(PIPELINE_DTYPES)}")
     cls = _pipeline_class(args.model)  # checks the folder before loading it
-    if cls.__name__ not in ("StableDiffusionDNGPipeline", "StableDiffusionXLDNGPipeline"):
-        raise ConfigError(f"{args.model} holds a {cls.__name__.replace('DNG', '')}: dng calibrate --model takes "
-                          "Stable Diffusion 1.x / 2.x and XL folders (the verdict of SD3 and Flux is not wired yet)")
+    flow = cls.__name__ in ("StableDiffusion3DNGPipeline", "FluxDNGPipeline")
+    if flow and args.scheduler is not None:
+        raise ConfigError(f"--scheduler names a sampler of the DDPM family; {args.model} holds a flow-matching "
+                          f"{cls.__name__.replace('DNG', '')}, whose chains run on its own scheduler's stochastic "
+                          f"sibling: drop --scheduler")
+    cfg = CFG[cls.__name__][0] == "guidance_scale"
+    if not cfg and args.cfg_scale is not None:
+        raise ConfigError("Flux's chains sample at its own (distilled) guidance, as dng sd does by default; "
+                          "--cfg-scale (true CFG) is not taken here: drop it")
     device = _device(args.device)
     import torch
 
@@ -359,7 +368,8 @@ def run_diffusers(args) -> int:
     sampler, _ = sampler_for(pipe.scheduler, tracking_only(), eta)
     pipe.to(device)
     k = len(args.concept)
-    print(f"{args.num_samples} chains of {args.steps} steps with {type(sampler.scheduler).__name__}, CFG on "
+    base = "CFG on" if cfg else "the distilled guidance of the model on"
+    print(f"{args.num_samples} chains of {args.steps} steps with {type(sampler.scheduler).__name__}, {base} "
           f"{len(prompts)} prompt(s), tracking {k} concept(s); verdict of {args.draws} draws. Model calls per image: "
           f"{args.steps} of {2 + k} branches + {args.draws} of {1 + k}")
     made = calibrate_pipeline(pipe, prompts, args.concept, priors=args.prior, num_images=args.num_samples,

@@ -1,4 +1,5 @@
-"""DNG's tracker fitted to a Stable Diffusion (1.x / 2.x / XL) pipeline from its own branches, no classifier.
+"""DNG's tracker fitted to a Stable Diffusion (1.x / 2.x / XL / 3) or Flux pipeline from its own branches, no
+classifier.
 
     made = calibrate_pipeline(pipe, ["a photo of a street"], ["cars"], priors=[0.05], num_images=200)
     made.save("sd15.calibration.json")      # what `dng calibrate --model DIR` writes
@@ -22,7 +23,7 @@ import torch
 from dng.calibration import SelfCalibration, fit_to_verdict, model_record, tracking_only
 from dng.config import check_concepts, check_probability
 from dng.errors import ConfigError
-from dng.pipelines.common import UNetDNGPipelineMixin
+from dng.pipelines.common import DNGPipelineMixin
 from dng.sampler import Trace
 from dng.verdict import DRAWS, MIDPOINT, check_draws, path_of
 
@@ -76,12 +77,14 @@ def calibrate_pipeline(pipe, prompts: str | Sequence[str], concepts: str | Seque
                        generator: torch.Generator | None = None, batch_size: int = BATCH_SIZE, p_max: float = 0.95,
                        exclusive: bool = False, draws: int = DRAWS, midpoint: float = MIDPOINT,
                        progress: bool = True, model_path=None) -> SelfCalibration:
-    """Fit DNG's prior, temperature and offset for `concepts` to a Stable Diffusion 1.x / 2.x / XL DNG pipeline
-    (`StableDiffusionDNGPipeline`, `StableDiffusionXLDNGPipeline`) from its own branches.
+    """Fit DNG's prior, temperature and offset for `concepts` to a DNG pipeline (`StableDiffusionDNGPipeline`,
+    `StableDiffusionXLDNGPipeline`, `StableDiffusion3DNGPipeline`, `FluxDNGPipeline`) from its own branches.
 
-    `num_images` unguided chains, image i from `prompts[i % len(prompts)]` with CFG at `guidance_scale` (the
-    pipeline's default if None), `batch_size` images per pipeline call, sampled as the pipeline samples DNG (the
-    stochastic sibling of pipe.scheduler where it adds no noise), tracking every concept; the final latents are
+    `num_images` unguided chains, image i from `prompts[i % len(prompts)]` at the pipeline's `guidance_scale` (its
+    default if None: CFG for Stable Diffusion, the distilled guidance for Flux-dev), `batch_size` images per pipeline
+    call, sampled as the pipeline samples DNG (the stochastic sibling of pipe.scheduler where it adds no noise; `eta`
+    for the DDPM-family schedulers that take one), tracking every concept; the final latents (in the denoiser's
+    layout: Flux's packed) are
     labelled by the verdict of the empty-prompt branch against each concept's, with `priors` (each concept's share
     of the unconditional model's images: two branches cannot tell it; one number stands for all), `draws` noisy
     copies per image; then `dng.calibration.fit`. `generator` (on the pipeline's device) draws the chains and seeds
@@ -93,10 +96,11 @@ def calibrate_pipeline(pipe, prompts: str | Sequence[str], concepts: str | Seque
     the final latents, `.trace` the chains; `.save(path)` writes the calibration file, recording the model as
     `model_path` (default: the folder the pipeline was loaded from).
     """
-    if not isinstance(pipe, UNetDNGPipelineMixin):
-        raise ConfigError(f"calibrate_pipeline takes a StableDiffusionDNGPipeline or StableDiffusionXLDNGPipeline, got "
-                          f"{type(pipe).__name__} (for any other epsilon model given as a branch callable, "
-                          f"dng.calibration.self_calibrate)")
+    if not isinstance(pipe, DNGPipelineMixin):
+        raise ConfigError(f"calibrate_pipeline takes a DNG pipeline (StableDiffusionDNGPipeline, "
+                          f"StableDiffusionXLDNGPipeline, StableDiffusion3DNGPipeline, FluxDNGPipeline; e.g. "
+                          f"StableDiffusionDNGPipeline.from_pipe(pipe)), got {type(pipe).__name__} (for any other "
+                          f"model given as a branch callable, dng.calibration.self_calibrate)")
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts or not all(isinstance(p, str) for p in prompts):
         raise ConfigError(f"prompts must be one or more texts (the images the chains draw), got {prompts!r}")
@@ -111,11 +115,17 @@ def calibrate_pipeline(pipe, prompts: str | Sequence[str], concepts: str | Seque
     path = path_of(pipe.scheduler)  # a scheduler the verdict cannot read fails before any chain
 
     rule, branches = tracking_only(), VerdictBranches(pipe, len(concepts))
-    call = dict(num_inference_steps=num_inference_steps, height=height, width=width, eta=eta, generator=generator,
+    call = dict(num_inference_steps=num_inference_steps, height=height, width=width, generator=generator,
                 negative_concepts=concepts, dng=rule, output_type="latent", return_trace=True,
                 callback_on_step_end=branches.capture, callback_on_step_end_tensor_inputs=list(pipe._dng_conditioning))
+    parameters = inspect.signature(type(pipe).__call__).parameters
+    if "eta" in parameters:  # the flow-matching pipelines' steps take none
+        call["eta"] = eta
+    elif eta:
+        raise ConfigError(f"eta applies to the DDPM-family pipelines' schedulers; {type(pipe).__name__} has none: "
+                          f"drop it")
     if guidance_scale is None:
-        guidance_scale = inspect.signature(type(pipe).__call__).parameters["guidance_scale"].default
+        guidance_scale = parameters["guidance_scale"].default
     call["guidance_scale"] = guidance_scale
     latents, traces = [], []
     for start in range(0, num_images, batch_size):

@@ -54,9 +54,10 @@ class FluxDNGPipeline(FlowDNGPipelineMixin, FluxPipeline):
     embedding, runs the same branches without it.
     """
 
-    _callback_tensor_inputs = [*FluxPipeline._callback_tensor_inputs, *DNG_TENSOR_INPUTS]
-    # With negative concepts "prompt_embeds" is the batched conditioning [unconditional, prompt, concepts...].
-    _dng_conditioning = ("prompt_embeds",)
+    # The parent's, and the pooled embeddings its call keeps to itself: with negative concepts both are the batched
+    # conditioning [unconditional, prompt, concepts...] (what dng.pipelines.calibrate_pipeline's verdict reads).
+    _callback_tensor_inputs = [*FluxPipeline._callback_tensor_inputs, "pooled_prompt_embeds", *DNG_TENSOR_INPUTS]
+    _dng_conditioning = ("prompt_embeds", "pooled_prompt_embeds")
     _dng_output = FluxDNGPipelineOutput
     _dng_unsupported = ("ip_adapter_image", "ip_adapter_image_embeds", "negative_ip_adapter_image",
                         "negative_ip_adapter_image_embeds")
@@ -184,24 +185,24 @@ class FluxDNGPipeline(FlowDNGPipelineMixin, FluxPipeline):
         cond = {"prompt_embeds": torch.cat([b[0] for b in branches]),
                 "pooled_prompt_embeds": torch.cat([b[1] for b in branches])}
         # What every branch and step shares: the text tokens' and latent patches' positions, the distilled guidance.
-        rows, device, dtype = len(cond["prompt_embeds"]), positive.device, positive.dtype
+        device, dtype = positive.device, positive.dtype
         size = [v // (self.vae_scale_factor * 2) for v in (args["height"], args["width"])]
-        guidance = None
-        if self.transformer.config.guidance_embeds:
-            guidance = torch.full([rows], args["guidance_scale"], device=device, dtype=torch.float32)
-        self._dng_shared = dict(txt_ids=text_ids, img_ids=self._prepare_latent_image_ids(None, *size, device, dtype),
-                                guidance=guidance)
+        self._dng_guidance = args["guidance_scale"] if self.transformer.config.guidance_embeds else None
+        self._dng_shared = dict(txt_ids=text_ids, img_ids=self._prepare_latent_image_ids(None, *size, device, dtype))
         return cond
 
     def _dng_denoise(self, x, t, cond: dict, args: dict):
         self._current_timestep = t
         # A cache hook keys its state by the call's context, as in the parent's calls.
+        # One row of distilled guidance per row of x: every branch's, or the verdict's fewer.
+        guidance = None if self._dng_guidance is None else torch.full([x.shape[0]], self._dng_guidance,
+                                                                      device=x.device, dtype=torch.float32)
         with self.transformer.cache_context("branches"):
             return self.transformer(hidden_states=x, timestep=t.expand(x.shape[0]).to(x.dtype) / 1000,
                                     encoder_hidden_states=cond["prompt_embeds"],
                                     pooled_projections=cond["pooled_prompt_embeds"],
                                     joint_attention_kwargs=self.joint_attention_kwargs, return_dict=False,
-                                    **self._dng_shared)[0]
+                                    guidance=guidance, **self._dng_shared)[0]
 
     def _dng_decode(self, latents, args: dict) -> dict:
         self._current_timestep = None
