@@ -246,6 +246,8 @@ def test_calibrate_pipeline_on_flow_matching_pipelines(flow_pipe, monkeypatch):
         return judge(model, x0, path, k, **kwargs)
 
     monkeypatch.setattr(verdict, "verdict", spy_verdict)
+    with pytest.raises(ConfigError, match="has none: drop it"):
+        calibrate_pipeline(pipe, ["a cat"], ["red"], priors=0.5, eta=0.5, **SMALL)
     # The fit needs 5 of each soft outcome: more chains than the UNet tests, whose random models split nearer half.
     made = calibrate_pipeline(pipe, ["a cat", "a dog"], ["red", "dog"], priors=0.5, batch_size=8,
                               generator=torch.Generator().manual_seed(0), **{**SMALL, "num_images": 40})
