@@ -538,6 +538,17 @@ def test_sd_command_refuses_cuda_on_a_cpu_build(sd_cli, tmp_path, capsys):
         capsys.readouterr().err
 
 
+def test_sd_command_says_why_it_leaves_a_singlestep_solver(sd_parent, tmp_path, capsys):
+    parent = _quiet(StableDiffusionPipeline.from_pipe(sd_parent))
+    parent.scheduler = DPMSolverSinglestepScheduler.from_config(sd_parent.scheduler.config,
+                                                                 algorithm_type="sde-dpmsolver++", solver_order=2)
+    parent.save_pretrained(tmp_path / "model")
+    assert _sd_command(["--model", str(tmp_path / "model"), "--prompt", "a cat", "--negative", "red", "--steps", "2",
+                        "--height", "16", "--width", "16", "--out", str(tmp_path / "out")]) == 0
+    assert ("sampling with DPMSolverMultistepScheduler (the stochastic sibling of the folder's "
+            "DPMSolverSinglestepScheduler, on which DNG tracks best)") in capsys.readouterr().out
+
+
 def test_sd_command_refuses_more_steps_than_the_schedule_has(sd_parent, tmp_path):
     sd_parent.save_pretrained(tmp_path / "model")
     with pytest.raises(ConfigError, match="--steps 1001 is more than the scheduler's 1000 training timesteps"):

@@ -213,6 +213,7 @@ def run(args) -> int:
     from dng.io import write_atomic
     from dng.pipelines.report import plot_trace, summarize_trace, write_summary_csv, write_trace_csv
     from dng.sampler import check_steps
+    from dng.schedulers import tracked
 
     dtype = getattr(torch, args.dtype or ("float16" if device.startswith("cuda") else "float32"))
     try:
@@ -225,7 +226,8 @@ def run(args) -> int:
     sampler, _ = pipe.dng_sampler(guidance, log=False)
     ran, folder = type(sampler.scheduler).__name__, type(pipe.scheduler).__name__
     how = ("the folder's" if sampler.scheduler is pipe.scheduler else
-           f"the stochastic sibling of the folder's {folder}, as DNG needs")
+           f"the stochastic sibling of the folder's {folder}, "
+           f"{'on which DNG tracks best' if tracked(pipe.scheduler) else 'as DNG needs'}")
     print(f"sampling with {ran}{f' at eta {sampler.eta:g}' if sampler.eta else ''} ({how})")
     pipe.to(device)
     out = pipe(args.prompt, height=args.height, width=args.width, num_inference_steps=args.steps,
