@@ -1,6 +1,6 @@
 """The suite's mixtures with tracked DNG read at each step's start (`base`) and at both of its ends (`endpoint`,
-`TrackedPosterior(endpoint=True)`; `endpoint-mixture`: with update="mixture"), the reference rows computed once; one
-gmm_suite.py-format JSON per DNG variant, for gmm_table.py.
+`TrackedPosterior(endpoint=True)`; `endpoint-mixture`: with update="mixture"; `moment`, `endpoint-moment`: with
+update="moment"), the reference rows computed once; one gmm_suite.py-format JSON per DNG variant, for gmm_table.py.
 
 Samplers: DPM++ 2M SDE on Karras sigmas (`karras`, the suite's `dpmpp-2m-sde`) or on the timestep spacing
 (`linear`), Euler ancestral (`euler-a`), DDPM (`ddpm`).
@@ -36,6 +36,9 @@ def variants(prior):
         "endpoint": lambda: DynamicNegativeGuidance(**rule, posterior=TrackedPosterior(endpoint=True)),
         "endpoint-mixture": lambda: DynamicNegativeGuidance(**rule, update="mixture",
                                                             posterior=TrackedPosterior(endpoint=True)),
+        "moment": lambda: DynamicNegativeGuidance(**rule, update="moment", posterior=TrackedPosterior(endpoint=False)),
+        "endpoint-moment": lambda: DynamicNegativeGuidance(**rule, update="moment",
+                                                           posterior=TrackedPosterior(endpoint=True)),
     }
 
 

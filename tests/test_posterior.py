@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 from diffusers import DDPMScheduler, DPMSolverSinglestepScheduler
+from torch.distributions import MultivariateNormal
 
 from dng.config import DNGConfig
 from dng.errors import ConfigError, NonFiniteError
@@ -18,6 +19,7 @@ from dng.posterior import (
     gaussian_llr,
     mixture_llr,
     mixture_weights,
+    moment_llr,
     project_simplex,
 )
 from dng.sampler import sample
@@ -181,6 +183,41 @@ def test_mixture_update_is_bayes_over_explicit_gaussians():
     gram = stats(x, mu_u, mu_u - mu_n, gram=True)
     got = mixture_llr(*gram, std, p.log(), temperature, offset, exclusive=True).double() + p.log()
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+def test_moment_update_is_bayes_against_the_moment_matched_gaussian():
+    """The unconditional kernel N(m_u, s^2 I + the covariance of the hypotheses' means), built here from the explicit
+    hypotheses (independent: the negative and its complement; exclusive: every negative and the rest) as a dense
+    covariance, in float64: tempered log-densities, offset on each negative."""
+    x, mu_u, mu_n, p = _tiny_example()
+    std, temperature, offset = 0.25, 1.3, 0.01
+    bonus = offset / (2 * std**2)
+    eye = torch.eye(x.shape[-1], dtype=torch.float64)
+
+    def reference(means, weights, k):
+        spread = sum(w[:, None, None] * (m - mu_u)[:, :, None] * (m - mu_u)[:, None, :]
+                     for m, w in zip(means, weights, strict=True))
+        wide = MultivariateNormal(mu_u, std**2 * eye + spread).log_prob(x)
+        return temperature * (_log_normal(x, mu_n[k], std) - wide) + bonus
+
+    step = stats(x, mu_u, mu_u - mu_n)
+    got = moment_llr(*step, std, p.log(), temperature, offset).double()
+    for k in range(2):
+        pk = p[:, k]
+        rest = (mu_u - pk[:, None] * mu_n[k]) / (1 - pk[:, None])
+        torch.testing.assert_close(got[:, k], reference([mu_n[k], rest], [pk, 1 - pk], k), rtol=0, atol=1e-4)
+    total = p.sum(-1)
+    rest = (mu_u - (p.T[..., None] * mu_n).sum(0)) / (1 - total[:, None])
+    gram = stats(x, mu_u, mu_u - mu_n, gram=True)
+    got = moment_llr(*gram, std, p.log(), temperature, offset, exclusive=True).double()
+    for k in range(2):
+        expected = reference([mu_n[0], mu_n[1], rest], [p[:, 0], p[:, 1], 1 - total], k)
+        torch.testing.assert_close(got[:, k], expected, rtol=0, atol=1e-4)
+    # At small p the unconditional kernel is the one Gaussian.
+    small = torch.full((5, 2), math.log(1e-7))
+    torch.testing.assert_close(moment_llr(*step, std, small, temperature, offset), gaussian_llr(*step, std, temperature,
+                                                                                                offset), rtol=1e-4,
+                               atol=1e-4)
 
 
 def test_mixture_update_reduces_to_the_gaussian_ratio_at_small_p():

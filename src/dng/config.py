@@ -19,7 +19,7 @@ from dng.errors import ConfigError
 
 MODES = ("independent", "exclusive")
 KERNEL_VARIANCES = ("step", "forward")
-UPDATES = ("paper", "mixture")
+UPDATES = ("paper", "mixture", "moment")
 # Exclusive concepts share 1 - sum_i p_i as the denominator of every scale: their priors must leave at least this.
 MIN_REST = 1e-6
 # Float rounding of a sum of priors (ten of 0.095 add up to 0.95 plus a few ulps), not a real excess over p_max.
@@ -83,7 +83,8 @@ class DNGConfig:
 
     Research options: `offset_per_step` (the published offset, added once per step, which holds only for the sampler
     and step count it was tuned on), `kernel_variance` ("step": the noise the step adds; "forward": the forward
-    transition's) and `update` ("paper": one Gaussian per kernel; "mixture": `dng.posterior.mixture_llr`).
+    transition's) and `update` ("paper": one Gaussian per kernel; "mixture": `dng.posterior.mixture_llr`; "moment":
+    `dng.posterior.moment_llr`).
     """
 
     lam0: float = 1.0

@@ -64,6 +64,44 @@ def mixture_llr(rd, dd, std: float, log_p, temperature: float = 1.0, offset: flo
     return own - total
 
 
+def moment_llr(rd, dd, std: float, log_p, temperature: float = 1.0, offset: float = 0.0,
+               exclusive: bool = False, p_max: float = 0.99):
+    """log p' - log p of each negative by Bayes with the unconditional kernel a Gaussian moment-matched to the mixture
+    of the hypotheses' kernels, for [batch, negatives].
+
+    The hypotheses' kernels are N(m_u - d_i, s^2) for the negatives and, for the rest, the mean that makes the
+    mixture's mean m_u; their mixture has covariance s^2 I + D W D^T, D = [d_1 .. d_K] and W = diag(p) + p p^T /
+    p_rest (p_rest = 1 - sum p; one negative against its complement: W = p / (1 - p)). The update divides each
+    negative's kernel by that Gaussian instead of N(m_u, s^2): `gaussian_llr` plus, the same for every negative,
+
+        log det(B) / 2 - a^T B^{-1} W a / (2 s^4),   B = I + W G / s^2,  a = (r.d_i),  G = (d_i.d_j)
+
+    (Woodbury). Where the hypotheses' means lie far apart against s, the unconditional kernel is wide along them,
+    and a sample near a negative's mean is not read as unlikely under it, as the one Gaussian N(m_u, s^2) reads it.
+    It reduces to `gaussian_llr` as p -> 0, and to it again as steps shrink (|d|^2 / s^2 -> 0); unlike
+    `mixture_llr` it never forms the rest's mean m_u + p/(1-p) d, which amplifies a model's error as p -> 1.
+    `exclusive` needs `dd` as the [batch, K, K] Gram matrix; otherwise each negative is read against its
+    complement. `temperature` scales every log-likelihood, `offset` as in `gaussian_llr`.
+    """
+    s2 = std**2
+    floor = math.log1p(-p_max)
+    log_p = log_p.to(torch.float64)
+    rd64 = rd.to(torch.float64)
+    if not exclusive:
+        rho = (log_p - torch.log1p(-log_p.exp()).clamp(min=floor)).exp()
+        dd64 = dd.to(torch.float64)
+        spread = 0.5 * torch.log1p(rho * dd64 / s2) - rho * rd64**2 / (2 * s2 * (s2 + rho * dd64))
+        return gaussian_llr(rd, dd, std, temperature, offset) + (temperature * spread).to(rd.dtype)
+    p = log_p.exp()
+    rest = torch.log1p(-torch.logsumexp(log_p, -1, keepdim=True).exp()).clamp(min=floor).exp()
+    w = torch.diag_embed(p) + p[:, :, None] * p[:, None, :] / rest[:, :, None]
+    b = torch.eye(p.shape[-1], dtype=torch.float64, device=p.device) + w @ dd.to(torch.float64) / s2
+    solved = torch.linalg.solve(b, (w @ rd64[:, :, None]))[:, :, 0]
+    spread = 0.5 * torch.linalg.slogdet(b)[1] - (rd64 * solved).sum(-1) / (2 * s2**2)
+    own = gaussian_llr(rd, torch.diagonal(dd, dim1=-2, dim2=-1), std, temperature, offset)
+    return own + (temperature * spread[:, None]).to(rd.dtype)
+
+
 def clamp_log_p(log_p: torch.Tensor, p_min: float, p_max: float, exclusive: bool) -> torch.Tensor:
     """The tracker's clamp of log p [..., concepts]: each p into [p_min, p_max], or for mutually exclusive
     concepts each p above p_min and their total at most p_max, keeping their ratios (so 1 - sum(p) > 0)."""
@@ -238,8 +276,9 @@ class TrackedPosterior:
             llr = gaussian_llr(*moments.statistics(x_prev), kernel_std, c.temperature, offset)
         else:
             rd, dd = moments.statistics(x_prev, gram=c.exclusive)
-            llr = mixture_llr(rd, dd, kernel_std, self.tracker.log_p, c.temperature, offset,
-                              exclusive=c.exclusive, p_max=c.p_max)
+            update = mixture_llr if c.update == "mixture" else moment_llr
+            llr = update(rd, dd, kernel_std, self.tracker.log_p, c.temperature, offset, exclusive=c.exclusive,
+                         p_max=c.p_max)
         weight = endpoint_weight(moments.sigma, moments.sigma_next)
         if self.defer and weight > 0 and not moments.restart:
             self.pending = (llr, self._gap(moments), self.scale, weight)
