@@ -268,11 +268,12 @@ def test_mixture_update_tracks_two_narrow_classes_better_than_the_gaussian_ratio
     config = {"means": means.tolist(), "stds": [0.02, 0.02], "weights": [0.5, 0.5], "remove": [0]}
     bench = GMMBench(config, steps=50, num_samples=500, seed=0, variance="fixed_small")
     errors = {}
-    for update in ("paper", "mixture"):
+    for update in ("paper", "mixture", "moment"):
         params = {"lam0": 0.0, "prior": 0.5, "temperature": 1.0, "p_max": 0.999, "update": update}
         errors[update] = bench.run("dng", params, lambda params=params: DynamicNegativeGuidance(**params))[0][
             "posterior_logit_mae"]
-    assert errors["mixture"] < 0.5 * errors["paper"], errors
+    # The moment-matched Gaussian is wide along the classes' gap, as the mixture is, but one Gaussian still.
+    assert errors["mixture"] < errors["moment"] < 0.8 * errors["paper"], errors
 
 
 def _unguided_tracking_error(steps: int, p_min: float) -> float:

@@ -274,9 +274,10 @@ def test_dng_with_exact_posterior_matches_the_target(bench):
     assert oracle["sliced_w2"] < 2.5 * target["sliced_w2"]
 
 
+@pytest.mark.parametrize("update", ["mixture", "moment"])
 @pytest.mark.parametrize("mode", ["exclusive", "independent"])
-def test_mixture_update_runs_the_loop_within_the_clamp(mode):
-    out = run(DynamicNegativeGuidance(lam0=2.0, prior=[0.3, 0.4], p_max=0.9, mode=mode, update="mixture"), n_neg=2,
+def test_mixture_and_moment_updates_run_the_loop_within_the_clamp(mode, update):
+    out = run(DynamicNegativeGuidance(lam0=2.0, prior=[0.3, 0.4], p_max=0.9, mode=mode, update=update), n_neg=2,
               steps=10, return_trace=True)
     p = out.trace.p
     # The last step adds no noise: its llr is NaN by design (no evidence), every other one is finite.
