@@ -183,3 +183,17 @@ def test_verdict_is_log_ratios_then_probabilities(bed):
                        generator=torch.Generator().manual_seed(5), progress=False)
     torch.testing.assert_close(result.log_ratio, again)
     torch.testing.assert_close(result.p.sum(1), torch.ones(20, dtype=torch.float64))
+
+
+def test_the_verdict_builds_no_autograd_graph(bed):
+    """A network's parameters require gradients; the verdict only reads the model, so it must not record a graph
+    through its calls (memory and time a calibration of a real model cannot spare)."""
+    gmm, path, x0, _ = bed
+    shift = torch.nn.Parameter(torch.zeros(16, dtype=torch.float64))
+    branches = gmm.branch_model(range(4))
+
+    def model(x, t):
+        return branches(x, t) + shift
+
+    out = log_ratios(model, x0[:10], path, 4, draws=2, generator=torch.Generator().manual_seed(0), progress=False)
+    assert not out.requires_grad

@@ -167,7 +167,6 @@ def branch_errors(model, x0: torch.Tensor, path, num_concepts: int, lam: float, 
     return 0.5 * ((e_c - e_u) * (2 * eps - e_u - e_c)).flatten(2).sum(-1).T.double()
 
 
-@torch.no_grad()
 def check_draws(draws, name: str = "draws") -> int:
     """The verdict's number of noisy copies per image: an even whole number >= 2, since they come in +eps, -eps
     pairs."""
@@ -176,6 +175,7 @@ def check_draws(draws, name: str = "draws") -> int:
     return int(draws)
 
 
+@torch.no_grad()
 def log_ratios(model, x0: torch.Tensor, path, num_concepts: int, *, midpoint: float = MIDPOINT, draws: int = DRAWS,
                batch_size: int = 64, generator: torch.Generator | None = None, progress: bool = True) -> torch.Tensor:
     """The model's log p(x0|c_k) - log p(x0) under the weighting sigmoid(midpoint - lam), [N, K] float64.
