@@ -402,7 +402,7 @@ def test_calibration_sets_dng_on_every_sampler(tiny, tmp_path, capsys):
     old = json.dumps({"calibrations": [{"fits": {}, "settings": {}}]})  # per-step offsets: never misread
     for bad, message in (('{"fits": {}}', "not a calibration whose offset"), (old, "older per-step fit"),
                          ("{", "not valid JSON"),
-                         (json.dumps({"offset_unit": models.OFFSET_UNIT, "fits": {}}), "not a calibration file")):
+                         (json.dumps({"offset_unit": calibration.OFFSET_UNIT, "fits": {}}), "not a calibration file")):
         models.calibration_path(gen).write_text(bad)
         with pytest.raises(ConfigError, match=message):
             models.load_calibration(gen)
@@ -460,7 +460,7 @@ def test_calibrate_command_writes_a_fit_in_log_snr_units(tmp_path, capsys):
                      "--out", str(out)])
     assert code == 0, capsys.readouterr().err
     entry = json.loads(out.read_text())
-    assert entry["offset_unit"] == models.OFFSET_UNIT and entry["settings"]["scheduler"] == "euler-a"
+    assert entry["offset_unit"] == calibration.OFFSET_UNIT and entry["settings"]["scheduler"] == "euler-a"
     assert entry["settings"]["mode"] == "exclusive"
     fit = entry["fits"]["all"]
     assert len(fit["priors"]) == len(entry["classes"]) >= 1 and math.isfinite(fit["offset"])

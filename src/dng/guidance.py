@@ -216,9 +216,7 @@ class DynamicNegativeGuidance(Guidance):
         self.posterior.before_step(step.t, step.x, eps_u, eps_n)
         p = self.posterior.read(step.x, step.t)
         scale = self.applied_scale(p, *self.levels)
-        pushed = getattr(self.posterior, "pushed", None)
-        if pushed is not None:
-            pushed(scale)
+        self.posterior.pushed(scale)
         return _push(base_prediction(eps_u, eps_p, cfg_scale), eps_u, eps_n, scale), scale, p
 
     def after_step(self, x_prev) -> dict:

@@ -193,10 +193,10 @@ class FluxDNGPipeline(FlowDNGPipelineMixin, FluxPipeline):
 
     def _dng_denoise(self, x, t, cond: dict, args: dict):
         self._current_timestep = t
-        # A cache hook keys its state by the call's context, as in the parent's calls.
         # One row of distilled guidance per row of x: every branch's, or the verdict's fewer.
         guidance = None if self._dng_guidance is None else torch.full([x.shape[0]], self._dng_guidance,
                                                                       device=x.device, dtype=torch.float32)
+        # A cache hook keys its state by the call's context, as in the parent's calls.
         with self.transformer.cache_context("branches"):
             return self.transformer(hidden_states=x, timestep=t.expand(x.shape[0]).to(x.dtype) / 1000,
                                     encoder_hidden_states=cond["prompt_embeds"],

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dng.calibration import OFFSET_UNIT, ModelCalibration, load_calibration_file
+from dng.calibration import ModelCalibration, load_calibration_file
 from dng.config import CALIBRATED_PRESETS, DNGConfig
 from dng.errors import ConfigError
 from dng.io import write_atomic
@@ -246,7 +246,7 @@ def save_calibration(path, fits: dict, classes: list[int], settings: dict, gener
     entry = calibration_entry(fits, [CLASS_NAMES[k] for k in classes], settings,
                               model=model_record("generator", Path(generator), sha), labels=labels, **extra)
     # Read by the generator's loaders (`load_calibration`) before the model record existed; kept for them.
-    return write_json(path, {"offset_unit": OFFSET_UNIT, "generator_sha256": sha, **entry})
+    return write_json(path, {"generator_sha256": sha, **entry})
 
 
 def load_calibration(generator=None) -> ModelCalibration | None:
