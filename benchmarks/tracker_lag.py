@@ -2,9 +2,13 @@
 
 Samples one mixture of `gmm_suite.py` with the library's DNG (told the true prior, as `dng bench gmm` does) and
 prints, per step, the median logit of the exact posterior p_t(c|x_t) and of the tracked p, for the samples that
-finish in the removed class (the leaks) and for all samples. `--lam0 0` tracks the unguided chain.
+finish in the removed class (the leaks) and for all samples. `--lam0 0` tracks the unguided chain. `--groups-at
+SIGMA` instead groups the samples by their exact logit at the first step below SIGMA (how far each has gone into
+the removed class there) and prints, per group, the median exact and tracked logit and their median difference.
 
 Run: .venv/bin/python benchmarks/tracker_lag.py --mixture "heavy removed (0.3)" --scheduler euler-a --steps 25
+     .venv/bin/python benchmarks/tracker_lag.py --mixture "d=16, K=6" --scheduler dpmpp-2m-sde --steps 50 \
+         --groups-at 0.72
 """
 
 from __future__ import annotations
@@ -24,6 +28,25 @@ def logit(p: torch.Tensor) -> torch.Tensor:
     return p.log() - (-p).log1p()
 
 
+def print_groups(exact, tracked, sigmas, leaked, at: float, rows: int = 12):
+    below = (sigmas < at).nonzero()
+    if not len(below):
+        raise SystemExit(f"no step of this chain is below sigma {at:g} (its last is {float(sigmas[-1]):.3g})")
+    k = int(below[0])
+    print(f"grouped by the exact logit at sigma {float(sigmas[k]):.3f}")
+    for low, high in ((-float("inf"), -4), (-4, -1), (-1, 1), (1, 4), (4, float("inf"))):
+        group = (exact[k] >= low) & (exact[k] < high)
+        if not group.any():
+            continue
+        print(f"logit in [{low:g}, {high:g}): {int(group.sum())} samples, {int(leaked[group].sum())} finish in the "
+              f"removed class")
+        print(f"{'sigma':>10} {'exact':>8} {'tracked':>8} {'tracked - exact':>16}")
+        for s in range(0, len(sigmas), max(1, len(sigmas) // rows)):
+            e, t = exact[s, group], tracked[s, group]
+            print(f"{float(sigmas[s]):10.3f} {float(e.median()):8.2f} {float(t.median()):8.2f} "
+                  f"{float((t - e).median()):16.2f}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--mixture", default="heavy removed (0.3)", choices=list(SUITE))
@@ -31,7 +54,11 @@ def main():
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--lam0", type=float, default=1.0, help="DNG's lam0 (0: the unguided chain, tracked)")
     parser.add_argument("--num-samples", type=int, default=4000)
+    parser.add_argument("--groups-at", type=float, default=None, metavar="SIGMA",
+                        help="group the samples by their exact logit at the first step below SIGMA")
     args = parser.parse_args()
+    if args.groups_at is not None and args.groups_at <= 0:
+        parser.error(f"--groups-at is a noise level sigma > 0, got {args.groups_at:g}")
     torch.set_num_threads(1)
     bench = GMMBench(SUITE[args.mixture], args.steps, args.num_samples, seed=0, scheduler=args.scheduler)
     rule = DynamicNegativeGuidance(prior=bench.prior, mode="exclusive", lam0=args.lam0)
@@ -52,8 +79,12 @@ def main():
     exact, tracked = torch.stack(exact), torch.stack(tracked)
     print(f"{args.mixture}, {args.scheduler} {args.steps} steps, lam0 {args.lam0:g}: "
           f"{int(leaked.sum())} of {args.num_samples} samples finish in the removed class")
+    sigmas = out.trace.sigma[:, 0]
+    if args.groups_at is not None:
+        print_groups(exact, tracked, sigmas, leaked, args.groups_at)
+        return
     print(f"{'sigma':>8} {'leaks: exact':>13} {'tracked':>8} {'all: exact':>11} {'tracked':>8}")
-    for s, sigma in enumerate(out.trace.sigma[:, 0].tolist()):
+    for s, sigma in enumerate(sigmas.tolist()):
         row = [exact[s, leaked].median(), tracked[s, leaked].median()] if leaked.any() else [float("nan")] * 2
         print(f"{sigma:8.3f} {float(row[0]):13.2f} {float(row[1]):8.2f} {float(exact[s].median()):11.2f} "
               f"{float(tracked[s].median()):8.2f}")
