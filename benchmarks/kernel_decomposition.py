@@ -13,7 +13,12 @@ each minus the exact logit, for the samples grouped by their exact logit at the 
 - all classes, moment: it as one Gaussian with that mixture's covariance, s^2 I + sum_k p_k (m_k - m_u)(m_k - m_u)^T;
 - two hypotheses, moment / mixture: the same built from the removed class and "the rest" only, as the tracker's
   `update="moment"` and `update="mixture"` build them from its two branches, here with the exact p (clamped at
-  0.99, as `mixture_llr` clamps it).
+  0.99, as `mixture_llr` clamps it);
+- both moments: each kernel as the Gaussian with its own mean and covariance, s^2 I + c^2 Cov[x_0|x, c] for the
+  removed class and s^2 I + c^2 Cov[x_0|x] for the unconditional one (c the kernel's weight on x_0): the
+  covariances Tweedie's formula gives from each branch's Jacobian;
+- both moments, first order: that update to first order in c^2 Cov / s^2, which needs of each covariance only its
+  quadratic form in the residual and its trace (a Jacobian-vector product and a trace estimate per branch).
 
 m_k is the exact kernel mean of class k (the first-order step from E[x_0|x, k]) and m_u = sum_k p_k m_k.
 
@@ -31,7 +36,7 @@ from gmm_suite import SUITE
 from dng.gmm import GaussianMixture, VariancePreserving
 
 VARIANTS = ("exact", "one Gaussian", "all classes, mixture", "all classes, moment", "two hypotheses, moment",
-            "two hypotheses, mixture")
+            "two hypotheses, mixture", "both moments", "both moments, first order")
 # Beyond logit 4 the accumulated log p of an update without the tracker's clamp can pass 0, where its logit means
 # nothing; the groups stop there.
 GROUPS = ((-4.0, -1.0), (-1.0, 1.0), (1.0, 4.0))
@@ -44,14 +49,22 @@ def log_normal(x, mean, var):
     return -0.5 * (((x - mean) ** 2).sum(-1) / var + x.shape[-1] * torch.log(2 * math.pi * var))
 
 
-def log_normal_low_rank(x, mean, var: float, factors):
-    """log N(x; mean, var I + U^T U) with U = `factors` [batch, rank, d], by Woodbury and the determinant lemma."""
+def log_normal_low_rank(x, mean, var, factors):
+    """log N(x; mean, var I + U^T U) with U = `factors` [batch, rank, d] and var a number or one per row, by Woodbury
+    and the determinant lemma."""
     rank, d = factors.shape[1], x.shape[-1]
-    inner = torch.eye(rank, dtype=x.dtype) + factors @ factors.transpose(1, 2) / var
+    var = torch.as_tensor(var, dtype=x.dtype).expand(x.shape[0])
+    inner = torch.eye(rank, dtype=x.dtype) + factors @ factors.transpose(1, 2) / var[:, None, None]
     r = x - mean
     ur = (factors @ r[..., None])[..., 0]
     quad = (r**2).sum(-1) / var - (ur[:, None] @ torch.linalg.solve(inner, ur[..., None]))[:, 0, 0] / var**2
-    return -0.5 * (quad + d * math.log(var) + torch.logdet(inner) + d * math.log(2 * math.pi))
+    return -0.5 * (quad + d * torch.log(var) + torch.logdet(inner) + d * math.log(2 * math.pi))
+
+
+def quadratic(r, var, factors=None):
+    """r^T (var I + U^T U) r with U = `factors` [batch, rank, d] (none: var I)."""
+    out = var * (r**2).sum(-1)
+    return out if factors is None else out + ((factors @ r[..., None])[..., 0] ** 2).sum(-1)
 
 
 def logit(log_p):
@@ -65,11 +78,12 @@ def updates(gmm: GaussianMixture, c: int, x, x_next, t: int, t_next: int):
     a_n, b_n = (1.0, 0.0) if t_next < 0 else gmm.path(t_next)
     r = a / a_n
     q = b**2 - r**2 * b_n**2
-    s2 = b_n**2 * q / b**2
-    # E[x_0 | x, k] under component k, then the first-order (forward posterior) mean of each class's kernel.
+    s2, weight = b_n**2 * q / b**2, a_n * q / b**2
+    # E[x_0 | x, k] and Var[x_0 | x, k] under component k, then the mean of each class's kernel.
     var0 = a**2 * gmm.stds**2 + b**2
     x0 = gmm.means[:, None] + (a * gmm.stds**2 / var0)[:, None, None] * (x[None] - a * gmm.means[:, None])
-    m = (a_n * q / b**2) * x0 + (r * b_n**2 / b**2) * x[None]
+    within = gmm.stds**2 * b**2 / var0
+    m = weight * x0 + (r * b_n**2 / b**2) * x[None]
     log_p = gmm.posterior(x, t).log()
     p = log_p.exp()
     m_u = (p.T[..., None] * m).sum(0)
@@ -78,16 +92,22 @@ def updates(gmm: GaussianMixture, c: int, x, x_next, t: int, t_next: int):
     pc = p[:, c].clamp(max=P_MAX)
     gap = m_u - m[c]
     rest = m_u + (pc / (1 - pc))[:, None] * gap
+    between = (p.T.sqrt()[..., None] * (m - m_u[None])).transpose(0, 1) / weight
+    within_u = (p * within).sum(1)
     return {
         "exact": gmm.kernel_llr(x_next, x, t, t_next, [c])[:, 0],
         "one Gaussian": own - log_normal(x_next, m_u, s2),
         "all classes, mixture": own - (log_p + per_class).logsumexp(1),
-        "all classes, moment": own - log_normal_low_rank(x_next, m_u, s2,
-                                                         (p.T.sqrt()[..., None] * (m - m_u[None])).transpose(0, 1)),
+        "all classes, moment": own - log_normal_low_rank(x_next, m_u, s2, weight * between),
         "two hypotheses, moment": own - log_normal_low_rank(x_next, m_u, s2,
                                                             ((pc / (1 - pc)).sqrt()[:, None] * gap)[:, None]),
         "two hypotheses, mixture": own - torch.logaddexp(pc.log() + own,
                                                          (1 - pc).log() + log_normal(x_next, rest, s2)),
+        "both moments": log_normal(x_next, m[c], s2 + weight**2 * within[c])
+        - log_normal_low_rank(x_next, m_u, s2 + weight**2 * within_u, weight * between),
+        "both moments, first order": own - log_normal(x_next, m_u, s2)
+        + weight**2 / (2 * s2**2) * (quadratic(x_next - m[c], within[c]) - quadratic(x_next - m_u, within_u, between))
+        - weight**2 / (2 * s2) * (gmm.dim * (within[c] - within_u) - (between**2).sum((1, 2))),
     }
 
 
