@@ -72,7 +72,13 @@ def logit(log_p):
     return log_p - torch.log(-torch.expm1(log_p))
 
 
-def updates(gmm: GaussianMixture, c: int, x, x_next, t: int, t_next: int):
+def both_moments_llr(gmm: GaussianMixture, c: int, x, x_next, t, t_next):
+    """log N(x_next; m_c, s^2 I + w^2 Cov[x_0|x, c]) - log N(x_next; m_u, s^2 I + w^2 Cov[x_0|x]): each kernel from x
+    (at timestep t) to x_next (at t_next, < 0 for the clean data) as the Gaussian with its exact first two moments."""
+    return updates(gmm, c, x, x_next, t, t_next, ("both moments",))["both moments"]
+
+
+def updates(gmm: GaussianMixture, c: int, x, x_next, t, t_next, variants=VARIANTS):
     """Each variant's increment of log p(c) over the step x (at t) -> x_next (at t_next)."""
     a, b = gmm.path(t)
     a_n, b_n = (1.0, 0.0) if t_next < 0 else gmm.path(t_next)
@@ -94,21 +100,22 @@ def updates(gmm: GaussianMixture, c: int, x, x_next, t: int, t_next: int):
     rest = m_u + (pc / (1 - pc))[:, None] * gap
     between = (p.T.sqrt()[..., None] * (m - m_u[None])).transpose(0, 1) / weight
     within_u = (p * within).sum(1)
-    return {
-        "exact": gmm.kernel_llr(x_next, x, t, t_next, [c])[:, 0],
-        "one Gaussian": own - log_normal(x_next, m_u, s2),
-        "all classes, mixture": own - (log_p + per_class).logsumexp(1),
-        "all classes, moment": own - log_normal_low_rank(x_next, m_u, s2, weight * between),
-        "two hypotheses, moment": own - log_normal_low_rank(x_next, m_u, s2,
+    formulas = {
+        "exact": lambda: gmm.kernel_llr(x_next, x, t, t_next, [c])[:, 0],
+        "one Gaussian": lambda: own - log_normal(x_next, m_u, s2),
+        "all classes, mixture": lambda: own - (log_p + per_class).logsumexp(1),
+        "all classes, moment": lambda: own - log_normal_low_rank(x_next, m_u, s2, weight * between),
+        "two hypotheses, moment": lambda: own - log_normal_low_rank(x_next, m_u, s2,
                                                             ((pc / (1 - pc)).sqrt()[:, None] * gap)[:, None]),
-        "two hypotheses, mixture": own - torch.logaddexp(pc.log() + own,
+        "two hypotheses, mixture": lambda: own - torch.logaddexp(pc.log() + own,
                                                          (1 - pc).log() + log_normal(x_next, rest, s2)),
-        "both moments": log_normal(x_next, m[c], s2 + weight**2 * within[c])
+        "both moments": lambda: log_normal(x_next, m[c], s2 + weight**2 * within[c])
         - log_normal_low_rank(x_next, m_u, s2 + weight**2 * within_u, weight * between),
-        "both moments, first order": own - log_normal(x_next, m_u, s2)
+        "both moments, first order": lambda: own - log_normal(x_next, m_u, s2)
         + weight**2 / (2 * s2**2) * (quadratic(x_next - m[c], within[c]) - quadratic(x_next - m_u, within_u, between))
         - weight**2 / (2 * s2) * (gmm.dim * (within[c] - within_u) - (between**2).sum((1, 2))),
     }
+    return {name: formulas[name]() for name in variants}
 
 
 def main():
