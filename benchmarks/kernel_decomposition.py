@@ -18,7 +18,12 @@ each minus the exact logit, for the samples grouped by their exact logit at the 
   removed class and s^2 I + c^2 Cov[x_0|x] for the unconditional one (c the kernel's weight on x_0): the
   covariances Tweedie's formula gives from each branch's Jacobian;
 - both moments, first order: that update to first order in c^2 Cov / s^2, which needs of each covariance only its
-  quadratic form in the residual and its trace (a Jacobian-vector product and a trace estimate per branch).
+  quadratic form in the residual and its trace (a Jacobian-vector product and a trace estimate per branch);
+- both moments, CG: the both-moments update with each r^T S^-1 r by `--krylov-steps` conjugate-gradient steps, that
+  many products of each covariance with a vector (Jacobian-vector products on a network), its log-determinants
+  exact;
+- both moments, CG + probes: that, with each log-determinant by stochastic Lanczos quadrature as well
+  (`--probes` random sign vectors, the same for both kernels, `--krylov-steps` Lanczos steps each).
 
 m_k is the exact kernel mean of class k (the first-order step from E[x_0|x, k]) and m_u = sum_k p_k m_k.
 
@@ -36,7 +41,9 @@ from gmm_suite import SUITE
 from dng.gmm import GaussianMixture, VariancePreserving
 
 VARIANTS = ("exact", "one Gaussian", "all classes, mixture", "all classes, moment", "two hypotheses, moment",
-            "two hypotheses, mixture", "both moments", "both moments, first order")
+            "two hypotheses, mixture", "both moments", "both moments, first order", "both moments, CG",
+            "both moments, CG + probes")
+KRYLOV = {"steps": 3, "probes": 1, "generator": torch.Generator().manual_seed(1)}
 # Beyond logit 4 the accumulated log p of an update without the tracker's clamp can pass 0, where its logit means
 # nothing; the groups stop there.
 GROUPS = ((-4.0, -1.0), (-1.0, 1.0), (1.0, 4.0))
@@ -65,6 +72,43 @@ def quadratic(r, var, factors=None):
     """r^T (var I + U^T U) r with U = `factors` [batch, rank, d] (none: var I)."""
     out = var * (r**2).sum(-1)
     return out if factors is None else out + ((factors @ r[..., None])[..., 0] ** 2).sum(-1)
+
+
+def cg_quadratic(apply, r, steps: int):
+    """r^T S^-1 r by `steps` conjugate-gradient steps on S (`apply(v)` = S v, one per row of r)."""
+    x, residual = torch.zeros_like(r), r.clone()
+    direction, norm = residual.clone(), (residual**2).sum(-1)
+    for _ in range(steps):
+        product = apply(direction)
+        step = norm / (direction * product).sum(-1).clamp_min(1e-300)
+        x = x + step[:, None] * direction
+        residual = residual - step[:, None] * product
+        new_norm = (residual**2).sum(-1)
+        direction = residual + (new_norm / norm.clamp_min(1e-300))[:, None] * direction
+        norm = new_norm
+    return (r * x).sum(-1)
+
+
+def lanczos_logdet(apply, probe, steps: int):
+    """log det S ~ |z|^2 e1^T log(T) e1, T the tridiagonal matrix of `steps` Lanczos steps on S from z = `probe`."""
+    q = probe / probe.norm(dim=-1, keepdim=True)
+    previous, beta = torch.zeros_like(q), torch.zeros(q.shape[0], dtype=q.dtype)
+    alphas, betas = [], []
+    for j in range(steps):
+        w = apply(q) - beta[:, None] * previous
+        alpha = (w * q).sum(-1)
+        w = w - alpha[:, None] * q
+        alphas.append(alpha)
+        beta = w.norm(dim=-1)
+        if j < steps - 1:
+            betas.append(beta)
+            previous, q = q, w / beta.clamp_min(1e-300)[:, None]
+    tri = torch.diag_embed(torch.stack(alphas, -1))
+    if betas:
+        off = torch.stack(betas, -1)
+        tri = tri + torch.diag_embed(off, 1) + torch.diag_embed(off, -1)
+    values, vectors = torch.linalg.eigh(tri)
+    return (probe**2).sum(-1) * (vectors[:, 0] ** 2 * values.clamp_min(1e-300).log()).sum(-1)
 
 
 def logit(log_p):
@@ -100,6 +144,28 @@ def updates(gmm: GaussianMixture, c: int, x, x_next, t, t_next, variants=VARIANT
     rest = m_u + (pc / (1 - pc))[:, None] * gap
     between = (p.T.sqrt()[..., None] * (m - m_u[None])).transpose(0, 1) / weight
     within_u = (p * within).sum(1)
+
+    def cov_c(v):
+        return (s2 + weight**2 * within[c]) * v
+
+    def cov_u(v):
+        spread = (between.transpose(1, 2) @ (between @ v[..., None]))[..., 0]
+        return (s2 + weight**2 * within_u)[:, None] * v + weight**2 * spread
+
+    def krylov(probes: int):
+        steps = KRYLOV["steps"]
+        quad = cg_quadratic(cov_c, x_next - m[c], steps) - cg_quadratic(cov_u, x_next - m_u, steps)
+        if probes:
+            signs = [torch.randint(0, 2, x.shape, generator=KRYLOV["generator"], dtype=x.dtype) * 2 - 1
+                     for _ in range(probes)]
+            logdet = sum(lanczos_logdet(cov_c, z, steps) - lanczos_logdet(cov_u, z, steps) for z in signs) / probes
+        else:
+            inner = torch.eye(between.shape[1], dtype=x.dtype) + weight**2 * between @ between.transpose(1, 2) / (
+                s2 + weight**2 * within_u)[:, None, None]
+            logdet = gmm.dim * (torch.log(s2 + weight**2 * within[c]) - torch.log(s2 + weight**2 * within_u)) \
+                - torch.logdet(inner)
+        return -0.5 * (quad + logdet)
+
     formulas = {
         "exact": lambda: gmm.kernel_llr(x_next, x, t, t_next, [c])[:, 0],
         "one Gaussian": lambda: own - log_normal(x_next, m_u, s2),
@@ -114,6 +180,8 @@ def updates(gmm: GaussianMixture, c: int, x, x_next, t, t_next, variants=VARIANT
         "both moments, first order": lambda: own - log_normal(x_next, m_u, s2)
         + weight**2 / (2 * s2**2) * (quadratic(x_next - m[c], within[c]) - quadratic(x_next - m_u, within_u, between))
         - weight**2 / (2 * s2) * (gmm.dim * (within[c] - within_u) - (between**2).sum((1, 2))),
+        "both moments, CG": lambda: krylov(0),
+        "both moments, CG + probes": lambda: krylov(KRYLOV["probes"]),
     }
     return {name: formulas[name]() for name in variants}
 
@@ -126,9 +194,13 @@ def main():
     parser.add_argument("--at", type=float, default=0.72, metavar="SIGMA",
                         help="group the samples by their exact logit at the first step below this noise level")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--krylov-steps", type=int, default=3)
+    parser.add_argument("--probes", type=int, default=1)
     args = parser.parse_args()
-    if args.steps < 2 or args.num_samples < 1 or args.at <= 0:
-        parser.error("need --steps >= 2, --num-samples >= 1 and --at > 0")
+    if args.steps < 2 or args.num_samples < 1 or args.at <= 0 or args.krylov_steps < 1 or args.probes < 1:
+        parser.error("need --steps >= 2, --num-samples >= 1, --at > 0, --krylov-steps >= 1 and --probes >= 1")
+    KRYLOV.update(steps=args.krylov_steps, probes=args.probes,
+                  generator=torch.Generator().manual_seed(args.seed + 1))
     torch.set_num_threads(1)
     config = SUITE[args.mixture]
     betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
