@@ -131,6 +131,19 @@ def test_nan_weights_are_a_numerical_error_and_no_image_is_written(nan_generator
     assert not list((tmp_path / "demo").glob("*.png"))
 
 
+def test_class_removal_help_states_the_frontier_the_bench_draws(capsys):
+    from dng.bench.class_removal import configs
+    from dng.bench.frontier import DNG_LAM0S, NP_SCALES, as_text
+
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "class-removal", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"(default {as_text(NP_SCALES)})" in text and f"(default: {as_text(DNG_LAM0S)} with" in text
+    assert as_text((0.1, 1.0, 2.5)) == "0.1,1,2.5"
+    # The help's NP scales are the ones a run draws when none are given.
+    assert [p["scale"] for m, p, _ in configs(["np"], []) if m == "np"] == list(NP_SCALES)
+
+
 def test_version_and_renamed_options(tiny, capsys):
     from dng import __version__
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from dng import metrics
+from dng.bench.frontier import NP_SCALES
 from dng.bench.sweep import SampleSet, Sweep, calibration_record, one_thread, read_npz
 from dng.bench.table import (
     Table,
@@ -48,10 +49,6 @@ from dng.vision.models import (
 # posterior read from every class's branch (`dng.vision.branches.ClassPosterior`) instead of tracked: what tracking
 # costs.
 METHODS = ("data", "none", "np", "sld", "dng", "dng-branches")
-# The frontier each run draws by default: NP from barely acting to removing everything, and DNG's lam0 from the
-# exact score (1) to well past NP's removal; SLD runs its four presets.
-NP_SCALES = (0.1, 0.2, 0.35, 0.5, 1.0)
-DNG_LAM0S = (1.0, 2.0, 4.0, 8.0)
 METRICS = ("forbidden_rate", "class_kl", "unguided_kl", "fid", "precision", "recall", "artifact_rate",
            "saturated_rate", "seconds")
 GRID_IMAGES = 64

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dng.bench.frontier import DNG_LAM0S, NP_SCALES, as_text
 from dng.commands import (
     PER_PAIR_PRECISION_RECALL,
     add_dng_arguments,
@@ -27,10 +28,11 @@ def register(groups) -> None:
                    help="comma-separated: data (real kept-class train images: the metrics' floor), none, np, sld, dng, "
                         "dng-branches (DNG with the model's own posterior from all eleven branches instead of "
                         "tracking: a reference, 5.5x the cost)")
-    p.add_argument("--np-scales", default=None, help="NP's scales, comma-separated (default 0.1,0.2,0.35,0.5,1)")
+    p.add_argument("--np-scales", default=None,
+                   help=f"NP's scales, comma-separated (default {as_text(NP_SCALES)})")
     p.add_argument("--dng-lam0", dest="dng_scales", default=None,
-                   help="a sweep of DNG's lam0, comma-separated (default: 1,2,4,8 with the default preset, "
-                        "the frontier; one cell at their own lam0 with the other presets)")
+                   help=f"a sweep of DNG's lam0, comma-separated (default: {as_text(DNG_LAM0S)} with the default "
+                        "preset, the frontier; one cell at their own lam0 with the other presets)")
     add_renamed(p, "--dng-scales", "--dng-lam0", "dng_scales")
     add_dng_arguments(p)
     add_sweep_arguments(p)
@@ -40,8 +42,6 @@ def register(groups) -> None:
 def run(args) -> int:
     check_sweep_numbers(args)  # before the slow imports
     from dng.bench.class_removal import (
-        DNG_LAM0S,
-        NP_SCALES,
         ClassRemovalBench,
         parse_methods,
         parse_scales,
