@@ -131,17 +131,27 @@ def test_nan_weights_are_a_numerical_error_and_no_image_is_written(nan_generator
     assert not list((tmp_path / "demo").glob("*.png"))
 
 
-def test_class_removal_help_states_the_frontier_the_bench_draws(capsys):
-    from dng.bench.class_removal import configs
-    from dng.bench.frontier import DNG_LAM0S, NP_SCALES, as_text
-
+def _help(capsys, *command) -> str:
     with pytest.raises(SystemExit):
-        cli.main(["bench", "class-removal", "--help"])
-    text = " ".join(capsys.readouterr().out.split())
+        cli.main([*command, "--help"])
+    return " ".join(capsys.readouterr().out.split())
+
+
+def test_the_benches_help_states_the_defaults_the_benches_draw(capsys):
+    import inspect
+
+    from dng.bench.class_removal import configs
+    from dng.bench.defaults import CFG_SCALE, DNG_LAM0S, NP_FACTORS, NP_SCALES, as_text
+    from dng.bench.prompted import PromptedBench
+
+    text = _help(capsys, "bench", "class-removal")
     assert f"(default {as_text(NP_SCALES)})" in text and f"(default: {as_text(DNG_LAM0S)} with" in text
+    text = _help(capsys, "bench", "prompted")
+    assert f"(default {CFG_SCALE:g})" in text and f"(default (w-1) x {as_text(NP_FACTORS)};" in text
     assert as_text((0.1, 1.0, 2.5)) == "0.1,1,2.5"
-    # The help's NP scales are the ones a run draws when none are given.
+    # What the help says is what a run draws when it is not told.
     assert [p["scale"] for m, p, _ in configs(["np"], []) if m == "np"] == list(NP_SCALES)
+    assert inspect.signature(PromptedBench).parameters["cfg_scale"].default == CFG_SCALE
 
 
 def test_version_and_renamed_options(tiny, capsys):

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from dng import metrics
-from dng.bench.frontier import NP_SCALES
+from dng.bench.defaults import NP_SCALES
 from dng.bench.sweep import SampleSet, Sweep, calibration_record, one_thread, read_npz
 from dng.bench.table import (
     Table,

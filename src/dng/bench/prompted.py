@@ -20,6 +20,7 @@ import numpy as np
 
 from dng import metrics
 from dng.bench.class_removal import Reference
+from dng.bench.defaults import CFG_SCALE, NP_FACTORS
 from dng.bench.sweep import SampleSet, Sweep, calibration_record, read_npz
 from dng.bench.table import (
     Table,
@@ -52,8 +53,6 @@ from dng.vision.models import (
 )
 
 METHODS = ("cfg", "np", "dng")
-# NP's scales when none are given, as multiples of w - 1 (diffusers' negative prompt): one weaker, one stronger.
-NP_FACTORS = (0.5, 1.0, 2.0)
 METRICS = ("positive_rate", "negative_rate", "change_vs_cfg", "fid_vs_cfg", "mean_scale", "max_scale",
            "activated_rate", "artifact_rate", "saturated_rate", "seconds")
 # CFG's own negative rate separates the pairs: a negative CFG never produces is unrelated, one it often produces is
@@ -135,7 +134,7 @@ class PromptedBench:
     """One generator, classifier, scheduler, CFG scale and seed; `run(pairs, methods)` fills DIR."""
 
     def __init__(self, out, steps: int = 25, num_samples: int = 500, scheduler: str = "euler-a", seed: int = 0,
-                 cfg_scale: float = 2.0, generator=None, classifier=None, batch_size: int = 128,
+                 cfg_scale: float = CFG_SCALE, generator=None, classifier=None, batch_size: int = 128,
                  progress: bool = True, dtype: str = "float32", world: World | None = None, calibration=None):
         if steps < 1 or num_samples < 4 or batch_size < 1:
             raise ConfigError(f"need --steps >= 1, --num-samples >= 4 and --batch-size >= 1, got {steps}, "

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dng.bench.frontier import DNG_LAM0S, NP_SCALES, as_text
+from dng.bench.defaults import DNG_LAM0S, NP_SCALES, as_text
 from dng.commands import (
     PER_PAIR_PRECISION_RECALL,
     add_dng_arguments,

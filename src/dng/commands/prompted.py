@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dng.bench.defaults import CFG_SCALE, NP_FACTORS, as_text
 from dng.commands import (
     FEATURES,
     U8,
@@ -31,10 +32,11 @@ def register(groups) -> None:
                    help=f"comma-separated POSITIVE:NEGATIVE classes (names or indices), or 'all' (every ordered pair "
                         f"of distinct classes); default {DEFAULT_PAIRS!r}")
     p.add_argument("--methods", default="cfg,np,dng", help="comma-separated: cfg, np, dng (cfg always runs)")
-    p.add_argument("--cfg-scale", type=float, default=2.0, help="CFG scale w on the positive class (default 2)")
+    p.add_argument("--cfg-scale", type=float, default=CFG_SCALE,
+                   help=f"CFG scale w on the positive class (default {CFG_SCALE:g})")
     p.add_argument("--np-scales", default=None,
-                   help="NP's scales lam, comma-separated (default (w-1) x 0.5,1,2; lam = w-1 is diffusers' "
-                        "negative prompt)")
+                   help=f"NP's scales lam, comma-separated (default (w-1) x {as_text(NP_FACTORS)}; lam = w-1 is "
+                        "diffusers' negative prompt)")
     p.add_argument("--dng-lam0", dest="dng_scales", default=None,
                    help="a sweep of DNG's lam0 (default: one cell, the preset's own)")
     add_renamed(p, "--dng-scales", "--dng-lam0", "dng_scales")
