@@ -141,8 +141,8 @@ def test_the_benches_help_states_the_defaults_the_benches_draw(capsys):
     import inspect
 
     from dng.bench.class_removal import configs
-    from dng.bench.defaults import CFG_SCALE, DNG_LAM0S, NP_FACTORS, NP_SCALES, as_text
     from dng.bench.prompted import PromptedBench
+    from dng.defaults import CFG_SCALE, DNG_LAM0S, NP_FACTORS, NP_SCALES, as_text
 
     text = _help(capsys, "bench", "class-removal")
     assert f"(default {as_text(NP_SCALES)})" in text and f"(default: {as_text(DNG_LAM0S)} with" in text

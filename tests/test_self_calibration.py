@@ -12,6 +12,7 @@ from diffusers import DPMSolverSinglestepScheduler, StableDiffusionPipeline
 
 from dng import calibration, cli, verdict
 from dng.calibration import ModelCalibration
+from dng.config import DNGConfig
 from dng.errors import ConfigError
 from dng.pipelines import (
     FluxDNGPipeline,
@@ -347,10 +348,22 @@ def test_an_old_calibration_file_without_the_model_record_is_still_read(tmp_path
     assert np.isclose(cal.priors[0], 0.1)
 
 
-def test_the_commands_verdict_draws_are_the_libraries(capsys):
-    from dng.commands.calibrate import VERDICT_DRAWS
+def test_the_commands_help_states_the_libraries_defaults(capsys):
+    import inspect
 
-    assert VERDICT_DRAWS == verdict.DRAWS
+    from dng.calibration import fit
+    from dng.pipelines import calibrate_pipeline
+
+    with pytest.raises(SystemExit):
+        cli.main(["calibrate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    defaults = inspect.signature(calibrate_pipeline).parameters
+    assert f"(default {verdict.DRAWS})" in text and f"with --model {defaults['num_images'].default})" in text
+    assert f"with --model {defaults['num_inference_steps'].default})" in text
+    assert f"images per pipeline call (default {defaults['batch_size'].default})" in text
+    # The clamp a fit assumes is the tracker's own, in the command, the pipeline calibration and the fit.
+    assert f"(default {DNGConfig.p_max:g}, DNG's)" in text
+    assert defaults["p_max"].default == inspect.signature(fit).parameters["p_max"].default == DNGConfig.p_max
     assert cli.main(["calibrate", "--draws", "8"]) == 2
     assert "--draws sets the model's verdict: it applies to --labels model" in capsys.readouterr().err
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from dng.defaults import TRAIN_GENERATOR
 from dng.errors import ConfigError
 from dng.vision import batches, checkpoint, data, models, train
 from dng.vision.export import export
@@ -178,7 +179,7 @@ def test_resume_keeps_the_runs_hyperparameters_unless_given(fmnist, tmp_path):
     changed = train.train_generator(tmp_path / "r", steps=3, label_dropout=0.3, **common)
     assert changed["label_dropout"] == 0.3 and checkpoint.read_scalars(tmp_path / "r")["label_dropout"] == 0.3
     new = train.train_generator(tmp_path / "n", steps=1, batch_size=16, **common)
-    assert new["label_dropout"] == train.GENERATOR_DEFAULTS["label_dropout"] and new["seed"] == 0
+    assert new["label_dropout"] == TRAIN_GENERATOR["label_dropout"] and new["seed"] == 0
 
 
 def test_sigterm_stops_generator_training_at_a_checkpoint(fmnist, tmp_path, monkeypatch):

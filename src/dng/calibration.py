@@ -169,8 +169,8 @@ def _scores(log_p, outcome) -> tuple[float, float, dict]:
     return float(_bernoulli_nll(log_p, y)), baseline, auc
 
 
-def evaluate(priors, temperature: float, offset: float, llr, gains, outcome, p_min: float = 1e-6,
-             p_max: float = 0.95, exclusive: bool = False) -> dict:
+def evaluate(priors, temperature: float, offset: float, llr, gains, outcome, p_min: float = DNGConfig.p_min,
+             p_max: float = DNGConfig.p_max, exclusive: bool = False) -> dict:
     """How well a calibration made elsewhere (another sampler, step count or seed) predicts these chains' outcomes:
     {"nll", "baseline_nll", "auc"} as in `Calibration`, with its settings held fixed."""
     llr, gains, outcome = _chains(llr, gains, outcome)
@@ -182,8 +182,8 @@ def evaluate(priors, temperature: float, offset: float, llr, gains, outcome, p_m
     return {"nll": nll, "baseline_nll": baseline, "auc": auc}
 
 
-def fit(llr: torch.Tensor, gains: torch.Tensor, outcome: torch.Tensor, p_min: float = 1e-6,
-        p_max: float = 0.95, exclusive: bool = False) -> Calibration:
+def fit(llr: torch.Tensor, gains: torch.Tensor, outcome: torch.Tensor, p_min: float = DNGConfig.p_min,
+        p_max: float = DNGConfig.p_max, exclusive: bool = False) -> Calibration:
     """Maximum-likelihood priors, temperature and offset from the raw llr and the samples' outcomes.
 
     `llr` is [steps, samples] or [steps, samples, concepts] (as in a trace), `outcome` [samples] or
@@ -312,7 +312,7 @@ class SelfCalibration:
 
 
 def fit_to_verdict(model, samples: torch.Tensor, trace, path, concepts: Sequence[str], *, exhaustive: bool = False,
-                   priors=None, p_max: float = 0.95, exclusive: bool = False, draws: int = DRAWS,
+                   priors=None, p_max: float = DNGConfig.p_max, exclusive: bool = False, draws: int = DRAWS,
                    midpoint: float = MIDPOINT, batch_size: int = 64, generator: torch.Generator | None = None,
                    progress: bool = True) -> SelfCalibration:
     """Label the finished `samples` of tracked unguided chains (`trace`, as a tracking-only rule records it) with
@@ -332,7 +332,7 @@ def fit_to_verdict(model, samples: torch.Tensor, trace, path, concepts: Sequence
 
 def self_calibrate(model, scheduler, noise: torch.Tensor, concepts: Sequence[str], *, exhaustive: bool = False,
                    priors=None, num_inference_steps: int = 25, eta: float = 0.0,
-                   generator: torch.Generator | None = None, p_max: float = 0.95, exclusive: bool = False,
+                   generator: torch.Generator | None = None, p_max: float = DNGConfig.p_max, exclusive: bool = False,
                    draws: int = DRAWS, midpoint: float = MIDPOINT, batch_size: int = 64, progress: bool = True,
                    set_timesteps_kwargs: dict | None = None) -> SelfCalibration:
     """DNG's tracker fitted to any model from its own branches, no classifier: unguided chains from `noise` with a

@@ -24,13 +24,14 @@ import torch
 from tqdm.auto import tqdm
 
 from dng.config import check_probability
+from dng.defaults import VERDICT_DRAWS
 from dng.errors import ConfigError
 
 # Where the default weighting sigmoid(MIDPOINT - lam) falls from 1 to 0; math.inf is the likelihood weighting.
 MIDPOINT = 1.0
 # Noisy copies per image (in pairs +eps, -eps at each of DRAWS / 2 stratified noise levels); each costs one model call
 # of 1 + K branches. docs/CALIBRATION.md measures the error at this count.
-DRAWS = 32
+DRAWS = VERDICT_DRAWS
 PREDICTIONS = ("epsilon", "v_prediction")
 FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler",
                    "LTXEulerAncestralRFScheduler")

@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 
 from dng import metrics
-from dng.bench.defaults import NP_SCALES
 from dng.bench.sweep import SampleSet, Sweep, calibration_record, one_thread, read_npz
 from dng.bench.table import (
     Table,
@@ -26,6 +25,7 @@ from dng.bench.table import (
     summary_notes,
 )
 from dng.config import check_scale
+from dng.defaults import NP_SCALES
 from dng.distributed import World
 from dng.errors import ConfigError
 from dng.guidance import SLD_PRESETS

@@ -20,7 +20,6 @@ import numpy as np
 
 from dng import metrics
 from dng.bench.class_removal import Reference
-from dng.bench.defaults import CFG_SCALE, NP_FACTORS
 from dng.bench.sweep import SampleSet, Sweep, calibration_record, read_npz
 from dng.bench.table import (
     Table,
@@ -34,6 +33,7 @@ from dng.bench.table import (
     summary_notes,
 )
 from dng.config import check_scale
+from dng.defaults import CFG_SCALE, NP_FACTORS
 from dng.distributed import World
 from dng.errors import ConfigError
 from dng.io import write_atomic, write_json

@@ -20,12 +20,14 @@ from dng.commands import (
     check_seed,
     check_threads,
 )
+from dng.config import DNGConfig
+from dng.defaults import PIPELINE_CALIBRATION, VERDICT_DRAWS
 
 # Defaults of the two paths; those of the generator are those the shipped calibration was made with.
 GENERATOR_DEFAULTS = {"num_samples": 300, "steps": 25, "scheduler": "euler-a", "dtype": "float32",
                       "classes": "all", "labels": "classifier"}
-DIFFUSERS_DEFAULTS = {"num_samples": 200, "steps": 30}
-VERDICT_DRAWS = 32  # dng.verdict.DRAWS, without importing torch to parse the options
+DIFFUSERS_DEFAULTS = {"num_samples": PIPELINE_CALIBRATION["num_images"], "steps": PIPELINE_CALIBRATION["steps"],
+                      "batch_size": PIPELINE_CALIBRATION["batch_size"]}
 # Options of one path only: dest -> option.
 DIFFUSERS_ONLY = {"prompt": "--prompt", "prompts_file": "--prompts-file", "concept": "--concept", "prior": "--prior",
                   "cfg_scale": "--cfg-scale", "batch_size": "--batch-size", "device": "--device", "height": "--height",
@@ -47,14 +49,17 @@ def register(groups) -> None:
                     "sampler and step count, since its offset is a rate per unit of log-SNR.")
     p.add_argument("--classes", default=None, help="generator: 'all' (default) or comma-separated indices or names")
     p.add_argument("--num-images", dest="num_samples", type=int, default=None,
-                   help="unguided chains (default 300; with --model 200)")
+                   help=f"unguided chains (default {GENERATOR_DEFAULTS['num_samples']}; with --model "
+                        f"{DIFFUSERS_DEFAULTS['num_samples']})")
     add_renamed(p, "--num-samples", "--num-images", "num_samples", type=int)
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default 25; with --model 30)")
+    p.add_argument("--steps", type=int, default=None, help=f"sampling steps (default {GENERATOR_DEFAULTS['steps']}; "
+                                                          f"with --model {DIFFUSERS_DEFAULTS['steps']})")
     p.add_argument("--scheduler", default=None,
                    help=f"sampler: {', '.join(SAMPLER_NAMES)} (DPM++ 2M SDE Karras; DDIM with eta 1); default "
                         "euler-a; with --model the folder's scheduler (its stochastic sibling where it adds no noise)")
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--p-max", type=float, default=0.95, help="the tracker's upper clamp the fit assumes")
+    p.add_argument("--p-max", type=float, default=DNGConfig.p_max,
+                   help=f"the tracker's upper clamp the fit assumes (default {DNGConfig.p_max:g}, DNG's)")
     add_mode_argument(p, "independent", "the joint fit replays the clamp of this mode: exclusive for removing "
                                         "several classes at once, independent (default) for one class at a time")
     add_renamed(p, "--exclusive", "--mode exclusive", "mode", nargs=0, const="exclusive")
@@ -88,7 +93,8 @@ def register(groups) -> None:
     g.add_argument("--cfg-scale", type=float, default=None,
                    help="CFG scale of the chains (default: the pipeline's, 7.5 for SD, 5 for SDXL, 7 for SD3; "
                         "not for Flux)")
-    g.add_argument("--batch-size", type=int, default=None, help="images per pipeline call (default 4)")
+    g.add_argument("--batch-size", type=int, default=None,
+                   help=f"images per pipeline call (default {DIFFUSERS_DEFAULTS['batch_size']})")
     g.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     g.add_argument("--height", type=int, default=None, help="a multiple of 8 (default: the model's)")
     g.add_argument("--width", type=int, default=None, help="a multiple of 8 (default: the model's)")
@@ -375,7 +381,7 @@ def run_diffusers(args) -> int:
     made = calibrate_pipeline(pipe, prompts, args.concept, priors=args.prior, num_images=args.num_samples,
                               num_inference_steps=args.steps, guidance_scale=args.cfg_scale, height=args.height,
                               width=args.width, eta=eta, generator=torch.Generator(device).manual_seed(args.seed),
-                              batch_size=args.batch_size or 4, p_max=args.p_max, exclusive=args.mode == "exclusive",
+                              batch_size=args.batch_size, p_max=args.p_max, exclusive=args.mode == "exclusive",
                               draws=args.draws, model_path=args.model.resolve())
     p = made.verdict.p
     print(f"{'concept':<24} {'prior':>6} {'mean p':>6} {'p > 0.5':>7}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dng.bench.defaults import DNG_LAM0S, NP_SCALES, as_text
 from dng.commands import (
     PER_PAIR_PRECISION_RECALL,
     add_dng_arguments,
@@ -15,6 +14,7 @@ from dng.commands import (
     generator_calibration_of,
     start_sweep,
 )
+from dng.defaults import DNG_LAM0S, NP_SCALES, as_text
 
 
 def register(groups) -> None:

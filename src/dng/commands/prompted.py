@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dng.bench.defaults import CFG_SCALE, NP_FACTORS, as_text
 from dng.commands import (
     FEATURES,
     U8,
@@ -17,6 +16,7 @@ from dng.commands import (
     start_sweep,
     sweep_bytes_per_image,
 )
+from dng.defaults import CFG_SCALE, NP_FACTORS, as_text
 
 # The pairs `dng bench prompted` runs by default: one related and unrelated negative each for four positives.
 DEFAULT_PAIRS = "Trouser:Bag,Shirt:T-shirt/top,Pullover:Coat,Sneaker:Ankle boot"

@@ -6,6 +6,7 @@ import argparse
 import shlex
 
 from dng.commands import check_seed
+from dng.defaults import CLASSIFIER_EPOCHS, TRAIN_CLASSIFIER, TRAIN_GENERATOR
 from dng.errors import ConfigError
 
 # The options each command records on the model card: those that change what is trained (thread counts may change
@@ -15,11 +16,13 @@ GENERATOR_OPTIONS = ("out", "init", "minutes", "steps", "batch_size", "lr", "see
 CLASSIFIER_OPTIONS = ("out", "epochs", "batch_size", "lr", "seed", "threads")
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
+def _common(parser: argparse.ArgumentParser, defaults: dict) -> None:
     parser.add_argument("--out", required=True, help="run directory (checkpoint, log.csv); an existing one resumes")
     # None = the resumed run's value, or the library default for a new run.
-    parser.add_argument("--batch-size", type=int, default=None, help="default 128 (a resumed run keeps its own)")
-    parser.add_argument("--seed", type=int, default=None, help="default 0 (a resumed run keeps its own)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help=f"default {defaults['batch_size']} (a resumed run keeps its own)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help=f"default {defaults['seed']} (a resumed run keeps its own)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument(
         "--no-resume", dest="resume", action="store_false", help="refuse to continue an existing checkpoint"
@@ -30,23 +33,24 @@ def _common(parser: argparse.ArgumentParser) -> None:
 def register(groups: dict) -> None:
     train = groups["train"]
     gen = train.add_parser("generator", help="train the class-conditional epsilon UNet (DDPM, label dropout, EMA)")
-    _common(gen)
+    _common(gen, TRAIN_GENERATOR)
     gen.add_argument("--minutes", type=float, default=None, help="total wall-time budget of the run")
     gen.add_argument("--steps", type=int, default=None, help="total optimizer steps of the run")
-    gen.add_argument("--lr", type=float, default=None, help="default 5e-4")
-    gen.add_argument("--ema-decay", type=float, default=None, help="default 0.999")
+    gen.add_argument("--lr", type=float, default=None, help=f"default {TRAIN_GENERATOR['lr']:g}")
+    gen.add_argument("--ema-decay", type=float, default=None, help=f"default {TRAIN_GENERATOR['ema_decay']:g}")
     gen.add_argument("--label-dropout", type=float, default=None,
-                     help="share of null labels, which train eps_u (default 0.15)")
-    gen.add_argument("--warmup-steps", type=int, default=None, help="linear learning-rate warmup (default 100)")
+                     help=f"share of null labels, which train eps_u (default {TRAIN_GENERATOR['label_dropout']:g})")
+    gen.add_argument("--warmup-steps", type=int, default=None,
+                     help=f"linear learning-rate warmup (default {TRAIN_GENERATOR['warmup_steps']})")
     gen.add_argument("--checkpoint-minutes", type=float, default=5.0)
     gen.add_argument("--init", default=None,
                      help="start a new run from exported generator weights, e.g. src/dng/weights/generator.safetensors")
     gen.set_defaults(func=run_generator)
 
     clf = train.add_parser("classifier", help="train the Fashion-MNIST classifier used by the metrics")
-    _common(clf)
-    clf.add_argument("--epochs", type=int, default=8)
-    clf.add_argument("--lr", type=float, default=None, help="default 2e-3")
+    _common(clf, TRAIN_CLASSIFIER)
+    clf.add_argument("--epochs", type=int, default=CLASSIFIER_EPOCHS)
+    clf.add_argument("--lr", type=float, default=None, help=f"default {TRAIN_CLASSIFIER['lr']:g}")
     clf.set_defaults(func=run_classifier)
 
     exp = train.add_parser("export", help="write a run's weights and model card to the package's weights/",

@@ -21,14 +21,15 @@ from collections.abc import Sequence
 import torch
 
 from dng.calibration import SelfCalibration, fit_to_verdict, model_record, tracking_only
-from dng.config import check_concepts, check_probability
+from dng.config import DNGConfig, check_concepts, check_probability
+from dng.defaults import PIPELINE_CALIBRATION
 from dng.errors import ConfigError
 from dng.pipelines.common import DNGPipelineMixin
 from dng.sampler import Trace
 from dng.verdict import DRAWS, MIDPOINT, check_draws, path_of
 
 # Images per pipeline call (and per verdict call) by default: each call evaluates 2 + K branches per image.
-BATCH_SIZE = 4
+BATCH_SIZE = PIPELINE_CALIBRATION["batch_size"]
 
 
 def check_priors(priors, num_concepts: int) -> list[float]:
@@ -72,9 +73,11 @@ class VerdictBranches:
 
 
 def calibrate_pipeline(pipe, prompts: str | Sequence[str], concepts: str | Sequence[str], *, priors,
-                       num_images: int = 200, num_inference_steps: int = 30, guidance_scale: float | None = None,
+                       num_images: int = PIPELINE_CALIBRATION["num_images"],
+                       num_inference_steps: int = PIPELINE_CALIBRATION["steps"], guidance_scale: float | None = None,
                        height: int | None = None, width: int | None = None, eta: float = 0.0,
-                       generator: torch.Generator | None = None, batch_size: int = BATCH_SIZE, p_max: float = 0.95,
+                       generator: torch.Generator | None = None, batch_size: int = BATCH_SIZE,
+                       p_max: float = DNGConfig.p_max,
                        exclusive: bool = False, draws: int = DRAWS, midpoint: float = MIDPOINT,
                        progress: bool = True, model_path=None) -> SelfCalibration:
     """Fit DNG's prior, temperature and offset for `concepts` to a DNG pipeline (`StableDiffusionDNGPipeline`,

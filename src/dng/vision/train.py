@@ -17,15 +17,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from dng.defaults import CLASSIFIER_EPOCHS, TRAIN_CLASSIFIER, TRAIN_GENERATOR
 from dng.errors import ConfigError
 from dng.vision import data, models
 from dng.vision.batches import augment, batch_indices
 from dng.vision.checkpoint import CHECKPOINT, RunLog, load_checkpoint, read_scalars, save_checkpoint
-
-GENERATOR_DEFAULTS = {"batch_size": 128, "lr": 5e-4, "seed": 0, "ema_decay": 0.999, "label_dropout": 0.15,
-                      "warmup_steps": 100}
-CLASSIFIER_DEFAULTS = {"batch_size": 128, "lr": 2e-3, "seed": 0}
-
 
 # ---- checks and set-up, before any data is read
 
@@ -197,7 +193,7 @@ def evaluate_classifier(model, images: torch.Tensor, labels: torch.Tensor, batch
 
 def train_classifier(
     out,
-    epochs: int = 8,
+    epochs: int = CLASSIFIER_EPOCHS,
     batch_size: int | None = None,
     lr: float | None = None,
     seed: int | None = None,
@@ -211,8 +207,8 @@ def train_classifier(
 ) -> dict:
     """Train the classifier with flips and shifts; returns the run's scalars (test accuracy included).
 
-    Hyperparameters left as None take the resumed run's values, or CLASSIFIER_DEFAULTS for a new run. `command`
-    is recorded on the model card (the `dng` command line; by default this call).
+    Hyperparameters left as None take the resumed run's values, or `dng.defaults.TRAIN_CLASSIFIER` for a new run.
+    `command` is recorded on the model card (the `dng` command line; by default this call).
     """
     _check("--epochs", epochs, 1, integer=True)
     _check_common(batch_size, lr, threads, checkpoint_minutes)
@@ -221,7 +217,7 @@ def train_classifier(
                                       seed=seed, threads=threads, data_root=data_root, limit=limit)
     run = _start(out, threads, resume)
     given = dict(batch_size=batch_size, lr=lr, seed=seed)
-    hyper = _resolve(run, given, CLASSIFIER_DEFAULTS)
+    hyper = _resolve(run, given, TRAIN_CLASSIFIER)
     batch_size, lr, seed = (hyper[k] for k in given)
     x, y = data.load_tensors("train", data_root)
     xt, yt = data.load_tensors("test", data_root)
@@ -312,10 +308,10 @@ def train_generator(
 ) -> dict:
     """DDPM epsilon training with label dropout and EMA until `minutes` of wall time or `steps` (totals).
 
-    Hyperparameters left as None take the resumed run's values, or GENERATOR_DEFAULTS for a new run. `init`, a
-    generator file written by `export` (the shipped weights, say), starts a new run from those weights (model and
-    EMA, with a fresh optimizer): runs/ does not outlive a machine, the shipped weights do. `command` is recorded on
-    the model card (the `dng` command line; by default this call).
+    Hyperparameters left as None take the resumed run's values, or `dng.defaults.TRAIN_GENERATOR` for a new run.
+    `init`, a generator file written by `export` (the shipped weights, say), starts a new run from those weights
+    (model and EMA, with a fresh optimizer): runs/ does not outlive a machine, the shipped weights do. `command` is
+    recorded on the model card (the `dng` command line; by default this call).
     """
     _check("--minutes", minutes, 0, above=True)
     _check("--steps", steps, 1, integer=True)
@@ -343,7 +339,7 @@ def train_generator(
         config = init_config
     given = dict(batch_size=batch_size, lr=lr, seed=seed, ema_decay=ema_decay, label_dropout=label_dropout,
                  warmup_steps=warmup_steps, config=config)
-    hyper = _resolve(run, given, {**GENERATOR_DEFAULTS, "config": models.GENERATOR_CONFIG})
+    hyper = _resolve(run, given, {**TRAIN_GENERATOR, "config": models.GENERATOR_CONFIG})
     batch_size, lr, seed, ema_decay, label_dropout, warmup_steps, config = (hyper[k] for k in given)
     x, y = data.load_tensors("train", data_root)
     if limit:
