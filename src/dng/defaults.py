@@ -6,8 +6,8 @@ without importing torch. (DNG's own settings live in `dng.config.DNGConfig`.)"""
 # past NP's removal (SLD runs its four presets).
 NP_SCALES = (0.1, 0.2, 0.35, 0.5, 1.0)
 DNG_LAM0S = (1.0, 2.0, 4.0, 8.0)
-# Prompted bench: CFG's scale w on the positive class, and NP's scales as multiples of w - 1 (diffusers' negative
-# prompt): one weaker, one equal, one stronger.
+# CFG's scale w on a class of the shipped generator (`dng sample --class`, the prompted bench), and the prompted
+# bench's NP scales as multiples of w - 1 (diffusers' negative prompt): one weaker, one equal, one stronger.
 CFG_SCALE = 2.0
 NP_FACTORS = (0.5, 1.0, 2.0)
 

@@ -289,7 +289,8 @@ def _check_writable(folder: Path, option: str) -> None:
 
 def add_sweep_arguments(parser, steps: int = 25, scheduler: str = "euler-a") -> None:
     """The options the Fashion-MNIST benches share: samples, sampler, seed, models, batch, dtype, threads, --out."""
-    parser.add_argument("--num-images", dest="num_samples", type=int, default=500, help="images per cell (default 500)")
+    parser.add_argument("--num-images", dest="num_samples", type=int, default=500,
+                        help="images per cell (default %(default)s)")
     add_renamed(parser, "--num-samples", "--num-images", "num_samples", type=int)
     parser.add_argument("--steps", type=int, default=steps, help=f"sampling steps (default {steps})")
     add_scheduler_argument(parser, scheduler)

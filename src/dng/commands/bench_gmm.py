@@ -23,7 +23,8 @@ def register(groups) -> None:
                    help="flow-euler with Flux's dynamic shifting at this mu (instead of --shift)")
     p.add_argument("--variance", default="fixed_large", choices=("fixed_large", "fixed_small"),
                    help="the DDPM sampler's step variance: beta_t (default) or the posterior's beta_tilde_t")
-    p.add_argument("--num-images", dest="num_samples", type=int, default=4000, help="samples per row (default 4000)")
+    p.add_argument("--num-images", dest="num_samples", type=int, default=4000,
+                   help="samples per row (default %(default)s)")
     add_renamed(p, "--num-samples", "--num-images", "num_samples", type=int)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--methods", default="none,np,sld,dng,dng-oracle,target",

@@ -35,7 +35,8 @@ REFERENCE_IMAGES = 2000
 def register(groups) -> None:
     p = groups["top"].add_parser("demo", help="remove one class with no guidance, NP and DNG; grids and a report")
     p.add_argument("--remove", default=DEFAULT_REMOVE, help=f"class name or index (default {DEFAULT_REMOVE})")
-    p.add_argument("--num-images", type=int, default=40, help="per method (default 40: under 2 minutes on 2 cores)")
+    p.add_argument("--num-images", type=int, default=40,
+                   help="per method (default %(default)s: under 2 minutes on 2 cores)")
     p.add_argument("--steps", type=int, default=STEPS, help=f"sampling steps (default {STEPS})")
     add_scheduler_argument(p, SCHEDULER)
     p.add_argument("--np-scale", type=float, default=NP_SCALE, help=f"NP's scale (default {NP_SCALE:g})")

@@ -22,6 +22,7 @@ from dng.commands import (
     dng_changes,
     generator_dng,
 )
+from dng.defaults import CFG_SCALE
 from dng.errors import ConfigError
 
 # What `dng sample` keeps per image (`check_memory`): the float32 samples of the batches, their concatenation and the
@@ -34,8 +35,8 @@ def register(groups) -> None:
     p.add_argument("--method", default=None, help="none, np, sld or dng (default: dng with --remove, else none)")
     p.add_argument("--remove", default=None, help="classes to remove: names or indices, comma-separated")
     p.add_argument("--class", dest="klass", default=None, help="class-conditional sampling (CFG) of this class")
-    p.add_argument("--cfg-scale", type=float, default=2.0, help="CFG scale with --class")
-    p.add_argument("--scale", type=float, default=1.0, help="NP's scale (default 1)")
+    p.add_argument("--cfg-scale", type=float, default=CFG_SCALE, help="CFG scale with --class (default %(default)g)")
+    p.add_argument("--scale", type=float, default=1.0, help="NP's scale (default %(default)g)")
     p.add_argument("--preset", default="medium", help="SLD preset: weak, medium, strong, max")
     add_dng_arguments(p)
     add_mode_argument(p, None, "default exclusive for several --remove classes")
