@@ -154,6 +154,20 @@ def test_the_benches_help_states_the_defaults_the_benches_draw(capsys):
     assert inspect.signature(PromptedBench).parameters["cfg_scale"].default == CFG_SCALE
 
 
+@pytest.mark.parametrize("command", ["class-removal", "prompted"])
+def test_a_bench_class_draws_what_its_command_draws_when_not_told(command):
+    import inspect
+
+    from dng.bench.class_removal import ClassRemovalBench
+    from dng.bench.prompted import PromptedBench
+
+    bench = {"class-removal": ClassRemovalBench, "prompted": PromptedBench}[command]
+    args = cli.build_parser().parse_args(["bench", command, "--out", "x"])
+    parameters = inspect.signature(bench).parameters
+    for name in ("steps", "num_samples", "scheduler", "seed", "batch_size"):
+        assert parameters[name].default == getattr(args, name), name
+
+
 def test_version_and_renamed_options(tiny, capsys):
     from dng import __version__
 

@@ -2,6 +2,13 @@
 source for both and for the command's help, in a module that imports nothing heavy so that the help reads it
 without importing torch. (DNG's own settings live in `dng.config.DNGConfig`.)"""
 
+# How the Fashion-MNIST commands and benches sample the shipped generator when not told (and images per cell of a
+# bench).
+GENERATOR_SAMPLER = "euler-a"
+GENERATOR_STEPS = 25
+GENERATOR_BATCH = 128  # images per sampler run
+BENCH_IMAGES = 500
+
 # Class-removal bench: NP from barely acting to removing everything, and DNG's lam0 from the exact score (1) to well
 # past NP's removal (SLD runs its four presets).
 NP_SCALES = (0.1, 0.2, 0.35, 0.5, 1.0)

@@ -25,7 +25,7 @@ from dng.bench.table import (
     summary_notes,
 )
 from dng.config import check_scale
-from dng.defaults import NP_SCALES
+from dng.defaults import BENCH_IMAGES, GENERATOR_BATCH, GENERATOR_SAMPLER, GENERATOR_STEPS, NP_SCALES
 from dng.distributed import World
 from dng.errors import ConfigError
 from dng.guidance import SLD_PRESETS
@@ -156,8 +156,9 @@ class Reference:
 class ClassRemovalBench:
     """One generator, classifier, scheduler and seed; `run(classes, methods)` fills DIR (`dng.bench.sweep`)."""
 
-    def __init__(self, out, steps: int = 50, num_samples: int = 500, scheduler: str = "ddpm", seed: int = 0,
-                 generator=None, classifier=None, batch_size: int = 128, progress: bool = True,
+    def __init__(self, out, steps: int = GENERATOR_STEPS, num_samples: int = BENCH_IMAGES,
+                 scheduler: str = GENERATOR_SAMPLER, seed: int = 0,
+                 generator=None, classifier=None, batch_size: int = GENERATOR_BATCH, progress: bool = True,
                  dtype: str = "float32", world: World | None = None, calibration=None):
         if steps < 1 or num_samples < 4 or batch_size < 1:
             raise ConfigError(f"need --steps >= 1, --num-samples >= 4 and --batch-size >= 1, got {steps}, "

@@ -33,7 +33,7 @@ from dng.bench.table import (
     summary_notes,
 )
 from dng.config import check_scale
-from dng.defaults import CFG_SCALE, NP_FACTORS
+from dng.defaults import BENCH_IMAGES, CFG_SCALE, GENERATOR_BATCH, GENERATOR_SAMPLER, GENERATOR_STEPS, NP_FACTORS
 from dng.distributed import World
 from dng.errors import ConfigError
 from dng.io import write_atomic, write_json
@@ -133,8 +133,9 @@ SELF_NOTE = ("positive = negative: the rule pushes away from the class CFG pulls
 class PromptedBench:
     """One generator, classifier, scheduler, CFG scale and seed; `run(pairs, methods)` fills DIR."""
 
-    def __init__(self, out, steps: int = 25, num_samples: int = 500, scheduler: str = "euler-a", seed: int = 0,
-                 cfg_scale: float = CFG_SCALE, generator=None, classifier=None, batch_size: int = 128,
+    def __init__(self, out, steps: int = GENERATOR_STEPS, num_samples: int = BENCH_IMAGES,
+                 scheduler: str = GENERATOR_SAMPLER, seed: int = 0,
+                 cfg_scale: float = CFG_SCALE, generator=None, classifier=None, batch_size: int = GENERATOR_BATCH,
                  progress: bool = True, dtype: str = "float32", world: World | None = None, calibration=None):
         if steps < 1 or num_samples < 4 or batch_size < 1:
             raise ConfigError(f"need --steps >= 1, --num-samples >= 4 and --batch-size >= 1, got {steps}, "

@@ -9,6 +9,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from dng.defaults import BENCH_IMAGES, GENERATOR_BATCH, GENERATOR_SAMPLER, GENERATOR_STEPS
+
 # The names of `dng.schedulers.SAMPLERS`, written out so that building the parser need not import diffusers.
 SAMPLER_NAMES = ("ddpm", "euler-a", "dpmpp-2m-sde", "ddim")
 
@@ -206,7 +208,7 @@ def memory_available() -> int | None:
         return None
 
 
-def check_memory(option: str, count: int, per_image: float, *, batch: int = 128, branches: int = 2,
+def check_memory(option: str, count: int, per_image: float, *, batch: int = GENERATOR_BATCH, branches: int = 2,
                  per_pair: float = 0.0, batch_option: str | None = None) -> float:
     """Refuse, before any model loads, a `count` of images whose estimated memory exceeds what the machine has:
     `per_image` bytes kept per image, `per_pair` per pair of images (precision/recall), and the UNet's working memory
@@ -287,9 +289,9 @@ def _check_writable(folder: Path, option: str) -> None:
                           f"writable place") from None
 
 
-def add_sweep_arguments(parser, steps: int = 25, scheduler: str = "euler-a") -> None:
+def add_sweep_arguments(parser, steps: int = GENERATOR_STEPS, scheduler: str = GENERATOR_SAMPLER) -> None:
     """The options the Fashion-MNIST benches share: samples, sampler, seed, models, batch, dtype, threads, --out."""
-    parser.add_argument("--num-images", dest="num_samples", type=int, default=500,
+    parser.add_argument("--num-images", dest="num_samples", type=int, default=BENCH_IMAGES,
                         help="images per cell (default %(default)s)")
     add_renamed(parser, "--num-samples", "--num-images", "num_samples", type=int)
     parser.add_argument("--steps", type=int, default=steps, help=f"sampling steps (default {steps})")
@@ -299,7 +301,7 @@ def add_sweep_arguments(parser, steps: int = 25, scheduler: str = "euler-a") -> 
                         help="sweep folder: cells, results.json, results.csv, summary.md, figures (resumable)")
     parser.add_argument("--generator", default=None, help="generator safetensors (default: the shipped one)")
     parser.add_argument("--classifier", default=None, help="classifier safetensors (default: the shipped one)")
-    parser.add_argument("--batch-size", type=int, default=128,
+    parser.add_argument("--batch-size", type=int, default=GENERATOR_BATCH,
                         help="images per sampler run and per shard (bounds memory; part of the sweep's settings, "
                              "since the UNet's arithmetic depends on the batch it runs in)")
     add_dtype_argument(parser)

@@ -21,10 +21,10 @@ from dng.commands import (
     check_threads,
 )
 from dng.config import DNGConfig
-from dng.defaults import PIPELINE_CALIBRATION, VERDICT_DRAWS
+from dng.defaults import GENERATOR_SAMPLER, GENERATOR_STEPS, PIPELINE_CALIBRATION, VERDICT_DRAWS
 
 # Defaults of the two paths; those of the generator are those the shipped calibration was made with.
-GENERATOR_DEFAULTS = {"num_samples": 300, "steps": 25, "scheduler": "euler-a", "dtype": "float32",
+GENERATOR_DEFAULTS = {"num_samples": 300, "steps": GENERATOR_STEPS, "scheduler": GENERATOR_SAMPLER, "dtype": "float32",
                       "classes": "all", "labels": "classifier"}
 DIFFUSERS_DEFAULTS = {"num_samples": PIPELINE_CALIBRATION["num_images"], "steps": PIPELINE_CALIBRATION["steps"],
                       "batch_size": PIPELINE_CALIBRATION["batch_size"]}

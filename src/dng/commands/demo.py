@@ -20,6 +20,7 @@ from dng.commands import (
     check_threads,
     generator_dng,
 )
+from dng.defaults import GENERATOR_SAMPLER, GENERATOR_STEPS
 
 # A distinctive silhouette the shipped generator makes often (about 11 % of its unguided samples).
 DEFAULT_REMOVE = "Bag"
@@ -27,7 +28,7 @@ DEFAULT_REMOVE = "Bag"
 # classifier's floor) with a fraction of NP's damage: the two at matched removal (docs/RESULTS.md, "The frontier").
 NP_SCALE = 1.0
 DNG_PRESET = "strict"
-STEPS, SCHEDULER = 25, "euler-a"
+STEPS, SCHEDULER = GENERATOR_STEPS, GENERATOR_SAMPLER
 # 64 samples cannot resolve FID finer than 2000 reference images do; the whole test split costs ~10 s more.
 REFERENCE_IMAGES = 2000
 

@@ -22,7 +22,7 @@ from dng.commands import (
     dng_changes,
     generator_dng,
 )
-from dng.defaults import CFG_SCALE
+from dng.defaults import CFG_SCALE, GENERATOR_BATCH, GENERATOR_SAMPLER, GENERATOR_STEPS
 from dng.errors import ConfigError
 
 # What `dng sample` keeps per image (`check_memory`): the float32 samples of the batches, their concatenation and the
@@ -41,14 +41,14 @@ def register(groups) -> None:
     add_dng_arguments(p)
     add_mode_argument(p, None, "default exclusive for several --remove classes")
     p.add_argument("--num-images", type=int, default=64)
-    p.add_argument("--steps", type=int, default=25)
-    add_scheduler_argument(p, "euler-a")
+    p.add_argument("--steps", type=int, default=GENERATOR_STEPS, help="sampling steps (default %(default)s)")
+    add_scheduler_argument(p, GENERATOR_SAMPLER)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="folder for grid.png and samples.npz (images, predicted labels)")
     p.add_argument("--generator", default=None, help="generator safetensors (default: the shipped one)")
     p.add_argument("--classifier", default=None, help="classifier safetensors (default: the shipped one)")
     add_dtype_argument(p)
-    p.add_argument("--batch-size", type=int, default=128,
+    p.add_argument("--batch-size", type=int, default=GENERATOR_BATCH,
                    help="images per sampler run; under torchrun the ranks take the batches in turns (the images "
                         "are those of one process with the same --batch-size)")
     p.add_argument("--threads", type=int, default=None,
