@@ -348,6 +348,21 @@ def test_an_old_calibration_file_without_the_model_record_is_still_read(tmp_path
     assert np.isclose(cal.priors[0], 0.1)
 
 
+def test_dng_sd_samples_as_its_calibration_and_sld_has_one_default_preset():
+    import inspect
+
+    from dng.guidance import SafeLatentDiffusion
+    from dng.pipelines import calibrate_pipeline
+    from dng.vision.generate import make_rule
+
+    sd = cli.build_parser().parse_args(["sd", "--model", "m", "--prompt", "p", "--negative", "n", "--out", "x"])
+    assert sd.steps == inspect.signature(calibrate_pipeline).parameters["num_inference_steps"].default
+    sample = cli.build_parser().parse_args(["sample", "--out", "x"])
+    presets = {sample.preset, inspect.signature(SafeLatentDiffusion).parameters["preset"].default,
+               inspect.signature(make_rule).parameters["sld_preset"].default}
+    assert len(presets) == 1
+
+
 def test_the_commands_help_states_the_libraries_defaults(capsys):
     import inspect
 

@@ -24,8 +24,12 @@ TRAIN_GENERATOR = {"batch_size": 128, "lr": 5e-4, "seed": 0, "ema_decay": 0.999,
 TRAIN_CLASSIFIER = {"batch_size": 128, "lr": 2e-3, "seed": 0}
 CLASSIFIER_EPOCHS = 8
 
-# Calibrating a diffusers pipeline from its own branches (`dng.pipelines.calibrate_pipeline`).
-PIPELINE_CALIBRATION = {"num_images": 200, "steps": 30, "batch_size": 4}
+# Steps of a diffusers pipeline's chains in `dng sd` and its calibration from its own branches
+# (`dng.pipelines.calibrate_pipeline`), with that calibration's chains and images per pipeline call.
+PIPELINE_STEPS = 30
+PIPELINE_CALIBRATION = {"num_images": 200, "steps": PIPELINE_STEPS, "batch_size": 4}
+# Safe Latent Diffusion's preset (`dng.guidance.SLD_PRESETS`, diffusers' SafetyConfig) when none is named.
+SLD_PRESET = "medium"
 # The verdict's noisy copies per image (`dng.verdict`).
 VERDICT_DRAWS = 32
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from dng.config import PRESETS, DNGConfig, check_finite, check_scale
+from dng.defaults import SLD_PRESET
 from dng.errors import ConfigError
 from dng.kernels import verify_kernel
 from dng.posterior import ReadPosterior, TrackedPosterior, log_snr_gain
@@ -94,10 +95,10 @@ class SafeLatentDiffusion(Guidance):
     Without a positive branch the unconditional prediction stands in for the text branch and w = 1.
     """
 
-    def __init__(self, preset: str = "medium", **changes):
+    def __init__(self, preset: str = SLD_PRESET, **changes):
         if not isinstance(preset, str) or preset.lower() not in SLD_PRESETS:
             raise ConfigError(f"unknown SLD preset {preset!r}; choose one of {', '.join(SLD_PRESETS)}")
-        names = SLD_PRESETS["medium"]
+        names = SLD_PRESETS[SLD_PRESET]
         unknown = sorted(set(changes) - set(names))
         if unknown:
             raise ConfigError(f"unknown SLD setting {unknown[0]!r}; the settings are {', '.join(names)}")

@@ -22,7 +22,7 @@ from dng.commands import (
     dng_changes,
     generator_dng,
 )
-from dng.defaults import CFG_SCALE, GENERATOR_BATCH, GENERATOR_SAMPLER, GENERATOR_STEPS
+from dng.defaults import CFG_SCALE, GENERATOR_BATCH, GENERATOR_SAMPLER, GENERATOR_STEPS, SLD_PRESET
 from dng.errors import ConfigError
 
 # What `dng sample` keeps per image (`check_memory`): the float32 samples of the batches, their concatenation and the
@@ -37,7 +37,7 @@ def register(groups) -> None:
     p.add_argument("--class", dest="klass", default=None, help="class-conditional sampling (CFG) of this class")
     p.add_argument("--cfg-scale", type=float, default=CFG_SCALE, help="CFG scale with --class (default %(default)g)")
     p.add_argument("--scale", type=float, default=1.0, help="NP's scale (default %(default)g)")
-    p.add_argument("--preset", default="medium", help="SLD preset: weak, medium, strong, max")
+    p.add_argument("--preset", default=SLD_PRESET, help="SLD preset: weak, medium, strong, max (default %(default)s)")
     add_dng_arguments(p)
     add_mode_argument(p, None, "default exclusive for several --remove classes")
     p.add_argument("--num-images", type=int, default=64)

@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 
 from dng.commands import add_dng_arguments, check_count, check_out_dir, check_seed, dng_changes
+from dng.config import DNGConfig
+from dng.defaults import PIPELINE_STEPS, SLD_PRESET
 from dng.errors import ConfigError
 
 PIPELINE_DTYPES = ("float32", "float16", "bfloat16")
@@ -46,7 +48,7 @@ def register(groups) -> None:
     p.add_argument("--negative", action="append", required=True, metavar="TEXT",
                    help="a negative concept; repeat for several, each with its own posterior")
     p.add_argument("--method", choices=("dng", "np", "sld"), default="dng")
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--steps", type=int, default=PIPELINE_STEPS, help="sampling steps (default %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
     p.add_argument("--images", dest="num_images", type=int, action=Renamed, new="--num-images")
@@ -61,9 +63,9 @@ def register(groups) -> None:
     p.add_argument("--np-scale", type=float, default=None,
                    help="np: the constant scale (default cfg-scale - 1, diffusers' negative prompt)")
     p.add_argument("--mode", choices=("independent", "exclusive"), default=None,
-                   help="dng: how several concepts combine (default independent)")
+                   help=f"dng: how several concepts combine (default {DNGConfig.mode})")
     p.add_argument("--sld-preset", choices=("weak", "medium", "strong", "max"), default=None,
-                   help="sld: the preset (default medium)")
+                   help=f"sld: the preset (default {SLD_PRESET})")
     p.add_argument("--height", type=int, default=None, help="a multiple of 8 (default: the model's)")
     p.add_argument("--width", type=int, default=None, help="a multiple of 8 (default: the model's)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
@@ -144,7 +146,7 @@ def _guidance(args, cfg_scale: float):
     if args.method == "np":
         scale = max(cfg_scale - 1, 0.0) if args.np_scale is None else args.np_scale
         return NegativePrompt(check_scale("--np-scale", scale))
-    return SafeLatentDiffusion.preset(args.sld_preset or "medium")
+    return SafeLatentDiffusion.preset(args.sld_preset or SLD_PRESET)
 
 
 def _dng(args):
@@ -157,7 +159,7 @@ def _dng(args):
     from dng.guidance import DynamicNegativeGuidance
     from dng.pipelines.common import config_from_argument
 
-    changes = {"mode": args.mode or "independent", **dng_changes(args)}
+    changes = {"mode": args.mode or DNGConfig.mode, **dng_changes(args)}
     file = args.calibration
     ours = args.dng_preset in CALIBRATED_PRESETS
     if file is None or file.strip().lower() == "none" or not ours:

@@ -339,7 +339,7 @@ def guidance_rule(method: str | None, dng, cfg_scale: float, concepts: list[str 
         # scale w - 1; without CFG (w <= 1) the parent ignores its negative prompt, and so does scale 0.
         return NegativePrompt(max(cfg_scale - 1.0, 0.0))
     if method == "sld":
-        return SafeLatentDiffusion.preset("medium")
+        return SafeLatentDiffusion()
     return DynamicNegativeGuidance(config_from_argument(dng, concepts))
 
 

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from dng.config import DNGConfig
+from dng.defaults import SLD_PRESET
 from dng.errors import ConfigError
 from dng.guidance import DynamicNegativeGuidance, Guidance, NegativePrompt, SafeLatentDiffusion
 from dng.posterior import ReadPosterior
@@ -18,7 +19,7 @@ from dng.vision.seeding import sample_generators
 GUIDED = ("np", "sld", "dng")
 
 
-def make_rule(method: str, *, np_scale: float = 1.0, sld_preset: str = "medium",
+def make_rule(method: str, *, np_scale: float = 1.0, sld_preset: str = SLD_PRESET,
               dng: DNGConfig | None = None) -> Guidance | None:
     """The rule of `method`: None for 'none', NP at `np_scale`, SLD's `sld_preset` or DNG with `dng` (the default
     preset if None). Rules reset in `start`, so one rule serves every batch of a run."""
