@@ -60,8 +60,9 @@ def register(groups) -> None:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--p-max", type=float, default=DNGConfig.p_max,
                    help=f"the tracker's upper clamp the fit assumes (default {DNGConfig.p_max:g}, DNG's)")
-    add_mode_argument(p, "independent", "the joint fit replays the clamp of this mode: exclusive for removing "
-                                        "several classes at once, independent (default) for one class at a time")
+    add_mode_argument(p, DNGConfig.mode, "the joint fit replays the clamp of this mode: exclusive for removing "
+                                         f"several classes at once, independent for one class at a time (default "
+                                         f"{DNGConfig.mode}, DNG's)")
     add_renamed(p, "--exclusive", "--mode exclusive", "mode", nargs=0, const="exclusive")
     p.add_argument("--labels", choices=("classifier", "model"), default=None,
                    help="generator: who labels the finished samples: the shipped classifier (default) or the "
