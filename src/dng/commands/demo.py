@@ -29,7 +29,7 @@ DEFAULT_REMOVE = "Bag"
 NP_SCALE = 1.0
 DNG_PRESET = "strict"
 STEPS, SCHEDULER = GENERATOR_STEPS, GENERATOR_SAMPLER
-# 64 samples cannot resolve FID finer than 2000 reference images do; the whole test split costs ~10 s more.
+# A few dozen samples cannot resolve FID finer than 2000 reference images do; the whole test split costs ~10 s more.
 REFERENCE_IMAGES = 2000
 
 
