@@ -3,8 +3,9 @@ Bayes over Gaussian kernels with their exact first two moments (`kernel_decompos
 covariances Tweedie's formula gives from the branches' Jacobians, here in closed form), against the library's
 tracker and the exact posterior.
 
-Writes a file `gmm_table.py` reads, whose `dng` row is DNG on this tracker (`--late-boost 1`: the exact rule's
-lam0 = 1 everywhere, as on the exact-posterior row; the default: the library's schedule).
+Writes a file `gmm_table.py` reads, whose `dng` row is DNG on this tracker: with the library's schedule and caps
+(the default), without the boost (`--late-boost 1`), or as the exact rule (`--exact-rule`: the exact-posterior
+row's lam0 = 1 everywhere, no push cap, p up to 1 - 1e-6, on this tracker's p).
 
 Run: .venv/bin/python benchmarks/moment_oracle.py --scheduler dpmpp-2m-sde --steps 50 --late-boost 1 \\
          --out runs/moment-oracle/dpmpp-2m-sde-50-b1.json
@@ -66,7 +67,8 @@ def main():
     parser.add_argument("--scheduler", default="dpmpp-2m-sde", choices=SCHEDULERS)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--num-samples", type=int, default=4000)
-    parser.add_argument("--late-boost", type=float, default=None, help="1: the exact rule; default: the library's")
+    parser.add_argument("--late-boost", type=float, default=None, help="default: the library's")
+    parser.add_argument("--exact-rule", action="store_true", help="the exact-posterior row's rule on this tracker")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="runs/moment-oracle.json")
     args = parser.parse_args()
@@ -80,6 +82,9 @@ def main():
                 rule = {k: v for k, v in params.items() if k != "preset"}
                 if args.late_boost is not None:
                     rule["late_boost"] = args.late_boost
+                if args.exact_rule:
+                    exact = next(p for m, p, _ in bench.configs(["dng-oracle"]))
+                    rule.update({k: v for k, v in exact.items() if k != "posterior"})
                 params = {**params, **rule, "posterior": "both moments"}
 
                 def factory(rule=rule, bench=bench):
@@ -92,7 +97,8 @@ def main():
               f"sW2 {by['dng']['sliced_w2']:.4f}", flush=True)
     write_json(args.out, {"steps": args.steps, "scheduler": args.scheduler, "seed": args.seed,
                           "num_samples": args.num_samples, "dng": {"posterior": "both moments",
-                                                                   "late_boost": args.late_boost},
+                                                                   "late_boost": args.late_boost,
+                                                                   "exact_rule": args.exact_rule},
                           "results": results})
 
 
