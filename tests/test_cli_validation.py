@@ -74,6 +74,7 @@ def test_steps_above_training_are_refused_on_every_scheduler(tiny, capsys, sched
     # One prior for five exclusive classes sums to 1.5: the tracker's clamp used to cap it at p_max silently.
     (["sample", "--remove", "0,1,2,3,4", "--dng", "prior=0.3"], "5 priors sum to 1.5"),
     (["sample", "--remove", "1", "--dng", "prior=0.97"], "prior 0.97 lies outside"),
+    (["sample", "--remove", "1", "--dng", "endpoint=both"], "endpoint must be one of kernel, on, off"),
 ])
 def test_sample_scales_counts_and_priors(tiny, capsys, argv, message):
     _refused([*argv, "--out", "x", *tiny], message, capsys)

@@ -442,3 +442,29 @@ def test_endpoint_reading_tracks_dpm_solver_on_karras_sigmas_closer_to_the_exact
     tracked = ~llr[:-1].isnan().any(-1).any(-1)
     expected = (log_p[:-1] + llr[:-1]).clamp(math.log(1e-6), math.log(0.95))
     torch.testing.assert_close(log_p[1:][tracked], expected[tracked], rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("scheduler, setting, reading", [("euler-a", "on", True), ("dpmpp-2m-sde", "off", False)])
+def test_the_configurations_endpoint_chooses_the_reading_the_posterior_was_not_told(scheduler, setting, reading):
+    """DNGConfig(endpoint="on"/"off") is TrackedPosterior(endpoint=True/False) on a kernel whose default is the other
+    reading; "kernel" keeps the kernel's default; an explicit TrackedPosterior(endpoint=...) wins."""
+    from dng.bench.gmm import GMMBench
+
+    bench = GMMBench(default_mixture_config(), 10, 200, seed=0, scheduler=scheduler)
+    rule = {"prior": bench.prior, "mode": "exclusive"}
+
+    def run(**kwargs):
+        posterior = kwargs.pop("posterior", None)
+        return bench.run("dng", rule, lambda: DynamicNegativeGuidance(
+            DNGConfig(**rule, **kwargs), **({} if posterior is None else {"posterior": posterior})))[1].llr
+
+    told = run(posterior=TrackedPosterior(endpoint=reading))
+    torch.testing.assert_close(run(endpoint=setting), told, equal_nan=True)
+    kernel = run()
+    assert not torch.allclose(kernel.nan_to_num(), told.nan_to_num())
+    torch.testing.assert_close(run(endpoint="kernel"), kernel, equal_nan=True)
+    other = "off" if setting == "on" else "on"
+    torch.testing.assert_close(run(endpoint=other, posterior=TrackedPosterior(endpoint=reading)), told,
+                               equal_nan=True)
+    with pytest.raises(ConfigError, match="endpoint must be one of kernel, on, off"):
+        DNGConfig(endpoint="both")

@@ -20,6 +20,8 @@ from dng.errors import ConfigError
 MODES = ("independent", "exclusive")
 KERNEL_VARIANCES = ("step", "forward")
 UPDATES = ("paper", "mixture", "moment")
+# Where a step's evidence is read (`dng.posterior.TrackedPosterior`): the kernel's default, both ends, its start.
+ENDPOINTS = ("kernel", "on", "off")
 # Exclusive concepts share 1 - sum_i p_i as the denominator of every scale: their priors must leave at least this.
 MIN_REST = 1e-6
 # Float rounding of a sum of priors (ten of 0.095 add up to 0.95 plus a few ulps), not a real excess over p_max.
@@ -83,8 +85,10 @@ class DNGConfig:
 
     Research options: `offset_per_step` (the published offset, added once per step, which holds only for the sampler
     and step count it was tuned on), `kernel_variance` ("step": the noise the step adds; "forward": the forward
-    transition's) and `update` ("paper": one Gaussian per kernel; "mixture": `dng.posterior.mixture_llr`; "moment":
-    `dng.posterior.moment_llr`).
+    transition's), `update` ("paper": one Gaussian per kernel; "mixture": `dng.posterior.mixture_llr`; "moment":
+    `dng.posterior.moment_llr`) and `endpoint` (where a tracked step's evidence is read: "kernel", the kernel's
+    default, both ends for DPM-Solver SDE and the start for the one-step kernels; "on": both ends on every kernel,
+    which measures better on Euler ancestral too, docs/GMM.md "Which kernels"; "off": the start).
     """
 
     lam0: float = 1.0
@@ -102,13 +106,15 @@ class DNGConfig:
     offset_per_step: float = 0.0
     kernel_variance: str = "step"
     update: str = "paper"
+    endpoint: str = "kernel"
 
     def __post_init__(self):
         for name in ("lam0", "temperature", "late_boost", "boost_sigma", "sigma_min", "push_cap"):
             object.__setattr__(self, name, check_scale(name, getattr(self, name)))
         for name in ("offset", "offset_per_step"):
             object.__setattr__(self, name, check_finite(name, getattr(self, name)))
-        for name, allowed in (("mode", MODES), ("kernel_variance", KERNEL_VARIANCES), ("update", UPDATES)):
+        for name, allowed in (("mode", MODES), ("kernel_variance", KERNEL_VARIANCES), ("update", UPDATES),
+                              ("endpoint", ENDPOINTS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         p_min, p_max = check_probability("p_min", self.p_min), check_probability("p_max", self.p_max)

@@ -190,7 +190,8 @@ class TrackedPosterior:
     the next step's outputs give Delta D at its end, before that step reads p; the deterministic part is then
     integrated with Delta D linear in log-SNR between both ends (`endpoint_weight`), the noise's part stays the
     start's (Ito); the llr the step returned (the trace's) is corrected in place then, so a trace replays the
-    tracker. None: the kernel's default (`endpoint_reading`: on for DPM-Solver SDE, off for the one-step kernels).
+    tracker. None: the configuration's `endpoint` ("kernel": the kernel's `endpoint_reading`, on for DPM-Solver SDE,
+    off for the one-step kernels).
     Singlestep solvers' stages are read as before. P is DNG's own push: a CFG push is read at the step's start.
     """
 
@@ -209,7 +210,9 @@ class TrackedPosterior:
         self.tracker = PosteriorTracker(config)
         self.tracker.start(batch_size, num_negatives, device)
         self.moments = None
-        endpoint = getattr(kernel, "endpoint_reading", False) if self.endpoint is None else self.endpoint
+        endpoint = self.endpoint
+        if endpoint is None:
+            endpoint = {"on": True, "off": False}.get(config.endpoint, getattr(kernel, "endpoint_reading", False))
         # Singlestep stages restart from their first sample: their steps are read one at a time.
         self.defer = bool(endpoint) and not getattr(kernel, "singlestep", False)
         self.pending, self.scale = None, None

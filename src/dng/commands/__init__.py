@@ -75,7 +75,7 @@ def add_calibration_argument(parser, model: str = "generator") -> None:
 
 # Spellings of --dng names that were renamed: accepted with a note that gives the new name.
 RENAMED_DNG = {"scale": "lam0"}
-TEXT_SETTINGS = ("mode", "kernel_variance", "update")
+TEXT_SETTINGS = ("mode", "kernel_variance", "update", "endpoint")
 
 
 def dng_changes(args, check: bool = True) -> dict:
