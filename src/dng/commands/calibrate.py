@@ -56,7 +56,8 @@ def register(groups) -> None:
                                                           f"with --model {DIFFUSERS_DEFAULTS['steps']})")
     p.add_argument("--scheduler", default=None,
                    help=f"sampler: {', '.join(SAMPLER_NAMES)} (DPM++ 2M SDE Karras; DDIM with eta 1); default "
-                        "euler-a; with --model the folder's scheduler (its stochastic sibling where it adds no noise)")
+                        f"{GENERATOR_DEFAULTS['scheduler']}; with --model the folder's scheduler (its stochastic "
+                        "sibling where it adds no noise)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--p-max", type=float, default=DNGConfig.p_max,
                    help=f"the tracker's upper clamp the fit assumes (default {DNGConfig.p_max:g}, DNG's)")
