@@ -238,11 +238,11 @@ def tracking_only():
 
 def check_replayable(scheduler) -> None:
     """Refuse chains whose trace does not replay the tracker, as `fit` replays it (p after a step = clamp(p before +
-    its llr)): a singlestep DPM-Solver of order > 1 starts every later step of a stage from the stage's first sample,
-    and its tracker from the p it held there."""
-    from diffusers import DPMSolverSinglestepScheduler
+    its llr)): on a scheduler that restarts its stages (`dng.schedulers.restarts_stages`), every later step of a
+    stage, and the tracker, start again from the stage's first sample and the p held there."""
+    from dng.schedulers import restarts_stages
 
-    if isinstance(scheduler, DPMSolverSinglestepScheduler) and scheduler.config.solver_order > 1:
+    if restarts_stages(scheduler):
         raise ConfigError(
             f"calibration chains cannot be drawn with DPMSolverSinglestepScheduler at solver_order "
             f"{scheduler.config.solver_order}: each stage restarts from its first sample, so the trace does not replay "

@@ -145,12 +145,18 @@ def _sibling(scheduler) -> tuple[str, dict]:
     return target, changes
 
 
+def restarts_stages(scheduler) -> bool:
+    """Whether later steps start from an earlier sample than the last: a singlestep DPM-Solver of order > 1 restarts
+    every later step of a stage from the stage's first sample, so the tracker reads one update per stage and its
+    trace does not replay it step by step (`dng.calibration.check_replayable`)."""
+    return isinstance(scheduler, DPMSolverSinglestepScheduler) and scheduler.config.solver_order > 1
+
+
 def prefers_sibling(scheduler) -> bool:
-    """Whether DNG, though it tracks this scheduler, is clearly better on its sibling: a singlestep DPM-Solver of order
-    > 1 restarts every later step of a stage from the stage's first sample, so the tracker reads one update per stage
+    """Whether DNG, though it tracks this scheduler, is clearly better on its sibling: one that `restarts_stages`
     (docs/GMM.md: tracked DNG passes the exact-posterior rule on at most 2 of 7 mixtures at 25 / 50 / 100 steps
     there, 5 / 4 / 5 on the multistep sibling)."""
-    return type(scheduler) is DPMSolverSinglestepScheduler and scheduler.config.solver_order > 1
+    return restarts_stages(scheduler)
 
 
 def tracked(scheduler, eta: float = 0.0) -> bool:
